@@ -1,0 +1,56 @@
+// Op schemas (one TORCH_LIBRARY block) and the Python module that reports what
+// this build contains. Each backend registers its kernels in its own file.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#if __has_include("build_config.h")
+#include "build_config.h"
+#endif
+#ifndef LLCFAST_WITH_CUDA
+#define LLCFAST_WITH_CUDA 0
+#endif
+#ifndef LLCFAST_CUDA_ARCHS
+#define LLCFAST_CUDA_ARCHS ""
+#endif
+#ifndef LLCFAST_BUILD_TORCH
+#define LLCFAST_BUILD_TORCH ""
+#endif
+#ifndef LLCFAST_BUILD_CUDA
+#define LLCFAST_BUILD_CUDA ""
+#endif
+
+TORCH_LIBRARY(llcfast, m) {
+  // In-place SGLD step over a list of chain-stacked tensors ([C, ...] each).
+  m.def(
+      "sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] centers, Tensor[]? masks, Tensor[]? noise, "
+      "Tensor(b!)? stats, int seed, int step, int chain_offset, float eps, float nbeta, float gamma, "
+      "float weight_decay, float noise_scale) -> ()");
+  // Fills out [C, N] with the noise the step would draw for one tensor.
+  m.def("philox_normal_(Tensor(a!) out, int seed, int step, int chain_offset, int group_offset) -> ()");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["cpu_kernels"] = true;
+  d["cuda_kernels"] = static_cast<bool>(LLCFAST_WITH_CUDA);
+  d["cuda_archs"] = std::string(LLCFAST_CUDA_ARCHS);
+  d["built_with_torch"] = std::string(LLCFAST_BUILD_TORCH);
+  d["built_with_cuda"] = std::string(LLCFAST_BUILD_CUDA);
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  d["compiler"] = std::string("unknown");
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "llcfast compiled kernels (ops are registered under torch.ops.llcfast)";
+  m.def("build_info", &build_info, "What this build of llcfast._C contains");
+}

@@ -1,0 +1,257 @@
+// CUDA kernel for llcfast::sgld_step_: one launch walks every tensor of the
+// list (multi-tensor apply through a pointer table passed by value) and every
+// chain. A thread owns one noise group of four elements: it reads the centre
+// (and mask) once and loops over the chains, so w* is read once per step
+// whatever the chain count. 16-byte loads where the table says alignment allows.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "sgld.h"
+
+namespace llcfast {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Entry {
+  float* p;             // [C, n]
+  const float* g;       // [C, n]
+  const float* c;       // [n]
+  const bool* m;        // [n] or null
+  const float* z;       // [C, n] or null
+  int64_t n;            // elements per chain
+  int64_t first;        // first launch-wide group index owned by this tensor
+  uint32_t noise_group; // global noise group of the tensor's element 0
+  int32_t vec;          // 16-byte accesses legal for every chain row
+};
+
+template <int MaxT>
+struct Table {
+  Entry t[MaxT];
+  int64_t total_groups;
+  int32_t count;
+};
+
+struct Launch {
+  SgldCoefficients k;
+  uint64_t seed;
+  uint64_t step;
+  uint32_t chain_offset;
+  int32_t chains;
+  double* stats;  // [C, 3] or null
+};
+
+__device__ __forceinline__ float4 load4(const float* ptr, bool vec, int lanes) {
+  if (vec) return *reinterpret_cast<const float4*>(ptr);
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int j = 0; j < lanes; ++j) v[j] = ptr[j];
+  return make_float4(v[0], v[1], v[2], v[3]);
+}
+
+__device__ __forceinline__ void store4(float* ptr, float4 v, bool vec, int lanes) {
+  if (vec) {
+    *reinterpret_cast<float4*>(ptr) = v;
+    return;
+  }
+  const float a[4] = {v.x, v.y, v.z, v.w};
+  for (int j = 0; j < lanes; ++j) ptr[j] = a[j];
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <int MaxT, bool kMask, bool kNoise, bool kStats>
+__global__ void __launch_bounds__(kThreads) sgld_kernel(const __grid_constant__ Table<MaxT> tab, const Launch L) {
+  extern __shared__ double block_stats[];  // [C * 3], only when kStats
+  if (kStats) {
+    for (int i = threadIdx.x; i < L.chains * 3; i += blockDim.x) block_stats[i] = 0.0;
+    __syncthreads();
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // Every thread of a block runs the same number of iterations (inactive ones
+  // contribute zeros) so the warp reductions below see full warps.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < tab.total_groups; base += stride) {
+    const int64_t gi = base + threadIdx.x;
+    const bool active = gi < tab.total_groups;
+    int lo = 0;
+    if (active) {
+      int hi = tab.count - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (tab.t[mid].first <= gi) lo = mid; else hi = mid - 1;
+      }
+    }
+    const Entry& E = tab.t[lo];
+    const int64_t local = active ? gi - E.first : 0;
+    const int64_t e0 = local * 4;
+    const int lanes = active ? static_cast<int>(min(static_cast<int64_t>(4), E.n - e0)) : 0;
+    const bool vec = E.vec && lanes == 4;
+    float4 cen = make_float4(0.f, 0.f, 0.f, 0.f);
+    bool mv[4] = {true, true, true, true};
+    if (active) {
+      cen = load4(E.c + e0, vec, lanes);
+      if (kMask) {
+        for (int j = 0; j < 4; ++j) mv[j] = j < lanes && E.m[e0 + j];
+      }
+    }
+    for (int ch = 0; ch < L.chains; ++ch) {
+      float sg = 0.f, sd = 0.f, sn = 0.f;
+      if (active) {
+        const int64_t row = static_cast<int64_t>(ch) * E.n + e0;
+        const float4 w = load4(E.p + row, vec, lanes);
+        const float4 g = load4(E.g + row, vec, lanes);
+        float4 xi;
+        if (kNoise) {
+          xi = load4(E.z + row, vec, lanes);
+        } else {
+          const F4 r = normal4(L.seed, E.noise_group + static_cast<uint32_t>(local), L.chain_offset + ch, L.step);
+          xi = make_float4(r.x, r.y, r.z, r.w);
+        }
+        const float wa[4] = {w.x, w.y, w.z, w.w}, ga[4] = {g.x, g.y, g.z, g.w};
+        const float ca[4] = {cen.x, cen.y, cen.z, cen.w}, xa[4] = {xi.x, xi.y, xi.z, xi.w};
+        float out[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const bool moves = kMask ? mv[j] : true;
+          out[j] = moves ? sgld_update(wa[j], ga[j], ca[j], xa[j], L.k) : wa[j];
+          if (kStats && moves && j < lanes) {
+            const float d = wa[j] - ca[j];
+            const float sx = rn_mul(L.k.s, xa[j]);
+            sg += ga[j] * ga[j];
+            sd += d * d;
+            sn += sx * sx;
+          }
+        }
+        store4(E.p + row, make_float4(out[0], out[1], out[2], out[3]), vec, lanes);
+      }
+      if (kStats) {
+        sg = warp_sum(sg);
+        sd = warp_sum(sd);
+        sn = warp_sum(sn);
+        if ((threadIdx.x & 31) == 0) {
+          atomicAdd(&block_stats[ch * 3 + 0], static_cast<double>(sg));
+          atomicAdd(&block_stats[ch * 3 + 1], static_cast<double>(sd));
+          atomicAdd(&block_stats[ch * 3 + 2], static_cast<double>(sn));
+        }
+      }
+    }
+  }
+  if (kStats) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < L.chains * 3; i += blockDim.x) atomicAdd(&L.stats[i], block_stats[i]);
+  }
+}
+
+template <int MaxT, bool kMask, bool kNoise, bool kStats>
+void launch(const Table<MaxT>& tab, const Launch& L, cudaStream_t stream, int device) {
+  auto kernel = sgld_kernel<MaxT, kMask, kNoise, kStats>;
+  const size_t shmem = kStats ? sizeof(double) * 3 * L.chains : 0;
+  // Occupancy depends on the instantiation and, with stats, on the chain
+  // count (shared memory); cache the common no-stats case per device.
+  static int cached_per_sm[64] = {0};
+  int per_sm = (!kStats && device < 64) ? cached_per_sm[device] : 0;
+  if (per_sm == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shmem));
+    per_sm = std::max(per_sm, 1);
+    if (!kStats && device < 64) cached_per_sm[device] = per_sm;
+  }
+  const int sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  const int64_t needed = ceil_div(tab.total_groups, kThreads);
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, static_cast<int64_t>(sms) * per_sm)));
+  kernel<<<blocks, kThreads, shmem, stream>>>(tab, L);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int MaxT>
+void launch_table(const Table<MaxT>& tab, const Launch& L, bool mask, bool noise, cudaStream_t stream, int device) {
+  const bool stats = L.stats != nullptr;
+  // Each combination of optional inputs is its own instantiation so the
+  // common case (no mask, Philox noise, no stats) carries no dead branches.
+  if (mask) {
+    if (noise) stats ? launch<MaxT, true, true, true>(tab, L, stream, device) : launch<MaxT, true, true, false>(tab, L, stream, device);
+    else stats ? launch<MaxT, true, false, true>(tab, L, stream, device) : launch<MaxT, true, false, false>(tab, L, stream, device);
+  } else {
+    if (noise) stats ? launch<MaxT, false, true, true>(tab, L, stream, device) : launch<MaxT, false, true, false>(tab, L, stream, device);
+    else stats ? launch<MaxT, false, false, true>(tab, L, stream, device) : launch<MaxT, false, false, false>(tab, L, stream, device);
+  }
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// Fills a table with entries [begin, end) and launches it with the smallest
+// table type that holds them.
+template <int MaxT>
+void launch_range(const std::vector<Entry>& entries, size_t begin, size_t end, const Launch& L, bool mask,
+                  bool noise, cudaStream_t stream, int device) {
+  Table<MaxT> tab;
+  tab.count = static_cast<int32_t>(end - begin);
+  int64_t total = 0;
+  for (size_t i = begin; i < end; ++i) {
+    tab.t[i - begin] = entries[i];
+    tab.t[i - begin].first = total;
+    total += ceil_div(entries[i].n, 4);
+  }
+  tab.total_groups = total;
+  if (total > 0) launch_table<MaxT>(tab, L, mask, noise, stream, device);
+}
+
+constexpr int kSmallTable = 16;
+constexpr int kMediumTable = 64;
+// 400 entries of 64 bytes stay under the 32 KB kernel-parameter limit
+// (CUDA >= 12.1, Volta and newer).
+constexpr int kLargeTable = 400;
+
+void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList centers,
+                    c10::optional<at::TensorList> masks, c10::optional<at::TensorList> noise,
+                    const c10::optional<at::Tensor>& stats, int64_t seed, int64_t step, int64_t chain_offset,
+                    double eps, double nbeta, double gamma, double weight_decay, double noise_scale) {
+  const int64_t chains = check_sgld_inputs(params, grads, centers, masks, noise, stats, seed, step, chain_offset);
+  TORCH_CHECK(chains <= 4096, "sgld_step_: at most 4096 chains per call on CUDA, got ", chains);
+  const SgldCoefficients k = fold_coefficients(eps, nbeta, gamma, weight_decay, noise_scale);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const int device = params[0].device().index();
+  const std::vector<int64_t> goff = group_offsets(params);
+
+  std::vector<Entry> entries;
+  entries.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel() / chains;
+    if (n == 0) continue;
+    Entry e{};
+    e.p = params[i].data_ptr<float>();
+    e.g = grads[i].data_ptr<float>();
+    e.c = centers[i].data_ptr<float>();
+    e.m = masks.has_value() ? (*masks)[i].data_ptr<bool>() : nullptr;
+    e.z = noise.has_value() ? (*noise)[i].data_ptr<float>() : nullptr;
+    e.n = n;
+    e.noise_group = static_cast<uint32_t>(goff[i]);
+    e.vec = (n % 4 == 0) && aligned16(e.p) && aligned16(e.g) && aligned16(e.c) && (e.z == nullptr || aligned16(e.z));
+    entries.push_back(e);
+  }
+  Launch L{k, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), static_cast<uint32_t>(chain_offset),
+           static_cast<int32_t>(chains), stats.has_value() ? stats->data_ptr<double>() : nullptr};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool has_mask = masks.has_value(), has_noise = noise.has_value();
+  const size_t count = entries.size();
+  if (count <= static_cast<size_t>(kSmallTable)) {
+    launch_range<kSmallTable>(entries, 0, count, L, has_mask, has_noise, stream, device);
+  } else if (count <= static_cast<size_t>(kMediumTable)) {
+    launch_range<kMediumTable>(entries, 0, count, L, has_mask, has_noise, stream, device);
+  } else {
+    for (size_t b = 0; b < count; b += kLargeTable)
+      launch_range<kLargeTable>(entries, b, std::min(count, b + kLargeTable), L, has_mask, has_noise, stream, device);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llcfast, CUDA, m) { m.impl("sgld_step_", &sgld_step_cuda); }
+
+}  // namespace llcfast

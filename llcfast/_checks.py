@@ -1,0 +1,133 @@
+"""Argument checks shared by the kernels' wrappers (llcfast.ops) and their
+pure-torch twins (llcfast.reference), so both reject bad input alike."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+MAX_NOISE_GROUPS = 2**32  # the noise counter's group word is 32 bits
+
+
+def check_int(name: str, value, *, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int in [{minimum}, {maximum}], got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+def check_float(name: str, value, *, minimum: Optional[float] = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _tensor_list(name: str, value) -> list:
+    if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(value).__name__}")
+    for i, t in enumerate(value):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    return list(value)
+
+
+def _check_entry(name: str, i: int, t: torch.Tensor, dtype: torch.dtype, device: torch.device, shape) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name}[{i}] has dtype {t.dtype}; allowed: {dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}[{i}] is on {t.device} but params[0] is on {device}; all tensors must share one device")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}; expected {tuple(shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}[{i}] is not contiguous; pass .contiguous() tensors")
+
+
+def check_sgld_args(params, grads, centers, masks, noise, stats, *, seed, step, chain_offset,
+                    eps, nbeta, gamma, weight_decay, noise_scale):
+    """Validates one sgld_step_ call; returns (params, grads, centers, masks,
+    noise, hyper) with lists normalised and hyper a dict of floats."""
+    params = _tensor_list("params", params)
+    grads = _tensor_list("grads", grads)
+    centers = _tensor_list("centers", centers)
+    masks = None if masks is None else _tensor_list("masks", masks)
+    noise = None if noise is None else _tensor_list("noise", noise)
+    for name, lst in (("grads", grads), ("centers", centers), ("masks", masks), ("noise", noise)):
+        if lst is not None and len(lst) != len(params):
+            raise ValueError(f"{name} has {len(lst)} tensors but params has {len(params)}; "
+                             "the lists must have one entry per parameter tensor")
+    hyper = dict(
+        eps=check_float("eps", eps, minimum=0.0),
+        nbeta=check_float("nbeta", nbeta),
+        gamma=check_float("gamma", gamma, minimum=0.0),
+        weight_decay=check_float("weight_decay", weight_decay, minimum=0.0),
+        noise_scale=check_float("noise_scale", noise_scale, minimum=0.0),
+    )
+    check_int("seed", seed)
+    check_int("step", step)
+    check_int("chain_offset", chain_offset, maximum=2**32 - 1)
+    if not params:
+        return params, grads, centers, masks, noise, hyper
+    device = params[0].device
+    if params[0].dim() < 1:
+        raise ValueError("params[0] has no chain dimension; each params tensor must be [C, ...]")
+    chains = params[0].shape[0]
+    if chains < 1:
+        raise ValueError(f"params have {chains} chains; need at least 1")
+    if chain_offset + chains > 2**32:
+        raise ValueError(f"chain_offset + chains = {chain_offset + chains} exceeds 2^32")
+    groups = 0
+    for i, p in enumerate(params):
+        if p.dim() < 1 or p.shape[0] != chains:
+            raise ValueError(f"params[{i}] has shape {tuple(p.shape)}; expected a leading chain dimension of {chains}")
+        _check_entry("params", i, p, torch.float32, device, p.shape)
+        _check_entry("grads", i, grads[i], torch.float32, device, p.shape)
+        _check_entry("centers", i, centers[i], torch.float32, device, p.shape[1:])
+        if masks is not None:
+            _check_entry("masks", i, masks[i], torch.bool, device, p.shape[1:])
+        if noise is not None:
+            _check_entry("noise", i, noise[i], torch.float32, device, p.shape)
+        groups += -(-p[0].numel() // 4)
+    if groups > MAX_NOISE_GROUPS:
+        raise ValueError(f"{4 * groups} elements per chain exceed the noise counter's 2^34 limit")
+    if stats is not None:
+        if not isinstance(stats, torch.Tensor):
+            raise TypeError(f"stats must be a torch.Tensor or None, got {type(stats).__name__}")
+        _check_entry_stats(stats, chains, device)
+    return params, grads, centers, masks, noise, hyper
+
+
+def _check_entry_stats(stats: torch.Tensor, chains: int, device: torch.device) -> None:
+    if stats.dtype != torch.float64:
+        raise TypeError(f"stats has dtype {stats.dtype}; allowed: torch.float64")
+    if stats.device != device:
+        raise ValueError(f"stats is on {stats.device} but params are on {device}")
+    if tuple(stats.shape) != (chains, 3) or not stats.is_contiguous():
+        raise ValueError(f"stats must be a contiguous ({chains}, 3) tensor, got shape {tuple(stats.shape)}")
+
+
+def check_philox_args(num_chains, numel, seed, step, chain_offset, group_offset):
+    check_int("num_chains", num_chains, minimum=1, maximum=2**32)
+    check_int("numel", numel)
+    check_int("seed", seed)
+    check_int("step", step)
+    check_int("chain_offset", chain_offset, maximum=2**32 - num_chains)
+    check_int("group_offset", group_offset, maximum=MAX_NOISE_GROUPS)
+    if group_offset + -(-numel // 4) > MAX_NOISE_GROUPS:
+        raise ValueError(f"group_offset + numel/4 exceeds the noise counter's 2^32 groups")
+
+
+def noise_group_offsets(params) -> list:
+    """Tensor i's element 0 is noise group offsets[i]; each tensor starts a new
+    group of four, so offsets depend only on the per-chain sizes and order."""
+    out, acc = [], 0
+    for p in params:
+        out.append(acc)
+        acc += -(-(p.numel() // max(p.shape[0], 1)) // 4)
+    return out

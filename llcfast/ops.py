@@ -1,0 +1,90 @@
+"""Typed wrappers over the compiled kernels (torch.ops.llcfast.*).
+
+Each function checks its arguments (TypeError/ValueError naming the bad
+argument and what is allowed), then runs the C++/CUDA kernel, or, where no
+kernel is built for the tensors' device, its pure-torch twin in
+llcfast.reference with one warning. Fake (meta) kernels are registered here so
+the ops trace under torch.compile and CUDA-graph capture.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _ext
+from . import reference
+from ._checks import check_philox_args, check_sgld_args
+
+if _ext.extension_available():
+
+    @torch.library.register_fake("llcfast::sgld_step_")
+    def _sgld_step_fake(params, grads, centers, masks, noise, stats, seed, step, chain_offset, eps, nbeta, gamma,
+                        weight_decay, noise_scale):
+        return None
+
+    @torch.library.register_fake("llcfast::philox_normal_")
+    def _philox_normal_fake(out, seed, step, chain_offset, group_offset):
+        return None
+
+
+def sgld_step_(
+    params: Sequence[torch.Tensor],  # each [C, *shape_i], float32, updated in place
+    grads: Sequence[torch.Tensor],  # each [C, *shape_i]
+    centers: Sequence[torch.Tensor],  # each [*shape_i]: w*
+    *,
+    eps: float,
+    nbeta: float,
+    gamma: float,
+    weight_decay: float = 0.0,
+    noise_scale: float = 1.0,
+    seed: int,
+    step: int,
+    chain_offset: int = 0,
+    masks: Optional[Sequence[torch.Tensor]] = None,  # each [*shape_i] bool: True = may move
+    noise: Optional[Sequence[torch.Tensor]] = None,  # each [C, *shape_i]: explicit xi
+    stats: Optional[torch.Tensor] = None,  # [C, 3] float64, added to
+) -> None:
+    """One SGLD step for every chain and every tensor, in place, in one pass:
+
+        w <- w - (eps/2) * (nbeta * g + gamma * (w - w*) + weight_decay * w) + sqrt(eps) * noise_scale * xi
+
+    ``xi`` is ``noise`` when given, else counter-based Philox normals keyed by
+    (seed, step, chain_offset + chain, element); element indices run over the
+    list with each tensor starting a fresh group of four (see
+    llcfast.ops.philox_normal). Elements whose mask is False do not move.
+    ``stats[c]`` is incremented by the sums over moving elements of g^2,
+    (w - w*)^2 (w before the step) and (sqrt(eps) * noise_scale * xi)^2.
+    """
+    params, grads, centers, masks, noise, hyper = check_sgld_args(
+        params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
+        eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale)
+    if not params:
+        return
+    device = params[0].device
+    if not _ext.kernels_for(device):
+        _ext.warn_fallback(device)
+        reference.sgld_step_(params, grads, centers, seed=seed, step=step, chain_offset=chain_offset, masks=masks,
+                             noise=noise, stats=stats, **hyper)
+        return
+    torch.ops.llcfast.sgld_step_(params, grads, centers, masks, noise, stats, seed, step, chain_offset,
+                                 hyper["eps"], hyper["nbeta"], hyper["gamma"], hyper["weight_decay"],
+                                 hyper["noise_scale"])
+
+
+def philox_normal(num_chains: int, numel: int, *, seed: int, step: int, chain_offset: int = 0,
+                  group_offset: int = 0, device="cpu") -> torch.Tensor:
+    """The [num_chains, numel] float32 noise that sgld_step_ draws at ``step``
+    for a tensor whose element 0 is noise group ``group_offset``: element e of
+    chain c is lane e % 4 of Philox4x32-10(counter = (group_offset + e // 4,
+    chain_offset + c, step mod 2^32, step div 2^32), key = seed) through
+    Box-Muller. Identical bits on CPU and CUDA."""
+    check_philox_args(num_chains, numel, seed, step, chain_offset, group_offset)
+    device = torch.device(device)
+    if not _ext.kernels_for(device):
+        _ext.warn_fallback(device)
+        return reference.philox_normal(num_chains, numel, seed=seed, step=step, chain_offset=chain_offset,
+                                       group_offset=group_offset, device=device)
+    out = torch.empty(num_chains, numel, dtype=torch.float32, device=device)
+    torch.ops.llcfast.philox_normal_(out, seed, step, chain_offset, group_offset)
+    return out

@@ -1,0 +1,11 @@
+"""Pure-torch mirrors of llcfast's kernels and public API.
+
+Every function here has the signature of its counterpart in :mod:`llcfast.ops`
+(or the public API) and says in its docstring which kernel it mirrors. Tests
+hold the two against each other; the package falls back to these when the
+compiled extension is missing.
+"""
+from .philox import philox4x32_10, philox_normal
+from .sgld import fold_coefficients, sgld_step_
+
+__all__ = ["philox4x32_10", "philox_normal", "fold_coefficients", "sgld_step_"]

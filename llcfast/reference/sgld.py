@@ -1,0 +1,79 @@
+"""Pure-torch twin of the fused SGLD step (``llcfast::sgld_step_``).
+
+Same signature and semantics as :func:`llcfast.ops.sgld_step_`, written as a
+few torch ops per tensor in the order the kernels round them, so that with the
+same noise it agrees with the CPU and CUDA kernels to fp32 rounding (in
+practice bit for bit).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .._checks import check_sgld_args, noise_group_offsets
+from .philox import philox_normal
+
+
+def fold_coefficients(eps: float, nbeta: float, gamma: float, weight_decay: float, noise_scale: float):
+    """(a, b, e, s) of  w' = w - (a*g + b*(w - w*) + e*w) + s*xi, folded in
+    double precision exactly as the kernels do (csrc/sgld.h)."""
+    return (eps / 2.0 * nbeta, eps / 2.0 * gamma, eps / 2.0 * weight_decay, math.sqrt(eps) * noise_scale)
+
+
+def sgld_step_(
+    params: Sequence[torch.Tensor],  # each [C, *shape_i], float32, updated in place
+    grads: Sequence[torch.Tensor],  # each [C, *shape_i]
+    centers: Sequence[torch.Tensor],  # each [*shape_i]: w*
+    *,
+    eps: float,
+    nbeta: float,
+    gamma: float,
+    weight_decay: float = 0.0,
+    noise_scale: float = 1.0,
+    seed: int,
+    step: int,
+    chain_offset: int = 0,
+    masks: Optional[Sequence[torch.Tensor]] = None,  # each [*shape_i] bool: True = may move
+    noise: Optional[Sequence[torch.Tensor]] = None,  # each [C, *shape_i]: explicit xi
+    stats: Optional[torch.Tensor] = None,  # [C, 3] float64, added to
+) -> None:
+    """Mirrors the ``llcfast::sgld_step_`` kernel; see llcfast.ops.sgld_step_."""
+    params, grads, centers, masks, noise, hyper = check_sgld_args(
+        params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
+        eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale)
+    if not params:
+        return
+    a, b, e, s = (torch.tensor(v, dtype=torch.float32, device=params[0].device) for v in fold_coefficients(**hyper))
+    offsets = noise_group_offsets(params)
+    chains = params[0].shape[0]
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        xi = noise[i] if noise is not None else philox_normal(
+            chains, p[0].numel(), seed=seed, step=step, chain_offset=chain_offset, group_offset=offsets[i],
+            device=p.device).view_as(p)
+        g, c = grads[i], centers[i]
+        t = a * g
+        t = t + b * (p - c)
+        t = t + e * p
+        new = (p - t) + s * xi
+        moves = None if masks is None else masks[i].expand_as(p)
+        if stats is not None:
+            keep = torch.ones_like(p, dtype=torch.float64) if moves is None else moves.to(torch.float64)
+            dims = tuple(range(1, p.dim()))
+            d = p.double() - c.double()
+            sx = (s * xi).double()
+            if dims:
+                stats[:, 0] += (g.double() ** 2 * keep).sum(dims)
+                stats[:, 1] += (d ** 2 * keep).sum(dims)
+                stats[:, 2] += (sx ** 2 * keep).sum(dims)
+            else:
+                stats[:, 0] += g.double() ** 2 * keep
+                stats[:, 1] += d ** 2 * keep
+                stats[:, 2] += sx ** 2 * keep
+        if moves is not None:
+            new = torch.where(moves, new, p)
+        p.copy_(new)
+
