@@ -21,9 +21,11 @@
 
 TORCH_LIBRARY(llcfast, m) {
   // In-place SGLD step over a list of chain-stacked tensors ([C, ...] each).
+  // The noise step is step + step_tensor[0] when step_tensor (int64 [1], on
+  // the params' device) is given, so a captured CUDA graph can advance it.
   m.def(
       "sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] centers, Tensor[]? masks, Tensor[]? noise, "
-      "Tensor(b!)? stats, int seed, int step, int chain_offset, float eps, float nbeta, float gamma, "
+      "Tensor(b!)? stats, Tensor? step_tensor, int seed, int step, int chain_offset, float eps, float nbeta, float gamma, "
       "float weight_decay, float noise_scale) -> ()");
   // Fills out [C, N] with the noise the step would draw for one tensor.
   m.def("philox_normal_(Tensor(a!) out, int seed, int step, int chain_offset, int group_offset) -> ()");

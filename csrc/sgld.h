@@ -52,7 +52,8 @@ LLC_HD float sgld_update(float w, float g, float center, float xi, const SgldCoe
 int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& grads,
                           const at::TensorList& centers, const c10::optional<at::TensorList>& masks,
                           const c10::optional<at::TensorList>& noise, const c10::optional<at::Tensor>& stats,
-                          int64_t seed, int64_t step, int64_t chain_offset);
+                          const c10::optional<at::Tensor>& step_tensor, int64_t seed, int64_t step,
+                          int64_t chain_offset);
 
 // Noise group offsets: tensor i's first element is global element
 // 4 * group_offset[i]; every tensor starts on a fresh group of four.

@@ -29,7 +29,8 @@ void check_tensor(const char* name, size_t i, const at::Tensor& t, at::ScalarTyp
 int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& grads,
                           const at::TensorList& centers, const c10::optional<at::TensorList>& masks,
                           const c10::optional<at::TensorList>& noise, const c10::optional<at::Tensor>& stats,
-                          int64_t seed, int64_t step, int64_t chain_offset) {
+                          const c10::optional<at::Tensor>& step_tensor, int64_t seed, int64_t step,
+                          int64_t chain_offset) {
   TORCH_CHECK(!params.empty(), "sgld_step_: params is empty");
   TORCH_CHECK(seed >= 0, "sgld_step_: seed must be >= 0, got ", seed);
   TORCH_CHECK(step >= 0, "sgld_step_: step must be >= 0, got ", step);
@@ -80,6 +81,12 @@ int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& gr
     TORCH_CHECK(s.device() == device, "sgld_step_: stats is on ", s.device(), " but params are on ", device);
     TORCH_CHECK(s.is_contiguous() && s.dim() == 2 && s.size(0) == chains && s.size(1) == 3,
                 "sgld_step_: stats must be a contiguous [", chains, ", 3] tensor, got ", s.sizes());
+  }
+  if (step_tensor.has_value()) {
+    const at::Tensor& t = *step_tensor;
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1 && t.device() == device,
+                "sgld_step_: step_tensor must be a one-element int64 tensor on ", device, ", got ", t.scalar_type(),
+                " ", t.sizes(), " on ", t.device());
   }
   return chains;
 }

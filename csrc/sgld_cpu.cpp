@@ -24,9 +24,12 @@ struct BlockRef {
 
 void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList centers,
                    c10::optional<at::TensorList> masks, c10::optional<at::TensorList> noise,
-                   const c10::optional<at::Tensor>& stats, int64_t seed, int64_t step, int64_t chain_offset,
-                   double eps, double nbeta, double gamma, double weight_decay, double noise_scale) {
-  const int64_t chains = check_sgld_inputs(params, grads, centers, masks, noise, stats, seed, step, chain_offset);
+                   const c10::optional<at::Tensor>& stats, const c10::optional<at::Tensor>& step_tensor,
+                   int64_t seed, int64_t step, int64_t chain_offset, double eps, double nbeta, double gamma,
+                   double weight_decay, double noise_scale) {
+  const int64_t chains =
+      check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
+  if (step_tensor.has_value()) step += step_tensor->item<int64_t>();
   const SgldCoefficients k = fold_coefficients(eps, nbeta, gamma, weight_decay, noise_scale);
   const std::vector<int64_t> goff = group_offsets(params);
 

@@ -42,7 +42,8 @@ struct Launch {
   uint64_t step;
   uint32_t chain_offset;
   int32_t chains;
-  double* stats;  // [C, 3] or null
+  double* stats;                // [C, 3] or null
+  const int64_t* step_counter;  // added to step when not null (device memory)
 };
 
 __device__ __forceinline__ float4 load4(const float* ptr, bool vec, int lanes) {
@@ -74,6 +75,7 @@ __global__ void __launch_bounds__(kThreads) sgld_kernel(const __grid_constant__ 
     for (int i = threadIdx.x; i < L.chains * 3; i += blockDim.x) block_stats[i] = 0.0;
     __syncthreads();
   }
+  const uint64_t step = L.step + (L.step_counter != nullptr ? static_cast<uint64_t>(*L.step_counter) : 0u);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   // Every thread of a block runs the same number of iterations (inactive ones
   // contribute zeros) so the warp reductions below see full warps.
@@ -111,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) sgld_kernel(const __grid_constant__ 
         if (kNoise) {
           xi = load4(E.z + row, vec, lanes);
         } else {
-          const F4 r = normal4(L.seed, E.noise_group + static_cast<uint32_t>(local), L.chain_offset + ch, L.step);
+          const F4 r = normal4(L.seed, E.noise_group + static_cast<uint32_t>(local), L.chain_offset + ch, step);
           xi = make_float4(r.x, r.y, r.z, r.w);
         }
         const float wa[4] = {w.x, w.y, w.z, w.w}, ga[4] = {g.x, g.y, g.z, g.w};
@@ -210,9 +212,11 @@ constexpr int kLargeTable = 400;
 
 void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList centers,
                     c10::optional<at::TensorList> masks, c10::optional<at::TensorList> noise,
-                    const c10::optional<at::Tensor>& stats, int64_t seed, int64_t step, int64_t chain_offset,
-                    double eps, double nbeta, double gamma, double weight_decay, double noise_scale) {
-  const int64_t chains = check_sgld_inputs(params, grads, centers, masks, noise, stats, seed, step, chain_offset);
+                    const c10::optional<at::Tensor>& stats, const c10::optional<at::Tensor>& step_tensor,
+                    int64_t seed, int64_t step, int64_t chain_offset, double eps, double nbeta, double gamma,
+                    double weight_decay, double noise_scale) {
+  const int64_t chains =
+      check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
   TORCH_CHECK(chains <= 4096, "sgld_step_: at most 4096 chains per call on CUDA, got ", chains);
   const SgldCoefficients k = fold_coefficients(eps, nbeta, gamma, weight_decay, noise_scale);
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -236,7 +240,8 @@ void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     entries.push_back(e);
   }
   Launch L{k, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), static_cast<uint32_t>(chain_offset),
-           static_cast<int32_t>(chains), stats.has_value() ? stats->data_ptr<double>() : nullptr};
+           static_cast<int32_t>(chains), stats.has_value() ? stats->data_ptr<double>() : nullptr,
+           step_tensor.has_value() ? step_tensor->data_ptr<int64_t>() : nullptr};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool has_mask = masks.has_value(), has_noise = noise.has_value();
   const size_t count = entries.size();

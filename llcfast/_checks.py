@@ -50,7 +50,7 @@ def _check_entry(name: str, i: int, t: torch.Tensor, dtype: torch.dtype, device:
 
 
 def check_sgld_args(params, grads, centers, masks, noise, stats, *, seed, step, chain_offset,
-                    eps, nbeta, gamma, weight_decay, noise_scale):
+                    eps, nbeta, gamma, weight_decay, noise_scale, step_tensor=None):
     """Validates one sgld_step_ call; returns (params, grads, centers, masks,
     noise, hyper) with lists normalised and hyper a dict of floats."""
     params = _tensor_list("params", params)
@@ -100,6 +100,12 @@ def check_sgld_args(params, grads, centers, masks, noise, stats, *, seed, step, 
         if not isinstance(stats, torch.Tensor):
             raise TypeError(f"stats must be a torch.Tensor or None, got {type(stats).__name__}")
         _check_entry_stats(stats, chains, device)
+    if step_tensor is not None:
+        if not isinstance(step_tensor, torch.Tensor):
+            raise TypeError(f"step_tensor must be a torch.Tensor or None, got {type(step_tensor).__name__}")
+        if step_tensor.dtype != torch.int64 or step_tensor.numel() != 1 or step_tensor.device != device:
+            raise ValueError(f"step_tensor must be a one-element torch.int64 tensor on {device}, got "
+                             f"{step_tensor.dtype} of shape {tuple(step_tensor.shape)} on {step_tensor.device}")
     return params, grads, centers, masks, noise, hyper
 
 

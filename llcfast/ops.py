@@ -19,8 +19,8 @@ from ._checks import check_philox_args, check_sgld_args
 if _ext.extension_available():
 
     @torch.library.register_fake("llcfast::sgld_step_")
-    def _sgld_step_fake(params, grads, centers, masks, noise, stats, seed, step, chain_offset, eps, nbeta, gamma,
-                        weight_decay, noise_scale):
+    def _sgld_step_fake(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset, eps,
+                        nbeta, gamma, weight_decay, noise_scale):
         return None
 
     @torch.library.register_fake("llcfast::philox_normal_")
@@ -44,6 +44,7 @@ def sgld_step_(
     masks: Optional[Sequence[torch.Tensor]] = None,  # each [*shape_i] bool: True = may move
     noise: Optional[Sequence[torch.Tensor]] = None,  # each [C, *shape_i]: explicit xi
     stats: Optional[torch.Tensor] = None,  # [C, 3] float64, added to
+    step_tensor: Optional[torch.Tensor] = None,  # int64 [1]: added to step (read on the device)
 ) -> None:
     """One SGLD step for every chain and every tensor, in place, in one pass:
 
@@ -53,21 +54,24 @@ def sgld_step_(
     (seed, step, chain_offset + chain, element); element indices run over the
     list with each tensor starting a fresh group of four (see
     llcfast.ops.philox_normal). Elements whose mask is False do not move.
+    With ``step_tensor`` the noise step is ``step + step_tensor[0]``, read on
+    the device, so a captured CUDA graph can advance it between replays.
     ``stats[c]`` is incremented by the sums over moving elements of g^2,
     (w - w*)^2 (w before the step) and (sqrt(eps) * noise_scale * xi)^2.
     """
     params, grads, centers, masks, noise, hyper = check_sgld_args(
         params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
-        eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale)
+        eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale,
+        step_tensor=step_tensor)
     if not params:
         return
     device = params[0].device
     if not _ext.kernels_for(device):
         _ext.warn_fallback(device)
         reference.sgld_step_(params, grads, centers, seed=seed, step=step, chain_offset=chain_offset, masks=masks,
-                             noise=noise, stats=stats, **hyper)
+                             noise=noise, stats=stats, step_tensor=step_tensor, **hyper)
         return
-    torch.ops.llcfast.sgld_step_(params, grads, centers, masks, noise, stats, seed, step, chain_offset,
+    torch.ops.llcfast.sgld_step_(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset,
                                  hyper["eps"], hyper["nbeta"], hyper["gamma"], hyper["weight_decay"],
                                  hyper["noise_scale"])
 

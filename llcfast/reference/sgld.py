@@ -38,14 +38,18 @@ def sgld_step_(
     masks: Optional[Sequence[torch.Tensor]] = None,  # each [*shape_i] bool: True = may move
     noise: Optional[Sequence[torch.Tensor]] = None,  # each [C, *shape_i]: explicit xi
     stats: Optional[torch.Tensor] = None,  # [C, 3] float64, added to
+    step_tensor: Optional[torch.Tensor] = None,  # int64 [1]: added to step (read on the device)
 ) -> None:
     """Mirrors the ``llcfast::sgld_step_`` kernel; see llcfast.ops.sgld_step_."""
     params, grads, centers, masks, noise, hyper = check_sgld_args(
         params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
-        eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale)
+        eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale,
+        step_tensor=step_tensor)
     if not params:
         return
     a, b, e, s = (torch.tensor(v, dtype=torch.float32, device=params[0].device) for v in fold_coefficients(**hyper))
+    if step_tensor is not None:
+        step = step + int(step_tensor.item())
     offsets = noise_group_offsets(params)
     chains = params[0].shape[0]
     for i, p in enumerate(params):

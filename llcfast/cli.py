@@ -1,0 +1,62 @@
+"""The llcfast command line. Subcommands arrive with the features behind them;
+`llcfast info` says what this installation runs."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """examples:
+  llcfast info            what was built: CPU/CUDA kernels, archs, torch and CUDA versions
+  llcfast info --json     the same as JSON
+"""
+
+
+def _info(args) -> int:
+    from . import build_info
+    info = build_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    yes = lambda b: "yes" if b else "no"
+    print("llcfast build")
+    print(f"  compiled extension : {yes(info['extension_loaded'])}"
+          + ("" if info["extension_loaded"] else f"  ({info['extension_error']})"))
+    print(f"  CPU kernels        : {yes(info['cpu_kernels'])}")
+    archs = info["cuda_archs"] or "-"
+    print(f"  CUDA kernels       : {yes(info['cuda_kernels'])}  (archs: {archs})")
+    print(f"  built with         : torch {info['built_with_torch'] or '-'}, CUDA {info['built_with_cuda'] or '-'}, "
+          f"{info['compiler'] or '-'}")
+    print(f"  running on         : torch {info['torch']} (CUDA {info['torch_cuda'] or '-'}), "
+          f"Python {info['python']}")
+    print(f"  GPUs               : {', '.join(info['gpus']) if info['gpus'] else 'none visible'}")
+    if not info["extension_loaded"]:
+        from ._ext import BUILD_HINT
+        print(f"  -> running on the pure-torch reference; {BUILD_HINT}")
+    elif info["gpus"] and not info["cuda_kernels"]:
+        print("  -> GPUs are visible but this build has no CUDA kernels; rebuild with LLCFAST_CUDA=1")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llcfast", description="Fast local learning coefficient estimation.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    info = sub.add_parser("info", help="show what was built and what this machine runs",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import llcfast
+from llcfast import _ext
+
+# Deterministic example generation: a failure is reproducible from the log.
+settings.register_profile("llcfast", derandomize=True, deadline=None, max_examples=40,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "llcfast"))
+
+HAS_CUDA = torch.cuda.is_available() and _ext.cuda_kernels_built()
+CUDA_SKIP_REASON = (
+    "no CUDA GPU visible" if not torch.cuda.is_available() else "llcfast was built without CUDA kernels")
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=f"CUDA kernel tests need a GPU: {CUDA_SKIP_REASON}")
+requires_extension = pytest.mark.skipif(
+    not llcfast.extension_available(),
+    reason=f"compiled extension not loaded ({_ext._load_error}); kernel tests need it")
+
+
+def pytest_report_header(config):
+    info = llcfast.build_info()
+    return (f"llcfast: extension={info['extension_loaded']} cpu_kernels={info['cpu_kernels']} "
+            f"cuda_kernels={info['cuda_kernels']} archs={info['cuda_archs']!r} torch={info['torch']} "
+            f"gpus={info['gpus']}")

@@ -1,0 +1,43 @@
+"""torch.library.opcheck on every registered op: schema (mutation
+annotations), fake kernels, autograd registration and AOT dispatch, so the
+ops work under torch.compile and CUDA-graph capture."""
+import pytest
+import torch
+
+from conftest import HAS_CUDA, requires_extension
+from sample_inputs import make_case
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def sgld_samples(device):
+    for kw in (dict(), dict(masked=True), dict(explicit_noise=True, stats=True), dict(masked=True, stats=True)):
+        c = make_case([(4, 3), (97,), (1,)], 3, device=device, **kw)
+        h = c.hyper
+        yield (c.params, c.grads, c.centers, c.masks, c.noise, c.stats, None, h["seed"], h["step"],
+               h["chain_offset"], h["eps"], h["nbeta"], h["gamma"], h["weight_decay"], h["noise_scale"])
+
+
+@requires_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_sgld_step(device):
+    for args in sgld_samples(device):
+        torch.library.opcheck(torch.ops.llcfast.sgld_step_.default, args)
+
+
+@requires_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_sgld_step_with_step_tensor(device):
+    c = make_case([(5,)], 2, device=device)
+    h = c.hyper
+    args = (c.params, c.grads, c.centers, None, None, None, torch.tensor([3], device=device), h["seed"], h["step"],
+            h["chain_offset"], h["eps"], h["nbeta"], h["gamma"], h["weight_decay"], h["noise_scale"])
+    torch.library.opcheck(torch.ops.llcfast.sgld_step_.default, args)
+
+
+@requires_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_philox_normal(device):
+    for shape in [(1, 1), (3, 97), (2, 1025)]:
+        out = torch.empty(shape, device=device)
+        torch.library.opcheck(torch.ops.llcfast.philox_normal_.default, (out, 7, 3, 1, 5))
