@@ -59,3 +59,13 @@ def test_cli_entry_point_runs_as_module():
     res = subprocess.run([sys.executable, "-m", "llcfast.cli", "info"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "CUDA kernels" in res.stdout
+
+
+def test_ci_build_compiles_cuda_kernels():
+    """CI has no GPU but has a toolkit: the CUDA kernels must still be built,
+    so a broken .cu never lands."""
+    from torch.utils import cpp_extension
+    if os.environ.get("CI") != "true" or torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        import pytest
+        pytest.skip("only on CI with a CUDA build of torch and a CUDA toolkit")
+    assert llcfast.build_info()["cuda_kernels"], "CI built llcfast without its CUDA kernels"
