@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "check.h"
 #include "philox.h"
 
 namespace llcfast {
@@ -28,12 +29,12 @@ inline SgldCoefficients fold_coefficients(double eps, double nbeta, double gamma
   const double vals[] = {eps, nbeta, gamma, weight_decay, noise_scale};
   const char* names[] = {"eps", "nbeta", "gamma", "weight_decay", "noise_scale"};
   for (int i = 0; i < 5; ++i) {
-    TORCH_CHECK(std::isfinite(vals[i]), "sgld_step_: ", names[i], " must be finite, got ", vals[i]);
+    LLC_CHECK(std::isfinite(vals[i]), "sgld_step_: ", names[i], " must be finite, got ", vals[i]);
   }
-  TORCH_CHECK(eps >= 0.0, "sgld_step_: eps must be >= 0, got ", eps);
-  TORCH_CHECK(noise_scale >= 0.0, "sgld_step_: noise_scale must be >= 0, got ", noise_scale);
-  TORCH_CHECK(gamma >= 0.0, "sgld_step_: gamma must be >= 0, got ", gamma);
-  TORCH_CHECK(weight_decay >= 0.0, "sgld_step_: weight_decay must be >= 0, got ", weight_decay);
+  LLC_CHECK(eps >= 0.0, "sgld_step_: eps must be >= 0, got ", eps);
+  LLC_CHECK(noise_scale >= 0.0, "sgld_step_: noise_scale must be >= 0, got ", noise_scale);
+  LLC_CHECK(gamma >= 0.0, "sgld_step_: gamma must be >= 0, got ", gamma);
+  LLC_CHECK(weight_decay >= 0.0, "sgld_step_: weight_decay must be >= 0, got ", weight_decay);
   return SgldCoefficients{static_cast<float>(eps / 2.0 * nbeta), static_cast<float>(eps / 2.0 * gamma),
                           static_cast<float>(eps / 2.0 * weight_decay),
                           static_cast<float>(std::sqrt(eps) * noise_scale)};

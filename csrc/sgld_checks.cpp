@@ -10,17 +10,17 @@ namespace llcfast {
 namespace {
 
 void check_list_length(const char* name, size_t got, size_t want) {
-  TORCH_CHECK(got == want, "sgld_step_: ", name, " has ", got, " tensors but params has ", want,
+  LLC_CHECK(got == want, "sgld_step_: ", name, " has ", got, " tensors but params has ", want,
               "; the lists must have one entry per parameter tensor");
 }
 
 void check_tensor(const char* name, size_t i, const at::Tensor& t, at::ScalarType dtype, const at::Device& device) {
-  TORCH_CHECK(t.defined(), "sgld_step_: ", name, "[", i, "] is undefined");
-  TORCH_CHECK(t.scalar_type() == dtype, "sgld_step_: ", name, "[", i, "] has dtype ", t.scalar_type(),
+  LLC_CHECK(t.defined(), "sgld_step_: ", name, "[", i, "] is undefined");
+  LLC_CHECK(t.scalar_type() == dtype, "sgld_step_: ", name, "[", i, "] has dtype ", t.scalar_type(),
               "; allowed: ", dtype);
-  TORCH_CHECK(t.device() == device, "sgld_step_: ", name, "[", i, "] is on ", t.device(),
+  LLC_CHECK(t.device() == device, "sgld_step_: ", name, "[", i, "] is on ", t.device(),
               " but params[0] is on ", device, "; all tensors must share one device");
-  TORCH_CHECK(t.is_contiguous(), "sgld_step_: ", name, "[", i,
+  LLC_CHECK(t.is_contiguous(), "sgld_step_: ", name, "[", i,
               "] is not contiguous; pass .contiguous() tensors");
 }
 
@@ -31,10 +31,10 @@ int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& gr
                           const c10::optional<at::TensorList>& noise, const c10::optional<at::Tensor>& stats,
                           const c10::optional<at::Tensor>& step_tensor, int64_t seed, int64_t step,
                           int64_t chain_offset) {
-  TORCH_CHECK(!params.empty(), "sgld_step_: params is empty");
-  TORCH_CHECK(seed >= 0, "sgld_step_: seed must be >= 0, got ", seed);
-  TORCH_CHECK(step >= 0, "sgld_step_: step must be >= 0, got ", step);
-  TORCH_CHECK(chain_offset >= 0, "sgld_step_: chain_offset must be >= 0, got ", chain_offset);
+  LLC_CHECK(!params.empty(), "sgld_step_: params is empty");
+  LLC_CHECK(seed >= 0, "sgld_step_: seed must be >= 0, got ", seed);
+  LLC_CHECK(step >= 0, "sgld_step_: step must be >= 0, got ", step);
+  LLC_CHECK(chain_offset >= 0, "sgld_step_: chain_offset must be >= 0, got ", chain_offset);
   const size_t n = params.size();
   check_list_length("grads", grads.size(), n);
   check_list_length("centers", centers.size(), n);
@@ -42,49 +42,49 @@ int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& gr
   if (noise.has_value()) check_list_length("noise", noise->size(), n);
 
   const at::Device device = params[0].device();
-  TORCH_CHECK(params[0].dim() >= 1, "sgld_step_: params[0] has no chain dimension; expected [C, ...]");
+  LLC_CHECK(params[0].dim() >= 1, "sgld_step_: params[0] has no chain dimension; expected [C, ...]");
   const int64_t chains = params[0].size(0);
-  TORCH_CHECK(chains >= 1, "sgld_step_: params have ", chains, " chains; need at least 1");
-  TORCH_CHECK(chain_offset + chains <= (int64_t(1) << 32), "sgld_step_: chain indices exceed 2^32");
+  LLC_CHECK(chains >= 1, "sgld_step_: params have ", chains, " chains; need at least 1");
+  LLC_CHECK(chain_offset + chains <= (int64_t(1) << 32), "sgld_step_: chain indices exceed 2^32");
   int64_t total_groups = 0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     check_tensor("params", i, p, at::kFloat, device);
-    TORCH_CHECK(p.dim() >= 1 && p.size(0) == chains, "sgld_step_: params[", i, "] has shape ", p.sizes(),
+    LLC_CHECK(p.dim() >= 1 && p.size(0) == chains, "sgld_step_: params[", i, "] has shape ", p.sizes(),
                 "; expected a leading chain dimension of ", chains);
     check_tensor("grads", i, grads[i], at::kFloat, device);
-    TORCH_CHECK(grads[i].sizes() == p.sizes(), "sgld_step_: grads[", i, "] has shape ", grads[i].sizes(),
+    LLC_CHECK(grads[i].sizes() == p.sizes(), "sgld_step_: grads[", i, "] has shape ", grads[i].sizes(),
                 " but params[", i, "] has shape ", p.sizes());
     check_tensor("centers", i, centers[i], at::kFloat, device);
-    TORCH_CHECK(centers[i].sizes() == p.sizes().slice(1), "sgld_step_: centers[", i, "] has shape ",
+    LLC_CHECK(centers[i].sizes() == p.sizes().slice(1), "sgld_step_: centers[", i, "] has shape ",
                 centers[i].sizes(), "; expected ", p.sizes().slice(1), " (params[", i, "] without its chain dimension)");
     if (masks.has_value()) {
       const at::Tensor& m = (*masks)[i];
       check_tensor("masks", i, m, at::kBool, device);
-      TORCH_CHECK(m.sizes() == p.sizes().slice(1), "sgld_step_: masks[", i, "] has shape ", m.sizes(),
+      LLC_CHECK(m.sizes() == p.sizes().slice(1), "sgld_step_: masks[", i, "] has shape ", m.sizes(),
                   "; expected ", p.sizes().slice(1));
     }
     if (noise.has_value()) {
       const at::Tensor& z = (*noise)[i];
       check_tensor("noise", i, z, at::kFloat, device);
-      TORCH_CHECK(z.sizes() == p.sizes(), "sgld_step_: noise[", i, "] has shape ", z.sizes(), "; expected ",
+      LLC_CHECK(z.sizes() == p.sizes(), "sgld_step_: noise[", i, "] has shape ", z.sizes(), "; expected ",
                   p.sizes());
     }
     total_groups += ceil_div(p.numel() / chains, 4);
   }
-  TORCH_CHECK(total_groups <= (int64_t(1) << 32),
+  LLC_CHECK(total_groups <= (int64_t(1) << 32),
               "sgld_step_: more than 2^34 elements per chain; the noise counter cannot address them");
   if (stats.has_value()) {
     const at::Tensor& s = *stats;
-    TORCH_CHECK(s.scalar_type() == at::kDouble, "sgld_step_: stats has dtype ", s.scalar_type(),
+    LLC_CHECK(s.scalar_type() == at::kDouble, "sgld_step_: stats has dtype ", s.scalar_type(),
                 "; allowed: float64");
-    TORCH_CHECK(s.device() == device, "sgld_step_: stats is on ", s.device(), " but params are on ", device);
-    TORCH_CHECK(s.is_contiguous() && s.dim() == 2 && s.size(0) == chains && s.size(1) == 3,
+    LLC_CHECK(s.device() == device, "sgld_step_: stats is on ", s.device(), " but params are on ", device);
+    LLC_CHECK(s.is_contiguous() && s.dim() == 2 && s.size(0) == chains && s.size(1) == 3,
                 "sgld_step_: stats must be a contiguous [", chains, ", 3] tensor, got ", s.sizes());
   }
   if (step_tensor.has_value()) {
     const at::Tensor& t = *step_tensor;
-    TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1 && t.device() == device,
+    LLC_CHECK(t.scalar_type() == at::kLong && t.numel() == 1 && t.device() == device,
                 "sgld_step_: step_tensor must be a one-element int64 tensor on ", device, ", got ", t.scalar_type(),
                 " ", t.sizes(), " on ", t.device());
   }

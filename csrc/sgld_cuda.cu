@@ -217,7 +217,7 @@ void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double weight_decay, double noise_scale) {
   const int64_t chains =
       check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
-  TORCH_CHECK(chains <= 4096, "sgld_step_: at most 4096 chains per call on CUDA, got ", chains);
+  LLC_CHECK(chains <= 4096, "sgld_step_: at most 4096 chains per call on CUDA, got ", chains);
   const SgldCoefficients k = fold_coefficients(eps, nbeta, gamma, weight_decay, noise_scale);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const int device = params[0].device().index();

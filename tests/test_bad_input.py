@@ -91,3 +91,18 @@ def test_registered_op_checks_without_wrapper(name):
         torch.ops.llcfast.sgld_step_(params, grads, centers, h["masks"], h["noise"], h["stats"], None, h["seed"],
                                      h["step"], h["chain_offset"], h["eps"], h["nbeta"], h["gamma"],
                                      h["weight_decay"], h["noise_scale"])
+
+
+@requires_extension
+def test_registered_op_messages_carry_the_values():
+    """The C++ checks format numbers and shapes themselves (no iostreams)."""
+    c = base()
+    h = c.hyper
+    with pytest.raises(RuntimeError, match=r"eps must be >= 0, got -0\.25"):
+        torch.ops.llcfast.sgld_step_(c.params, c.grads, c.centers, None, None, None, None, h["seed"], h["step"], 0,
+                                     -0.25, 1.0, 1.0, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"centers\[1\] has shape \[6\]; expected \[5\]"):
+        torch.ops.llcfast.sgld_step_(c.params, c.grads, [c.centers[0], torch.zeros(6)], None, None, None, None,
+                                     h["seed"], h["step"], 0, 1e-3, 1.0, 1.0, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"out must be a contiguous float32 \[C, N\] tensor, got Double \[2, 3\]"):
+        torch.ops.llcfast.philox_normal_(torch.zeros(2, 3, dtype=torch.float64), 0, 0, 0, 0)
