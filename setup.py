@@ -12,8 +12,33 @@ import sys
 
 from setuptools import find_packages, setup
 
+import shutil
+
 import torch
-from torch.utils import cpp_extension
+
+
+def _is_toolkit(root):
+    lib = any(os.path.exists(os.path.join(root, d, "libcudart.so")) for d in ("lib64", "lib"))
+    return os.path.exists(os.path.join(root, "bin", "nvcc")) and lib
+
+
+def _resolve_cuda_home():
+    # torch derives CUDA_HOME from `which nvcc`; a wrapper or link such as
+    # /usr/local/bin/nvcc then gives /usr/local, which has no libcudart, and
+    # the link fails. Pick a directory that is a whole toolkit instead.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if _is_toolkit(root):
+            os.environ["CUDA_HOME"] = root
+            return
+
+
+_resolve_cuda_home()
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
