@@ -56,6 +56,10 @@ int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& gr
                           const c10::optional<at::Tensor>& step_tensor, int64_t seed, int64_t step,
                           int64_t chain_offset);
 
+// Validates philox_normal_'s output tensor and key; returns the group count.
+int64_t check_philox_out(const at::Tensor& out, int64_t seed, int64_t step, int64_t chain_offset,
+                         int64_t group_offset);
+
 // Noise group offsets: tensor i's first element is global element
 // 4 * group_offset[i]; every tensor starts on a fresh group of four.
 std::vector<int64_t> group_offsets(const at::TensorList& params);

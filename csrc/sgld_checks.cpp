@@ -91,6 +91,18 @@ int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& gr
   return chains;
 }
 
+int64_t check_philox_out(const at::Tensor& out, int64_t seed, int64_t step, int64_t chain_offset,
+                         int64_t group_offset) {
+  LLC_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.is_contiguous(),
+            "philox_normal_: out must be a contiguous float32 [C, N] tensor, got ", out.scalar_type(), " ",
+            out.sizes());
+  LLC_CHECK(seed >= 0 && step >= 0 && chain_offset >= 0 && group_offset >= 0,
+            "philox_normal_: seed, step, chain_offset and group_offset must be >= 0");
+  const int64_t groups = ceil_div(out.size(1), 4);
+  LLC_CHECK(group_offset + groups <= (int64_t(1) << 32), "philox_normal_: group index exceeds 2^32");
+  return groups;
+}
+
 std::vector<int64_t> group_offsets(const at::TensorList& params) {
   std::vector<int64_t> out(params.size());
   int64_t acc = 0;

@@ -91,13 +91,8 @@ void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList c
 }
 
 void philox_normal_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t chain_offset, int64_t group_offset) {
-  LLC_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.is_contiguous(),
-              "philox_normal_: out must be a contiguous float32 [C, N] tensor, got ", out.scalar_type(), " ",
-              out.sizes());
-  LLC_CHECK(seed >= 0 && step >= 0 && chain_offset >= 0 && group_offset >= 0,
-              "philox_normal_: seed, step, chain_offset and group_offset must be >= 0");
+  check_philox_out(out, seed, step, chain_offset, group_offset);
   const int64_t chains = out.size(0), n = out.size(1);
-  LLC_CHECK(group_offset + ceil_div(n, 4) <= (int64_t(1) << 32), "philox_normal_: group index exceeds 2^32");
   float* o = out.data_ptr<float>();
   const int64_t groups = ceil_div(n, 4);
   at::parallel_for(0, chains * groups, 256, [&](int64_t i0, int64_t i1) {
