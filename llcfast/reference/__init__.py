@@ -7,5 +7,6 @@ compiled extension is missing.
 """
 from .philox import philox4x32_10, philox_normal
 from .sgld import fold_coefficients, sgld_step_
+from .llc import estimate_llc
 
-__all__ = ["philox4x32_10", "philox_normal", "fold_coefficients", "sgld_step_"]
+__all__ = ["estimate_llc", "philox4x32_10", "philox_normal", "fold_coefficients", "sgld_step_"]

@@ -1,0 +1,146 @@
+"""Pieces every estimate_llc backend shares: argument checks, the loss
+convention, batches, the nbeta default, the loss at w*, and restriction masks."""
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+
+from ._checks import check_float, check_int
+
+
+def check_llc_args(*, num_chains, num_draws, num_burnin, steps_between_draws, epsilon, gamma, nbeta, weight_decay,
+                   noise_scale, num_init_batches, seed) -> None:
+    check_int("num_chains", num_chains, minimum=1, maximum=2**32)
+    check_int("num_draws", num_draws, minimum=1)
+    check_int("num_burnin", num_burnin)
+    check_int("steps_between_draws", steps_between_draws, minimum=1)
+    check_float("epsilon", epsilon, minimum=0.0)
+    if epsilon == 0:
+        raise ValueError("epsilon must be > 0, got 0")
+    check_float("gamma", gamma, minimum=0.0)
+    if nbeta is not None and check_float("nbeta", nbeta) <= 0:
+        raise ValueError(f"nbeta must be > 0, got {nbeta}")
+    check_float("weight_decay", weight_decay, minimum=0.0)
+    check_float("noise_scale", noise_scale, minimum=0.0)
+    if num_init_batches is not None:
+        check_int("num_init_batches", num_init_batches, minimum=1)
+    check_int("seed", seed)
+
+
+def default_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Hugging Face convention: the model's output carries ``.loss``."""
+    out = model(**batch) if isinstance(batch, Mapping) else model(*batch) if isinstance(batch, (tuple, list)) \
+        else model(batch)
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        raise TypeError("the model's output has no .loss; pass loss_fn=lambda model, batch: <scalar loss>")
+    return loss
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def cycle_batches(loader) -> Iterator:
+    """Endless batches: the loader is restarted when exhausted (a chain that
+    needs more batches than it holds reuses them)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the loader yielded no batches; pass a non-empty loader")
+
+
+def batch_size_of(loader) -> int:
+    size = getattr(loader, "batch_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    first = next(iter(loader), None)
+    if first is None:
+        raise ValueError("the loader yielded no batches; pass a non-empty loader")
+    leaf = first
+    while not isinstance(leaf, torch.Tensor):
+        if isinstance(leaf, Mapping) and leaf:
+            leaf = next(iter(leaf.values()))
+        elif isinstance(leaf, (tuple, list)) and leaf:
+            leaf = leaf[0]
+        else:
+            raise ValueError("cannot tell the batch size from the loader; pass nbeta explicitly")
+    return int(leaf.shape[0]) if leaf.dim() else 1
+
+
+def default_nbeta(loader) -> float:
+    """m / log(m) for batch size m, devinterp 1.x's default."""
+    m = batch_size_of(loader)
+    if m < 2:
+        raise ValueError(f"the default nbeta = m/log(m) needs batch size m >= 2, got {m}; pass nbeta explicitly")
+    return m / math.log(m)
+
+
+def checked_loss(loss, where: str) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor, got {shape} {where}")
+    return loss.reshape(())
+
+
+def init_loss(model, loader, loss_fn: Callable, num_batches: int, device) -> float:
+    """Mean minibatch loss at w* over the loader's first ``num_batches``
+    batches (cycling if it has fewer)."""
+    total, it = 0.0, cycle_batches(loader)
+    with torch.no_grad():
+        for _ in range(num_batches):
+            value = float(checked_loss(loss_fn(model, to_device(next(it), device)), "at w*"))
+            if not math.isfinite(value):
+                raise ValueError(f"the loss at w* is {value}; the estimate needs a finite loss at the checkpoint")
+            total += value
+    return total / num_batches
+
+
+def trainable(model: torch.nn.Module) -> List[tuple]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def restriction_masks(named, restrict) -> Optional[List[torch.Tensor]]:
+    """None (everything moves), parameter-name globs, or {name: bool mask}."""
+    if restrict is None:
+        return None
+    if isinstance(restrict, str):
+        restrict = [restrict]
+    names = [n for n, _ in named]
+    if isinstance(restrict, Mapping):
+        unknown = sorted(set(restrict) - set(names))
+        if unknown:
+            raise ValueError(f"restrict names parameters that do not exist: {unknown}; parameters: {names}")
+        masks = []
+        for n, p in named:
+            m = restrict.get(n)
+            if m is None:
+                masks.append(torch.zeros(p.shape, dtype=torch.bool, device=p.device))
+                continue
+            m = torch.as_tensor(m, device=p.device)
+            if m.dtype != torch.bool or tuple(m.shape) != tuple(p.shape):
+                raise ValueError(f"restrict[{n!r}] must be a bool mask of shape {tuple(p.shape)}, "
+                                 f"got {m.dtype} {tuple(m.shape)}")
+            masks.append(m.contiguous())
+        return masks
+    patterns = list(restrict)
+    for pat in patterns:
+        if not isinstance(pat, str):
+            raise TypeError(f"restrict must be globs or a dict of masks, got {pat!r}")
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise ValueError(f"restrict pattern {pat!r} matches no parameter; parameters: {names}")
+    return [torch.full(p.shape, any(fnmatch.fnmatchcase(n, pat) for pat in patterns), dtype=torch.bool,
+                       device=p.device) for n, p in named]
