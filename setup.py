@@ -7,12 +7,11 @@ CUDA toolkit (nvcc) is found. MAX_JOBS and TORCH_CUDA_ARCH_LIST are honoured
 """
 import glob
 import os
+import shutil
 import site
 import sys
 
 from setuptools import find_packages, setup
-
-import shutil
 
 import torch
 

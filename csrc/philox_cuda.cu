@@ -25,11 +25,11 @@ __global__ void philox_normal_kernel(float* out, int64_t chains, int64_t n, uint
 }
 
 void philox_normal_cuda(at::Tensor& out, int64_t seed, int64_t step, int64_t chain_offset, int64_t group_offset) {
-  check_philox_out(out, seed, step, chain_offset, group_offset);
+  const int64_t groups = check_philox_out(out, seed, step, chain_offset, group_offset);
   const int64_t chains = out.size(0), n = out.size(1);
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
-  const int64_t work = chains * ceil_div(n, 4);
+  const int64_t work = chains * groups;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(work, 256), static_cast<int64_t>(sms) * 8));
   philox_normal_kernel<<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(

@@ -11,17 +11,17 @@ namespace {
 
 void check_list_length(const char* name, size_t got, size_t want) {
   LLC_CHECK(got == want, "sgld_step_: ", name, " has ", got, " tensors but params has ", want,
-              "; the lists must have one entry per parameter tensor");
+            "; the lists must have one entry per parameter tensor");
 }
 
 void check_tensor(const char* name, size_t i, const at::Tensor& t, at::ScalarType dtype, const at::Device& device) {
   LLC_CHECK(t.defined(), "sgld_step_: ", name, "[", i, "] is undefined");
   LLC_CHECK(t.scalar_type() == dtype, "sgld_step_: ", name, "[", i, "] has dtype ", t.scalar_type(),
-              "; allowed: ", dtype);
+            "; allowed: ", dtype);
   LLC_CHECK(t.device() == device, "sgld_step_: ", name, "[", i, "] is on ", t.device(),
-              " but params[0] is on ", device, "; all tensors must share one device");
+            " but params[0] is on ", device, "; all tensors must share one device");
   LLC_CHECK(t.is_contiguous(), "sgld_step_: ", name, "[", i,
-              "] is not contiguous; pass .contiguous() tensors");
+            "] is not contiguous; pass .contiguous() tensors");
 }
 
 }  // namespace
@@ -51,42 +51,42 @@ int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& gr
     const at::Tensor& p = params[i];
     check_tensor("params", i, p, at::kFloat, device);
     LLC_CHECK(p.dim() >= 1 && p.size(0) == chains, "sgld_step_: params[", i, "] has shape ", p.sizes(),
-                "; expected a leading chain dimension of ", chains);
+              "; expected a leading chain dimension of ", chains);
     check_tensor("grads", i, grads[i], at::kFloat, device);
     LLC_CHECK(grads[i].sizes() == p.sizes(), "sgld_step_: grads[", i, "] has shape ", grads[i].sizes(),
-                " but params[", i, "] has shape ", p.sizes());
+              " but params[", i, "] has shape ", p.sizes());
     check_tensor("centers", i, centers[i], at::kFloat, device);
     LLC_CHECK(centers[i].sizes() == p.sizes().slice(1), "sgld_step_: centers[", i, "] has shape ",
-                centers[i].sizes(), "; expected ", p.sizes().slice(1), " (params[", i, "] without its chain dimension)");
+              centers[i].sizes(), "; expected ", p.sizes().slice(1), " (params[", i, "] without its chain dimension)");
     if (masks.has_value()) {
       const at::Tensor& m = (*masks)[i];
       check_tensor("masks", i, m, at::kBool, device);
       LLC_CHECK(m.sizes() == p.sizes().slice(1), "sgld_step_: masks[", i, "] has shape ", m.sizes(),
-                  "; expected ", p.sizes().slice(1));
+                "; expected ", p.sizes().slice(1));
     }
     if (noise.has_value()) {
       const at::Tensor& z = (*noise)[i];
       check_tensor("noise", i, z, at::kFloat, device);
       LLC_CHECK(z.sizes() == p.sizes(), "sgld_step_: noise[", i, "] has shape ", z.sizes(), "; expected ",
-                  p.sizes());
+                p.sizes());
     }
     total_groups += ceil_div(p.numel() / chains, 4);
   }
   LLC_CHECK(total_groups <= (int64_t(1) << 32),
-              "sgld_step_: more than 2^34 elements per chain; the noise counter cannot address them");
+            "sgld_step_: more than 2^34 elements per chain; the noise counter cannot address them");
   if (stats.has_value()) {
     const at::Tensor& s = *stats;
     LLC_CHECK(s.scalar_type() == at::kDouble, "sgld_step_: stats has dtype ", s.scalar_type(),
-                "; allowed: float64");
+              "; allowed: float64");
     LLC_CHECK(s.device() == device, "sgld_step_: stats is on ", s.device(), " but params are on ", device);
     LLC_CHECK(s.is_contiguous() && s.dim() == 2 && s.size(0) == chains && s.size(1) == 3,
-                "sgld_step_: stats must be a contiguous [", chains, ", 3] tensor, got ", s.sizes());
+              "sgld_step_: stats must be a contiguous [", chains, ", 3] tensor, got ", s.sizes());
   }
   if (step_tensor.has_value()) {
     const at::Tensor& t = *step_tensor;
     LLC_CHECK(t.scalar_type() == at::kLong && t.numel() == 1 && t.device() == device,
-                "sgld_step_: step_tensor must be a one-element int64 tensor on ", device, ", got ", t.scalar_type(),
-                " ", t.sizes(), " on ", t.device());
+              "sgld_step_: step_tensor must be a one-element int64 tensor on ", device, ", got ", t.scalar_type(),
+              " ", t.sizes(), " on ", t.device());
   }
   return chains;
 }

@@ -91,10 +91,9 @@ void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList c
 }
 
 void philox_normal_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t chain_offset, int64_t group_offset) {
-  check_philox_out(out, seed, step, chain_offset, group_offset);
+  const int64_t groups = check_philox_out(out, seed, step, chain_offset, group_offset);
   const int64_t chains = out.size(0), n = out.size(1);
   float* o = out.data_ptr<float>();
-  const int64_t groups = ceil_div(n, 4);
   at::parallel_for(0, chains * groups, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t ch = i / groups, grp = i % groups;

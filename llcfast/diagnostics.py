@@ -28,14 +28,19 @@ def _split(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x[:, :half], x[:, x.shape[1] - half:]], axis=0)
 
 
-def _rhat_plain(x: np.ndarray) -> float:
-    """Gelman-Rubin potential scale reduction of already split chains."""
+def _variances(x: np.ndarray):
+    """Within-chain variance W and the pooled estimate var+ = (n-1)/n W + B/n,
+    B = n * variance of the chain means."""
     n = x.shape[1]
     w = x.var(axis=1, ddof=1).mean()
-    b = n * x.mean(axis=1).var(ddof=1)
+    return w, (n - 1) / n * w + x.mean(axis=1).var(ddof=1)
+
+
+def _rhat_plain(x: np.ndarray) -> float:
+    """Gelman-Rubin potential scale reduction of already split chains."""
+    w, var_plus = _variances(x)
     if w == 0.0:
-        return 1.0 if b == 0.0 else math.inf
-    var_plus = (n - 1) / n * w + b / n
+        return 1.0 if var_plus == 0.0 else math.inf
     return float(math.sqrt(var_plus / w))
 
 
@@ -74,10 +79,9 @@ def ess(traces, rank_normalised: bool = True) -> float:
         x = _rank_normalise(x)
     m, n = x.shape
     acov = _autocov(x)
-    w = x.var(axis=1, ddof=1).mean()
+    w, var_plus = _variances(x)
     if w == 0.0:
         return float(m * n)
-    var_plus = (n - 1) / n * w + x.mean(axis=1).var(ddof=1)
     rho = 1.0 - (w - acov.mean(axis=0)) / var_plus
     rho[0] = 1.0
     # Sums of adjacent pairs are positive and decreasing for a reversible

@@ -68,8 +68,6 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                 cb(chain=c, step=t, loss=value, model=chain_model)
             if bar is not None:
                 bar.update(1)
-        if c in diverged_at:
-            trace[c, (max(diverged_at[c] - num_burnin, 0)) // steps_between_draws:] = np.nan
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - started
