@@ -126,7 +126,7 @@ def check_philox_args(num_chains, numel, seed, step, chain_offset, group_offset)
     check_int("chain_offset", chain_offset, maximum=2**32 - num_chains)
     check_int("group_offset", group_offset, maximum=MAX_NOISE_GROUPS)
     if group_offset + -(-numel // 4) > MAX_NOISE_GROUPS:
-        raise ValueError(f"group_offset + numel/4 exceeds the noise counter's 2^32 groups")
+        raise ValueError("group_offset + numel/4 exceeds the noise counter's 2^32 groups")
 
 
 def noise_group_offsets(params) -> list:

@@ -2,11 +2,14 @@
 convention, batches, the nbeta default, the loss at w*, and restriction masks."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Callable, Iterator, List, Optional
 
+import numpy as np
 import torch
 
 from ._checks import check_float, check_int
@@ -144,3 +147,75 @@ def restriction_masks(named, restrict) -> Optional[List[torch.Tensor]]:
             raise ValueError(f"restrict pattern {pat!r} matches no parameter; parameters: {names}")
     return [torch.full(p.shape, any(fnmatch.fnmatchcase(n, pat) for pat in patterns), dtype=torch.bool,
                        device=p.device) for n, p in named]
+
+
+def warn_if_cycled(loader, steps: int) -> None:
+    """A chain that needs more batches than the loader holds reuses them;
+    users should know their chains see repeated data. A single batch is
+    full-batch sampling, reused by design, so it passes silently."""
+    try:
+        n = len(loader)
+    except TypeError:
+        return
+    if 1 < n < steps:
+        warnings.warn(f"the loader holds {n} batches but each chain takes {steps} steps; it is cycled, so every "
+                      f"batch is used about {steps / n:.1f} times per chain", UserWarning, stacklevel=3)
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device):
+    """fp32: full-precision matmuls (TF32 off); tf32: TF32 matmuls on CUDA;
+    bf16: the forward pass under bf16 autocast (parameters, gradients and the
+    SGLD update stay fp32). Restores the global TF32 flags afterwards."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        if precision == "bf16":
+            # The autocast cache must be off for CUDA-graph capture.
+            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def first_nonfinite(trace: np.ndarray) -> dict:
+    """{chain: first draw-or-step index whose loss is not finite}."""
+    bad = ~np.isfinite(trace)
+    return {int(c): int(np.argmax(bad[c])) for c in np.flatnonzero(bad.any(axis=1))}
+
+
+def finish(trace, l0: float, nbeta: float, stats: np.ndarray, steps_run: np.ndarray, *, config: dict,
+           timings: dict, diagnostics: Optional[dict] = None, stacklevel: int = 3):
+    """The LLCResult of a finished run, with the warnings a user must see:
+    diverged chains (left out) and a negative estimate."""
+    from .result import LLCResult
+    per_step = stats / np.maximum(steps_run, 1)[:, None]
+    diag = {"grad_norm_sq_mean": per_step[:, 0], "distance_sq_mean": per_step[:, 1],
+            "noise_norm_sq_mean": per_step[:, 2], **(diagnostics or {})}
+    result = LLCResult.from_traces(trace, l0, nbeta, config=config, diagnostics=diag, timings=timings)
+    diverged = result.diagnostics["diverged_chains"]
+    if diverged:
+        warnings.warn(f"chains {diverged} diverged (non-finite loss) and were left out of the estimate; "
+                      "lower epsilon or raise gamma", RuntimeWarning, stacklevel=stacklevel)
+    if math.isfinite(result.llc_mean) and result.llc_mean < 0:
+        warnings.warn(f"the LLC estimate is negative ({result.llc_mean:.4g}): the loss fell below its value at w*, "
+                      "so w* is not a local minimum of the sampled loss (or the chains have not equilibrated)",
+                      RuntimeWarning, stacklevel=stacklevel)
+    return result
+
+
+def progress_bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="step", leave=False)

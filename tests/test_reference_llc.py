@@ -58,7 +58,8 @@ def test_restricted_parameters_stay_at_w_star():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
     data = [(torch.randn(32, 3), torch.randn(32))]
     final = {}
-    cb = lambda chain, step, loss, model: final.update({chain: {k: v.clone() for k, v in model.state_dict().items()}})
+    def cb(step, chains, loss, params):
+        final.update({chains[0]: {k: v[0].clone() for k, v in params.items()}})
     reference.estimate_llc(model, data, mse, num_chains=2, num_draws=5, epsilon=1e-3, nbeta=10.0,
                            restrict=["2.*"], progress=False, callbacks=[cb])
     for c in range(2):

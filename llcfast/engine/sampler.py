@@ -1,0 +1,152 @@
+"""The multi-chain SGLD loop: all chains' parameters stacked on a leading
+chain dimension, one batched loss-and-gradient pass per step, one fused
+update launch per step, losses kept on the device until the end, and on CUDA
+the whole step replayed from a CUDA graph."""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import ops
+from .._llc_common import precision_context, progress_bar, restriction_masks, trainable
+from .batches import ChainBatches
+from .functional import chain_loss, sequential_grads, vmap_failure, vmapped_grads
+from .graphs import GraphStep, side_stream
+
+# Eager steps before capture: the first allocates and sets up the libraries,
+# the second checks the steady state; both are real steps of the chains.
+WARMUP_STEPS = 2
+
+
+@dataclass
+class SamplerRun:
+    losses: np.ndarray  # [C, steps] float64, the loss that drove each step
+    stats: np.ndarray  # [C, 3] float64 sums of g^2, (w - w*)^2, noise^2 over the steps
+    mode: str  # "vmap" or "sequential"
+    cuda_graphs: bool  # whether steps were replayed from a captured graph
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SamplerConfig:
+    num_chains: int
+    steps: int
+    epsilon: float
+    nbeta: float
+    gamma: float
+    weight_decay: float
+    noise_scale: float
+    seed: int
+    backend: str = "auto"  # "auto": fall back to sequential with a warning; "fast": raise instead
+    precision: str = "fp32"
+    cuda_graphs: bool = True
+    progress: bool = True
+
+
+def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerConfig, *, restrict=None,
+               callbacks: Sequence[Callable] = ()) -> SamplerRun:
+    """Runs cfg.num_chains chains from the model's weights (w*) for cfg.steps
+    steps. ``model`` must already be on its device; its parameters are read,
+    never written."""
+    started = time.perf_counter()
+    named = trainable(model)
+    if not named:
+        raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to sample")
+    for n, p in named:
+        if p.dtype != torch.float32:
+            raise TypeError(f"parameter {n!r} is {p.dtype}; the sampler keeps parameters in torch.float32 "
+                            "(use precision='bf16' for low-precision forward passes)")
+    device = named[0][1].device
+    names = [n for n, _ in named]
+    centers = [p.detach().contiguous() for _, p in named]
+    params = [c.unsqueeze(0).repeat((cfg.num_chains,) + (1,) * c.dim()) for c in centers]
+    masks = restriction_masks(named, restrict)
+    loss = chain_loss(model, loss_fn, names)
+    feed = ChainBatches(loader, cfg.num_chains, device)
+    first = feed.next_stacked()
+
+    mode = _choose_mode(loss, params, first, cfg, device)
+    use_graphs = cfg.cuda_graphs and device.type == "cuda" and mode == "vmap"
+    grad_buf: List[torch.Tensor] = []  # filled on first use: steps whose batches cannot be stacked need it too
+    trace = torch.full((cfg.steps, cfg.num_chains), float("nan"), dtype=torch.float32, device=device)
+    stats = torch.zeros(cfg.num_chains, 3, dtype=torch.float64, device=device)
+    step_tensor = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def step(batch, dims, per_chain=None) -> None:
+        with precision_context(cfg.precision, device):
+            if mode == "vmap" and batch is not None:
+                grads, losses = vmapped_grads(loss, dims)(tuple(params), batch)
+                grads = [g.contiguous() for g in grads]
+            else:
+                if not grad_buf:
+                    grad_buf.extend(torch.empty_like(p) for p in params)
+                losses, grads = sequential_grads(loss, params, per_chain, grad_buf), grad_buf
+        trace.index_copy_(0, step_tensor, losses.detach().to(torch.float32).reshape(1, -1))
+        with torch.no_grad():
+            ops.sgld_step_(params, grads, centers, eps=cfg.epsilon, nbeta=cfg.nbeta, gamma=cfg.gamma,
+                           weight_decay=cfg.weight_decay, noise_scale=cfg.noise_scale, seed=cfg.seed, step=0,
+                           masks=masks, stats=stats, step_tensor=step_tensor)
+        step_tensor.add_(1)
+
+    views = dict(zip(names, params))
+    graph: Optional[GraphStep] = None
+    capture_s = 0.0
+    bar = progress_bar(cfg.progress, cfg.steps, f"SGLD ({cfg.num_chains} chains, {mode})")
+    sampling_started = time.perf_counter()
+    for t in range(cfg.steps):
+        batch, dims, per_chain = first if t == 0 else feed.next_stacked()
+        if use_graphs and graph is None and t >= WARMUP_STEPS and batch is not None:
+            capture_started = time.perf_counter()
+            graph = _capture(step, batch, dims)
+            capture_s += time.perf_counter() - capture_started
+            use_graphs = graph is not None
+        if graph is not None and graph.accepts(batch, dims):
+            graph.replay(batch)
+        else:
+            with side_stream(use_graphs and graph is None):
+                step(batch, dims, per_chain)
+        for cb in callbacks:
+            cb(step=t, chains=range(cfg.num_chains), loss=trace[t], params=views)
+        if bar is not None:
+            bar.update(1)
+    losses = trace.t().double().cpu().numpy()  # the one host sync
+    if bar is not None:
+        bar.close()
+    now = time.perf_counter()
+    sampling_s = now - sampling_started - capture_s
+    timings = {"setup_s": sampling_started - started, "capture_s": capture_s, "sampling_s": sampling_s,
+               "ms_per_chain_step": 1e3 * sampling_s / (cfg.num_chains * cfg.steps)}
+    return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings)
+
+
+def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, device) -> str:
+    batch, dims, per_chain = first
+    probe, probe_dims = (batch, dims) if batch is not None else (per_chain[0], None)
+    with precision_context(cfg.precision, device):
+        reason = vmap_failure(loss, params, probe, probe_dims)
+    if reason is None:
+        return "vmap"
+    if cfg.backend == "fast":
+        raise RuntimeError(f"backend='fast' cannot batch this model's chains with torch.func.vmap ({reason}). "
+                           "Common causes: batch norm in train mode, data-dependent control flow, in-place ops on "
+                           "parameters. Use backend='auto' to run the chains one after another with the fused step.")
+    warnings.warn(f"llcfast: this model cannot be batched over chains with torch.func.vmap ({reason}); running the "
+                  "chains one after another with the fused step (slower). Call model.eval() if batch norm in train "
+                  "mode is the cause.", RuntimeWarning, stacklevel=4)
+    return "sequential"
+
+
+def _capture(step: Callable, batch, dims) -> Optional[GraphStep]:
+    try:
+        return GraphStep(step, batch, dims)
+    except Exception as exc:  # capture rejects host syncs and some ops; eager steps still work
+        warnings.warn(f"llcfast: could not capture the SGLD step as a CUDA graph ({type(exc).__name__}: "
+                      f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); continuing without graphs "
+                      "(slower). Pass cuda_graphs=False to skip the attempt.", RuntimeWarning, stacklevel=4)
+        torch.cuda.synchronize()
+        return None

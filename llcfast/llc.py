@@ -1,0 +1,92 @@
+"""llcfast.estimate_llc: the LLC at a checkpoint, all chains at once."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import reference
+from ._llc_common import (PRECISIONS, check_llc_args, default_loss, default_nbeta, finish, first_nonfinite,
+                          init_loss, precision_context, warn_if_cycled)
+from .engine import SamplerConfig, run_chains
+from .result import LLCResult
+
+BACKENDS = ("auto", "fast", "reference")
+
+
+def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 4,
+                 num_draws: int = 200, num_burnin: int = 0, steps_between_draws: int = 1, epsilon: float = 1e-4,
+                 gamma: float = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
+                 noise_scale: float = 1.0, num_init_batches: Optional[int] = None, restrict=None, seed: int = 0,
+                 device=None, progress: bool = True, callbacks: Sequence[Callable] = (), backend: str = "auto",
+                 precision: str = "fp32", cuda_graphs: bool = True) -> LLCResult:
+    """The local learning coefficient of ``model`` at its current weights w*.
+
+    Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
+    steps_between_draws`` steps from w* (DESIGN.md's update) and returns
+    ``nbeta * (mean draw loss - loss at w*)`` per chain, with diagnostics.
+    ``model`` is not changed.
+
+    loader: any re-iterable of batches (a DataLoader, a list); each chain makes
+        its own passes over it, cycling when it runs out.
+    loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: the model's
+        output ``.loss`` (Hugging Face models), called as model(**batch) for a
+        dict, model(*batch) for a tuple, else model(batch).
+    restrict: parameter-name globs or {name: bool mask}; only those elements move.
+    backend: "fast" runs all chains stacked in one batched pass (torch.func.vmap)
+        with the fused update; "auto" does the same but falls back, with a
+        warning, to running the chains one after another where vmap cannot
+        handle the model; "reference" runs llcfast.reference.estimate_llc.
+    precision: "fp32", "tf32" (TF32 matmuls on CUDA) or "bf16" (forward pass
+        under bf16 autocast); the SGLD update is always fp32.
+    cuda_graphs: on CUDA, replay each step from a captured CUDA graph.
+    callbacks: called after every step as ``cb(step=t, chains=range(C),
+        loss=<[C] tensor>, params={name: <[C, ...] tensor>})`` (the loss that
+        drove step t, the parameters after it; live tensors, clone to keep).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    args = dict(num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
+                steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
+                weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed)
+    check_llc_args(**args)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if backend == "reference":
+        with precision_context(precision, device):
+            result = reference.estimate_llc(model, loader, loss_fn, restrict=restrict, device=device,
+                                            progress=progress, callbacks=callbacks, **args)
+        result.config["precision"] = precision
+        return result
+
+    started = time.perf_counter()
+    loss_fn = loss_fn or default_loss
+    nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader)
+    base = copy.deepcopy(model).to(device)
+    with precision_context(precision, device):
+        l0 = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
+    steps = num_burnin + num_draws * steps_between_draws
+    warn_if_cycled(loader, steps)
+    cfg = SamplerConfig(num_chains=num_chains, steps=steps, epsilon=float(epsilon), nbeta=nbeta, gamma=float(gamma),
+                        weight_decay=float(weight_decay), noise_scale=float(noise_scale), seed=seed,
+                        backend=backend, precision=precision, cuda_graphs=cuda_graphs, progress=progress)
+    run = run_chains(base, loader, loss_fn, cfg, restrict=restrict, callbacks=callbacks)
+
+    losses = run.losses
+    diverged_at = first_nonfinite(losses)
+    steps_run = np.full(num_chains, steps)
+    for c, t in diverged_at.items():
+        losses[c, t:] = np.nan  # a diverged chain stops counting where its loss first went non-finite
+        steps_run[c] = t
+    draws = losses[:, num_burnin::steps_between_draws][:, :num_draws]
+    config = dict(args, backend="fast" if run.mode == "vmap" else "fast-sequential", nbeta=nbeta,
+                  num_init_batches=num_init_batches or num_chains, device=str(device), precision=precision,
+                  cuda_graphs=run.cuda_graphs)
+    timings = dict(run.timings, total_s=time.perf_counter() - started)
+    return finish(draws, l0, nbeta, run.stats, steps_run, config=config, timings=timings, stacklevel=3)
