@@ -1,0 +1,141 @@
+"""Small models, data and exact answers shared by the estimate_llc tests."""
+import math
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x).squeeze(-1) - y) ** 2).mean()
+
+
+def token_loss(model, batch):
+    tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def linear_problem(d, n=256, seed=0):
+    """Least squares at its exact minimum: a regular model with d parameters."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(d, generator=g, dtype=torch.float64) + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    w_star = torch.linalg.lstsq(x, y[:, None]).solution[:, 0]
+    model = nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w_star[None].float())
+    return model, [(x.float(), y.float())], x
+
+
+def exact_sgld_llc(x, nbeta, gamma, eps):
+    """What full-batch SGLD targets for L(w) - L(w*) = d^T S d, S = X^T X / n:
+    the chain is Gaussian with per-eigenmode stationary variance
+    eps / (1 - (1 - eps*a/2)^2), a = 2*nbeta*s + gamma (exact at this eps)."""
+    s = torch.linalg.eigvalsh(x.T @ x / x.shape[0]).numpy()
+    a = 2 * nbeta * s + gamma
+    var = eps / (1 - (1 - eps * a / 2) ** 2)
+    return float(nbeta * (s * var).sum())
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 1))
+
+
+def regression_loader(n=64, batch_size=16, seed=0):
+    """A DataLoader makes new tensors on every pass, so the engine stacks the
+    chains' batches instead of sharing one."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    return DataLoader(TensorDataset(x, torch.sin(x.sum(-1))), batch_size=batch_size, shuffle=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, h):
+        b, t, d = h.shape
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(d // self.heads)
+        causal = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
+        weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        return self.out(torch.einsum("bhqk,bkhe->bqhe", weights, v).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, heads)
+        self.ln2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, h):
+        h = h + self.attn(self.ln1(h))
+        return h + self.mlp(self.ln2(h))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab=11, d=16, heads=2, layers=2, ctx=12):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(0.02 * torch.randn(ctx, d))
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.unembed = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.unembed(h)
+
+
+def token_loader(vocab=11, n=48, ctx=12, batch_size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.randint(0, vocab, (n, ctx), generator=g)), batch_size=batch_size)
+
+
+def tiny_gpt2(seed=0):
+    """A randomly initialised GPT-2 from a config: nothing is downloaded."""
+    transformers = __import__("pytest").importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def gpt2_batches(n_batches=4, batch_size=4, ctx=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(0, 40, (batch_size, ctx), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+class TwoParam(nn.Module):
+    """f(x) = a * b^k * x: singular at a = b = 0 (K = a^2 b^(2k))."""
+
+    def __init__(self, k, a=0.0, b=0.0):
+        super().__init__()
+        self.k = k
+        self.a = nn.Parameter(torch.tensor(float(a)))
+        self.b = nn.Parameter(torch.tensor(float(b)))
+
+    def forward(self, x):
+        return self.a * self.b ** self.k * x
+
+
+def orthogonal_noise_data(n, seed=0):
+    """x and y with mean(x y) = 0 exactly, so for f = a b^k x every point with
+    a b^k = 0 is a minimum of the empirical loss; L(a, b) = mean(y^2) +
+    (a b^k)^2 mean(x^2) in closed form."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    y = 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    y = y - x * (x @ y) / (x @ x)
+    return x, y
