@@ -36,11 +36,19 @@ def check_llc_args(*, num_chains, num_draws, num_burnin, steps_between_draws, ep
 
 def default_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     """Hugging Face convention: the model's output carries ``.loss``."""
-    out = model(**batch) if isinstance(batch, Mapping) else model(*batch) if isinstance(batch, (tuple, list)) \
-        else model(batch)
+    call = "model(**batch)" if isinstance(batch, Mapping) else \
+        "model(*batch)" if isinstance(batch, (tuple, list)) else "model(batch)"
+    try:
+        out = model(**batch) if isinstance(batch, Mapping) else \
+            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    except TypeError as exc:
+        raise TypeError(f"no loss_fn was given, so the loss is taken from {call}.loss (the Hugging Face "
+                        f"convention), but that call failed: {exc}; pass loss_fn=lambda model, batch: "
+                        "<scalar loss>") from exc
     loss = getattr(out, "loss", None)
     if loss is None:
-        raise TypeError("the model's output has no .loss; pass loss_fn=lambda model, batch: <scalar loss>")
+        raise TypeError(f"no loss_fn was given, and the output of {call} has no .loss; "
+                        "pass loss_fn=lambda model, batch: <scalar loss>")
     return loss
 
 
