@@ -1,0 +1,71 @@
+"""The engine on CUDA: the graph-replayed steps walk the same trajectory as
+the eager steps and as the sequential reference; a batch that does not fit
+the captured shapes runs eagerly; bf16 and TF32 stay within the chains'
+error. Skipped, with the reason shown, where no GPU or no CUDA build exists."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import llcfast
+from llcfast import reference
+from conftest import requires_cuda
+from llc_models import (TinyTransformer, exact_sgld_llc, linear_problem, mse, regression_loader, token_loader,
+                        token_loss)
+from test_engine_agreement import assert_same_trajectory, record_into
+
+pytestmark = [pytest.mark.cuda, requires_cuda,
+              pytest.mark.filterwarnings("ignore:the LLC estimate is negative"),
+              pytest.mark.filterwarnings("ignore:the loader holds")]
+
+
+@pytest.mark.parametrize("restrict", [None, ["blocks.1.*"]])
+def test_graph_replay_matches_eager_and_reference(restrict):
+    model = TinyTransformer().cuda()
+    kw = dict(num_chains=4, num_draws=12, num_burnin=2, epsilon=1e-3, nbeta=8.0, gamma=100.0, seed=7,
+              restrict=restrict, progress=False, device="cuda")
+    ref, graphed, eager = {}, {}, {}
+    r = reference.estimate_llc(model, token_loader(), token_loss, callbacks=[record_into(ref)], **kw)
+    g = llcfast.estimate_llc(model, token_loader(), token_loss, callbacks=[record_into(graphed)], backend="fast",
+                             cuda_graphs=True, **kw)
+    e = llcfast.estimate_llc(model, token_loader(), token_loss, callbacks=[record_into(eager)], backend="fast",
+                             cuda_graphs=False, **kw)
+    assert g.config["cuda_graphs"] is True and e.config["cuda_graphs"] is False
+    assert_same_trajectory(r, g, ref, graphed, steps=14, nbeta=8.0, eps=1e-3)
+    assert_same_trajectory(e, g, eager, graphed, steps=14, nbeta=8.0, eps=1e-3)
+
+
+def test_short_last_batch_runs_eagerly_between_replays():
+    loader = regression_loader(n=40, batch_size=16)  # batches of 16, 16, 8
+    model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1)).cuda()
+    kw = dict(num_chains=3, num_draws=10, epsilon=1e-3, nbeta=10.0, seed=1, progress=False, device="cuda")
+    ref, fast = {}, {}
+    r = reference.estimate_llc(model, loader, mse, callbacks=[record_into(ref)], **kw)
+    f = llcfast.estimate_llc(model, loader, mse, callbacks=[record_into(fast)], backend="fast", **kw)
+    assert f.config["cuda_graphs"] is True
+    assert_same_trajectory(r, f, ref, fast, steps=10, nbeta=10.0, eps=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_low_precision_estimate_within_the_chains_error(precision):
+    model, loader, x = linear_problem(10)
+    model = model.cuda()
+    loader = [(a.cuda(), b.cuda()) for a, b in loader]
+    kw = dict(num_chains=32, num_draws=1000, num_burnin=300, epsilon=1e-3, gamma=1.0, nbeta=50.0,
+              num_init_batches=1, seed=9, progress=False)
+    full = llcfast.estimate_llc(model, loader, mse, precision="fp32", **kw)
+    low = llcfast.estimate_llc(model, loader, mse, precision=precision, **kw)
+    se = math.hypot(full.llc_std, low.llc_std) / math.sqrt(32)
+    assert abs(low.llc_mean - full.llc_mean) < 4 * se
+    assert abs(full.llc_mean - exact_sgld_llc(x, 50.0, 1.0, 1e-3)) < 4 * full.llc_std / math.sqrt(32)
+
+
+def test_cuda_matches_cpu_engine():
+    """Same noise bits on both devices, so the trajectories differ only by
+    the devices' matmul rounding."""
+    kw = dict(num_chains=3, num_draws=10, epsilon=1e-3, nbeta=8.0, seed=3, progress=False, backend="fast")
+    model = TinyTransformer()
+    cpu = llcfast.estimate_llc(model, token_loader(), token_loss, device="cpu", **kw)
+    gpu = llcfast.estimate_llc(model, token_loader(), token_loss, device="cuda", **kw)
+    np.testing.assert_allclose(gpu.loss_trace, cpu.loss_trace, rtol=1e-4)
