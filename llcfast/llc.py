@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from . import reference
+from ._checks import check_int
 from ._llc_common import (PRECISIONS, check_llc_args, default_loss, default_nbeta, finish, first_nonfinite,
                           init_loss, precision_context, warn_if_cycled)
 from .engine import SamplerConfig, run_chains
@@ -22,7 +23,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  gamma: float = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
                  noise_scale: float = 1.0, num_init_batches: Optional[int] = None, restrict=None, seed: int = 0,
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), backend: str = "auto",
-                 precision: str = "fp32", cuda_graphs: bool = True) -> LLCResult:
+                 precision: str = "fp32", cuda_graphs: bool = True, chain_chunk: Optional[int] = None) -> LLCResult:
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
@@ -43,6 +44,11 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     precision: "fp32", "tf32" (TF32 matmuls on CUDA) or "bf16" (forward pass
         under bf16 autocast); the SGLD update is always fp32.
     cuda_graphs: on CUDA, replay each step from a captured CUDA graph.
+    chain_chunk: how many chains each batched pass holds (default: all).
+        Lower it when all chains' activations do not fit in GPU memory, or on
+        a CPU when one chain's activations already fill the cache: there,
+        passes of 1-4 chains of a 5e4-parameter transformer ran 3x faster
+        than all 32 at once (README: Choosing hyperparameters).
     callbacks: called after every step as ``cb(step=t, chains=range(C),
         loss=<[C] tensor>, params={name: <[C, ...] tensor>})`` (the loss that
         drove step t, the parameters after it; live tensors, clone to keep).
@@ -53,6 +59,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if chain_chunk is not None:
+        check_int("chain_chunk", chain_chunk, minimum=1)
     args = dict(num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                 steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                 weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed)
@@ -75,7 +83,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     warn_if_cycled(loader, steps)
     cfg = SamplerConfig(num_chains=num_chains, steps=steps, epsilon=float(epsilon), nbeta=nbeta, gamma=float(gamma),
                         weight_decay=float(weight_decay), noise_scale=float(noise_scale), seed=seed,
-                        backend=backend, precision=precision, cuda_graphs=cuda_graphs, progress=progress)
+                        backend=backend, precision=precision, cuda_graphs=cuda_graphs, progress=progress,
+                        chain_chunk=chain_chunk)
     run = run_chains(base, loader, loss_fn, cfg, restrict=restrict, callbacks=callbacks)
 
     losses = run.losses
@@ -87,6 +96,6 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     draws = losses[:, num_burnin::steps_between_draws][:, :num_draws]
     config = dict(args, backend="fast" if run.mode == "vmap" else "fast-sequential", nbeta=nbeta,
                   num_init_batches=num_init_batches or num_chains, device=str(device), precision=precision,
-                  cuda_graphs=run.cuda_graphs)
+                  cuda_graphs=run.cuda_graphs, chain_chunk=chain_chunk)
     timings = dict(run.timings, total_s=time.perf_counter() - started)
     return finish(draws, l0, nbeta, run.stats, steps_run, config=config, timings=timings, stacklevel=3)

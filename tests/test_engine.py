@@ -207,3 +207,13 @@ def test_reference_backend_through_the_public_api():
     f = llcfast.estimate_llc(model, loader, mse, backend="fast", **kw)
     assert r.config["backend"] == "reference" and f.config["backend"] == "fast"
     np.testing.assert_allclose(f.loss_trace, r.loss_trace, rtol=1e-5)
+
+
+def test_chain_chunks_walk_the_same_trajectory():
+    kw = dict(num_chains=5, num_draws=10, epsilon=1e-3, nbeta=10.0, seed=4, progress=False)
+    whole = llcfast.estimate_llc(mlp(), regression_loader(), mse, **kw)
+    chunked = llcfast.estimate_llc(mlp(), regression_loader(), mse, chain_chunk=2, **kw)
+    assert chunked.config["chain_chunk"] == 2
+    np.testing.assert_allclose(chunked.loss_trace, whole.loss_trace, rtol=1e-5)
+    with pytest.raises(ValueError, match="chain_chunk must be in"):
+        llcfast.estimate_llc(mlp(), regression_loader(), mse, chain_chunk=0, **kw)

@@ -9,7 +9,6 @@ R-hat check in each test."""
 import math
 
 import pytest
-import torch
 
 import llcfast
 from llcfast.reference.quadrature import localized_llc_2d

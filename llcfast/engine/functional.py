@@ -8,7 +8,7 @@ models vmap cannot handle.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -41,12 +41,13 @@ def chain_loss(model: nn.Module, loss_fn: Callable, names: Sequence[str]) -> Cal
     return loss
 
 
-def vmapped_grads(loss: Callable, batch_dims) -> Callable:
+def vmapped_grads(loss: Callable, batch_dims, chain_chunk: Optional[int] = None) -> Callable:
     """(params [C, ...] each, batch) -> (grads [C, ...] each, losses [C]).
     ``batch_dims`` is vmap's in_dims for the batch: 0 where each chain has its
-    own minibatch, None where all chains share one. Dropout and other random
-    ops draw independently per chain."""
-    return vmap(grad_and_value(loss), in_dims=(0, batch_dims), randomness="different")
+    own minibatch, None where all chains share one. ``chain_chunk`` chains
+    go through each batched pass (None: all). Dropout and other random ops
+    draw independently per chain."""
+    return vmap(grad_and_value(loss), in_dims=(0, batch_dims), randomness="different", chunk_size=chain_chunk)
 
 
 def sequential_grads(loss: Callable, params: Sequence[torch.Tensor], batches: List,
@@ -67,11 +68,11 @@ def sequential_grads(loss: Callable, params: Sequence[torch.Tensor], batches: Li
     return torch.stack(losses)
 
 
-def vmap_failure(loss: Callable, params: Sequence[torch.Tensor], batch, batch_dims):
+def vmap_failure(loss: Callable, params: Sequence[torch.Tensor], batch, batch_dims, chain_chunk=None):
     """None if the batched pass runs on this model and batch, else the reason
     (the first line of vmap's error)."""
     try:
-        vmapped_grads(loss, batch_dims)(tuple(params), batch)
+        vmapped_grads(loss, batch_dims, chain_chunk)(tuple(params), batch)
     except Exception as exc:  # vmap raises many types for unsupported models
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return f"{type(exc).__name__}: {first}"

@@ -46,6 +46,7 @@ class SamplerConfig:
     precision: str = "fp32"
     cuda_graphs: bool = True
     progress: bool = True
+    chain_chunk: Optional[int] = None  # chains per batched pass; None: all
 
 
 def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerConfig, *, restrict=None,
@@ -80,7 +81,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     def step(batch, dims, per_chain=None) -> None:
         with precision_context(cfg.precision, device):
             if mode == "vmap" and batch is not None:
-                grads, losses = vmapped_grads(loss, dims)(tuple(params), batch)
+                grads, losses = vmapped_grads(loss, dims, cfg.chain_chunk)(tuple(params), batch)
                 grads = [g.contiguous() for g in grads]
             else:
                 if not grad_buf:
@@ -128,7 +129,7 @@ def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, de
     batch, dims, per_chain = first
     probe, probe_dims = (batch, dims) if batch is not None else (per_chain[0], None)
     with precision_context(cfg.precision, device):
-        reason = vmap_failure(loss, params, probe, probe_dims)
+        reason = vmap_failure(loss, params, probe, probe_dims, cfg.chain_chunk)
     if reason is None:
         return "vmap"
     if cfg.backend == "fast":

@@ -1,0 +1,214 @@
+"""estimate_llc side by side: llcfast's fast engine vs llcfast's sequential
+reference vs devinterp 1.3.2, same model, same hyperparameters, same loader,
+same number of gradient evaluations, in one run.
+
+    python benchmarks/bench_llc.py                      # GPU, all cases, JSON into benchmarks/results/
+    python benchmarks/bench_llc.py --quick --device cpu # a small smoke run
+
+Cases (PAPER.md's two models): the in-context linear regression transformer
+(batch 256 sequences of 16 (x, y) pairs; 8 and 32 chains) and the 2-layer
+attention-only language model (vocab 5000, d_model 256, 8 heads, 1024
+positions; batch 16 sequences of 256 tokens; 8 chains). Reported: ms per
+chain-step (wall time of the whole call over chains x steps), the ratio to
+devinterp, the LLC each backend found, and the fraction of the GPU's matmul
+peak the fast engine reached (FLOPs counted with torch's FlopCounterMode on
+one chain's forward and backward).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import llcfast  # noqa: E402
+from llcfast import models  # noqa: E402
+
+# Dense matmul peaks (TFLOP/s) of the GPUs these benchmarks run on, from the
+# vendor's datasheets (SXM parts; sparsity excluded). fp32 means CUDA cores.
+PEAK_TFLOPS = {
+    "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+    "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+}
+
+
+class PreBatched(Dataset):
+    """A fixed set of batches already on the device (as the paper samples its
+    LLC data once); a DataLoader with batch_size=1 over it shuffles their
+    order per pass and costs all three backends the same little to load."""
+
+    def __init__(self, tensors, batch_size):
+        n = len(tensors[0]) // batch_size
+        self.batches = [tuple(t[i * batch_size:(i + 1) * batch_size] for t in tensors) for i in range(n)]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+def _only(items):
+    return items[0]
+
+
+def gpu_loader(tensors, batch_size, seed):
+    return DataLoader(PreBatched(tensors, batch_size), batch_size=1, shuffle=True, collate_fn=_only,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def lr_case(chains, device, quick):
+    torch.manual_seed(0)
+    model = models.InContextRegression().to(device)
+    n = 256 * (8 if quick else 64)
+    data = models.sample_regression(n, generator=torch.Generator().manual_seed(1), device=device)
+    # The paper's later sweep: eps 1e-3, nbeta 60, gamma 6.
+    return dict(name=f"lr-{chains}ch", model=model, loader=gpu_loader(data, 256, 2),
+                loss_fn=models.regression_loss, chains=chains, epsilon=1e-3, nbeta=60.0, gamma=6.0)
+
+
+def lm_case(chains, device, quick):
+    torch.manual_seed(0)
+    model = models.AttentionOnlyLM(vocab=500 if quick else 5000, d_model=64 if quick else 256,
+                                   heads=8, context=1024).to(device)
+    seq = 64 if quick else 256
+    tokens = torch.randint(0, 500 if quick else 5000, (16 * 16, seq + 1),
+                           generator=torch.Generator().manual_seed(1)).to(device)
+    # The paper's LM settings: eps 3e-3, gamma 300, nbeta 100 / ln 100.
+    return dict(name=f"lm-{chains}ch", model=model, loader=gpu_loader((tokens,), 16, 2),
+                loss_fn=models.next_token_loss, chains=chains, epsilon=3e-3, nbeta=100 / math.log(100), gamma=300.0)
+
+
+def flops_per_chain_step(case, device):
+    batch = next(iter(case["loader"]))
+    model = case["model"]
+    with FlopCounterMode(display=False) as counter:
+        case["loss_fn"](model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_llcfast(case, steps, device, **kw):
+    sync(device)
+    started = time.perf_counter()
+    r = llcfast.estimate_llc(case["model"], case["loader"], case["loss_fn"], num_chains=case["chains"],
+                             num_draws=steps, epsilon=case["epsilon"], nbeta=case["nbeta"], gamma=case["gamma"],
+                             num_init_batches=1, seed=0, device=device, progress=False, **kw)
+    sync(device)
+    wall = time.perf_counter() - started
+    return wall, r.llc_mean, r.llc_std, r.timings.get("sampling_s", wall)
+
+
+def run_devinterp(case, steps, device):
+    from devinterp.optim import SGLD
+    from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+    sync(device)
+    started = time.perf_counter()
+    r = estimate_learning_coeff_with_summary(
+        case["model"], case["loader"], evaluate=case["loss_fn"], sampling_method=SGLD,
+        optimizer_kwargs=dict(lr=case["epsilon"], localization=case["gamma"], nbeta=case["nbeta"]),
+        num_chains=case["chains"], num_draws=steps, device=device, verbose=False)
+    sync(device)
+    return time.perf_counter() - started, float(r["llc/mean"]), float(r["llc/std"])
+
+
+def measure(case, device, steps, slow_steps, precisions, skip_devinterp):
+    chains = case["chains"]
+    out = {"case": case["name"], "parameters": models.count_parameters(case["model"]), "chains": chains,
+           "steps_fast": steps, "steps_slow": slow_steps, "epsilon": case["epsilon"], "nbeta": case["nbeta"],
+           "gamma": case["gamma"], "flops_per_chain_step": flops_per_chain_step(case, device), "runs": {}}
+    for precision in precisions:
+        run_llcfast(case, 3, device, precision=precision)  # warm-up: lazy init, graph pools, kernels
+        wall, mean, std, sampling = run_llcfast(case, steps, device, precision=precision)
+        tflops = out["flops_per_chain_step"] * chains * steps / sampling / 1e12
+        out["runs"][f"llcfast-{precision}"] = dict(
+            ms_per_chain_step=1e3 * wall / (chains * steps), sampling_ms_per_chain_step=1e3 * sampling / (chains * steps),
+            llc_mean=mean, llc_std=std, achieved_tflops=tflops, peak_fraction=peak_fraction(device, precision, tflops))
+    wall, mean, std, _ = run_llcfast(case, slow_steps, device, backend="reference")
+    out["runs"]["llcfast-reference"] = dict(ms_per_chain_step=1e3 * wall / (chains * slow_steps), llc_mean=mean,
+                                            llc_std=std)
+    if not skip_devinterp:
+        run_devinterp(case, 2, device)
+        wall, mean, std = run_devinterp(case, slow_steps, device)
+        out["runs"]["devinterp-1.3.2"] = dict(ms_per_chain_step=1e3 * wall / (chains * slow_steps), llc_mean=mean,
+                                              llc_std=std)
+    base = out["runs"].get("devinterp-1.3.2", out["runs"]["llcfast-reference"])["ms_per_chain_step"]
+    for run in out["runs"].values():
+        run["speedup_vs_devinterp" if not skip_devinterp else "speedup_vs_reference"] = base / run["ms_per_chain_step"]
+    return out
+
+
+def peak_fraction(device, precision, tflops):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops / peaks[precision]
+    return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cases", default="lr-8,lr-32,lm-8", help="comma-separated from lr-8, lr-32, lm-8")
+    p.add_argument("--steps", type=int, default=400, help="steps per chain for the fast engine")
+    p.add_argument("--slow-steps", type=int, default=60, help="steps per chain for the reference and devinterp")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--skip-devinterp", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small data and LM, few steps: a smoke run")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/llc_<gpu>_<date>.json)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.quick:
+        args.steps, args.slow_steps = min(args.steps, 20), min(args.slow_steps, 5)
+    makers = {"lr-8": lambda: lr_case(8, device, args.quick), "lr-32": lambda: lr_case(32, device, args.quick),
+              "lm-8": lambda: lm_case(8, device, args.quick)}
+    unknown = [c for c in args.cases.split(",") if c not in makers]
+    if unknown:
+        p.error(f"unknown cases {unknown}; choose from {sorted(makers)}")
+    warnings.filterwarnings("ignore", message="the loader holds")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message="default nbeta is undefined")  # devinterp; nbeta is passed
+    warnings.filterwarnings("ignore", message="Using passed in nbeta")
+    warnings.filterwarnings("ignore", message="You are taking more sample batches")
+    results = []
+    for name in args.cases.split(","):
+        res = measure(makers[name](), device, args.steps, args.slow_steps, args.precisions.split(","),
+                      args.skip_devinterp)
+        results.append(res)
+        for run, v in res["runs"].items():
+            print(f"{res['case']:8s} {run:20s} {v['ms_per_chain_step']:8.3f} ms/chain-step  "
+                  f"x{v.get('speedup_vs_devinterp', v.get('speedup_vs_reference')):6.1f}  "
+                  f"LLC {v['llc_mean']:.3f} ± {v['llc_std']:.3f}"
+                  + (f"  {v['achieved_tflops']:.1f} TFLOP/s" if "achieved_tflops" in v else "")
+                  + (f" ({100 * v['peak_fraction']:.1f}% of peak)" if v.get("peak_fraction") else ""), flush=True)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = {"benchmark": "estimate_llc", "device": gpu, "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "quick": args.quick, "build": llcfast.build_info(),
+              "devinterp": None if args.skip_devinterp else __import__("devinterp").__version__
+              if hasattr(__import__("devinterp"), "__version__") else "1.3.2", "cases": results}
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"llc_{gpu.replace(' ', '_')}_{report['date']}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The paper's two transformers (PAPER.md) and their data.
+
+Attention is written with einsum rather than scaled_dot_product_attention:
+vmap over chains has no batching rule for some fused attention backwards and
+would fall back to a per-chain loop.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import nn
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        b, t, d = h.shape
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(d // self.heads)
+        causal = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
+        weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        return self.out(torch.einsum("bhqk,bkhe->bqhe", weights, v).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block; ``mlp_width=0`` makes it attention-only."""
+
+    def __init__(self, d_model: int, heads: int, mlp_width: int):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, heads)
+        self.mlp = None
+        if mlp_width:
+            self.ln_mlp = nn.LayerNorm(d_model)
+            self.mlp = nn.Sequential(nn.Linear(d_model, mlp_width), nn.ReLU(), nn.Linear(mlp_width, d_model))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.attn(self.ln_attn(h))
+        if self.mlp is not None:
+            h = h + self.mlp(self.ln_mlp(h))
+        return h
+
+
+class InContextRegression(nn.Module):
+    """The LR model: tokens x_1, y_1, ..., x_K, y_K as (D+1)-vectors; the
+    output at each x_k token predicts y_k."""
+
+    def __init__(self, task_dim: int = 4, max_pairs: int = 16, d_model: int = 64, heads: int = 4, layers: int = 2,
+                 mlp_width: int = 64):
+        super().__init__()
+        self.task_dim = task_dim
+        self.embed = nn.Linear(task_dim + 1, d_model)
+        self.pos = nn.Embedding(2 * max_pairs, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, heads, mlp_width) for _ in range(layers))
+        self.ln_out = nn.LayerNorm(d_model)
+        self.unembed = nn.Linear(d_model, 1)
+
+    def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:  # [B, K, D], [B, K] -> [B, K]
+        b, k, d = xs.shape
+        x_tok = torch.cat([xs.new_zeros(b, k, 1), xs], dim=-1)
+        y_tok = torch.cat([ys[..., None], xs.new_zeros(b, k, d)], dim=-1)
+        tokens = torch.stack([x_tok, y_tok], dim=2).reshape(b, 2 * k, d + 1)
+        h = self.embed(tokens) + self.pos.weight[: 2 * k]
+        for block in self.blocks:
+            h = block(h)
+        return self.unembed(self.ln_out(h))[:, 0::2, 0]
+
+
+def regression_loss(model: nn.Module, batch) -> torch.Tensor:
+    xs, ys = batch
+    return ((model(xs, ys) - ys) ** 2).mean()
+
+
+def sample_regression(num_sequences: int, pairs: int = 16, task_dim: int = 4, noise_var: float = 0.125,
+                      generator=None, device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+    """A fresh task t ~ N(0, I) per sequence; x ~ N(0, I); y = t.x + N(0, noise_var)."""
+    tasks = torch.randn(num_sequences, task_dim, 1, generator=generator).to(device)
+    xs = torch.randn(num_sequences, pairs, task_dim, generator=generator).to(device)
+    noise = math.sqrt(noise_var) * torch.randn(num_sequences, pairs, generator=generator).to(device)
+    return xs, (xs @ tasks)[..., 0] + noise
+
+
+class AttentionOnlyLM(nn.Module):
+    """The LM model: attention-only transformer with LayerNorm and a learned
+    positional embedding added to the residual stream."""
+
+    def __init__(self, vocab: int = 5000, d_model: int = 256, heads: int = 8, layers: int = 2, context: int = 1024):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, heads, 0) for _ in range(layers))
+        self.ln_out = nn.LayerNorm(d_model)
+        self.unembed = nn.Linear(d_model, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, vocab]
+        h = self.embed(tokens) + self.pos.weight[: tokens.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.unembed(self.ln_out(h))
+
+
+def next_token_loss(model: nn.Module, batch) -> torch.Tensor:
+    tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
