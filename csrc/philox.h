@@ -181,4 +181,15 @@ LLC_HD F4 normal4(uint64_t seed, uint32_t group, uint32_t chain, uint64_t step) 
   return out;
 }
 
+// Four Rademacher signs (+1/-1) of one probe group. Bit 31 of the last
+// counter word is set: SGLD steps are < 2^63, so probe counters never meet
+// noise counters. Each sign is the top bit of one Philox word.
+LLC_HD F4 rademacher4(uint64_t seed, uint32_t group, uint32_t row, uint64_t stream) {
+  const U4 r = philox4x32_10(
+      U4{group, row, static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32) | 0x80000000u},
+      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return F4{(r.x >> 31) ? -1.0f : 1.0f, (r.y >> 31) ? -1.0f : 1.0f, (r.z >> 31) ? -1.0f : 1.0f,
+            (r.w >> 31) ? -1.0f : 1.0f};
+}
+
 }  // namespace llcfast

@@ -29,6 +29,11 @@ TORCH_LIBRARY(llcfast, m) {
       "float weight_decay, float noise_scale) -> ()");
   // Fills out [C, N] with the noise the step would draw for one tensor.
   m.def("philox_normal_(Tensor(a!) out, int seed, int step, int chain_offset, int group_offset) -> ()");
+  // Fills out [R, N] with Rademacher probe signs for one tensor: row r is
+  // probe row_offset + r of the probe set `stream`.
+  m.def("philox_rademacher_(Tensor(a!) out, int seed, int stream, int row_offset, int group_offset) -> ()");
+  // out[r] += sum_i <a[i][r], b[i][r]> (float64 accumulation) over a list of [R, ...] tensors.
+  m.def("multi_dot_(Tensor(a!) out, Tensor[] a, Tensor[] b) -> ()");
 }
 
 namespace {

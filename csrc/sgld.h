@@ -56,9 +56,14 @@ int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& gr
                           const c10::optional<at::Tensor>& step_tensor, int64_t seed, int64_t step,
                           int64_t chain_offset);
 
-// Validates philox_normal_'s output tensor and key; returns the group count.
+// Validates philox_normal_'s (or philox_rademacher_'s) output tensor and
+// key; returns the group count.
 int64_t check_philox_out(const at::Tensor& out, int64_t seed, int64_t step, int64_t chain_offset,
-                         int64_t group_offset);
+                         int64_t group_offset, const char* op = "philox_normal_");
+
+// Validates multi_dot_'s operands: out [R] float64, a[i] and b[i] float32
+// contiguous [R, ...] of equal shapes, all on out's device.
+void check_multi_dot(const at::Tensor& out, const at::TensorList& a, const at::TensorList& b);
 
 // Noise group offsets: tensor i's first element is global element
 // 4 * group_offset[i]; every tensor starts on a fresh group of four.

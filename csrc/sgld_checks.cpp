@@ -92,15 +92,37 @@ int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& gr
 }
 
 int64_t check_philox_out(const at::Tensor& out, int64_t seed, int64_t step, int64_t chain_offset,
-                         int64_t group_offset) {
+                         int64_t group_offset, const char* op) {
   LLC_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.is_contiguous(),
-            "philox_normal_: out must be a contiguous float32 [C, N] tensor, got ", out.scalar_type(), " ",
+            op, ": out must be a contiguous float32 [C, N] tensor, got ", out.scalar_type(), " ",
             out.sizes());
   LLC_CHECK(seed >= 0 && step >= 0 && chain_offset >= 0 && group_offset >= 0,
-            "philox_normal_: seed, step, chain_offset and group_offset must be >= 0");
+            op, ": seed, step/stream, row offset and group_offset must be >= 0");
+  LLC_CHECK(chain_offset + out.size(0) <= (int64_t(1) << 32), op, ": row index exceeds 2^32");
   const int64_t groups = ceil_div(out.size(1), 4);
-  LLC_CHECK(group_offset + groups <= (int64_t(1) << 32), "philox_normal_: group index exceeds 2^32");
+  LLC_CHECK(group_offset + groups <= (int64_t(1) << 32), op, ": group index exceeds 2^32");
   return groups;
+}
+
+void check_multi_dot(const at::Tensor& out, const at::TensorList& a, const at::TensorList& b) {
+  LLC_CHECK(out.scalar_type() == at::kDouble && out.dim() == 1 && out.is_contiguous(),
+            "multi_dot_: out must be a contiguous float64 [R] tensor, got ", out.scalar_type(), " ", out.sizes());
+  LLC_CHECK(a.size() == b.size(), "multi_dot_: a has ", static_cast<int64_t>(a.size()), " tensors but b has ",
+            static_cast<int64_t>(b.size()));
+  const int64_t rows = out.size(0);
+  for (size_t i = 0; i < a.size(); ++i) {
+    const int64_t idx = static_cast<int64_t>(i);
+    LLC_CHECK(a[i].scalar_type() == at::kFloat && b[i].scalar_type() == at::kFloat,
+              "multi_dot_: a[", idx, "] and b[", idx, "] must be float32");
+    LLC_CHECK(a[i].is_contiguous() && b[i].is_contiguous(), "multi_dot_: a[", idx, "] and b[", idx,
+              "] must be contiguous");
+    LLC_CHECK(a[i].sizes() == b[i].sizes(), "multi_dot_: a[", idx, "] has shape ", a[i].sizes(), " but b[", idx,
+              "] has ", b[i].sizes());
+    LLC_CHECK(a[i].dim() >= 1 && a[i].size(0) == rows, "multi_dot_: a[", idx, "] must be [", rows,
+              ", ...], got ", a[i].sizes());
+    LLC_CHECK(a[i].device() == out.device() && b[i].device() == out.device(), "multi_dot_: a[", idx,
+              "] and b[", idx, "] must be on out's device");
+  }
 }
 
 std::vector<int64_t> group_offsets(const at::TensorList& params) {

@@ -4,7 +4,9 @@ from ._ext import build_info, extension_available
 from . import ops, reference
 from .result import LLCResult
 from .llc import estimate_llc
+from .hessian import HessianEigs, HessianSpectrum, HessianTrace, hessian_eigs, hessian_spectrum, hessian_trace
 
 __version__ = "0.1.0"
 
-__all__ = ["LLCResult", "estimate_llc", "build_info", "extension_available", "ops", "reference", "__version__"]
+__all__ = ["HessianEigs", "HessianSpectrum", "HessianTrace", "LLCResult", "estimate_llc", "hessian_eigs",
+           "hessian_spectrum", "hessian_trace", "build_info", "extension_available", "ops", "reference", "__version__"]

@@ -137,3 +137,30 @@ def noise_group_offsets(params) -> list:
         out.append(acc)
         acc += -(-(p.numel() // max(p.shape[0], 1)) // 4)
     return out
+
+
+def check_rademacher_args(num_rows, numel, seed, stream, row_offset, group_offset):
+    check_int("num_rows", num_rows, minimum=1, maximum=2**32)
+    check_int("numel", numel)
+    check_int("seed", seed)
+    check_int("stream", stream)
+    check_int("row_offset", row_offset, maximum=2**32 - num_rows)
+    check_int("group_offset", group_offset, maximum=MAX_NOISE_GROUPS)
+    if group_offset + -(-numel // 4) > MAX_NOISE_GROUPS:
+        raise ValueError("group_offset + numel/4 exceeds the probe counter's 2^32 groups")
+
+
+def check_multi_dot_args(out, a, b) -> None:
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float64 or out.dim() != 1 \
+            or not out.is_contiguous():
+        desc = f"{out.dtype} of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"out must be a contiguous 1-D torch.float64 tensor, got {desc}")
+    a, b = _tensor_list("a", a), _tensor_list("b", b)
+    if len(a) != len(b):
+        raise ValueError(f"a has {len(a)} tensors but b has {len(b)}; the lists must pair up")
+    rows = out.shape[0]
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.dim() < 1 or x.shape[0] != rows:
+            raise ValueError(f"a[{i}] has shape {tuple(x.shape)}; expected a leading dimension of {rows} (out's rows)")
+        _check_entry("a", i, x, torch.float32, out.device, x.shape)
+        _check_entry("b", i, y, torch.float32, out.device, x.shape)

@@ -14,7 +14,7 @@ import torch
 
 from . import _ext
 from . import reference
-from ._checks import check_philox_args, check_sgld_args
+from ._checks import check_multi_dot_args, check_philox_args, check_rademacher_args, check_sgld_args
 
 if _ext.extension_available():
 
@@ -25,6 +25,14 @@ if _ext.extension_available():
 
     @torch.library.register_fake("llcfast::philox_normal_")
     def _philox_normal_fake(out, seed, step, chain_offset, group_offset):
+        return None
+
+    @torch.library.register_fake("llcfast::philox_rademacher_")
+    def _philox_rademacher_fake(out, seed, stream, row_offset, group_offset):
+        return None
+
+    @torch.library.register_fake("llcfast::multi_dot_")
+    def _multi_dot_fake(out, a, b):
         return None
 
 
@@ -92,3 +100,38 @@ def philox_normal(num_chains: int, numel: int, *, seed: int, step: int, chain_of
     out = torch.empty(num_chains, numel, dtype=torch.float32, device=device)
     torch.ops.llcfast.philox_normal_(out, seed, step, chain_offset, group_offset)
     return out
+
+
+def rademacher(num_rows: int, numel: int, *, seed: int, stream: int = 0, row_offset: int = 0,
+               group_offset: int = 0, device="cpu") -> torch.Tensor:
+    """[num_rows, numel] float32 Rademacher signs (+1/-1) for Hessian probes:
+    row r is probe ``row_offset + r`` of probe set ``stream``; element e comes
+    from Philox4x32-10(counter = (group_offset + e // 4, row_offset + r,
+    stream mod 2^32, (stream div 2^32) | 2^31), key = seed), the top bit of
+    word e % 4. The set top bit keeps probe counters apart from SGLD noise.
+    Identical bits on CPU and CUDA."""
+    check_rademacher_args(num_rows, numel, seed, stream, row_offset, group_offset)
+    device = torch.device(device)
+    if not _ext.kernels_for(device):
+        _ext.warn_fallback(device)
+        return reference.rademacher(num_rows, numel, seed=seed, stream=stream, row_offset=row_offset,
+                                    group_offset=group_offset, device=device)
+    out = torch.empty(num_rows, numel, dtype=torch.float32, device=device)
+    torch.ops.llcfast.philox_rademacher_(out, seed, stream, row_offset, group_offset)
+    return out
+
+
+def multi_dot_(out: torch.Tensor,  # [R] float64, added to
+               a: Sequence[torch.Tensor],  # each [R, ...] float32, contiguous
+               b: Sequence[torch.Tensor],  # each like a[i]
+               ) -> None:
+    """out[r] += sum_i <a[i][r], b[i][r]> in float64, over the whole list in
+    one launch (per 64 tensors) on CUDA."""
+    check_multi_dot_args(out, a, b)
+    if not a:
+        return
+    if not _ext.kernels_for(out.device):
+        _ext.warn_fallback(out.device)
+        reference.multi_dot_(out, a, b)
+        return
+    torch.ops.llcfast.multi_dot_(out, list(a), list(b))

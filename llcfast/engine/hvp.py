@@ -1,0 +1,102 @@
+"""Batched Hessian-vector products: many vectors (probes) at one or many
+points (e.g. SGLD chain positions) per pass, forward-over-reverse
+(torch.func.jvp of grad) vmapped over the vectors, and over the points.
+
+Vectors and points are lists of tensors in the model's parameter order:
+vectors [R, *shape] with R = points x vectors-per-point (rows grouped by
+point), points [C, *shape] or None for the model's own weights.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch.func import grad, jvp, vjp, vmap
+
+from .._llc_common import checked_loss, to_device
+from .functional import chain_loss
+
+
+class HVP:
+    """hvp(vectors, points=None) -> H(point) @ vector for every row, the
+    Hessian of the mean loss over ``batches``."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, batches: Sequence, names: Sequence[str],
+                 centers: Sequence[torch.Tensor], *, rows_per_pass: Optional[int] = None):
+        self._loss = chain_loss(model, loss_fn, names)
+        self._batches = [to_device(b, centers[0].device) for b in batches]
+        self._centers = tuple(centers)
+        self.rows_per_pass = rows_per_pass
+        self.mode = "forward-over-reverse"
+        self.count = 0  # HVPs computed (rows x batches count once per row)
+
+    def __call__(self, vectors: List[torch.Tensor], points: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        rows = vectors[0].shape[0]
+        per_point = rows if points is None else rows // points[0].shape[0]
+        total = None
+        for batch in self._batches:
+            out = self._adaptive(vectors, points, per_point, batch)
+            total = out if total is None else [t + o for t, o in zip(total, out)]
+        self.count += rows
+        scale = 1.0 / len(self._batches)
+        return [t * scale for t in total] if len(self._batches) > 1 else total
+
+    def _adaptive(self, vectors, points, per_point, batch):
+        """Halves the rows per pass on out-of-memory until a pass fits."""
+        while True:
+            try:
+                return self._one_batch(vectors, points, per_point, batch)
+            except torch.cuda.OutOfMemoryError:
+                current = self.rows_per_pass or per_point
+                if current <= 1:
+                    raise
+                self.rows_per_pass = max(1, current // 2)
+                torch.cuda.empty_cache()
+
+    def _one_batch(self, vectors, points, per_point, batch):
+        try:
+            return self._run(vectors, points, per_point, batch, self.mode)
+        except (NotImplementedError, RuntimeError) as exc:
+            if self.mode != "forward-over-reverse" or "forward AD" not in str(exc) and "jvp" not in str(exc):
+                raise _not_twice_differentiable(exc) from exc
+            warnings.warn(f"llcfast: forward-mode AD is not available for an op in this loss ({str(exc).splitlines()[0]}); "
+                          "using reverse-over-reverse Hessian-vector products (slower)", RuntimeWarning, stacklevel=4)
+            self.mode = "reverse-over-reverse"
+            try:
+                return self._run(vectors, points, per_point, batch, self.mode)
+            except (NotImplementedError, RuntimeError) as exc2:
+                raise _not_twice_differentiable(exc2) from exc2
+
+    def _run(self, vectors, points, per_point, batch, mode):
+        loss = self._loss
+
+        def grad_at(params):
+            return grad(lambda p: loss(p, batch))(params)
+
+        def one(params, vec):
+            if mode == "forward-over-reverse":
+                return jvp(grad_at, (params,), (vec,))[1]
+            return vjp(grad_at, params)[1](vec)[0]
+
+        vecs = tuple(vectors)
+        chunk = self.rows_per_pass
+        if points is None:
+            return list(vmap(one, in_dims=(None, 0), chunk_size=chunk)(self._centers, vecs))
+        c = points[0].shape[0]
+        grouped = tuple(v.view((c, per_point) + tuple(v.shape[1:])) for v in vecs)
+        inner = vmap(one, in_dims=(None, 0), chunk_size=chunk)
+        out = vmap(inner, in_dims=(0, 0))(tuple(points), grouped)
+        return [o.reshape(v.shape) for o, v in zip(out, vecs)]
+
+
+def _not_twice_differentiable(exc: Exception) -> ValueError:
+    return ValueError(f"the loss is not twice differentiable here, so Hessian-vector products fail "
+                      f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}). "
+                      "Common causes: in-place ops on tensors autograd needs (use out-of-place ops), .detach() or "
+                      "non-differentiable ops (argmax, integer casts) on the path from parameters to loss.")
+
+
+def check_loss_is_scalar(model, loss_fn, batches) -> None:
+    with torch.no_grad():
+        checked_loss(loss_fn(model, batches[0]), "at the given weights")

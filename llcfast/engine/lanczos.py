@@ -1,0 +1,65 @@
+"""Lanczos with full reorthogonalization, run for many rows at once (one
+start vector per row; rows may sit at different points), on flat [R, N]
+vectors so the reorthogonalization is one batched matmul per step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class LanczosRun:
+    alphas: torch.Tensor  # [R, m] float64
+    betas: torch.Tensor  # [R, m - 1] float64
+    basis: Optional[torch.Tensor]  # [R, m, N] float32 (kept for eigenvectors)
+    steps: int
+    beta_next: Optional[torch.Tensor] = None  # [R]: the norm of the residual after the last step
+
+    def tridiagonal(self) -> torch.Tensor:  # [R, m, m] float64
+        t = torch.diag_embed(self.alphas)
+        if self.betas.shape[1]:
+            t = t + torch.diag_embed(self.betas, 1) + torch.diag_embed(self.betas, -1)
+        return t
+
+
+def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, steps: int, *,
+            converged: Optional[Callable[[LanczosRun], bool]] = None, check_every: int = 5) -> LanczosRun:
+    """``matvec``: [R, N] -> [R, N] (a symmetric operator per row);
+    ``start``: [R, N]. Stops after ``steps`` steps, at an invariant subspace
+    (every row's residual ~ 0), or when ``converged(run)`` says so."""
+    rows, n = start.shape
+    steps = min(steps, n)
+    basis = torch.empty(rows, steps, n, dtype=torch.float32, device=start.device)
+    alphas = torch.zeros(rows, steps, dtype=torch.float64, device=start.device)
+    betas = torch.zeros(rows, max(steps - 1, 0), dtype=torch.float64, device=start.device)
+    v = start / start.double().norm(dim=1, keepdim=True).clamp_min(1e-300).float()
+    basis[:, 0] = v
+    taken = steps
+    for j in range(steps):
+        w = matvec(basis[:, j])
+        alphas[:, j] = (w.double() * basis[:, j].double()).sum(1)
+        # Full reorthogonalization against every basis vector so far, twice
+        # ("twice is enough"): it also removes the alpha and beta terms.
+        for _ in range(2):
+            coeff = torch.bmm(basis[:, : j + 1], w.unsqueeze(2))  # [R, j+1, 1]
+            w = w - torch.bmm(basis[:, : j + 1].transpose(1, 2), coeff).squeeze(2)
+        beta = w.double().norm(dim=1)
+        scale = alphas[:, : j + 1].abs().amax(1).clamp_min(1e-30)
+        if j == steps - 1 or bool((beta <= 1e-10 * scale).all()):
+            taken = j + 1
+            break
+        betas[:, j] = beta
+        basis[:, j + 1] = (w.double() / beta.clamp_min(1e-300)[:, None]).float()
+        if converged is not None and (j + 1) % check_every == 0:
+            run = LanczosRun(alphas[:, : j + 1], betas[:, :j], basis[:, : j + 1], j + 1, beta)
+            if converged(run):
+                taken = j + 1
+                break
+    return LanczosRun(alphas[:, :taken], betas[:, : taken - 1], basis[:, :taken], taken, beta)
+
+
+def ritz(run: LanczosRun):
+    """Ritz values [R, m] ascending and the eigenvectors of T [R, m, m]."""
+    return torch.linalg.eigh(run.tridiagonal())
