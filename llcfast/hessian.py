@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -16,8 +17,13 @@ import torch
 from . import ops
 from ._checks import check_int, noise_group_offsets
 from ._llc_common import default_loss, restriction_masks, to_device, trainable
-from .engine.hvp import HVP, check_loss_is_scalar
+from .engine.hvp import HVP, check_loss_is_scalar, finite_difference_gap
 from .engine.lanczos import lanczos, ritz
+
+
+# A central difference in float32 agrees with H v to ~1e-3 on smooth losses;
+# a wrong second derivative is off by order one.
+FD_GAP_WARN = 0.05
 
 
 @dataclass
@@ -112,6 +118,12 @@ class _Problem:
                     raise ValueError(f"points[{n!r}] has shape {tuple(p.shape)}; expected {(c,) + s}")
         self.num_points = 1 if self.points is None else self.points[0].shape[0]
         self.hvp = HVP(model, loss_fn, batches, self.names, centers, rows_per_pass=rows_per_pass)
+        gap = finite_difference_gap(self.hvp, self.probes(1, 0, stream=2**62))
+        if gap > FD_GAP_WARN:
+            warnings.warn(f"llcfast: Hessian-vector products disagree with a finite difference of gradients "
+                          f"(relative gap {gap:.2g}); the loss may not be twice differentiable (a custom "
+                          "autograd.Function marked once_differentiable, or ops whose second derivative is "
+                          "not defined), so these statistics may be wrong", RuntimeWarning, stacklevel=3)
 
     def unflatten(self, flat: torch.Tensor) -> List[torch.Tensor]:  # [R, N] -> [R, *shape] views
         out, off = [], 0

@@ -8,6 +8,7 @@ point), points [C, *shape] or None for the model's own weights.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, List, Optional, Sequence
 
@@ -88,6 +89,32 @@ class HVP:
         inner = vmap(one, in_dims=(None, 0), chunk_size=chunk)
         out = vmap(inner, in_dims=(0, 0))(tuple(points), grouped)
         return [o.reshape(v.shape) for o, v in zip(out, vecs)]
+
+
+def finite_difference_gap(hvp: "HVP", vector: List[torch.Tensor]) -> float:
+    """Relative gap between H v and the central difference of gradients
+    (g(w + h v) - g(w - h v)) / 2h at the model's weights, ``vector`` a list
+    of [1, *shape]. torch.func silently ignores once_differentiable, so a
+    loss whose second derivative is wrong shows up only here."""
+    centers = hvp._centers
+    norm_w = math.sqrt(sum(float((c.double() ** 2).sum()) for c in centers))
+    norm_v = math.sqrt(sum(float((v.double() ** 2).sum()) for v in vector))
+    h = 1e-2 * (1.0 + norm_w) / max(norm_v, 1e-30) / math.sqrt(max(norm_w, 1.0))
+
+    def mean_grad(shift: float):
+        params = tuple(c + shift * v[0] for c, v in zip(centers, vector))
+        total = None
+        for batch in hvp._batches:
+            g = grad(lambda p: hvp._loss(p, batch))(params)
+            total = g if total is None else tuple(a + b for a, b in zip(total, g))
+        return [t.double() / len(hvp._batches) for t in total]
+
+    fd = [(a - b) / (2 * h) for a, b in zip(mean_grad(h), mean_grad(-h))]
+    exact = [o[0].double() for o in hvp(vector)]
+    hvp.count -= 1  # the check is not the caller's work
+    diff = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(fd, exact)))
+    scale = math.sqrt(sum(float((b ** 2).sum()) for b in exact)) + math.sqrt(sum(float((a ** 2).sum()) for a in fd))
+    return diff / max(scale, 1e-30)
 
 
 def _not_twice_differentiable(exc: Exception) -> ValueError:

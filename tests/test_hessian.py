@@ -1,0 +1,270 @@
+"""Hessian statistics against the exact Hessian of small models; batched
+HVPs against one-at-a-time; probe and dot kernels against their twins."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch import nn
+from torch.func import functional_call
+
+import llcfast
+from llcfast import ops, reference
+from llcfast.engine.hvp import HVP
+from conftest import requires_extension
+from llc_models import TinyTransformer, mlp, mse, token_loss
+
+
+def exact_hessian(model, loss_fn, batches):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for _, p in named]
+    flat0 = torch.cat([p.detach().reshape(-1) for _, p in named]).double()
+
+    def loss(flat):
+        ps, off = {}, 0
+        for (n, _), s in zip(named, shapes):
+            k = math.prod(s)
+            ps[n] = flat[off:off + k].view(s).float()
+            off += k
+        wrapped = lambda *a, **kw: functional_call(model, ps, a, kw)  # noqa: E731
+        return sum(loss_fn(_Call(wrapped), b) for b in batches).double() / len(batches)
+
+    return torch.autograd.functional.hessian(loss, flat0)
+
+
+class _Call:
+    """Stands in for the model inside loss_fn with substituted parameters."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *a, **kw):
+        return self.fn(*a, **kw)
+
+
+class Quadratic(nn.Module):
+    """L(w) = 1/2 w^T diag(spectrum) w in a random rotation: known spectrum."""
+
+    def __init__(self, spectrum, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(len(spectrum), len(spectrum), generator=g, dtype=torch.float64))
+        self.register_buffer("h", (q * torch.tensor(spectrum, dtype=torch.float64)) @ q.T)
+        self.w = nn.Parameter(0.1 * torch.randn(len(spectrum), generator=g))
+
+    def forward(self, _):
+        w = self.w.double()
+        return (0.5 * w @ self.h @ w).float()
+
+
+def quad_loss(model, batch):
+    return model(batch)
+
+
+def small_cases():
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    y = torch.sin(x.sum(-1))
+    tokens = torch.randint(0, 11, (8, 12), generator=torch.Generator().manual_seed(1))
+    return {
+        "mlp": (mlp(), mse, [(x[:32], y[:32]), (x[32:], y[32:])]),
+        "transformer": (TinyTransformer(d=8, layers=1), token_loss, [(tokens,)]),
+    }
+
+
+@pytest.mark.parametrize("case", ["mlp", "transformer"])
+def test_trace_within_its_standard_error_and_eigs_exact(case):
+    model, loss_fn, batches = small_cases()[case]
+    h = exact_hessian(model, loss_fn, batches)
+    exact = torch.linalg.eigvalsh(h)
+    t = llcfast.hessian_trace(model, loss_fn, batches, num_probes=400, probes_per_pass=150, seed=1)
+    assert abs(t.trace[0] - float(h.trace())) < 4 * t.std_error[0], (t.trace, float(h.trace()), t.std_error)
+    assert t.per_probe.shape == (1, 400) and t.num_hvps == 400
+    e = llcfast.hessian_eigs(model, loss_fn, batches, k=3, tol=1e-7, max_iter=200)
+    np.testing.assert_allclose(e.values[0], exact.flip(0)[:3].numpy(), rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+    s = llcfast.hessian_eigs(model, loss_fn, batches, k=2, which="smallest", tol=1e-7, max_iter=200)
+    np.testing.assert_allclose(s.values[0], exact[:2].numpy(), rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+
+
+def test_hutchinson_is_exact_in_expectation():
+    """For Rademacher probes E[v^T H v] = tr H and Var = 2 sum_{i != j} H_ij^2:
+    the mean over many seeds converges at exactly that rate."""
+    model, loss_fn, batches = small_cases()["mlp"]
+    h = exact_hessian(model, loss_fn, batches)
+    off = h - torch.diag(torch.diag(h))
+    sd_per_probe = math.sqrt(2 * float((off ** 2).sum()))
+    runs = [llcfast.hessian_trace(model, loss_fn, batches, num_probes=50, seed=s).trace[0] for s in range(20)]
+    se = sd_per_probe / math.sqrt(50 * 20)
+    assert abs(np.mean(runs) - float(h.trace())) < 4 * se
+    # The reported standard error estimates the true one.
+    single = llcfast.hessian_trace(model, loss_fn, batches, num_probes=1000, seed=99)
+    assert single.std_error[0] == pytest.approx(sd_per_probe / math.sqrt(1000), rel=0.15)
+
+
+def test_known_spectrum_quadratic_and_its_density():
+    spectrum = [10.0] * 3 + [4.0] * 5 + [1.0] * 12 + [0.0] * 20
+    model = Quadratic(spectrum)
+    batches = [None]
+    e = llcfast.hessian_eigs(model, quad_loss, batches, k=4, tol=1e-8, max_iter=60, return_vectors=True)
+    np.testing.assert_allclose(e.values[0], [10, 10, 10, 4], rtol=1e-4)
+    v = e.vectors[0]["w"][0].double()
+    assert float(v @ model.h @ v / (v @ v)) == pytest.approx(10.0, rel=1e-4)
+    s = llcfast.hessian_spectrum(model, quad_loss, batches, num_runs=64, num_steps=40, seed=3)
+    assert np.allclose(s.weights.sum(-1), 1.0)
+    grid = np.linspace(-2, 12, 4001)
+    dens = s.density(grid, sigma=0.05)
+    assert np.trapezoid(dens, grid) == pytest.approx(1.0, abs=1e-3)
+    for value, count in ((10.0, 3), (4.0, 5), (1.0, 12), (0.0, 20)):
+        near = np.abs(s.nodes - value) < 0.05
+        assert (s.weights * near).sum(-1).mean() == pytest.approx(count / 40, abs=0.06), value
+
+
+def test_points_give_each_point_its_own_hessian():
+    """At C stacked points (e.g. SGLD chain positions) the statistics match
+    computing at each point on its own."""
+    model, loss_fn, batches = small_cases()["mlp"]
+    g = torch.Generator().manual_seed(4)
+    points = {n: p.detach() + 0.3 * torch.randn((3,) + tuple(p.shape), generator=g)
+              for n, p in model.named_parameters()}
+    e = llcfast.hessian_eigs(model, loss_fn, batches, k=2, tol=1e-8, max_iter=200, points=points)
+    t = llcfast.hessian_trace(model, loss_fn, batches, num_probes=30, points=points)
+    for c in range(3):
+        at_c = mlp()
+        with torch.no_grad():
+            for n, p in at_c.named_parameters():
+                p.copy_(points[n][c])
+        exact = torch.linalg.eigvalsh(exact_hessian(at_c, loss_fn, batches)).flip(0)[:2]
+        np.testing.assert_allclose(e.values[c], exact.numpy(), rtol=1e-4, atol=1e-5)
+        single = llcfast.hessian_trace(at_c, loss_fn, batches, num_probes=30).trace[0]
+        if c == 0:
+            assert single == pytest.approx(t.trace[0], rel=1e-5)  # point 0 draws probe stream 0, as a single model
+    assert len(set(np.round(t.trace, 6))) == 3
+
+
+def test_restricted_hessian_is_the_sub_block():
+    model, loss_fn, batches = small_cases()["mlp"]
+    h = exact_hessian(model, loss_fn, batches)
+    sizes = [p.numel() for p in model.parameters()]
+    start = sum(sizes[:2])  # parameters "2.weight", "2.bias" come after "0.weight", "0.bias"
+    block = h[start:, start:]
+    e = llcfast.hessian_eigs(model, loss_fn, batches, k=1, tol=1e-8, restrict=["2.*"])
+    assert e.values[0, 0] == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=1e-4)
+    t = llcfast.hessian_trace(model, loss_fn, batches, num_probes=300, restrict=["2.*"])
+    assert abs(t.trace[0] - float(block.trace())) < 4 * t.std_error[0] + 1e-6
+
+
+def test_batched_hvp_equals_one_at_a_time():
+    model, loss_fn, batches = small_cases()["transformer"]
+    names = [n for n, _ in model.named_parameters()]
+    centers = [p.detach() for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    vecs = [torch.randn((6,) + tuple(p.shape), generator=g) for p in centers]
+    batched = HVP(model, loss_fn, batches, names, centers)(vecs)
+    chunked = HVP(model, loss_fn, batches, names, centers, rows_per_pass=4)(vecs)
+    for r in range(6):
+        one = HVP(model, loss_fn, batches, names, centers)([v[r:r + 1] for v in vecs])
+        for b, c1, o in zip(batched, chunked, one):
+            scale = float(o.abs().max()) + 1e-12
+            assert float((b[r] - o[0]).abs().max()) <= 64 * torch.finfo(torch.float32).eps * scale
+            assert float((c1[r] - o[0]).abs().max()) <= 64 * torch.finfo(torch.float32).eps * scale
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x ** 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_a_loss_without_second_derivatives_is_explained():
+    """torch.func ignores once_differentiable and returns a wrong second
+    derivative; the finite-difference check catches it."""
+    model = mlp()
+    batches = [(torch.randn(8, 5), torch.randn(8))]
+    loss = lambda m, b: _OnceDifferentiable.apply(m(b[0]).squeeze(-1) - b[1]).mean()  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="disagree with a finite difference of gradients"):
+        llcfast.hessian_trace(model, loss, batches, num_probes=2)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("case", ["mlp", "transformer"])
+def test_smooth_losses_pass_the_finite_difference_check(case):
+    model, loss_fn, batches = small_cases()[case]
+    llcfast.hessian_trace(model, loss_fn, batches, num_probes=2)
+
+
+def test_bad_input_is_explained():
+    model, loss_fn, batches = small_cases()["mlp"]
+    with pytest.raises(ValueError, match="k = 1000 exceeds the 85 parameters"):
+        llcfast.hessian_eigs(model, loss_fn, batches, k=1000)
+    with pytest.raises(ValueError, match="num_probes must be in"):
+        llcfast.hessian_trace(model, loss_fn, batches, num_probes=0)
+    with pytest.raises(ValueError, match="batches is empty"):
+        llcfast.hessian_trace(model, loss_fn, [])
+    with pytest.raises(ValueError, match="which must be 'largest' or 'smallest'"):
+        llcfast.hessian_eigs(model, loss_fn, batches, which="middle")
+    with pytest.raises(ValueError, match="method must be 'lanczos' or 'power'"):
+        llcfast.hessian_eigs(model, loss_fn, batches, method="arnoldi")
+
+
+def test_power_iteration_agrees_with_lanczos_and_needs_more_hvps():
+    model, loss_fn, batches = small_cases()["mlp"]
+    lz = llcfast.hessian_eigs(model, loss_fn, batches, k=1, tol=1e-6)
+    pw = llcfast.hessian_eigs(model, loss_fn, batches, k=1, method="power", tol=1e-6, max_iter=500)
+    assert pw.values[0, 0] == pytest.approx(lz.values[0, 0], rel=1e-3)
+    assert lz.num_hvps < pw.num_hvps
+
+
+@requires_extension
+@given(rows=st.integers(1, 5), numel=st.integers(0, 1500), seed=st.integers(0, 2**63 - 1),
+       stream=st.integers(0, 2**63 - 1), row_offset=st.integers(0, 1000), group_offset=st.integers(0, 10**6))
+def test_rademacher_kernel_equals_twin(rows, numel, seed, stream, row_offset, group_offset):
+    kw = dict(seed=seed, stream=stream, row_offset=row_offset, group_offset=group_offset)
+    got = ops.rademacher(rows, numel, **kw)
+    assert torch.equal(got, reference.rademacher(rows, numel, **kw))
+    assert set(got.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_rademacher_signs_are_balanced_and_apart_from_sgld_noise():
+    v = ops.rademacher(4, 100_000, seed=1)
+    # Each mean is of 1e5 independent signs: sd 1/sqrt(1e5).
+    assert v.mean(1).abs().max() < 4 / math.sqrt(100_000)
+    assert (v[0] * v[1]).mean().abs() < 4 / math.sqrt(100_000)
+    noise_signs = torch.sign(ops.philox_normal(4, 100_000, seed=1, step=0))
+    assert (v * noise_signs).mean().abs() < 4 / math.sqrt(400_000)
+
+
+@requires_extension
+@given(shapes=st.lists(st.lists(st.integers(0, 7), max_size=3).map(tuple), min_size=1, max_size=5),
+       rows=st.integers(1, 4))
+def test_multi_dot_kernel_equals_twin(shapes, rows):
+    g = torch.Generator().manual_seed(len(shapes) * 10 + rows)
+    a = [torch.randn((rows,) + s, generator=g) for s in shapes]
+    b = [torch.randn((rows,) + s, generator=g) for s in shapes]
+    got = torch.full((rows,), 0.5, dtype=torch.float64)
+    want = got.clone()
+    ops.multi_dot_(got, a, b)
+    reference.multi_dot_(want, a, b)
+    terms = 0.5 + sum(float((x.double() * y.double()).abs().sum()) for x, y in zip(a, b))
+    assert float((got - want).abs().max()) <= 1e-12 * terms
+
+
+def test_multi_dot_rejects_bad_input():
+    with pytest.raises(TypeError, match="out must be a contiguous 1-D torch.float64"):
+        ops.multi_dot_(torch.zeros(2), [torch.ones(2, 3)], [torch.ones(2, 3)])
+    with pytest.raises(ValueError, match="expected a leading dimension of 2"):
+        ops.multi_dot_(torch.zeros(2, dtype=torch.float64), [torch.ones(3, 3)], [torch.ones(3, 3)])
+    with pytest.raises(ValueError, match="b\\[0\\] has shape"):
+        ops.multi_dot_(torch.zeros(2, dtype=torch.float64), [torch.ones(2, 3)], [torch.ones(2, 4)])
