@@ -110,3 +110,25 @@ def test_cuda_graph_capture_advances_the_step():
     assert int(counter.item()) == 3
     for a, b in zip(eager.params, graphed.params):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rows,numel,seed,stream,row_offset,group_offset", [
+    (1, 1, 0, 0, 0, 0), (3, 97, 7, 5, 11, 0), (4, 1_000_003, 2**63 - 1, 2**62 + 3, 2**32 - 5, 12345),
+])
+def test_cuda_probes_equal_cpu_probes(rows, numel, seed, stream, row_offset, group_offset):
+    kw = dict(seed=seed, stream=stream, row_offset=row_offset, group_offset=group_offset)
+    assert torch.equal(ops.rademacher(rows, numel, device="cuda", **kw).cpu(), ops.rademacher(rows, numel, **kw))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 70_000])
+def test_cuda_multi_dot_equals_twin(rows):
+    g = torch.Generator().manual_seed(rows)
+    shapes = [(3, 5), (1,), (), (1000,)] if rows > 5 else [(3, 5), (1,), (), (100_003,)] + [(7,)] * 70
+    a = [torch.randn((rows,) + s, generator=g).cuda() for s in shapes]
+    b = [torch.randn((rows,) + s, generator=g).cuda() for s in shapes]
+    got = torch.full((rows,), 0.25, dtype=torch.float64, device="cuda")
+    want = got.clone()
+    ops.multi_dot_(got, a, b)
+    reference.multi_dot_(want, a, b)
+    terms = 0.25 + sum(float((x.double() * y.double()).abs().sum()) for x, y in zip(a, b))
+    assert float((got - want).abs().max()) <= 1e-12 * terms

@@ -268,3 +268,14 @@ def test_multi_dot_rejects_bad_input():
         ops.multi_dot_(torch.zeros(2, dtype=torch.float64), [torch.ones(3, 3)], [torch.ones(3, 3)])
     with pytest.raises(ValueError, match="b\\[0\\] has shape"):
         ops.multi_dot_(torch.zeros(2, dtype=torch.float64), [torch.ones(2, 3)], [torch.ones(2, 4)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_statistics_match_cpu():
+    model, loss_fn, batches = small_cases()["mlp"]
+    cpu = llcfast.hessian_eigs(model, loss_fn, batches, k=2, tol=1e-7)
+    t_cpu = llcfast.hessian_trace(model, loss_fn, batches, num_probes=64)
+    gpu = llcfast.hessian_eigs(model.cuda(), loss_fn, [tuple(t.cuda() for t in b) for b in batches], k=2, tol=1e-7)
+    t_gpu = llcfast.hessian_trace(model, loss_fn, [tuple(t.cuda() for t in b) for b in batches], num_probes=64)
+    np.testing.assert_allclose(gpu.values, cpu.values, rtol=1e-4)
+    np.testing.assert_allclose(t_gpu.per_probe, t_cpu.per_probe, rtol=1e-4, atol=1e-5)  # same probe bits
