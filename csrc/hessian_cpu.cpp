@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "philox_fill.h"
 #include "sgld.h"
 
 namespace llcfast {
@@ -13,18 +14,8 @@ namespace {
 
 void philox_rademacher_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t row_offset, int64_t group_offset) {
   const int64_t groups = check_philox_out(out, seed, stream, row_offset, group_offset, "philox_rademacher_");
-  const int64_t rows = out.size(0), n = out.size(1);
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, rows * groups, 1024, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t row = i / groups, grp = i % groups;
-      const F4 r = rademacher4(static_cast<uint64_t>(seed), static_cast<uint32_t>(group_offset + grp),
-                               static_cast<uint32_t>(row_offset + row), static_cast<uint64_t>(stream));
-      const float v[4] = {r.x, r.y, r.z, r.w};
-      const int lanes = static_cast<int>(std::min<int64_t>(4, n - grp * 4));
-      for (int j = 0; j < lanes; ++j) o[row * n + grp * 4 + j] = v[j];
-    }
-  });
+  fill_groups_cpu(out, groups, RademacherGen{static_cast<uint64_t>(seed), static_cast<uint64_t>(stream),
+                                             static_cast<uint32_t>(row_offset), static_cast<uint32_t>(group_offset)});
 }
 
 // Fixed blocks of elements per (tensor, row), summed in a fixed order, so the

@@ -5,38 +5,17 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "philox_fill.h"
 #include "sgld.h"
 
 namespace llcfast {
 namespace {
 
-__global__ void philox_rademacher_kernel(float* out, int64_t rows, int64_t n, uint64_t seed, uint64_t stream,
-                                         uint32_t row_offset, uint32_t group_offset) {
-  const int64_t groups = ceil_div(n, 4);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * groups; i += stride) {
-    const int64_t row = i / groups, grp = i % groups;
-    const F4 r = rademacher4(seed, group_offset + static_cast<uint32_t>(grp), row_offset + static_cast<uint32_t>(row),
-                             stream);
-    const float v[4] = {r.x, r.y, r.z, r.w};
-    const int64_t lanes = min(static_cast<int64_t>(4), n - grp * 4);
-    float* o = out + row * n + grp * 4;
-    for (int j = 0; j < lanes; ++j) o[j] = v[j];
-  }
-}
-
 void philox_rademacher_cuda(at::Tensor& out, int64_t seed, int64_t stream, int64_t row_offset,
                             int64_t group_offset) {
   const int64_t groups = check_philox_out(out, seed, stream, row_offset, group_offset, "philox_rademacher_");
-  if (out.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(out.device());
-  const int64_t work = out.size(0) * groups;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(work, 256), static_cast<int64_t>(sms) * 8));
-  philox_rademacher_kernel<<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-      out.data_ptr<float>(), out.size(0), out.size(1), static_cast<uint64_t>(seed), static_cast<uint64_t>(stream),
-      static_cast<uint32_t>(row_offset), static_cast<uint32_t>(group_offset));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  fill_groups_cuda(out, groups, RademacherGen{static_cast<uint64_t>(seed), static_cast<uint64_t>(stream),
+                                              static_cast<uint32_t>(row_offset), static_cast<uint32_t>(group_offset)});
 }
 
 // Up to kDotTable tensors per launch, passed by value as a kernel parameter.

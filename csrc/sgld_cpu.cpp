@@ -9,6 +9,7 @@
 
 #include <algorithm>
 
+#include "philox_fill.h"
 #include "sgld.h"
 
 namespace llcfast {
@@ -92,18 +93,8 @@ void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList c
 
 void philox_normal_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t chain_offset, int64_t group_offset) {
   const int64_t groups = check_philox_out(out, seed, step, chain_offset, group_offset);
-  const int64_t chains = out.size(0), n = out.size(1);
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, chains * groups, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t ch = i / groups, grp = i % groups;
-      const F4 r = normal4(static_cast<uint64_t>(seed), static_cast<uint32_t>(group_offset + grp),
-                           static_cast<uint32_t>(chain_offset + ch), static_cast<uint64_t>(step));
-      const float v[4] = {r.x, r.y, r.z, r.w};
-      const int lanes = static_cast<int>(std::min<int64_t>(4, n - grp * 4));
-      for (int j = 0; j < lanes; ++j) o[ch * n + grp * 4 + j] = v[j];
-    }
-  });
+  fill_groups_cpu(out, groups, NormalGen{static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
+                                         static_cast<uint32_t>(chain_offset), static_cast<uint32_t>(group_offset)});
 }
 
 }  // namespace
