@@ -118,36 +118,42 @@ def _check_entry_stats(stats: torch.Tensor, chains: int, device: torch.device) -
         raise ValueError(f"stats must be a contiguous ({chains}, 3) tensor, got shape {tuple(stats.shape)}")
 
 
-def check_philox_args(num_chains, numel, seed, step, chain_offset, group_offset):
-    check_int("num_chains", num_chains, minimum=1, maximum=2**32)
+def _check_counter_args(rows: tuple, numel, seed, word: tuple, row_offset: tuple, group_offset, counter: str):
+    """One fill of a Philox counter layout: rows, row offset and the 64-bit
+    word (step or stream) each named as the caller's signature names them."""
+    check_int(rows[0], rows[1], minimum=1, maximum=2**32)
     check_int("numel", numel)
     check_int("seed", seed)
-    check_int("step", step)
-    check_int("chain_offset", chain_offset, maximum=2**32 - num_chains)
+    check_int(*word)
+    check_int(row_offset[0], row_offset[1], maximum=2**32 - rows[1])
     check_int("group_offset", group_offset, maximum=MAX_NOISE_GROUPS)
     if group_offset + -(-numel // 4) > MAX_NOISE_GROUPS:
-        raise ValueError("group_offset + numel/4 exceeds the noise counter's 2^32 groups")
+        raise ValueError(f"group_offset + numel/4 exceeds the {counter} counter's 2^32 groups")
 
 
-def noise_group_offsets(params) -> list:
-    """Tensor i's element 0 is noise group offsets[i]; each tensor starts a new
-    group of four, so offsets depend only on the per-chain sizes and order."""
-    out, acc = [], 0
-    for p in params:
-        out.append(acc)
-        acc += -(-(p.numel() // max(p.shape[0], 1)) // 4)
-    return out
+def check_philox_args(num_chains, numel, seed, step, chain_offset, group_offset):
+    _check_counter_args(("num_chains", num_chains), numel, seed, ("step", step), ("chain_offset", chain_offset),
+                        group_offset, "noise")
 
 
 def check_rademacher_args(num_rows, numel, seed, stream, row_offset, group_offset):
-    check_int("num_rows", num_rows, minimum=1, maximum=2**32)
-    check_int("numel", numel)
-    check_int("seed", seed)
-    check_int("stream", stream)
-    check_int("row_offset", row_offset, maximum=2**32 - num_rows)
-    check_int("group_offset", group_offset, maximum=MAX_NOISE_GROUPS)
-    if group_offset + -(-numel // 4) > MAX_NOISE_GROUPS:
-        raise ValueError("group_offset + numel/4 exceeds the probe counter's 2^32 groups")
+    _check_counter_args(("num_rows", num_rows), numel, seed, ("stream", stream), ("row_offset", row_offset),
+                        group_offset, "probe")
+
+
+def group_offsets_for_sizes(sizes) -> list:
+    """Tensor i's element 0 is counter group offsets[i]; each tensor starts a
+    new group of four, so offsets depend only on the per-row sizes and order."""
+    out, acc = [], 0
+    for n in sizes:
+        out.append(acc)
+        acc += -(-n // 4)
+    return out
+
+
+def noise_group_offsets(params) -> list:
+    """group_offsets_for_sizes of chain-stacked [C, ...] tensors."""
+    return group_offsets_for_sizes(p.numel() // max(p.shape[0], 1) for p in params)
 
 
 def check_multi_dot_args(out, a, b) -> None:

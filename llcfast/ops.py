@@ -92,14 +92,11 @@ def philox_normal(num_chains: int, numel: int, *, seed: int, step: int, chain_of
     chain_offset + c, step mod 2^32, step div 2^32), key = seed) through
     Box-Muller. Identical bits on CPU and CUDA."""
     check_philox_args(num_chains, numel, seed, step, chain_offset, group_offset)
-    device = torch.device(device)
-    if not _ext.kernels_for(device):
-        _ext.warn_fallback(device)
-        return reference.philox_normal(num_chains, numel, seed=seed, step=step, chain_offset=chain_offset,
-                                       group_offset=group_offset, device=device)
-    out = torch.empty(num_chains, numel, dtype=torch.float32, device=device)
-    torch.ops.llcfast.philox_normal_(out, seed, step, chain_offset, group_offset)
-    return out
+    return _fill(num_chains, numel, device,
+                 lambda out: torch.ops.llcfast.philox_normal_(out, seed, step, chain_offset, group_offset),
+                 lambda dev: reference.philox_normal(num_chains, numel, seed=seed, step=step,
+                                                     chain_offset=chain_offset, group_offset=group_offset,
+                                                     device=dev))
 
 
 def rademacher(num_rows: int, numel: int, *, seed: int, stream: int = 0, row_offset: int = 0,
@@ -111,13 +108,21 @@ def rademacher(num_rows: int, numel: int, *, seed: int, stream: int = 0, row_off
     word e % 4. The set top bit keeps probe counters apart from SGLD noise.
     Identical bits on CPU and CUDA."""
     check_rademacher_args(num_rows, numel, seed, stream, row_offset, group_offset)
+    return _fill(num_rows, numel, device,
+                 lambda out: torch.ops.llcfast.philox_rademacher_(out, seed, stream, row_offset, group_offset),
+                 lambda dev: reference.rademacher(num_rows, numel, seed=seed, stream=stream, row_offset=row_offset,
+                                                  group_offset=group_offset, device=dev))
+
+
+def _fill(rows: int, numel: int, device, kernel, twin) -> torch.Tensor:
+    """A new [rows, numel] float32 tensor filled by ``kernel(out)``, or by
+    ``twin(device)`` (with the one fallback warning) where no kernel is built."""
     device = torch.device(device)
     if not _ext.kernels_for(device):
         _ext.warn_fallback(device)
-        return reference.rademacher(num_rows, numel, seed=seed, stream=stream, row_offset=row_offset,
-                                    group_offset=group_offset, device=device)
-    out = torch.empty(num_rows, numel, dtype=torch.float32, device=device)
-    torch.ops.llcfast.philox_rademacher_(out, seed, stream, row_offset, group_offset)
+        return twin(device)
+    out = torch.empty(rows, numel, dtype=torch.float32, device=device)
+    kernel(out)
     return out
 
 
