@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from . import ops
-from ._checks import check_int, noise_group_offsets
-from ._llc_common import default_loss, restriction_masks, to_device, trainable
-from .engine.hvp import HVP, check_loss_is_scalar, finite_difference_gap
+from ._checks import check_int, group_offsets_for_sizes
+from ._llc_common import checked_loss, default_loss, restriction_masks, to_device, trainable
+from .engine.hvp import HVP, finite_difference_gap
 from .engine.lanczos import lanczos, ritz
 
 
@@ -87,7 +87,7 @@ class HessianSpectrum:
 class _Problem:
     """The model's parameters as flat [R, N] rows and back, with the HVP."""
 
-    def __init__(self, model, loss_fn, batches, points, restrict, device, rows_per_pass):
+    def __init__(self, model, loss_fn, batches, points, restrict, device):
         if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
             raise TypeError(f"batches must be a list (or iterable) of batches, got {type(batches).__name__}")
         batches = list(batches)
@@ -108,7 +108,8 @@ class _Problem:
         masks = restriction_masks(named, restrict)
         self.mask_flat = None if masks is None else torch.cat([m.reshape(-1) for m in masks]).float()
         self.free = self.numel if masks is None else int(self.mask_flat.sum())
-        check_loss_is_scalar(model, loss_fn, [to_device(batches[0], device)])
+        with torch.no_grad():
+            checked_loss(loss_fn(model, to_device(batches[0], device)), "at the given weights")
         self.points = None
         if points is not None:
             self.points = [torch.as_tensor(points[n]).to(device, torch.float32).contiguous() for n in self.names]
@@ -117,7 +118,7 @@ class _Problem:
                 if tuple(p.shape) != (c,) + s:
                     raise ValueError(f"points[{n!r}] has shape {tuple(p.shape)}; expected {(c,) + s}")
         self.num_points = 1 if self.points is None else self.points[0].shape[0]
-        self.hvp = HVP(model, loss_fn, batches, self.names, centers, rows_per_pass=rows_per_pass)
+        self.hvp = HVP(model, loss_fn, batches, self.names, centers)
         gap = finite_difference_gap(self.hvp, self.probes(1, 0, stream=2**62))
         if gap > FD_GAP_WARN:
             warnings.warn(f"llcfast: Hessian-vector products disagree with a finite difference of gradients "
@@ -141,7 +142,7 @@ class _Problem:
 
     def probes(self, rows: int, seed: int, stream: int, row_offset: int = 0) -> List[torch.Tensor]:
         """Rademacher probes row_offset.. of ``stream``, as [R, *shape] tensors (masked)."""
-        offsets = noise_group_offsets([torch.empty(1, n) for n in self.sizes])
+        offsets = group_offsets_for_sizes(self.sizes)
         out = []
         for i, (s, n) in enumerate(zip(self.shapes, self.sizes)):
             v = ops.rademacher(rows, n, seed=seed, stream=stream, row_offset=row_offset, group_offset=offsets[i],
@@ -166,7 +167,7 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
         check_int("probes_per_pass", probes_per_pass, minimum=1)
     check_int("seed", seed)
     started = time.perf_counter()
-    prob = _Problem(model, loss_fn, batches, points, restrict, device, None)
+    prob = _Problem(model, loss_fn, batches, points, restrict, device)
     c = prob.num_points
     per_pass = probes_per_pass or num_probes
     values = torch.zeros(c, num_probes, dtype=torch.float64, device=prob.device)
@@ -206,7 +207,7 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
     check_int("max_iter", max_iter, minimum=1)
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
-    prob = _Problem(model, loss_fn, batches, points, restrict, device, None)
+    prob = _Problem(model, loss_fn, batches, points, restrict, device)
     if k > prob.free:
         raise ValueError(f"k = {k} exceeds the {prob.free} parameters the Hessian acts on; k must be <= {prob.free}")
     start = torch.cat([v.reshape(prob.num_points, -1) for v in prob.probes(prob.num_points, seed, 1)], dim=1)
@@ -281,7 +282,7 @@ def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batche
     eigenvector components the weights."""
     check_int("num_runs", num_runs, minimum=1)
     check_int("num_steps", num_steps, minimum=1)
-    prob = _Problem(model, loss_fn, batches, points, restrict, device, None)
+    prob = _Problem(model, loss_fn, batches, points, restrict, device)
     c = prob.num_points
     starts = torch.cat([v.reshape(num_runs, -1) for v in prob.probes(num_runs, seed, 2)], dim=1)
     start = starts.repeat(c, 1)  # rows grouped by point: point p holds rows p*V .. p*V + V-1

@@ -21,10 +21,6 @@ class ChainBatches:
         self._iters = [cycle_batches(loader) for _ in range(num_chains)]
         self._device = device
 
-    def next_per_chain(self) -> List:
-        """The next batch of every chain, on the device."""
-        return [to_device(next(it), self._device) for it in self._iters]
-
     def next_stacked(self):
         """(batch, in_dims, per_chain): the chains' next batches stacked on a
         leading chain dimension (in_dims 0 for each stacked leaf), or shared

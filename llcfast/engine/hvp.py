@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .._llc_common import checked_loss, to_device
+from .._llc_common import to_device
 from .functional import chain_loss
 
 
@@ -122,8 +122,3 @@ def _not_twice_differentiable(exc: Exception) -> ValueError:
                       f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}). "
                       "Common causes: in-place ops on tensors autograd needs (use out-of-place ops), .detach() or "
                       "non-differentiable ops (argmax, integer casts) on the path from parameters to loss.")
-
-
-def check_loss_is_scalar(model, loss_fn, batches) -> None:
-    with torch.no_grad():
-        checked_loss(loss_fn(model, batches[0]), "at the given weights")
