@@ -8,32 +8,7 @@ import torch
 from torch import nn
 
 from llcfast import reference
-
-
-def linear_problem(d, n=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(d, generator=g, dtype=torch.float64) + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
-    w_star = torch.linalg.lstsq(x, y[:, None]).solution[:, 0]
-    model = nn.Linear(d, 1, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(w_star[None].float())
-    return model, [(x.float(), y.float())], x
-
-
-def mse(model, batch):
-    x, y = batch
-    return ((model(x).squeeze(-1) - y) ** 2).mean()
-
-
-def exact_sgld_llc(x, nbeta, gamma, eps):
-    """What full-batch SGLD targets for L(w) - L(w*) = d^T S d, S = X^T X / n:
-    the chain is Gaussian with per-eigenmode stationary variance
-    eps / (1 - (1 - eps*a/2)^2), a = 2*nbeta*s + gamma (exact at this eps)."""
-    s = torch.linalg.eigvalsh(x.T @ x / x.shape[0]).numpy()
-    a = 2 * nbeta * s + gamma
-    var = eps / (1 - (1 - eps * a / 2) ** 2)
-    return float(nbeta * (s * var).sum())
+from llc_models import exact_sgld_llc, linear_problem, mse
 
 
 @pytest.mark.parametrize("d", [2, 10])
