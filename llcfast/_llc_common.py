@@ -173,13 +173,17 @@ def warn_if_cycled(loader, steps: int) -> None:
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
+def check_precision(precision) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 @contextlib.contextmanager
 def precision_context(precision: str, device: torch.device):
     """fp32: full-precision matmuls (TF32 off); tf32: TF32 matmuls on CUDA;
     bf16: the forward pass under bf16 autocast (parameters, gradients and the
     SGLD update stay fp32). Restores the global TF32 flags afterwards."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:

@@ -10,7 +10,7 @@ import torch
 
 from . import reference
 from ._checks import check_int
-from ._llc_common import (PRECISIONS, check_llc_args, default_loss, default_nbeta, finish, first_nonfinite,
+from ._llc_common import (check_llc_args, check_precision, default_loss, default_nbeta, finish, first_nonfinite,
                           init_loss, precision_context, warn_if_cycled)
 from .engine import SamplerConfig, run_chains
 from .result import LLCResult
@@ -55,8 +55,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)  # fail before copying the model; precision_context shares the check
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     if chain_chunk is not None:
