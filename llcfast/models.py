@@ -1,4 +1,4 @@
-"""The paper's two transformers (PAPER.md) and their data.
+"""The paper's two transformers (PAPER.md) and their losses.
 
 Attention is written with einsum rather than scaled_dot_product_attention:
 vmap over chains has no batching rule for some fused attention backwards and
@@ -7,10 +7,14 @@ would fall back to a per-chain loop.
 from __future__ import annotations
 
 import math
-from typing import Tuple
 
 import torch
 from torch import nn
+
+from .tasks import sample_regression
+
+__all__ = ["AttentionOnlyLM", "Block", "CausalSelfAttention", "InContextRegression", "count_parameters",
+           "next_token_loss", "regression_loss", "sample_regression"]
 
 
 class CausalSelfAttention(nn.Module):
@@ -78,15 +82,6 @@ class InContextRegression(nn.Module):
 def regression_loss(model: nn.Module, batch) -> torch.Tensor:
     xs, ys = batch
     return ((model(xs, ys) - ys) ** 2).mean()
-
-
-def sample_regression(num_sequences: int, pairs: int = 16, task_dim: int = 4, noise_var: float = 0.125,
-                      generator=None, device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
-    """A fresh task t ~ N(0, I) per sequence; x ~ N(0, I); y = t.x + N(0, noise_var)."""
-    tasks = torch.randn(num_sequences, task_dim, 1, generator=generator).to(device)
-    xs = torch.randn(num_sequences, pairs, task_dim, generator=generator).to(device)
-    noise = math.sqrt(noise_var) * torch.randn(num_sequences, pairs, generator=generator).to(device)
-    return xs, (xs @ tasks)[..., 0] + noise
 
 
 class AttentionOnlyLM(nn.Module):
