@@ -206,13 +206,18 @@ def test_smooth_losses_pass_the_finite_difference_check(case):
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
-def test_relu_networks_pass_the_finite_difference_check():
-    """ReLU kinks inside the difference step once gave a false alarm
-    (relative gap 0.11 on this model); the check now shrinks the step."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_relu_networks_pass_the_finite_difference_check(seed):
+    """ReLU kinks inside the difference step once gave false alarms (relative
+    gaps 0.11 to 0.5 on these models); the check now takes float64 gradients
+    at steps small enough that few kinks lie within them."""
     from llcfast.models import InContextRegression, regression_loss, sample_regression
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = InContextRegression(task_dim=3, max_pairs=8, d_model=32, heads=2, mlp_width=32)
-    batch = sample_regression(128, pairs=8, task_dim=3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # larger weights than at init: more units near their kinks
+        for p in model.parameters():
+            p.mul_(3.0)
+    batch = sample_regression(256, pairs=8, task_dim=3, generator=torch.Generator().manual_seed(seed))
     llcfast.hessian_trace(model, regression_loss, [batch], num_probes=2)
 
 

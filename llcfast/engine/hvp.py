@@ -104,7 +104,7 @@ def _as_double(batch):
 # Step sizes relative to |w|/|v| by precision: float64 gradients allow steps
 # small enough that few ReLU-like kinks lie within them; float32 ones need
 # larger steps to stay above rounding.
-_FD_STEPS = {torch.float64: (1e-4, 1e-5, 1e-6), torch.float32: (1e-2, 2.5e-3, 6e-4)}
+_FD_STEPS = {torch.float64: (1e-6, 1e-7, 1e-8), torch.float32: (1e-2, 2.5e-3, 6e-4)}
 
 
 def finite_difference_gap(hvp: "HVP", vector: List[torch.Tensor]) -> float:
