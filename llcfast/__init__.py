@@ -4,9 +4,10 @@ from ._ext import build_info, extension_available
 from . import ops, reference
 from .result import LLCResult
 from .llc import estimate_llc
+from .stages import Stage, StageFit, detect_stages
 from .hessian import HessianEigs, HessianSpectrum, HessianTrace, hessian_eigs, hessian_spectrum, hessian_trace
 
 __version__ = "0.1.0"
 
-__all__ = ["HessianEigs", "HessianSpectrum", "HessianTrace", "LLCResult", "estimate_llc", "hessian_eigs",
+__all__ = ["Stage", "StageFit", "detect_stages", "HessianEigs", "HessianSpectrum", "HessianTrace", "LLCResult", "estimate_llc", "hessian_eigs",
            "hessian_spectrum", "hessian_trace", "build_info", "extension_available", "ops", "reference", "__version__"]
