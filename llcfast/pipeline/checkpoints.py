@@ -1,0 +1,111 @@
+"""Checkpoint files: which steps to keep, atomic writes, the run manifest,
+and loading a user's own checkpoints (state dicts, pickled modules, Hugging
+Face directories)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable, List, Optional, Union
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+RESUME = "resume.pt"
+
+
+def checkpoint_steps(total: int, log_count: int, linear_count: int) -> List[int]:
+    """Step 0, ``log_count`` log-spaced steps in [1, total] and
+    ``linear_count`` evenly spaced ones in (0, total], overlaps merged."""
+    steps = {0, total}
+    if log_count:
+        steps.update(int(round(s)) for s in np.logspace(0, np.log10(max(total, 1)), log_count))
+    if linear_count:
+        steps.update(int(round(s)) for s in np.linspace(0, total, linear_count + 1))
+    return sorted(s for s in steps if 0 <= s <= total)
+
+
+def atomic_write_bytes(path: str, write: Callable) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it
+    over ``path``: a reader never sees half a file, whatever kills us."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path: str) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def atomic_json(obj, path: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+def read_manifest(run_dir: str) -> dict:
+    path = os.path.join(run_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir!r} is not a training run: it has no {MANIFEST} "
+                                "(create one with `llcfast train`)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_checkpoint(path: str, model: Optional[Union[torch.nn.Module, Callable[[], torch.nn.Module]]] = None, *,
+                    map_location="cpu", weights_only: bool = True) -> torch.nn.Module:
+    """A model from a checkpoint written by llcfast, a user's own
+    ``torch.save`` file, or a Hugging Face directory.
+
+    - A directory with ``config.json``: ``transformers.AutoModelForCausalLM``
+      (``model`` unused).
+    - A file holding a state dict (or a dict with a ``"model"``,
+      ``"state_dict"`` or ``"model_state_dict"`` entry): loaded into
+      ``model`` (a module, or a function returning a fresh one), strictly.
+    - A file holding a whole pickled module: returned as is; that needs
+      ``weights_only=False`` (only for files you trust: unpickling runs code).
+    """
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"checkpoint directory {path!r} has no config.json; a Hugging Face checkpoint "
+                             "directory was expected")
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError as exc:
+            raise ImportError(f"loading the Hugging Face checkpoint {path!r} needs `pip install transformers`") \
+                from exc
+        return AutoModelForCausalLM.from_pretrained(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as exc:
+        hint = (" If it holds a whole pickled module and you trust the file, pass weights_only=False."
+                if weights_only else "")
+        raise ValueError(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}.{hint}") from exc
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise ValueError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a state dict or a module")
+    if model is None:
+        raise ValueError(f"checkpoint {path!r} holds a state dict; pass model= (a module or a function that "
+                         "builds one) to load it into")
+    module = model if isinstance(model, torch.nn.Module) else model()
+    try:
+        module.load_state_dict(obj, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {path!r} does not fit the model: {exc}") from exc
+    return module

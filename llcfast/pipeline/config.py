@@ -1,0 +1,198 @@
+"""What a run is: task, model, training and the LLC sweep settings, as one
+JSON-able config, with the paper's settings (PAPER.md) and the demo's as
+presets."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict
+
+from .. import models, tasks
+
+TASKS = ("regression", "language", "tokens")
+SCHEDULES = ("one_cycle", "constant")
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 5000
+    batch_size: int = 64
+    lr: float = 3e-3
+    schedule: str = "one_cycle"  # linear warm-up over the first half, linear decay over the second
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    log_checkpoints: int = 20
+    linear_checkpoints: int = 20
+
+
+@dataclass
+class SweepSettings:
+    num_chains: int = 4
+    num_draws: int = 200
+    num_burnin: int = 0
+    epsilon: float = 1e-3
+    gamma: float = 6.0
+    nbeta: float = 60.0
+    llc_sequences: int = 1024  # the fixed pre-sampled set the chains draw minibatches from
+    llc_batch_size: int = 64
+    eval_sequences: int = 1024  # test loss
+    hessian: bool = False  # Hessian trace and top eigenvalue on one evaluation batch
+    hessian_probes: int = 32
+    hessian_batch: int = 256
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    task: str = "regression"
+    task_args: Dict[str, Any] = field(default_factory=dict)
+    model_args: Dict[str, Any] = field(default_factory=dict)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["train"]["betas"] = list(self.train.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"a run config must be a JSON object, got {type(d).__name__}")
+        d = copy.deepcopy(d)
+        _check_keys("config", d, {f.name for f in fields(cls)})
+        train = d.pop("train", {}) or {}
+        sweep = d.pop("sweep", {}) or {}
+        _check_keys("train", train, {f.name for f in fields(TrainSettings)})
+        _check_keys("sweep", sweep, {f.name for f in fields(SweepSettings)})
+        if "betas" in train:
+            train["betas"] = tuple(train["betas"])
+        cfg = cls(train=TrainSettings(**train), sweep=SweepSettings(**sweep), **d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.train.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.train.schedule!r}")
+        t = self.train
+        for name in ("steps", "batch_size"):
+            if not isinstance(getattr(t, name), int) or getattr(t, name) < 1:
+                raise ValueError(f"train.{name} must be an int >= 1, got {getattr(t, name)!r}")
+        for name in ("log_checkpoints", "linear_checkpoints"):
+            if not isinstance(getattr(t, name), int) or getattr(t, name) < 0:
+                raise ValueError(f"train.{name} must be an int >= 0, got {getattr(t, name)!r}")
+        if not (isinstance(t.lr, (int, float)) and math.isfinite(t.lr) and t.lr > 0):
+            raise ValueError(f"train.lr must be a finite number > 0, got {t.lr!r}")
+        s = self.sweep
+        for name in ("num_chains", "num_draws", "llc_sequences", "llc_batch_size", "eval_sequences",
+                     "hessian_probes", "hessian_batch"):
+            if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
+                raise ValueError(f"sweep.{name} must be an int >= 1, got {getattr(s, name)!r}")
+        if s.llc_batch_size > s.llc_sequences:
+            raise ValueError(f"sweep.llc_batch_size ({s.llc_batch_size}) must be <= sweep.llc_sequences "
+                             f"({s.llc_sequences})")
+
+    def make_task(self):
+        args = dict(self.task_args, seed=self.seed)
+        try:
+            if self.task == "regression":
+                return tasks.RegressionTask(**args)
+            if self.task == "language":
+                return tasks.SyntheticLanguage(**args)
+            return tasks.TokenFile(**args)
+        except TypeError as exc:
+            raise ValueError(f"bad task_args for task {self.task!r}: {exc}") from exc
+
+    def make_model(self, task=None):
+        task = task or self.make_task()
+        try:
+            if self.task == "regression":
+                args = dict(task_dim=task.task_dim, max_pairs=task.pairs)
+                args.update(self.model_args)
+                return models.InContextRegression(**args)
+            args = dict(vocab=task.vocab, context=task.context)
+            args.update(self.model_args)
+            return models.AttentionOnlyLM(**args)
+        except TypeError as exc:
+            raise ValueError(f"bad model_args for task {self.task!r}: {exc}") from exc
+
+    @property
+    def loss_fn(self):
+        return models.regression_loss if self.task == "regression" else models.next_token_loss
+
+
+def _check_keys(where: str, d: dict, allowed: set) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
+
+
+PRESETS: Dict[str, dict] = {
+    # Small enough for a laptop CPU in a few minutes; still shows the
+    # regression model's first stages (predicting 0, then in-context learning).
+    "demo": dict(
+        task="regression", task_args=dict(task_dim=3, pairs=8),
+        model_args=dict(d_model=32, heads=2, layers=2, mlp_width=32),
+        train=dict(steps=3000, batch_size=64, lr=3e-3, schedule="one_cycle", log_checkpoints=16,
+                   linear_checkpoints=12),
+        sweep=dict(num_chains=4, num_draws=150, num_burnin=50, epsilon=1e-3, gamma=6.0, nbeta=60.0,
+                   llc_sequences=1024, llc_batch_size=64, eval_sequences=1024, hessian=True, hessian_probes=16,
+                   hessian_batch=256)),
+    # PAPER.md's LR model and its later, cheaper LLC sweep.
+    "regression": dict(
+        task="regression", task_args=dict(task_dim=4, pairs=8),
+        model_args=dict(d_model=64, heads=4, layers=2, mlp_width=64),
+        train=dict(steps=500_000, batch_size=256, lr=3e-3, schedule="one_cycle", log_checkpoints=100,
+                   linear_checkpoints=100),
+        sweep=dict(num_chains=8, num_draws=500, num_burnin=500, epsilon=1e-3, gamma=6.0, nbeta=60.0,
+                   llc_sequences=4096, llc_batch_size=1024, eval_sequences=2048, hessian=True,
+                   hessian_probes=100, hessian_batch=1024)),
+    # PAPER.md's LM model on the synthetic language.
+    "language": dict(
+        task="language", task_args=dict(vocab=5000, context=1024),
+        model_args=dict(d_model=256, heads=8, layers=2),
+        train=dict(steps=50_000, batch_size=100, lr=1e-3, schedule="constant", weight_decay=0.05,
+                   log_checkpoints=50, linear_checkpoints=500),
+        sweep=dict(num_chains=20, num_draws=200, num_burnin=0, epsilon=3e-3, gamma=300.0,
+                   nbeta=round(100 / math.log(100), 4), llc_sequences=2000, llc_batch_size=100,
+                   eval_sequences=200, hessian=False, hessian_probes=32, hessian_batch=16)),
+}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+    return RunConfig.from_dict(PRESETS[name])
+
+
+def load_config(path: str) -> RunConfig:
+    """A JSON config file; a ``"preset"`` key starts from that preset and the
+    other keys override it (nested dicts merge)."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"config file {path!r} is not valid JSON: {exc}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {path!r} must hold a JSON object")
+    base = {}
+    if "preset" in d:
+        name = d.pop("preset")
+        if name not in PRESETS:
+            raise ValueError(f"config file {path!r}: unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+        base = copy.deepcopy(PRESETS[name])
+    return RunConfig.from_dict(merge(base, d))
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

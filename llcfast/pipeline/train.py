@@ -1,0 +1,126 @@
+"""Training with checkpoints: AdamW, the paper's schedule shapes, a manifest
+of the checkpoints, and resumption after interruption.
+
+The batch of step t depends only on (seed, t) and the learning rate only on t,
+so a resumed run continues exactly as the uninterrupted one would have. The
+resume state (model, optimizer, step) is written atomically at every
+checkpoint and when the run is interrupted (Ctrl-C), so a killed run loses
+at most the steps since the last checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+
+from .checkpoints import MANIFEST, RESUME, atomic_json, atomic_save, checkpoint_steps, read_manifest
+from .config import RunConfig
+
+
+def learning_rate(cfg: RunConfig, step: int) -> float:
+    t = cfg.train
+    if t.schedule == "constant":
+        return t.lr
+    half = t.steps / 2
+    if step < half:
+        return t.lr * (step + 1) / half
+    return t.lr * max(t.steps - step, 0) / max(t.steps - half, 1)
+
+
+def _ckpt_name(step: int) -> str:
+    return os.path.join("checkpoints", f"step_{step:08d}.pt")
+
+
+def train(cfg: RunConfig, out_dir: str, *, device="cpu", progress: bool = True,
+          stop_at: Optional[int] = None) -> dict:
+    """Trains ``cfg``'s model on its task, writing checkpoints and
+    ``manifest.json`` into ``out_dir``; resumes if ``out_dir`` holds an
+    unfinished run of the same config. ``stop_at`` ends the run early at that
+    step (as an interruption would, resumable). Returns the manifest."""
+    cfg.validate()
+    device = torch.device(device)
+    os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(manifest_path):
+        manifest = read_manifest(out_dir)
+        if manifest.get("config") != cfg.to_dict():
+            raise ValueError(f"{out_dir!r} holds a run with a different config; use a new output directory "
+                             "(or delete that one)")
+        if manifest.get("complete"):
+            return manifest
+    else:
+        manifest = {"version": 1, "config": cfg.to_dict(), "checkpoints": [], "complete": False}
+        atomic_json(manifest, manifest_path)
+
+    task = cfg.make_task()
+    torch.manual_seed(cfg.seed)
+    model = cfg.make_model(task).to(device)
+    t = cfg.train
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    start = 0
+    resume_path = os.path.join(out_dir, RESUME)
+    if os.path.exists(resume_path):
+        state = torch.load(resume_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    saves = set(checkpoint_steps(t.steps, t.log_checkpoints, t.linear_checkpoints))
+    done = {c["step"] for c in manifest["checkpoints"]}
+    loss_fn = cfg.loss_fn
+    bar = _bar(progress, t.steps, start)
+    recent = []
+
+    def save_resume(step: int) -> None:
+        atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict()}, resume_path)
+
+    step = start
+    try:
+        while True:
+            if step in saves and step not in done:
+                name = _ckpt_name(step)
+                atomic_save(model.state_dict(), os.path.join(out_dir, name))
+                train_loss = sum(recent) / len(recent) if recent else None
+                manifest["checkpoints"].append({"step": step, "file": name, "train_loss": train_loss})
+                done.add(step)
+                save_resume(step)
+                atomic_json(manifest, manifest_path)
+            if step >= t.steps or (stop_at is not None and step >= stop_at):
+                break
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            batch = task.train_batch(step, t.batch_size, device)
+            loss = loss_fn(model, batch)
+            if not math.isfinite(float(loss.detach())):
+                save_resume(step)
+                raise FloatingPointError(f"training loss became {float(loss.detach())} at step {step}; lower train.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            recent = (recent + [float(loss.detach())])[-50:]
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                if step % 50 == 0:
+                    bar.set_postfix(loss=f"{recent[-1]:.4g}")
+    except KeyboardInterrupt:
+        save_resume(step)
+        print(f"\ninterrupted at step {step}; the state is saved: rerun the same command to resume")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if step >= t.steps:
+        manifest["complete"] = True
+        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_json(manifest, manifest_path)
+    return manifest
+
+
+def _bar(enabled: bool, total: int, start: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, desc="train", unit="step", leave=False)

@@ -1,0 +1,12 @@
+"""Run configs small enough for the test suite."""
+from llcfast.pipeline import RunConfig
+
+
+def tiny(steps: int = 40, **sweep) -> RunConfig:
+    return RunConfig.from_dict(dict(
+        task="regression", task_args=dict(task_dim=2, pairs=4),
+        model_args=dict(d_model=8, heads=2, layers=1, mlp_width=8),
+        train=dict(steps=steps, batch_size=16, lr=3e-3, log_checkpoints=4, linear_checkpoints=3),
+        sweep=dict(dict(num_chains=3, num_draws=8, epsilon=1e-3, gamma=10.0, nbeta=10.0, llc_sequences=64,
+                        llc_batch_size=16, eval_sequences=64, hessian=False, hessian_probes=2, hessian_batch=32),
+                   **sweep)))
