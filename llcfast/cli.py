@@ -1,5 +1,5 @@
-"""The llcfast command line. Subcommands arrive with the features behind them;
-`llcfast info` says what this installation runs."""
+"""The llcfast command line: the pipeline (demo, train, sweep, report,
+calibrate) and `llcfast info`, which says what this installation runs."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +7,10 @@ import json
 import sys
 
 EPILOG = """examples:
+  llcfast demo            train a small model, sweep its LLC, detect stages, write ./llcfast-demo/report.png
+  llcfast train --preset demo --out runs/demo && llcfast sweep runs/demo && llcfast report runs/demo
   llcfast info            what was built: CPU/CUDA kernels, archs, torch and CUDA versions
-  llcfast info --json     the same as JSON
+  llcfast COMMAND --help  each command's options and examples
 """
 
 
@@ -42,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llcfast", description="Fast local learning coefficient estimation.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from .pipeline.commands import add_commands
+    add_commands(sub)
     info = sub.add_parser("info", help="show what was built and what this machine runs",
-                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="examples:\n  llcfast info\n  llcfast info --json")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=_info)
     return parser
@@ -55,7 +60,14 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: say what, not where in our code
+        print(f"llcfast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llcfast {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The data the paper's models learn from (PAPER.md).
 
 Every task draws the batch of training step t from its own generator seeded by
-(seed, t), so a resumed run sees exactly the batches an uninterrupted one
-would. Evaluation and LLC sets are fixed by the task's seed.
+(seed, stream, t) through numpy's SeedSequence (torch's CPU generator keeps
+only 32 bits of a seed, so streams offset by large constants would collide),
+so a resumed run sees exactly the batches an uninterrupted one would.
+Evaluation and LLC sets are fixed by the task's seed.
 
 - RegressionTask: in-context linear regression, a fresh task per sequence.
 - SyntheticLanguage: token sequences whose statistics pay off in the order of
@@ -25,8 +27,8 @@ from ._checks import check_float, check_int
 _TRAIN, _EVAL, _LLC, _GRAMMAR = 0, 1 << 40, 2 << 40, 3 << 40
 
 
-def _torch_gen(seed: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 0x9E3779B1 + stream) % (1 << 63))
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream])
 
 
 def _batches(data: Tuple[torch.Tensor, ...], batch_size: int) -> List[Tuple[torch.Tensor, ...]]:
@@ -54,18 +56,23 @@ class RegressionTask:
         self.noise_var = check_float("noise_var", noise_var, minimum=0.0)
         self.seed = check_int("seed", seed)
 
-    def _sample(self, n: int, gen: torch.Generator, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        return sample_regression(n, self.pairs, self.task_dim, self.noise_var, generator=gen, device=device)
+    def _sample(self, n: int, stream: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        rng = _rng(self.seed, stream)
+        tasks = rng.standard_normal((n, self.task_dim, 1), dtype=np.float32)
+        xs = rng.standard_normal((n, self.pairs, self.task_dim), dtype=np.float32)
+        noise = np.float32(math.sqrt(self.noise_var)) * rng.standard_normal((n, self.pairs), dtype=np.float32)
+        ys = (xs @ tasks)[..., 0] + noise
+        return torch.from_numpy(xs).to(device), torch.from_numpy(ys).to(device)
 
     def train_batch(self, step: int, batch_size: int, device="cpu"):
-        return self._sample(batch_size, _torch_gen(self.seed, _TRAIN + step), device)
+        return self._sample(batch_size, _TRAIN + step, device)
 
     def eval_set(self, num_sequences: int, device="cpu"):
-        return self._sample(num_sequences, _torch_gen(self.seed, _EVAL), device)
+        return self._sample(num_sequences, _EVAL, device)
 
     def llc_batches(self, num_sequences: int, batch_size: int, device="cpu"):
         """A fixed pre-sampled set cut into minibatches (PAPER.md's LLC data)."""
-        return _batches(self._sample(num_sequences, _torch_gen(self.seed, _LLC), device), batch_size)
+        return _batches(self._sample(num_sequences, _LLC, device), batch_size)
 
 
 class SyntheticLanguage:
@@ -96,7 +103,7 @@ class SyntheticLanguage:
         self.p_phrase, self.p_copy = float(p_phrase), float(p_copy)
         self.copy_length = copy_length
         self.seed = check_int("seed", seed)
-        rng = np.random.default_rng([seed, _GRAMMAR])
+        rng = _rng(seed, _GRAMMAR)
         zipf = 1.0 / np.arange(1, vocab + 1)
         self.unigram = zipf / zipf.sum()
         self.successors = rng.choice(vocab, size=(vocab, successors), p=self.unigram)
@@ -144,7 +151,7 @@ class SyntheticLanguage:
         return out
 
     def _tokens(self, n: int, stream: int, device) -> Tuple[torch.Tensor]:
-        return (torch.from_numpy(self._generate(n, np.random.default_rng([self.seed, stream]))).to(device),)
+        return (torch.from_numpy(self._generate(n, _rng(self.seed, stream))).to(device),)
 
     def train_batch(self, step: int, batch_size: int, device="cpu"):
         return self._tokens(batch_size, _TRAIN + step, device)
@@ -190,7 +197,7 @@ class TokenFile:
         self.vocab = vocab if vocab is not None else int(self.tokens[: min(n, 1 << 24)].max()) + 1
 
     def _windows(self, n: int, stream: int, lo: int, hi: int, device) -> Tuple[torch.Tensor]:
-        rng = np.random.default_rng([self.seed, stream])
+        rng = _rng(self.seed, stream)
         starts = rng.integers(lo, hi - self.context, size=n)  # window s .. s + context inclusive
         rows = np.stack([np.asarray(self.tokens[s:s + self.context + 1], dtype=np.int64) for s in starts])
         return (torch.from_numpy(rows).to(device),)

@@ -1,0 +1,221 @@
+"""Calibration: a grid over epsilon x gamma (x nbeta) on one checkpoint, each
+setting flagged when it diverges, does not equilibrate or gives a negative
+LLC, and one recommended — the manual sweep users do today, automated.
+
+Each setting runs all its chains at once; settings run one after another
+(the fused step takes one epsilon, gamma and nbeta per launch).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..llc import estimate_llc
+
+TREND_T = 3.0  # |t| of the last-quarter minus first-quarter mean across chains
+RHAT_MAX = 1.1
+PLATEAU_REL = 0.1  # neighbouring epsilons agree within this fraction (or 2 SE)
+
+
+def trend_t(trace: np.ndarray) -> float:
+    """t statistic, across chains, of each chain's last-quarter mean minus its
+    first-quarter mean: chains are independent replicates, so their spread
+    is an honest standard error even for autocorrelated draws."""
+    q = max(trace.shape[1] // 4, 1)
+    diff = trace[:, -q:].mean(axis=1) - trace[:, :q].mean(axis=1)
+    if diff.size < 3:
+        return math.nan
+    sd = diff.std(ddof=1)
+    if sd == 0:
+        return 0.0 if diff.mean() == 0 else math.inf
+    return float(diff.mean() / (sd / math.sqrt(diff.size)))
+
+
+@dataclass
+class CalibrationResult:
+    rows: List[dict]
+    traces: Dict[tuple, np.ndarray] = field(repr=False)
+    init_loss: float
+    recommended: Optional[dict]
+    reason: str
+
+    def to_frame(self):
+        import pandas as pd
+        return pd.DataFrame(self.rows)
+
+    def describe(self) -> str:
+        lines = [f"{'epsilon':>9} {'gamma':>8} {'nbeta':>8} {'LLC':>9} {'sd':>7}  flags"]
+        for r in self.rows:
+            flags = ", ".join(r["flags"]) or "ok"
+            lines.append(f"{r['epsilon']:>9.2g} {r['gamma']:>8.3g} {r['nbeta']:>8.3g} {r['llc_mean']:>9.3g} "
+                         f"{r['llc_std']:>7.2g}  {flags}")
+        if self.recommended:
+            rec = self.recommended
+            lines.append(f"recommended: epsilon={rec['epsilon']:g} gamma={rec['gamma']:g} nbeta={rec['nbeta']:g} "
+                         f"(LLC {rec['llc_mean']:.4g}); {self.reason}")
+        else:
+            lines.append(f"no setting recommended: {self.reason}")
+        return "\n".join(lines)
+
+    def plot(self, path: Optional[str] = None, traces_path: Optional[str] = None):
+        """LLC against epsilon, one line per (gamma, nbeta), flagged settings
+        as crosses; and (to ``traces_path``) every setting's loss traces."""
+        import matplotlib
+        if path is not None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        groups = sorted({(r["gamma"], r["nbeta"]) for r in self.rows})
+        for i, (g, nb) in enumerate(groups):
+            rows = sorted((r for r in self.rows if (r["gamma"], r["nbeta"]) == (g, nb)), key=lambda r: r["epsilon"])
+            eps = [r["epsilon"] for r in rows]
+            llc = [r["llc_mean"] if math.isfinite(r["llc_mean"]) else np.nan for r in rows]
+            sd = [r["llc_std"] if math.isfinite(r["llc_std"]) else 0 for r in rows]
+            label = f"gamma={g:g}" + (f", nbeta={nb:g}" if len({n for _, n in groups}) > 1 else "")
+            ax.errorbar(eps, llc, yerr=sd, fmt="-o", ms=4, color=f"C{i}", label=label, capsize=2)
+            bad = [(e, v) for e, v, r in zip(eps, llc, rows) if r["flags"]]
+            if bad:
+                ax.plot(*zip(*bad), "x", color="red", ms=9, mew=2)
+        if self.recommended:
+            ax.plot(self.recommended["epsilon"], self.recommended["llc_mean"], "*", color="gold", ms=16, mec="k",
+                    label="recommended")
+        ax.set(xscale="log", xlabel="epsilon", ylabel="LLC estimate", title="calibration (red x: flagged)")
+        ax.legend(fontsize=7)
+        if path is not None:
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+        if traces_path is not None:
+            tfig = self._plot_traces()
+            tfig.savefig(traces_path, dpi=100, bbox_inches="tight")
+            plt.close(tfig)
+        return fig
+
+    def _plot_traces(self):
+        import matplotlib.pyplot as plt
+        eps = sorted({r["epsilon"] for r in self.rows})
+        groups = sorted({(r["gamma"], r["nbeta"]) for r in self.rows})
+        fig, axes = plt.subplots(len(groups), len(eps), figsize=(2.2 * len(eps), 1.8 * len(groups)), squeeze=False,
+                                 sharex=True)
+        for r in self.rows:
+            ax = axes[groups.index((r["gamma"], r["nbeta"])), eps.index(r["epsilon"])]
+            ax.plot(self.traces[(r["epsilon"], r["gamma"], r["nbeta"])].T, lw=0.6)
+            ax.axhline(self.init_loss, color="k", ls="--", lw=0.8)
+            ax.set_title(f"eps {r['epsilon']:.2g} g {r['gamma']:.3g}\n" + (", ".join(r["flags"]) or "ok"),
+                         fontsize=7, color="red" if r["flags"] else "k")
+            ax.tick_params(labelsize=6)
+        fig.tight_layout()
+        return fig
+
+
+def _recommend(rows: List[dict]):
+    ok = [r for r in rows if not r["flags"]]
+    if not ok:
+        return None, "every setting diverged, drifted or gave a negative LLC; try smaller epsilon or larger gamma"
+    stable = []
+    for r in ok:  # stable: agrees with every smaller healthy epsilon of its (gamma, nbeta)
+        smaller = [s for s in ok if (s["gamma"], s["nbeta"]) == (r["gamma"], r["nbeta"]) and s["epsilon"] < r["epsilon"]]
+        if smaller and all(abs(r["llc_mean"] - s["llc_mean"]) <= max(2 * math.hypot(r["llc_se"], s["llc_se"]),
+                                                                      PLATEAU_REL * abs(s["llc_mean"]))
+                           for s in smaller):
+            stable.append(r)
+    if stable:
+        best = max(stable, key=lambda r: (r["epsilon"], -r["gamma"]))
+        return best, ("the largest healthy epsilon whose LLC agrees with those of all smaller epsilons "
+                      "(the estimate has stopped depending on the step size)")
+    best = max(ok, key=lambda r: (r["epsilon"], -r["gamma"]))
+    return best, ("the largest healthy epsilon; no two neighbouring epsilons agreed, so the estimate still "
+                  "depends on the step size: add smaller epsilons or more draws")
+
+
+def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas: Sequence[float],
+              nbetas: Sequence[Optional[float]] = (None,), num_chains: int = 4, num_draws: int = 200,
+              num_burnin: int = 0, seed: int = 0, device=None, progress: bool = True,
+              **llc_kwargs) -> CalibrationResult:
+    """Runs estimate_llc at every (epsilon, gamma, nbeta) of the grid and
+    flags each setting: "diverged" (a chain's loss became NaN/Inf),
+    "not equilibrated" (the loss trace still trends: |t| > 3 across chains,
+    or R-hat > 1.1), "negative LLC". Recommends the largest healthy epsilon
+    at which the LLC agrees (within 2 SE or 10%) with every smaller healthy
+    epsilon's: the estimate has stopped changing with the step size."""
+    for name, grid in (("epsilons", epsilons), ("gammas", gammas)):
+        if not grid or any(not isinstance(v, (int, float)) or not v > 0 for v in grid):
+            raise ValueError(f"{name} must be a non-empty list of numbers > 0, got {grid!r}")
+    rows, traces, init = [], {}, math.nan
+    settings = [(float(e), float(g), nb) for nb in nbetas for g in gammas for e in epsilons]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(settings), desc="calibration grid", unit="setting")
+    for eps, gamma, nbeta in settings:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # flagged in the table instead
+            warnings.filterwarnings("ignore", message="the loader holds", category=UserWarning)
+            res = estimate_llc(model, loader, loss_fn, num_chains=num_chains, num_draws=num_draws,
+                               num_burnin=num_burnin, epsilon=eps, gamma=gamma, nbeta=nbeta, seed=seed,
+                               device=device, progress=False, **llc_kwargs)
+        nb = float(res.config.get("nbeta", nbeta))
+        init = res.init_loss
+        flags = []
+        if res.diagnostics["diverged_chains"] or not math.isfinite(res.llc_mean):
+            flags.append("diverged")
+        else:
+            trace = res.loss_trace[np.isfinite(res.loss_trace).all(axis=1)]
+            t = trend_t(trace)
+            rhat = res.diagnostics.get("rhat", math.nan)
+            if (math.isfinite(t) and abs(t) > TREND_T) or (math.isfinite(rhat) and rhat > RHAT_MAX):
+                flags.append("not equilibrated")
+            if res.llc_mean < 0:
+                flags.append("negative LLC")
+        good = np.isfinite(res.llc_per_chain)
+        rows.append({"epsilon": eps, "gamma": gamma, "nbeta": nb, "llc_mean": res.llc_mean, "llc_std": res.llc_std,
+                     "llc_se": res.llc_std / math.sqrt(max(int(good.sum()), 1)),
+                     "rhat": res.diagnostics.get("rhat", math.nan),
+                     "trend_t": trend_t(res.loss_trace[good]) if good.sum() else math.nan, "flags": flags})
+        traces[(eps, gamma, nb)] = res.loss_trace
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    best, reason = _recommend(rows)
+    return CalibrationResult(rows, traces, init, best, reason)
+
+
+def calibrate_run(run_dir: str, *, step: Optional[int] = None, epsilons=None, gammas=None, nbetas=None,
+                  num_chains: Optional[int] = None, num_draws: Optional[int] = None, device=None,
+                  out: Optional[str] = None, progress: bool = True) -> CalibrationResult:
+    """calibrate() on one checkpoint of a training run, with grids around the
+    run's own settings by default; writes calibration.png,
+    calibration_traces.png, calibration.csv into ``out`` (RUN_DIR/calibration)."""
+    import torch
+    from .checkpoints import load_checkpoint, read_manifest
+    from .config import RunConfig
+    manifest = read_manifest(run_dir)
+    cfg = RunConfig.from_dict(manifest["config"])
+    ckpts = {c["step"]: c["file"] for c in manifest["checkpoints"]}
+    if not ckpts:
+        raise ValueError(f"{run_dir!r} has no checkpoints yet")
+    step = max(ckpts) if step is None else step
+    if step not in ckpts:
+        raise ValueError(f"no checkpoint at step {step} in {run_dir!r}; steps: {sorted(ckpts)}")
+    s = cfg.sweep
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    task = cfg.make_task()
+    model = load_checkpoint(os.path.join(run_dir, ckpts[step]), lambda: cfg.make_model(task)).to(device)
+    result = calibrate(model, task.llc_batches(s.llc_sequences, s.llc_batch_size, device), cfg.loss_fn,
+                       epsilons=epsilons or [s.epsilon * f for f in (0.1, 0.3, 1, 3, 10)],
+                       gammas=gammas or [s.gamma * f for f in (0.1, 1, 10)], nbetas=nbetas or [s.nbeta],
+                       num_chains=num_chains or s.num_chains, num_draws=num_draws or s.num_draws,
+                       num_burnin=s.num_burnin, seed=s.seed, device=device, progress=progress)
+    out = out or os.path.join(run_dir, "calibration")
+    os.makedirs(out, exist_ok=True)
+    import matplotlib.pyplot as plt
+    fig = result.plot(os.path.join(out, "calibration.png"), os.path.join(out, "calibration_traces.png"))
+    plt.close(fig)
+    frame = result.to_frame()
+    frame["flags"] = frame["flags"].map(lambda f: "; ".join(f))
+    frame.assign(step=step).to_csv(os.path.join(out, "calibration.csv"), index=False)
+    return result

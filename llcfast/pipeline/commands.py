@@ -1,0 +1,178 @@
+"""The pipeline's subcommands: demo, train, sweep, report, calibrate."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+
+F = argparse.RawDescriptionHelpFormatter
+
+DEMO_EPILOG = """examples:
+  llcfast demo                         train, sweep and report into ./llcfast-demo (a few minutes on a CPU)
+  llcfast demo --out /tmp/d --no-hessian
+  llcfast demo --device cuda --full    the paper-scale regression run (500k steps: a GPU job)
+Rerunning the same command resumes where it stopped."""
+
+TRAIN_EPILOG = """examples:
+  llcfast train --preset demo --out runs/demo
+  llcfast train --preset regression --out runs/lr --device cuda
+  llcfast train --config my_run.json --out runs/mine     (JSON: {"preset": "language", "train": {"steps": 2000}})
+presets: demo, regression (PAPER.md's LR model), language (PAPER.md's LM model on the synthetic language).
+An interrupted run resumes when the same command is run again."""
+
+SWEEP_EPILOG = """examples:
+  llcfast sweep runs/demo
+  llcfast sweep runs/lr --device cuda --hessian --chains 8 --draws 500
+Results are appended to RUN_DIR/results.jsonl as each checkpoint finishes; a rerun skips what is done."""
+
+REPORT_EPILOG = """examples:
+  llcfast report runs/demo                 report.png/.svg, summary.json, results.csv into runs/demo
+  llcfast report runs/demo --plateau 0.3   a looser near-zero slope for stage boundaries"""
+
+CALIBRATE_EPILOG = """examples:
+  llcfast calibrate runs/demo                                  the last checkpoint, a default grid
+  llcfast calibrate runs/demo --step 1000 --epsilons 1e-4 3e-4 1e-3 3e-3 --gammas 1 10 100
+Writes calibration.png, calibration.csv and the recommendation into RUN_DIR/calibration/."""
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _sweep_overrides(parser) -> None:
+    g = parser.add_argument_group("LLC settings (default: the run's own)")
+    g.add_argument("--chains", type=_positive(int), help="number of SGLD chains")
+    g.add_argument("--draws", type=_positive(int), help="draws per chain")
+    g.add_argument("--burnin", type=int, help="burn-in steps per chain")
+    g.add_argument("--epsilon", type=_positive(float), help="SGLD step size")
+    g.add_argument("--gamma", type=_positive(float), help="localization strength")
+    g.add_argument("--nbeta", type=_positive(float), help="inverse temperature times n")
+    h = parser.add_mutually_exclusive_group()
+    h.add_argument("--hessian", dest="hessian", action="store_true", default=None,
+                   help="also Hessian trace and top eigenvalue")
+    h.add_argument("--no-hessian", dest="hessian", action="store_false")
+
+
+def _settings(base, args):
+    fields = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=args.burnin, epsilon=args.epsilon,
+                  gamma=args.gamma, nbeta=args.nbeta, hessian=args.hessian)
+    return replace(base, **{k: v for k, v in fields.items() if v is not None})
+
+
+def _device(name):
+    import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return name
+
+
+def cmd_demo(args) -> int:
+    from .demo import demo
+    demo(args.out, device=_device(args.device), full=args.full, hessian=args.hessian, progress=not args.quiet)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_config, preset
+    from .train import train
+    cfg = load_config(args.config) if args.config else preset(args.preset)
+    if args.steps is not None:
+        cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
+    cfg.validate()
+    manifest = train(cfg, args.out, device=_device(args.device), progress=not args.quiet)
+    print(f"{len(manifest['checkpoints'])} checkpoints in {os.path.abspath(args.out)}; next: llcfast sweep {args.out}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .checkpoints import read_manifest
+    from .config import RunConfig
+    from .sweep import RESULTS, sweep
+    cfg = RunConfig.from_dict(read_manifest(args.run_dir)["config"])
+    records = sweep(args.run_dir, settings=_settings(cfg.sweep, args), device=args.device and _device(args.device),
+                    progress=not args.quiet)
+    print(f"{len(records)} checkpoints measured: {os.path.join(args.run_dir, RESULTS)}; "
+          f"next: llcfast report {args.run_dir}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import stage_table, write_report
+    from .sweep import RESULTS, read_results
+    path = os.path.join(args.run_dir, RESULTS)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; run `llcfast sweep {args.run_dir}` first")
+    paths = write_report(read_results(path), args.out or args.run_dir, plateau=args.plateau)
+    print("\n".join(stage_table(paths["fit"])))
+    print(f"report: {os.path.abspath(paths['png'])}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate_run
+    result = calibrate_run(args.run_dir, step=args.step, epsilons=args.epsilons, gammas=args.gammas,
+                           nbetas=args.nbetas, num_chains=args.chains, num_draws=args.draws,
+                           device=args.device and _device(args.device), out=args.out, progress=not args.quiet)
+    print(result.describe())
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on a small model it trains itself", formatter_class=F,
+                       epilog=DEMO_EPILOG, description="Train a small in-context regression transformer, sweep "
+                       "the LLC and Hessian statistics over its checkpoints, detect stages, write the report.")
+    p.add_argument("--out", default="llcfast-demo", help="output directory (default: ./llcfast-demo)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--full", action="store_true", help="paper-scale settings (500k training steps; use a GPU)")
+    p.add_argument("--no-hessian", dest="hessian", action="store_false", help="skip the Hessian statistics")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a model with checkpoints (resumable)", formatter_class=F,
+                       epilog=TRAIN_EPILOG)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=["demo", "regression", "language"])
+    src.add_argument("--config", help="a JSON run config (may start from a preset)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, manifest.json)")
+    p.add_argument("--steps", type=_positive(int), help="override the number of training steps")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="LLC (and Hessian statistics) at every checkpoint of a run", formatter_class=F,
+                       epilog=SWEEP_EPILOG)
+    p.add_argument("run_dir")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if visible")
+    p.add_argument("--quiet", action="store_true")
+    _sweep_overrides(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="detect stages and draw the report of a sweep", formatter_class=F,
+                       epilog=REPORT_EPILOG)
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="directory for the report (default: the run directory)")
+    p.add_argument("--plateau", type=float, default=0.2,
+                   help="a dip of |slope| to this fraction of its neighbouring peaks is a boundary (default 0.2)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("calibrate", help="choose epsilon, gamma (and nbeta) on one checkpoint", formatter_class=F,
+                       epilog=CALIBRATE_EPILOG)
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the last)")
+    p.add_argument("--epsilons", type=_positive(float), nargs="+")
+    p.add_argument("--gammas", type=_positive(float), nargs="+")
+    p.add_argument("--nbetas", type=_positive(float), nargs="+")
+    p.add_argument("--chains", type=_positive(int), help="chains per setting (default: the run's)")
+    p.add_argument("--draws", type=_positive(int), help="draws per chain (default: the run's)")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--out", help="output directory (default: RUN_DIR/calibration)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_calibrate)

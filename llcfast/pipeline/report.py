@@ -1,0 +1,124 @@
+"""The report of a sweep, in the style of the paper's Figure 1: test loss on
+top, the LLC with its error band and the stage fit, Hessian statistics when
+measured, and the stages as coloured bands; with summary.json and
+results.csv beside the PNG and SVG."""
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from ..stages import StageFit, detect_stages
+from .checkpoints import atomic_json
+
+STAGE_COLORS = {"A": "#4c72b0", "B": "#dd8452"}
+
+
+def stage_fit(records: Sequence[dict], **kwargs) -> StageFit:
+    steps = [r["step"] for r in records]
+    llc = [np.nan if r.get("llc_mean") is None else r["llc_mean"] for r in records]
+    err = [np.nan if r.get("llc_std") is None else r["llc_std"] / math.sqrt(max(len(r.get("llc_per_chain") or [1]), 1))
+           for r in records]
+    return detect_stages(steps, llc, err, **kwargs)
+
+
+def _frame(records: Sequence[dict]):
+    import pandas as pd
+    cols = ["step", "llc_mean", "llc_std", "test_loss", "init_loss", "rhat", "ess", "hessian_trace",
+            "hessian_trace_se", "hessian_top_eig", "seconds", "checkpoint"]
+    rows = [{c: r.get(c) for c in cols} | {"diverged_chains": len(r.get("diverged_chains") or []),
+                                            "warnings": " | ".join(r.get("warnings") or [])} for r in records]
+    return pd.DataFrame(rows).sort_values("step").reset_index(drop=True)
+
+
+def plot_report(records: Sequence[dict], fit: StageFit, path: Optional[str] = None, title: str = ""):
+    import matplotlib
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    records = sorted(records, key=lambda r: r["step"])
+    steps = np.array([r["step"] for r in records], dtype=float)
+    has_hessian = any(r.get("hessian_trace") is not None for r in records)
+    heights = [2, 3] + ([2] if has_hessian else []) + [0.6]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(8, 2.0 * sum(heights) / 1.6), sharex=True,
+                             gridspec_kw={"height_ratios": heights, "hspace": 0.08})
+    ax_loss, ax_llc, ax_stage = axes[0], axes[1], axes[-1]
+
+    def col(key):
+        return np.array([np.nan if r.get(key) is None else r[key] for r in records], dtype=float)
+
+    ax_loss.plot(steps, col("test_loss"), "o-", ms=3, color="k", lw=1)
+    ax_loss.set_ylabel("test loss")
+    llc, sd = col("llc_mean"), col("llc_std")
+    ax_llc.fill_between(fit.grid_steps, fit.mean - 2 * fit.std, fit.mean + 2 * fit.std, color="C2", alpha=0.25,
+                        lw=0, label="stage fit ± 2 sd")
+    ax_llc.plot(fit.grid_steps, fit.mean, color="C2", lw=1.2)
+    ax_llc.errorbar(steps, llc, yerr=sd, fmt="o", ms=3, color="C0", ecolor="C0", elinewidth=0.8, capsize=0,
+                    label="LLC (± sd across chains)")
+    ax_llc.set_ylabel(r"LLC $\hat\lambda$")
+    ax_llc.legend(fontsize=7, loc="upper left")
+    if has_hessian:
+        ax_h = axes[2]
+        ax_h.plot(steps, col("hessian_trace"), "s-", ms=3, lw=1, color="C3", label="Hessian trace")
+        ax_h.set_ylabel("trace", color="C3")
+        twin = ax_h.twinx()
+        twin.plot(steps, col("hessian_top_eig"), "^-", ms=3, lw=1, color="C4", label="top eigenvalue")
+        twin.set_ylabel("top eigenvalue", color="C4")
+    for s in fit.stages:
+        for ax in axes[:-1]:
+            ax.axvspan(max(s.start, 0), s.end, color=STAGE_COLORS[s.kind], alpha=0.08, lw=0)
+        ax_stage.axvspan(max(s.start, 0), s.end, color=STAGE_COLORS[s.kind], alpha=0.7, lw=0)
+        mid = math.exp((math.log(s.start + 1) + math.log(s.end + 1)) / 2) - 1
+        ax_stage.text(mid, 0.5, f"{s.kind}{s.index + 1}\n{s.delta:+.0f}", ha="center", va="center", fontsize=7,
+                      color="white")
+    for b in fit.boundaries:
+        for ax in axes[:-1]:
+            ax.axvline(b, color="0.4", lw=0.7, ls=":")
+        ax_stage.axvline(b, color="white", lw=2)
+    ax_stage.set_yticks([])
+    ax_stage.set_ylabel("stage", rotation=0, ha="right", va="center")
+    ax_stage.set_xscale("symlog", linthresh=1)
+    ax_stage.set_xlim(max(steps.min(), 0), steps.max())
+    ax_stage.set_xlabel("training step")
+    if title:
+        axes[0].set_title(title)
+    fig.align_ylabels(axes)
+    if path is not None:
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+    return fig
+
+
+def write_report(records: Sequence[dict], out_dir: str, *, title: str = "", extra: Optional[dict] = None,
+                 **stage_kwargs) -> dict:
+    """report.png, report.svg, summary.json and results.csv in ``out_dir``;
+    returns their paths (and the stage fit under "fit")."""
+    records = sorted((r for r in records if "error" not in r), key=lambda r: r["step"])
+    if not records:
+        raise ValueError("no finished checkpoints to report; run the sweep first")
+    os.makedirs(out_dir, exist_ok=True)
+    fit = stage_fit(records, **stage_kwargs)
+    paths = {k: os.path.join(out_dir, v) for k, v in
+             (("png", "report.png"), ("svg", "report.svg"), ("summary", "summary.json"), ("csv", "results.csv"))}
+    fig = plot_report(records, fit, title=title)
+    fig.savefig(paths["png"], dpi=130, bbox_inches="tight")
+    fig.savefig(paths["svg"], bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    _frame(records).to_csv(paths["csv"], index=False)
+    llc = [r["llc_mean"] for r in records if r.get("llc_mean") is not None]
+    summary = {"checkpoints": len(records), "steps": [records[0]["step"], records[-1]["step"]],
+               "llc_range": [min(llc), max(llc)] if llc else None, **fit.to_dict(),
+               "warnings": sum(1 for r in records if r.get("warnings")), **(extra or {})}
+    atomic_json(summary, paths["summary"])
+    paths["fit"] = fit
+    return paths
+
+
+def stage_table(fit: StageFit) -> List[str]:
+    lines = [f"{'stage':>6} {'type':>4} {'start':>10} {'end':>10} {'LLC change':>11}"]
+    for s in fit.stages:
+        lines.append(f"{s.index + 1:>6} {s.kind:>4} {s.start:>10.0f} {s.end:>10.0f} {s.delta:>+11.1f}")
+    return lines
+

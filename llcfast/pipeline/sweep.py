@@ -1,0 +1,175 @@
+"""Sweeps: the LLC (all chains), the test loss and, when asked, the Hessian
+trace and top eigenvalue at every checkpoint of a run.
+
+Each checkpoint's record is appended to ``results.jsonl`` as one line the
+moment it is finished (written with one call and fsync'd); a line cut short
+by a kill is skipped on reading. A rerun skips checkpoints already done with
+the same settings, and a checkpoint that fails to load is recorded with its
+error and retried on the next run while the sweep goes on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..llc import estimate_llc
+from .checkpoints import load_checkpoint, read_manifest
+from .config import RunConfig, SweepSettings
+
+RESULTS = "results.jsonl"
+
+
+def settings_key(settings: SweepSettings) -> str:
+    blob = json.dumps(asdict(settings), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def read_results(path: str) -> List[dict]:
+    """The records of a results file; a torn last line (a killed write) is
+    skipped with a warning."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}: line {i + 1} is incomplete (a write was interrupted) and is ignored",
+                          RuntimeWarning, stacklevel=2)
+    return records
+
+
+def append_record(path: str, record: dict) -> None:
+    data = json.dumps(record, allow_nan=False) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        if os.fstat(fd).st_size:
+            with open(path, "rb") as f:  # a previous torn write left no newline: start a fresh line
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    data = "\n" + data
+        os.write(fd, data.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finite(x):
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def eval_loss(model, loss_fn: Callable, data: Tuple[torch.Tensor, ...], chunk: int = 64) -> float:
+    """Mean loss over the evaluation set, in chunks so that large sets fit."""
+    n = data[0].shape[0]
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, n, chunk):
+            part = tuple(t[i:i + chunk] for t in data)
+            total += float(loss_fn(model, part)) * part[0].shape[0]
+    return total / n
+
+
+def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepSettings, *, device,
+            progress: bool = True) -> dict:
+    """One checkpoint's record: LLC, test loss and (if asked) Hessian statistics."""
+    started = time.perf_counter()
+    model = model.to(device)
+    with warnings.catch_warnings():
+        # The chains draw from a fixed pre-sampled set by design (PAPER.md), so reuse is expected.
+        warnings.filterwarnings("ignore", message="the loader holds", category=UserWarning)
+        res = estimate_llc(model, llc_batches, loss_fn, num_chains=s.num_chains, num_draws=s.num_draws,
+                           num_burnin=s.num_burnin, epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta,
+                           seed=s.seed, device=device, progress=progress)
+    rec = {
+        "llc_mean": _finite(res.llc_mean), "llc_std": _finite(res.llc_std),
+        "llc_per_chain": [_finite(v) for v in res.llc_per_chain.tolist()], "init_loss": res.init_loss,
+        "rhat": _finite(res.diagnostics.get("rhat")), "ess": _finite(res.diagnostics.get("ess")),
+        "diverged_chains": res.diagnostics["diverged_chains"],
+        "test_loss": eval_loss(model, loss_fn, eval_set),
+    }
+    if s.hessian:
+        from ..hessian import hessian_eigs, hessian_trace
+        batch = [tuple(t[:s.hessian_batch] for t in eval_set)]
+        tr = hessian_trace(model, loss_fn, batch, num_probes=s.hessian_probes, seed=s.seed)
+        eig = hessian_eigs(model, loss_fn, batch, k=1, tol=1e-3)
+        rec.update(hessian_trace=float(tr.trace[0]), hessian_trace_se=float(tr.std_error[0]),
+                   hessian_top_eig=float(eig.values[0, 0]))
+    rec["seconds"] = time.perf_counter() - started
+    return rec
+
+
+def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[str], torch.nn.Module],
+                      loss_fn: Callable, llc_batches: Sequence, eval_set, settings: SweepSettings, out: str, *,
+                      device="cpu", progress: bool = True) -> List[dict]:
+    """Measures each (step, path) not yet in ``out`` (JSON lines) with these
+    settings; returns all successful records for these settings, by step."""
+    key = settings_key(settings)
+    done = {(r["checkpoint"], r.get("settings")) for r in read_results(out) if "error" not in r}
+    todo = [(step, path) for step, path in checkpoints if (path, key) not in done]
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc="checkpoints", unit="ckpt")
+    try:
+        for step, path in todo:
+            base = {"step": int(step), "checkpoint": path, "settings": key}
+            try:
+                model = load(path)
+            except Exception as exc:  # report, record, go on: one bad file must not end a long sweep
+                msg = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"checkpoint {path} (step {step}) could not be loaded and was skipped: {msg}",
+                              RuntimeWarning, stacklevel=2)
+                append_record(out, {**base, "error": msg})
+            else:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    record = measure(model, loss_fn, llc_batches, eval_set, settings, device=device,
+                                     progress=progress)
+                notes = sorted({str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)})
+                if notes:  # kept with the record, and shown once per checkpoint
+                    record["warnings"] = notes
+                    warnings.warn(f"step {step}: " + " | ".join(notes), RuntimeWarning, stacklevel=2)
+                append_record(out, {**base, **record})
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    records = [r for r in read_results(out) if r.get("settings") == key and "error" not in r]
+    latest: Dict[str, dict] = {r["checkpoint"]: r for r in records}
+    return sorted(latest.values(), key=lambda r: r["step"])
+
+
+def sweep(run_dir: str, *, settings: Optional[SweepSettings] = None, hessian: Optional[bool] = None,
+          device=None, out: Optional[str] = None, progress: bool = True) -> List[dict]:
+    """Sweeps every checkpoint of a run made by ``llcfast.pipeline.train``
+    with the run's own sweep settings (or ``settings``); results go to
+    ``run_dir/results.jsonl`` (or ``out``)."""
+    manifest = read_manifest(run_dir)
+    cfg = RunConfig.from_dict(manifest["config"])
+    s = settings or cfg.sweep
+    if hessian is not None:
+        s = SweepSettings(**{**asdict(s), "hessian": bool(hessian)})
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    task = cfg.make_task()
+    llc_batches = task.llc_batches(s.llc_sequences, s.llc_batch_size, device)
+    eval_set = task.eval_set(s.eval_sequences, device)
+
+    def load(rel_path: str):
+        return load_checkpoint(os.path.join(run_dir, rel_path), lambda: cfg.make_model(task))
+
+    ckpts = [(c["step"], c["file"]) for c in manifest["checkpoints"]]
+    return sweep_checkpoints(ckpts, load, cfg.loss_fn, llc_batches, eval_set, s, out or os.path.join(run_dir, RESULTS),
+                             device=device, progress=progress)

@@ -1,0 +1,54 @@
+"""Calibration: flags for diverging, drifting and negative settings, and the
+recommendation rule."""
+import math
+import os
+
+import numpy as np
+import pytest
+
+from llc_models import exact_sgld_llc, linear_problem, mse
+from llcfast.pipeline.calibrate import _recommend, calibrate, trend_t
+
+
+def test_trend_statistic_separates_drift_from_stationary_noise():
+    rng = np.random.default_rng(0)
+    stationary = rng.normal(0, 1, (8, 200))
+    drifting = stationary + np.linspace(0, 2, 200)
+    assert abs(trend_t(stationary)) < 3
+    assert trend_t(drifting) > 10
+    assert math.isnan(trend_t(stationary[:2]))  # too few chains to tell
+
+
+def _row(eps, gamma, llc, se=0.5, flags=()):
+    return {"epsilon": eps, "gamma": gamma, "nbeta": 10.0, "llc_mean": llc, "llc_std": se * 2, "llc_se": se,
+            "flags": list(flags)}
+
+
+def test_recommendation_takes_the_largest_epsilon_on_the_plateau():
+    rows = [_row(1e-4, 1, 4.0), _row(1e-3, 1, 5.0), _row(3e-3, 1, 5.2), _row(1e-2, 1, 9.0),
+            _row(3e-2, 1, math.nan, flags=["diverged"])]
+    best, reason = _recommend(rows)
+    assert best["epsilon"] == 3e-3 and "agrees with those of all smaller" in reason
+    best, reason = _recommend([_row(1e-3, 1, 5, flags=["negative LLC"])])
+    assert best is None and "every setting" in reason
+
+
+def test_calibrate_flags_divergence_and_recommends_a_healthy_setting(tmp_path):
+    model, loader, x = linear_problem(4, n=256, seed=0)
+    res = calibrate(model, loader, mse, epsilons=[1e-3, 3e-3, 1e-2, 0.5], gammas=[1.0], nbetas=[50.0],
+                    num_chains=4, num_draws=400, num_burnin=200, progress=False)
+    rows = {r["epsilon"]: r for r in res.rows}
+    assert rows[0.5]["flags"] == ["diverged"]
+    assert res.recommended is not None and res.recommended["epsilon"] < 0.5
+    rec = res.recommended
+    exact = exact_sgld_llc(x, rec["nbeta"], rec["gamma"], rec["epsilon"])  # d/2 = 2 up to step-size bias
+    assert abs(rec["llc_mean"] - exact) < 4 * rec["llc_se"]
+    for r in res.rows:
+        if r["epsilon"] < rec["epsilon"]:
+            assert abs(r["llc_mean"] - rec["llc_mean"]) <= max(2 * math.hypot(r["llc_se"], rec["llc_se"]),
+                                                               0.1 * abs(r["llc_mean"]))
+    res.plot(str(tmp_path / "c.png"), str(tmp_path / "t.png"))
+    assert os.path.getsize(tmp_path / "c.png") > 1000 and os.path.getsize(tmp_path / "t.png") > 1000
+    assert "recommended: epsilon=" in res.describe()
+    with pytest.raises(ValueError, match="epsilons must be a non-empty list of numbers > 0"):
+        calibrate(model, loader, mse, epsilons=[0.0], gammas=[1.0])

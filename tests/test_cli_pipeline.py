@@ -1,0 +1,58 @@
+"""The pipeline's command line: help with examples, clear errors, and the
+train -> sweep -> report -> calibrate chain on a tiny run (the full demo is
+the README's main job)."""
+import json
+import os
+
+import pytest
+
+from llcfast.cli import main
+from llcfast.pipeline.demo import demo
+from pipeline_configs import tiny
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "sweep", "report", "calibrate", "info"])
+def test_every_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_errors_say_what_is_wrong(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path)]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "run `llcfast sweep" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", str(tmp_path), "--chains", "0"])
+    assert "must be > 0, got 0" in capsys.readouterr().err
+
+
+def test_train_sweep_report_calibrate_from_the_command_line(tmp_path, capsys):
+    cfg_path = tmp_path / "run.json"
+    cfg_path.write_text(json.dumps(tiny().to_dict()))
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", str(cfg_path), "--out", run, "--quiet"]) == 0
+    assert main(["sweep", run, "--quiet", "--draws", "6"]) == 0
+    assert main(["report", run]) == 0
+    out = capsys.readouterr().out
+    assert "stage" in out and "report.png" in out
+    assert os.path.isfile(os.path.join(run, "report.png"))
+    assert main(["calibrate", run, "--quiet", "--epsilons", "1e-4", "1e-3", "--gammas", "10", "--draws", "6"]) == 0
+    assert "epsilon" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(run, "calibration", "calibration.png"))
+    assert main(["calibrate", run, "--step", "999", "--quiet"]) == 2
+    assert "no checkpoint at step 999" in capsys.readouterr().err
+
+
+def test_demo_pipeline_writes_the_report(tmp_path):
+    out = str(tmp_path / "demo")
+    paths = demo(out, config=tiny(steps=30), progress=False)
+    for name in ("report.png", "report.svg", "summary.json", "results.csv", "results.jsonl", "manifest.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    summary = json.load(open(paths["summary"]))
+    assert summary["checkpoints"] == len(json.load(open(os.path.join(out, "manifest.json")))["checkpoints"])
+    assert "train" in summary["seconds"] and summary["stages"]

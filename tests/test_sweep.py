@@ -1,0 +1,109 @@
+"""Sweeps over checkpoints: atomic appends, skipping what is done, bad
+checkpoints reported and passed over, the report and its files."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from llcfast.pipeline import load_checkpoint, train
+from llcfast.pipeline.report import write_report
+from llcfast.pipeline.sweep import append_record, read_results, sweep
+from pipeline_configs import tiny
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("run"))
+    train(tiny(hessian=True), path, progress=False)
+    return path
+
+
+def _lines(path):
+    return open(path).read().splitlines()
+
+
+def test_sweep_measures_every_checkpoint_and_skips_them_on_rerun(run_dir):
+    records = sweep(run_dir, progress=False)
+    manifest = json.load(open(os.path.join(run_dir, "manifest.json")))
+    assert [r["step"] for r in records] == [c["step"] for c in manifest["checkpoints"]]
+    for r in records:
+        assert len(r["llc_per_chain"]) == 3 and np.isfinite(r["llc_mean"]) and r["test_loss"] > 0
+        assert r["hessian_trace"] is not None and r["hessian_top_eig"] is not None
+    results = os.path.join(run_dir, "results.jsonl")
+    before = _lines(results)
+    again = sweep(run_dir, progress=False)
+    assert _lines(results) == before  # nothing re-measured
+    assert [r["llc_mean"] for r in again] == [r["llc_mean"] for r in records]
+
+
+def test_a_bad_checkpoint_is_reported_and_the_sweep_goes_on(run_dir, tmp_path):
+    import shutil
+    copy = str(tmp_path / "run")
+    shutil.copytree(run_dir, copy)
+    os.remove(os.path.join(copy, "results.jsonl")) if os.path.exists(os.path.join(copy, "results.jsonl")) else None
+    manifest = json.load(open(os.path.join(copy, "manifest.json")))
+    broken = manifest["checkpoints"][2]["file"]
+    open(os.path.join(copy, broken), "wb").write(b"not a checkpoint")
+    with pytest.warns(RuntimeWarning, match=f"checkpoint {broken} .* could not be loaded"):
+        records = sweep(copy, progress=False, hessian=False)
+    assert len(records) == len(manifest["checkpoints"]) - 1
+    errors = [r for r in read_results(os.path.join(copy, "results.jsonl")) if "error" in r]
+    assert [e["checkpoint"] for e in errors] == [broken]
+    # fixed file: the rerun measures just that one
+    shutil.copy(os.path.join(run_dir, broken), os.path.join(copy, broken))
+    records = sweep(copy, progress=False, hessian=False)
+    assert len(records) == len(manifest["checkpoints"])
+
+
+def test_a_torn_last_line_is_skipped_and_the_next_record_starts_fresh(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    append_record(path, {"step": 1})
+    with open(path, "a") as f:
+        f.write('{"step": 2, "llc')  # killed mid-write
+    append_record(path, {"step": 3})
+    with pytest.warns(RuntimeWarning, match="line 2 is incomplete"):
+        assert [r["step"] for r in read_results(path)] == [1, 3]
+
+
+def test_report_writes_figure_tables_and_stages(run_dir, tmp_path):
+    records = sweep(run_dir, progress=False)
+    paths = write_report(records, str(tmp_path), title="t")
+    for key in ("png", "svg", "summary", "csv"):
+        assert os.path.getsize(paths[key]) > 1000 if key in ("png", "svg") else os.path.getsize(paths[key]) > 0
+    summary = json.load(open(paths["summary"]))
+    assert summary["checkpoints"] == len(records) and len(summary["stages"]) >= 1
+    import pandas as pd
+    frame = pd.read_csv(paths["csv"])
+    assert list(frame["step"]) == [r["step"] for r in records]
+    with pytest.raises(ValueError, match="no finished checkpoints"):
+        write_report([], str(tmp_path))
+
+
+def test_load_checkpoint_formats(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    torch.save({"model": model.state_dict(), "step": 5}, tmp_path / "wrapped.pt")
+    torch.save(model, tmp_path / "module.pt")
+    for name in ("sd.pt", "wrapped.pt"):
+        loaded = load_checkpoint(str(tmp_path / name), lambda: torch.nn.Linear(3, 2))
+        assert torch.equal(loaded.weight, model.weight)
+    assert torch.equal(load_checkpoint(str(tmp_path / "module.pt"), weights_only=False).weight, model.weight)
+    with pytest.raises(ValueError, match="pass weights_only=False"):
+        load_checkpoint(str(tmp_path / "module.pt"))
+    with pytest.raises(ValueError, match="pass model="):
+        load_checkpoint(str(tmp_path / "sd.pt"))
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_checkpoint(str(tmp_path / "sd.pt"), torch.nn.Linear(4, 2))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_load_a_hugging_face_checkpoint_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path / "hf")
+    loaded = load_checkpoint(str(tmp_path / "hf"))
+    assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
