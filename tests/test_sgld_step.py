@@ -2,7 +2,6 @@
 the update computed in float64 from first principles."""
 import math
 
-import pytest
 import torch
 from hypothesis import given, strategies as st
 
