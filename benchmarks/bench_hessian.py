@@ -1,0 +1,138 @@
+"""Hessian statistics side by side, in one run: llcfast's batched
+forward-over-reverse HVPs vs a PyHessian-style loop (one double-backward HVP
+at a time, power iteration for the top eigenvalue), same model, same batch.
+
+    python benchmarks/bench_hessian.py                       # GPU, JSON into benchmarks/results/
+    python benchmarks/bench_hessian.py --quick --device cpu  # a small smoke run
+
+Reported per case: trace with P Rademacher probes (seconds, HVPs per second,
+the two estimates), and the top eigenvalue: how many HVPs each method needed
+to get within 1e-3 relative of a tight reference value (Lanczos at tol 1e-8).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import llcfast  # noqa: E402
+from bench_llc import flops_per_chain_step, lm_case, lr_case, sync  # noqa: E402
+
+
+def loop_trace(model, loss_fn, batch, probes, seed):
+    """PyHessian's trace: gradients with create_graph once, then one
+    autograd.grad per Rademacher probe."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator(device=params[0].device).manual_seed(seed)
+    loss = loss_fn(model, batch)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    values = []
+    for _ in range(probes):
+        v = [torch.randint(0, 2, p.shape, generator=gen, device=p.device).float() * 2 - 1 for p in params]
+        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+        values.append(sum(float((a * b).sum()) for a, b in zip(hv, v)))
+    mean = sum(values) / len(values)
+    se = (sum((x - mean) ** 2 for x in values) / max(len(values) - 1, 1) / len(values)) ** 0.5
+    return mean, se
+
+
+def loop_power(model, loss_fn, batch, target, max_iter, seed):
+    """Power iteration with one double-backward HVP per step; returns the HVPs
+    it took to come within 1e-3 relative of ``target`` (or max_iter)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator(device=params[0].device).manual_seed(seed)
+    loss = loss_fn(model, batch)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    v = [torch.randn(p.shape, generator=gen, device=p.device) for p in params]
+    value = float("nan")
+    for it in range(1, max_iter + 1):
+        norm = torch.sqrt(sum((x * x).sum() for x in v))
+        v = [x / norm for x in v]
+        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+        value = float(sum((a * b).sum() for a, b in zip(hv, v)))
+        if abs(value - target) <= 1e-3 * abs(target):
+            return it, value
+        v = [h.detach() for h in hv]
+    return max_iter, value
+
+
+def lanczos_hvps_to(model, loss_fn, batch, target, max_iter):
+    """The fewest Lanczos iterations (HVPs) whose top Ritz value is within
+    1e-3 relative of ``target``."""
+    for it in range(2, max_iter + 1):
+        res = llcfast.hessian_eigs(model, loss_fn, [batch], k=1, tol=1e-12, max_iter=it)
+        if abs(res.values[0, 0] - target) <= 1e-3 * abs(target):
+            return res.num_hvps, float(res.values[0, 0])
+    return max_iter, float(res.values[0, 0])
+
+
+def timed(device, fn):
+    sync(device)
+    started = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - started, out
+
+
+def measure(case, device, probes, max_iter):
+    model, loss_fn = case["model"], case["loss_fn"]
+    batch = next(iter(case["loader"]))
+    llcfast.hessian_trace(model, loss_fn, [batch], num_probes=2)  # warm-up (allocations, libraries)
+    fast_s, fast = timed(device, lambda: llcfast.hessian_trace(model, loss_fn, [batch], num_probes=probes))
+    loop_s, (loop, loop_se) = timed(device, lambda: loop_trace(model, loss_fn, batch, probes, seed=0))
+    ref = llcfast.hessian_eigs(model, loss_fn, [batch], k=1, tol=1e-8, max_iter=max_iter)
+    target = float(ref.values[0, 0])
+    lz_hvps, lz_value = lanczos_hvps_to(model, loss_fn, batch, target, max_iter)
+    pw_hvps, pw_value = loop_power(model, loss_fn, batch, target, 10 * max_iter, seed=0)
+    flops = flops_per_chain_step(case, device)
+    return {"case": case["name"].split("-")[0], "params": sum(p.numel() for p in model.parameters()),
+            "probes": probes, "trace": {
+                "llcfast_s": fast_s, "loop_s": loop_s, "speedup": loop_s / fast_s,
+                "llcfast_hvps_per_s": probes / fast_s, "loop_hvps_per_s": probes / loop_s,
+                "llcfast_estimate": float(fast.trace[0]), "llcfast_se": float(fast.std_error[0]),
+                "loop_estimate": loop, "loop_se": loop_se},
+            "top_eig": {"reference": target, "lanczos_hvps": lz_hvps, "lanczos_value": lz_value,
+                        "power_hvps": pw_hvps, "power_value": pw_value},
+            "grad_flops": flops}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small models, few probes")
+    p.add_argument("--probes", type=int, default=None, help="Hutchinson probes (default 100; quick: 8)")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/hessian_<gpu>_<date>.json)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    probes = args.probes or (8 if args.quick else 100)
+    max_iter = 40 if args.quick else 100
+    results = []
+    for make in (lr_case, lm_case):
+        case = make(1, device, args.quick)
+        res = measure(case, device, probes, max_iter)
+        results.append(res)
+        t, e = res["trace"], res["top_eig"]
+        print(f"{res['case']}: trace {t['llcfast_estimate']:.4g} ± {t['llcfast_se']:.2g} in {t['llcfast_s']:.3f} s "
+              f"({t['llcfast_hvps_per_s']:.1f} HVP/s) vs loop {t['loop_estimate']:.4g} ± {t['loop_se']:.2g} in {t['loop_s']:.3f} s "
+              f"-> {t['speedup']:.1f}x;  top eig {e['reference']:.5g}: Lanczos {e['lanczos_hvps']} HVPs, "
+              f"power {e['power_hvps']} HVPs")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "date": datetime.date.today().isoformat(), "quick": args.quick, "cases": results}
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"hessian_{gpu.replace(' ', '_')}_{report['date']}{'_quick' if args.quick else ''}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
