@@ -1,9 +1,9 @@
 """Small models, data and exact answers shared by the estimate_llc tests."""
-import math
-
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from llcfast.models import CausalSelfAttention
 
 
 def mse(model, batch):
@@ -52,26 +52,10 @@ def regression_loader(n=64, batch_size=16, seed=0):
     return DataLoader(TensorDataset(x, torch.sin(x.sum(-1))), batch_size=batch_size, shuffle=False)
 
 
-class Attention(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-
-    def forward(self, h):
-        b, t, d = h.shape
-        q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(d // self.heads)
-        causal = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
-        weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        return self.out(torch.einsum("bhqk,bkhe->bqhe", weights, v).reshape(b, t, d))
-
-
 class Block(nn.Module):
     def __init__(self, d, heads):
         super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, heads)
+        self.ln1, self.attn = nn.LayerNorm(d), CausalSelfAttention(d, heads)
         self.ln2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
     def forward(self, h):
