@@ -36,6 +36,24 @@ def _batches(data: Tuple[torch.Tensor, ...], batch_size: int) -> List[Tuple[torc
     return [tuple(t[i:i + batch_size] for t in data) for i in range(0, n - batch_size + 1, batch_size)]
 
 
+class _Task:
+    """The three data streams every task serves; a task implements
+    ``_draw(n, stream, device)``, n sequences from the generator of ``stream``."""
+
+    def _draw(self, n: int, stream: int, device) -> Tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def train_batch(self, step: int, batch_size: int, device="cpu"):
+        return self._draw(batch_size, _TRAIN + step, device)
+
+    def eval_set(self, num_sequences: int, device="cpu"):
+        return self._draw(num_sequences, _EVAL, device)
+
+    def llc_batches(self, num_sequences: int, batch_size: int, device="cpu"):
+        """A fixed pre-sampled set cut into minibatches (PAPER.md's LLC data)."""
+        return _batches(self._draw(num_sequences, _LLC, device), batch_size)
+
+
 def sample_regression(num_sequences: int, pairs: int = 16, task_dim: int = 4, noise_var: float = 0.125,
                       generator=None, device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
     """A fresh task t ~ N(0, I) per sequence; x ~ N(0, I); y = t.x + N(0, noise_var)."""
@@ -45,7 +63,7 @@ def sample_regression(num_sequences: int, pairs: int = 16, task_dim: int = 4, no
     return xs, (xs @ tasks)[..., 0] + noise
 
 
-class RegressionTask:
+class RegressionTask(_Task):
     """In-context linear regression: batches are (xs [B, K, D], ys [B, K])."""
 
     kind = "regression"
@@ -56,7 +74,7 @@ class RegressionTask:
         self.noise_var = check_float("noise_var", noise_var, minimum=0.0)
         self.seed = check_int("seed", seed)
 
-    def _sample(self, n: int, stream: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, n: int, stream: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
         rng = _rng(self.seed, stream)
         tasks = rng.standard_normal((n, self.task_dim, 1), dtype=np.float32)
         xs = rng.standard_normal((n, self.pairs, self.task_dim), dtype=np.float32)
@@ -64,18 +82,9 @@ class RegressionTask:
         ys = (xs @ tasks)[..., 0] + noise
         return torch.from_numpy(xs).to(device), torch.from_numpy(ys).to(device)
 
-    def train_batch(self, step: int, batch_size: int, device="cpu"):
-        return self._sample(batch_size, _TRAIN + step, device)
-
-    def eval_set(self, num_sequences: int, device="cpu"):
-        return self._sample(num_sequences, _EVAL, device)
-
-    def llc_batches(self, num_sequences: int, batch_size: int, device="cpu"):
-        """A fixed pre-sampled set cut into minibatches (PAPER.md's LLC data)."""
-        return _batches(self._sample(num_sequences, _LLC, device), batch_size)
 
 
-class SyntheticLanguage:
+class SyntheticLanguage(_Task):
     """Sequences built from three kinds of segment, so that each stage of an
     LM's development buys loss: a Zipfian bigram chain (each token has a few
     likely successors), fixed common phrases inserted whole (predictable
@@ -150,20 +159,11 @@ class SyntheticLanguage:
             remaining[active] -= 1
         return out
 
-    def _tokens(self, n: int, stream: int, device) -> Tuple[torch.Tensor]:
+    def _draw(self, n: int, stream: int, device) -> Tuple[torch.Tensor]:
         return (torch.from_numpy(self._generate(n, _rng(self.seed, stream))).to(device),)
 
-    def train_batch(self, step: int, batch_size: int, device="cpu"):
-        return self._tokens(batch_size, _TRAIN + step, device)
 
-    def eval_set(self, num_sequences: int, device="cpu"):
-        return self._tokens(num_sequences, _EVAL, device)
-
-    def llc_batches(self, num_sequences: int, batch_size: int, device="cpu"):
-        return _batches(self._tokens(num_sequences, _LLC, device), batch_size)
-
-
-class TokenFile:
+class TokenFile(_Task):
     """A corpus of token ids in a ``.npy`` file or a raw ``.bin`` (``dtype``,
     default uint16 as nanoGPT writes them), memory-mapped, never read whole.
     Sequences are windows of ``context + 1`` tokens at random offsets;
@@ -196,17 +196,9 @@ class TokenFile:
                              f"{context + 1} in both the training and the held-out part")
         self.vocab = vocab if vocab is not None else int(self.tokens[: min(n, 1 << 24)].max()) + 1
 
-    def _windows(self, n: int, stream: int, lo: int, hi: int, device) -> Tuple[torch.Tensor]:
+    def _draw(self, n: int, stream: int, device) -> Tuple[torch.Tensor]:
+        lo, hi = (self.split, len(self.tokens)) if stream == _EVAL else (0, self.split)
         rng = _rng(self.seed, stream)
         starts = rng.integers(lo, hi - self.context, size=n)  # window s .. s + context inclusive
         rows = np.stack([np.asarray(self.tokens[s:s + self.context + 1], dtype=np.int64) for s in starts])
         return (torch.from_numpy(rows).to(device),)
-
-    def train_batch(self, step: int, batch_size: int, device="cpu"):
-        return self._windows(batch_size, _TRAIN + step, 0, self.split, device)
-
-    def eval_set(self, num_sequences: int, device="cpu"):
-        return self._windows(num_sequences, _EVAL, self.split, len(self.tokens), device)
-
-    def llc_batches(self, num_sequences: int, batch_size: int, device="cpu"):
-        return _batches(self._windows(num_sequences, _LLC, 0, self.split, device), batch_size)
