@@ -52,14 +52,19 @@ def default_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     return loss
 
 
-def to_device(batch, device: torch.device):
+def map_tensors(batch, fn: Callable):
+    """``fn`` applied to every tensor of a batch (nested tuples, lists, dicts)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return fn(batch)
     if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
+        return type(batch)(map_tensors(v, fn) for v in batch)
     return batch
+
+
+def to_device(batch, device: torch.device):
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
 
 
 def cycle_batches(loader) -> Iterator:
@@ -223,11 +228,12 @@ def finish(trace, l0: float, nbeta: float, stats: np.ndarray, steps_run: np.ndar
     return result
 
 
-def progress_bar(enabled: bool, total: int, desc: str):
+def progress_bar(enabled: bool, total: int, desc: str, *, unit: str = "step", initial: int = 0,
+                 leave: bool = False):
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit="step", leave=False)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave)

@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .._llc_common import to_device
+from .._llc_common import map_tensors, to_device
 from .functional import chain_loss
 
 
@@ -91,16 +91,6 @@ class HVP:
         return [o.reshape(v.shape) for o, v in zip(out, vecs)]
 
 
-def _as_double(batch):
-    if isinstance(batch, torch.Tensor):
-        return batch.double() if batch.is_floating_point() else batch
-    if isinstance(batch, dict):
-        return {k: _as_double(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_as_double(v) for v in batch)
-    return batch
-
-
 # Step sizes relative to |w|/|v| by precision: float64 gradients allow steps
 # small enough that few ReLU-like kinks lie within them; float32 ones need
 # larger steps to stay above rounding.
@@ -126,7 +116,8 @@ def finite_difference_gap(hvp: "HVP", vector: List[torch.Tensor]) -> float:
     def gaps(dtype):
         centers = [c.to(dtype) for c in hvp._centers]
         direction = [v[0].to(dtype) for v in vector]
-        batches = hvp._batches if dtype == torch.float32 else [_as_double(b) for b in hvp._batches]
+        batches = hvp._batches if dtype == torch.float32 else [
+            map_tensors(b, lambda t: t.double() if t.is_floating_point() else t) for b in hvp._batches]
 
         def mean_grad(shift: float):
             params = tuple(c + shift * v for c, v in zip(centers, direction))

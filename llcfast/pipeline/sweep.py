@@ -15,11 +15,12 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .._llc_common import progress_bar
 from ..llc import estimate_llc
 from .checkpoints import load_checkpoint, read_manifest
 from .config import RunConfig, SweepSettings
@@ -118,10 +119,7 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
     key = settings_key(settings)
     done = {(r["checkpoint"], r.get("settings")) for r in read_results(out) if "error" not in r}
     todo = [(step, path) for step, path in checkpoints if (path, key) not in done]
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), desc="checkpoints", unit="ckpt")
+    bar = progress_bar(progress and bool(todo), len(todo), "checkpoints", unit="ckpt", leave=True)
     try:
         for step, path in todo:
             base = {"step": int(step), "checkpoint": path, "settings": key}
@@ -161,7 +159,7 @@ def sweep(run_dir: str, *, settings: Optional[SweepSettings] = None, hessian: Op
     cfg = RunConfig.from_dict(manifest["config"])
     s = settings or cfg.sweep
     if hessian is not None:
-        s = SweepSettings(**{**asdict(s), "hessian": bool(hessian)})
+        s = replace(s, hessian=bool(hessian))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     task = cfg.make_task()
     llc_batches = task.llc_batches(s.llc_sequences, s.llc_batch_size, device)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .._llc_common import progress_bar
 from .checkpoints import MANIFEST, RESUME, atomic_json, atomic_save, checkpoint_steps, read_manifest
 from .config import RunConfig
 
@@ -70,7 +71,7 @@ def train(cfg: RunConfig, out_dir: str, *, device="cpu", progress: bool = True,
     saves = set(checkpoint_steps(t.steps, t.log_checkpoints, t.linear_checkpoints))
     done = {c["step"] for c in manifest["checkpoints"]}
     loss_fn = cfg.loss_fn
-    bar = _bar(progress, t.steps, start)
+    bar = progress_bar(progress, t.steps, "train", initial=start)
     recent = []
 
     def save_resume(step: int) -> None:
@@ -118,9 +119,3 @@ def train(cfg: RunConfig, out_dir: str, *, device="cpu", progress: bool = True,
         atomic_json(manifest, manifest_path)
     return manifest
 
-
-def _bar(enabled: bool, total: int, start: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, desc="train", unit="step", leave=False)
