@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .._llc_common import progress_bar
 from ..llc import estimate_llc
 
 TREND_T = 3.0  # |t| of the last-quarter minus first-quarter mean across chains
@@ -146,10 +147,7 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
             raise ValueError(f"{name} must be a non-empty list of numbers > 0, got {grid!r}")
     rows, traces, init = [], {}, math.nan
     settings = [(float(e), float(g), nb) for nb in nbetas for g in gammas for e in epsilons]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(settings), desc="calibration grid", unit="setting")
+    bar = progress_bar(progress, len(settings), "calibration grid", unit="setting", leave=True)
     for eps, gamma, nbeta in settings:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # flagged in the table instead
@@ -159,22 +157,20 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
                                device=device, progress=False, **llc_kwargs)
         nb = float(res.config.get("nbeta", nbeta))
         init = res.init_loss
+        good = np.isfinite(res.llc_per_chain)  # chains whose whole trace is finite
+        t = trend_t(res.loss_trace[good])
+        rhat = res.diagnostics.get("rhat", math.nan)
         flags = []
         if res.diagnostics["diverged_chains"] or not math.isfinite(res.llc_mean):
             flags.append("diverged")
         else:
-            trace = res.loss_trace[np.isfinite(res.loss_trace).all(axis=1)]
-            t = trend_t(trace)
-            rhat = res.diagnostics.get("rhat", math.nan)
             if (math.isfinite(t) and abs(t) > TREND_T) or (math.isfinite(rhat) and rhat > RHAT_MAX):
                 flags.append("not equilibrated")
             if res.llc_mean < 0:
                 flags.append("negative LLC")
-        good = np.isfinite(res.llc_per_chain)
         rows.append({"epsilon": eps, "gamma": gamma, "nbeta": nb, "llc_mean": res.llc_mean, "llc_std": res.llc_std,
                      "llc_se": res.llc_std / math.sqrt(max(int(good.sum()), 1)),
-                     "rhat": res.diagnostics.get("rhat", math.nan),
-                     "trend_t": trend_t(res.loss_trace[good]) if good.sum() else math.nan, "flags": flags})
+                     "rhat": rhat, "trend_t": t, "flags": flags})
         traces[(eps, gamma, nb)] = res.loss_trace
         if bar is not None:
             bar.update(1)
