@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import models  # noqa: E402
+from llcfast import models, tasks  # noqa: E402
 
 # Dense matmul peaks (TFLOP/s) of the GPUs these benchmarks run on, from the
 # vendor's datasheets (SXM parts; sparsity excluded). fp32 means CUDA cores.
@@ -66,26 +66,43 @@ def gpu_loader(tensors, batch_size, seed):
                       generator=torch.Generator().manual_seed(seed))
 
 
-def lr_case(chains, device, quick):
+def pretrain(model, task, loss_fn, steps, batch_size, device, lr=1e-3):
+    """A short AdamW run so that w* sits near a minimum, as the checkpoints a
+    user sweeps do: at a random initialisation SGLD chains at the paper's
+    step sizes diverge and the LLCs the backends report are not comparable."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for t in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, task.train_batch(t, batch_size, device)).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return float(loss_fn(model, task.train_batch(steps, batch_size, device)).detach())
+
+
+def lr_case(chains, device, quick, train_steps=0):
     torch.manual_seed(0)
     model = models.InContextRegression().to(device)
-    n = 256 * (8 if quick else 64)
-    data = models.sample_regression(n, generator=torch.Generator().manual_seed(1), device=device)
-    # The paper's later sweep: eps 1e-3, nbeta 60, gamma 6.
-    return dict(name=f"lr-{chains}ch", model=model, loader=gpu_loader(data, 256, 2),
-                loss_fn=models.regression_loss, chains=chains, epsilon=1e-3, nbeta=60.0, gamma=6.0)
+    task = tasks.RegressionTask(seed=1)
+    trained = pretrain(model, task, models.regression_loss, train_steps, 256, device)
+    data = task.llc_batches(256 * (8 if quick else 64), 256 * (8 if quick else 64), device)[0]
+    # The paper's main LR settings (its later sweep's eps 1e-3 diverged every
+    # chain here after 500 training steps).
+    return dict(name=f"lr-{chains}ch", model=model, loader=gpu_loader(data, 256, 2), train_steps=train_steps,
+                train_loss=trained, loss_fn=models.regression_loss, chains=chains, epsilon=3e-4, nbeta=66.67,
+                gamma=6.67)
 
 
-def lm_case(chains, device, quick):
+def lm_case(chains, device, quick, train_steps=0):
     torch.manual_seed(0)
-    model = models.AttentionOnlyLM(vocab=500 if quick else 5000, d_model=64 if quick else 256,
-                                   heads=8, context=1024).to(device)
-    seq = 64 if quick else 256
-    tokens = torch.randint(0, 500 if quick else 5000, (16 * 16, seq + 1),
-                           generator=torch.Generator().manual_seed(1)).to(device)
+    vocab = 500 if quick else 5000
+    model = models.AttentionOnlyLM(vocab=vocab, d_model=64 if quick else 256, heads=8, context=1024).to(device)
+    task = tasks.SyntheticLanguage(vocab=vocab, context=(64 if quick else 256) + 1, seed=1)
+    trained = pretrain(model, task, models.next_token_loss, train_steps, 16, device)
+    data = task.llc_batches(16 * 16, 16 * 16, device)[0]
     # The paper's LM settings: eps 3e-3, gamma 300, nbeta 100 / ln 100.
-    return dict(name=f"lm-{chains}ch", model=model, loader=gpu_loader((tokens,), 16, 2),
-                loss_fn=models.next_token_loss, chains=chains, epsilon=3e-3, nbeta=100 / math.log(100), gamma=300.0)
+    return dict(name=f"lm-{chains}ch", model=model, loader=gpu_loader(data, 16, 2), train_steps=train_steps,
+                train_loss=trained, loss_fn=models.next_token_loss, chains=chains, epsilon=3e-3,
+                nbeta=100 / math.log(100), gamma=300.0)
 
 
 def flops_per_chain_step(case, device):
@@ -109,8 +126,21 @@ def run_llcfast(case, steps, device, **kw):
                              num_draws=steps, epsilon=case["epsilon"], nbeta=case["nbeta"], gamma=case["gamma"],
                              num_init_batches=1, seed=0, device=device, progress=False, **kw)
     sync(device)
-    wall = time.perf_counter() - started
-    return wall, r.llc_mean, r.llc_std, r.timings.get("sampling_s", wall)
+    return time.perf_counter() - started, r
+
+
+def profile_fast(case, device, precision, steps, path):
+    """The fast engine's kernels by device time over ``steps`` steps: where a
+    chain-step's time goes, for the notes that steer the next change."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_llcfast(case, steps, device, precision=precision)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else
+                                      "self_cpu_time_total", row_limit=25)
+    with open(path, "w") as f:
+        f.write(table)
+    return table
 
 
 def run_devinterp(case, steps, device):
@@ -126,26 +156,38 @@ def run_devinterp(case, steps, device):
     return time.perf_counter() - started, float(r["llc/mean"]), float(r["llc/std"])
 
 
-def measure(case, device, steps, slow_steps, precisions, skip_devinterp):
+def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinterp, profile_dir=None):
     chains = case["chains"]
     out = {"case": case["name"], "parameters": models.count_parameters(case["model"]), "chains": chains,
-           "steps_fast": steps, "steps_slow": slow_steps, "epsilon": case["epsilon"], "nbeta": case["nbeta"],
-           "gamma": case["gamma"], "flops_per_chain_step": flops_per_chain_step(case, device), "runs": {}}
+           "steps_fast": steps, "steps_devinterp": slow_steps, "steps_reference": ref_steps,
+           "train_steps": case["train_steps"], "train_loss": case["train_loss"], "epsilon": case["epsilon"],
+           "nbeta": case["nbeta"], "gamma": case["gamma"],
+           "flops_per_chain_step": flops_per_chain_step(case, device), "runs": {}}
     for precision in precisions:
         run_llcfast(case, 3, device, precision=precision)  # warm-up: lazy init, graph pools, kernels
-        wall, mean, std, sampling = run_llcfast(case, steps, device, precision=precision)
+        wall, r = run_llcfast(case, steps, device, precision=precision)
+        sampling = r.timings.get("sampling_s", wall)
         tflops = out["flops_per_chain_step"] * chains * steps / sampling / 1e12
         out["runs"][f"llcfast-{precision}"] = dict(
             ms_per_chain_step=1e3 * wall / (chains * steps), sampling_ms_per_chain_step=1e3 * sampling / (chains * steps),
-            llc_mean=mean, llc_std=std, achieved_tflops=tflops, peak_fraction=peak_fraction(device, precision, tflops))
-    wall, mean, std, _ = run_llcfast(case, slow_steps, device, backend="reference")
-    out["runs"]["llcfast-reference"] = dict(ms_per_chain_step=1e3 * wall / (chains * slow_steps), llc_mean=mean,
-                                            llc_std=std)
+            llc_mean=r.llc_mean, llc_std=r.llc_std, diverged=list(r.diagnostics.get("diverged_chains", [])),
+            backend=r.config.get("backend"), cuda_graphs=r.config.get("cuda_graphs"), timings=r.timings,
+            achieved_tflops=tflops, peak_fraction=peak_fraction(device, precision, tflops))
+        if profile_dir:
+            profile_fast(case, device, precision, min(steps, 50),
+                         os.path.join(profile_dir, f"profile_{case['name']}_{precision}.txt"))
+    wall, r = run_llcfast(case, ref_steps, device, backend="reference")
+    out["runs"]["llcfast-reference"] = dict(ms_per_chain_step=1e3 * wall / (chains * ref_steps), llc_mean=r.llc_mean,
+                                            llc_std=r.llc_std, diverged=list(r.diagnostics.get("diverged_chains", [])))
     if not skip_devinterp:
-        run_devinterp(case, 2, device)
-        wall, mean, std = run_devinterp(case, slow_steps, device)
-        out["runs"]["devinterp-1.3.2"] = dict(ms_per_chain_step=1e3 * wall / (chains * slow_steps), llc_mean=mean,
-                                              llc_std=std)
+        try:
+            run_devinterp(case, 2, device)
+            wall, mean, std = run_devinterp(case, slow_steps, device)
+            out["runs"]["devinterp-1.3.2"] = dict(ms_per_chain_step=1e3 * wall / (chains * slow_steps),
+                                                  llc_mean=mean, llc_std=std)
+        except RuntimeError as exc:  # devinterp raises on the first NaN loss of any chain
+            out["devinterp_error"] = str(exc)
+            print(f"{case['name']:8s} devinterp-1.3.2 failed: {exc}", flush=True)
     base = out["runs"].get("devinterp-1.3.2", out["runs"]["llcfast-reference"])["ms_per_chain_step"]
     for run in out["runs"].values():
         run["speedup_vs_devinterp" if not skip_devinterp else "speedup_vs_reference"] = base / run["ms_per_chain_step"]
@@ -167,7 +209,12 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cases", default="lr-8,lr-32,lm-8", help="comma-separated from lr-8, lr-32, lm-8")
     p.add_argument("--steps", type=int, default=400, help="steps per chain for the fast engine")
-    p.add_argument("--slow-steps", type=int, default=60, help="steps per chain for the reference and devinterp")
+    p.add_argument("--slow-steps", type=int, default=60, help="steps per chain for devinterp")
+    p.add_argument("--ref-steps", type=int, default=10,
+                   help="steps per chain for llcfast's reference (slow on GPUs: it draws the fused op's Philox "
+                        "noise with plain torch ops, for step-for-step agreement)")
+    p.add_argument("--train-steps", type=int, default=500, help="AdamW steps that move w* near a minimum first")
+    p.add_argument("--profile", action="store_true", help="also write torch.profiler tables of the fast engine")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--skip-devinterp", action="store_true")
     p.add_argument("--quick", action="store_true", help="small data and LM, few steps: a smoke run")
@@ -175,9 +222,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.quick:
-        args.steps, args.slow_steps = min(args.steps, 20), min(args.slow_steps, 5)
-    makers = {"lr-8": lambda: lr_case(8, device, args.quick), "lr-32": lambda: lr_case(32, device, args.quick),
-              "lm-8": lambda: lm_case(8, device, args.quick)}
+        args.steps, args.slow_steps, args.ref_steps = min(args.steps, 20), min(args.slow_steps, 5), min(args.ref_steps, 3)
+        args.train_steps = min(args.train_steps, 20)
+    makers = {"lr-8": lambda: lr_case(8, device, args.quick, args.train_steps),
+              "lr-32": lambda: lr_case(32, device, args.quick, args.train_steps),
+              "lm-8": lambda: lm_case(8, device, args.quick, args.train_steps)}
     unknown = [c for c in args.cases.split(",") if c not in makers]
     if unknown:
         p.error(f"unknown cases {unknown}; choose from {sorted(makers)}")
@@ -188,15 +237,20 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message="You are taking more sample batches")
     results = []
     for name in args.cases.split(","):
-        res = measure(makers[name](), device, args.steps, args.slow_steps, args.precisions.split(","),
-                      args.skip_devinterp)
+        profile_dir = os.path.dirname(os.path.abspath(args.out)) if args.profile and args.out else None
+        if profile_dir:
+            os.makedirs(profile_dir, exist_ok=True)
+        res = measure(makers[name](), device, args.steps, args.slow_steps, args.ref_steps,
+                      args.precisions.split(","), args.skip_devinterp, profile_dir)
         results.append(res)
         for run, v in res["runs"].items():
             print(f"{res['case']:8s} {run:20s} {v['ms_per_chain_step']:8.3f} ms/chain-step  "
-                  f"x{v.get('speedup_vs_devinterp', v.get('speedup_vs_reference')):6.1f}  "
+                  + (f"(sampling {v['sampling_ms_per_chain_step']:.3f})  " if "sampling_ms_per_chain_step" in v else "")
+                  + f"x{v.get('speedup_vs_devinterp', v.get('speedup_vs_reference')):6.1f}  "
                   f"LLC {v['llc_mean']:.3f} ± {v['llc_std']:.3f}"
                   + (f"  {v['achieved_tflops']:.1f} TFLOP/s" if "achieved_tflops" in v else "")
-                  + (f" ({100 * v['peak_fraction']:.1f}% of peak)" if v.get("peak_fraction") else ""), flush=True)
+                  + (f" ({100 * v['peak_fraction']:.1f}% of peak)" if v.get("peak_fraction") else "")
+                  + (f"  diverged {v['diverged']}" if v.get("diverged") else ""), flush=True)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"benchmark": "estimate_llc", "device": gpu, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "quick": args.quick, "build": llcfast.build_info(),

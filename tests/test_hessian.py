@@ -170,6 +170,39 @@ def test_batched_hvp_equals_one_at_a_time():
             assert float((c1[r] - o[0]).abs().max()) <= 64 * torch.finfo(torch.float32).eps * scale
 
 
+def test_out_of_memory_shrinks_the_pass_and_is_never_called_a_differentiability_problem(monkeypatch):
+    """A pass that does not fit is retried with half the rows (the result is
+    unchanged); at one row the error is about memory, not about the loss."""
+    model, loss_fn, batches = small_cases()["transformer"]
+    names = [n for n, _ in model.named_parameters()]
+    centers = [p.detach() for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    vecs = [torch.randn((8,) + tuple(p.shape), generator=g) for p in centers]
+    expected = HVP(model, loss_fn, batches, names, centers)(vecs)
+    real_run = HVP._run
+    seen = []
+
+    def run_fitting_two_rows(self, vectors, points, per_point, batch, mode):
+        seen.append(self.rows_per_pass)
+        if self.rows_per_pass is None or self.rows_per_pass > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.60 GiB.")
+        return real_run(self, vectors, points, per_point, batch, mode)
+
+    monkeypatch.setattr(HVP, "_run", run_fitting_two_rows)
+    hvp = HVP(model, loss_fn, batches, names, centers)
+    got = hvp(vecs)
+    assert seen[:3] == [None, 4, 2] and hvp.rows_per_pass == 2
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    def never_fits(self, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.60 GiB.")
+
+    monkeypatch.setattr(HVP, "_run", never_fits)
+    with pytest.raises(MemoryError, match="does not fit in device memory.*12.60 GiB"):
+        HVP(model, loss_fn, batches, names, centers)(vecs)
+
+
 class _OnceDifferentiable(torch.autograd.Function):
     generate_vmap_rule = True
 

@@ -48,16 +48,22 @@ class HVP:
         while True:
             try:
                 return self._one_batch(vectors, points, per_point, batch)
-            except torch.cuda.OutOfMemoryError:
+            except torch.OutOfMemoryError as exc:
                 current = self.rows_per_pass or per_point
                 if current <= 1:
-                    raise
+                    raise MemoryError(
+                        "one Hessian-vector product at a time does not fit in device memory "
+                        f"({str(exc).strip().splitlines()[0] if str(exc).strip() else 'out of memory'}); "
+                        "use fewer or smaller batches, restrict= to fewer parameters, or a larger device") from exc
                 self.rows_per_pass = max(1, current // 2)
-                torch.cuda.empty_cache()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     def _one_batch(self, vectors, points, per_point, batch):
         try:
             return self._run(vectors, points, per_point, batch, self.mode)
+        except torch.OutOfMemoryError:
+            raise  # OutOfMemoryError is a RuntimeError; _adaptive shrinks the pass instead
         except (NotImplementedError, RuntimeError) as exc:
             if self.mode != "forward-over-reverse" or "forward AD" not in str(exc) and "jvp" not in str(exc):
                 raise _not_twice_differentiable(exc) from exc
@@ -66,6 +72,8 @@ class HVP:
             self.mode = "reverse-over-reverse"
             try:
                 return self._run(vectors, points, per_point, batch, self.mode)
+            except torch.OutOfMemoryError:
+                raise
             except (NotImplementedError, RuntimeError) as exc2:
                 raise _not_twice_differentiable(exc2) from exc2
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build the CUDA kernels, run the CUDA tests, run
+# the benchmarks. Steps are named on the command line (default: all), each
+# under its own time limit so one hang does not cost the others; logs and
+# JSON go to $OUT (or ./gpu-out).
+#
+#   bash benchmarks/gpu_session.sh build tests llc hessian demo
+#
+# Missing Python packages (devinterp, curvlinops, ...) travel as wheels in
+# .whl/ (see README, "Benchmarks"); a prebuilt llcfast/_C*.so is reused when
+# its build matches this torch.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build tests llc hessian demo)
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+
+step() {  # name, limit in seconds, command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 25
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name rc=$rc in $((SECONDS - t0))s"
+  echo "$name rc=$rc $((SECONDS - t0))s" >> "$OUT/summary.txt"
+}
+
+for s in "${steps[@]}"; do
+  case $s in
+    build)
+      step build 300 env LLCFAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+        python3 -m pip install -q --no-build-isolation --no-deps -e .
+      python3 -c "import llcfast, json; print(json.dumps(llcfast.build_info()))" | tee "$OUT/build_info.json"
+      cp llcfast/_C*.so "$OUT/" 2>/dev/null ;;
+    tests)
+      step tests 300 python3 -m pytest -q -p no:cacheprovider --timeout 240 \
+        tests/test_cuda.py tests/test_engine_cuda.py tests/test_hessian.py ;;
+    llc)
+      step llc 420 python3 benchmarks/bench_llc.py --slow-steps 30 --ref-steps 10 --precisions fp32,tf32,bf16 --profile --out "$OUT/llc.json" ;;
+    hessian)
+      step hessian 240 python3 benchmarks/bench_hessian.py ${HESSIAN_ARGS:-} --out "$OUT/hessian.json" ;;
+    demo)
+      step demo 240 python3 -m llcfast.cli demo --device cuda --quiet --out /tmp/demo-cuda
+      cp /tmp/demo-cuda/report.png "$OUT/demo_cuda_report.png" 2>/dev/null ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done
+cat "$OUT/summary.txt"
