@@ -26,7 +26,20 @@ TORCH_LIBRARY(llcfast, m) {
   m.def(
       "sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] centers, Tensor[]? masks, Tensor[]? noise, "
       "Tensor(b!)? stats, Tensor? step_tensor, int seed, int step, int chain_offset, float eps, float nbeta, float gamma, "
-      "float weight_decay, float noise_scale) -> ()");
+      "float weight_decay, float noise_scale, float bounding_box=0.) -> ()");
+  // RMSprop-preconditioned SGLD: square_avg ([C, ...] each) is the running
+  // mean of g^2, updated in the same pass.
+  m.def(
+      "rmsprop_sgld_step_(Tensor(a!)[] params, Tensor(b!)[] square_avg, Tensor[] grads, Tensor[] centers, "
+      "Tensor[]? masks, Tensor[]? noise, Tensor(c!)? stats, Tensor? step_tensor, int seed, int step, "
+      "int chain_offset, float eps, float nbeta, float gamma, float weight_decay, float noise_scale, float alpha, "
+      "float rms_eps, float bounding_box=0.) -> ()");
+  // SGNHT: momentum ([C, ...] each) and thermostat ([C]) are updated in place.
+  m.def(
+      "sgnht_step_(Tensor(a!)[] params, Tensor(b!)[] momentum, Tensor(c!) thermostat, Tensor[] grads, "
+      "Tensor[] centers, Tensor[]? masks, Tensor[]? noise, Tensor(d!)? stats, Tensor? step_tensor, int seed, "
+      "int step, int chain_offset, float eps, float nbeta, float gamma, float weight_decay, float diffusion, "
+      "float bounding_box=0.) -> ()");
   // Fills out [C, N] with the noise the step would draw for one tensor.
   m.def("philox_normal_(Tensor(a!) out, int seed, int step, int chain_offset, int group_offset) -> ()");
   // Fills out [R, N] with Rademacher probe signs for one tensor: row r is

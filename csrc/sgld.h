@@ -49,6 +49,117 @@ LLC_HD float sgld_update(float w, float g, float center, float xi, const SgldCoe
   return rn_add(rn_sub(w, t), rn_mul(k.s, xi));
 }
 
+// The samplers beyond plain SGLD share the SGLD kernels' walk over tensors,
+// chains and noise groups; they differ in the per-element update and in the
+// state they carry (RMSprop's running mean of g^2, SGNHT's momentum).
+enum class Sampler : int { kSgld = 0, kRmsprop = 1, kSgnht = 2 };
+
+// Every scalar a step needs, folded on the host in double precision.
+struct StepScalars {
+  SgldCoefficients k;  // SGLD and RMSprop-SGLD: eps/2-scaled (a, b, e, s)
+  float box;           // bounding box half-width; 0 = none
+  float alpha;         // RMSprop: V <- alpha*V + (1 - alpha)*g*g
+  float one_m_alpha;
+  float rms_eps;       // RMSprop: G = 1 / (sqrt(V) + rms_eps)
+  // SGNHT: p <- p - (fa*g + fb*(w - w*) + fe*w) - xi*p + fs*N, w <- w + p
+  float fa, fb, fe, fs;
+};
+
+inline void check_box(double box, const char* op) {
+  LLC_CHECK(std::isfinite(box) && box >= 0.0, op, ": bounding_box must be finite and >= 0 (0 = none), got ", box);
+}
+
+inline StepScalars sgld_scalars(double eps, double nbeta, double gamma, double weight_decay, double noise_scale,
+                                double box) {
+  check_box(box, "sgld_step_");
+  StepScalars s{};
+  s.k = fold_coefficients(eps, nbeta, gamma, weight_decay, noise_scale);
+  s.box = static_cast<float>(box);
+  return s;
+}
+
+inline StepScalars rmsprop_scalars(double eps, double nbeta, double gamma, double weight_decay, double noise_scale,
+                                   double alpha, double rms_eps, double box) {
+  StepScalars s = sgld_scalars(eps, nbeta, gamma, weight_decay, noise_scale, box);
+  LLC_CHECK(std::isfinite(alpha) && alpha >= 0.0 && alpha < 1.0, "rmsprop_sgld_step_: alpha must be in [0, 1), got ",
+            alpha);
+  LLC_CHECK(std::isfinite(rms_eps) && rms_eps > 0.0, "rmsprop_sgld_step_: rms_eps must be > 0, got ", rms_eps);
+  s.alpha = static_cast<float>(alpha);
+  s.one_m_alpha = static_cast<float>(1.0 - alpha);
+  s.rms_eps = static_cast<float>(rms_eps);
+  return s;
+}
+
+inline StepScalars sgnht_scalars(double eps, double nbeta, double gamma, double weight_decay, double diffusion,
+                                 double box) {
+  // The SGLD checks cover eps, nbeta, gamma and weight_decay; diffusion plays noise_scale's part.
+  StepScalars s = sgld_scalars(eps, nbeta, gamma, weight_decay, 1.0, box);
+  LLC_CHECK(std::isfinite(diffusion) && diffusion >= 0.0, "sgnht_step_: diffusion must be >= 0, got ", diffusion);
+  s.fa = static_cast<float>(eps * nbeta);
+  s.fb = static_cast<float>(eps * gamma);
+  s.fe = static_cast<float>(eps * weight_decay);
+  s.fs = static_cast<float>(std::sqrt(2.0 * diffusion * eps));
+  return s;
+}
+
+// Clamp to [c - box, c + box]; NaN passes through (as torch.clamp), so a
+// diverged chain is still seen as diverged.
+LLC_HD float box_clamp(float w, float c, float box) {
+  const float lo = rn_sub(c, box), hi = rn_add(c, box);
+  return w < lo ? lo : (w > hi ? hi : w);
+}
+
+// The force term of SGLD and RMSprop-SGLD (before preconditioning).
+LLC_HD float sgld_force(float w, float g, float center, const SgldCoefficients& k) {
+  float t = rn_mul(k.a, g);
+  t = rn_add(t, rn_mul(k.b, rn_sub(w, center)));
+  return rn_add(t, rn_mul(k.e, w));
+}
+
+// RMSprop-SGLD: updates v in place and returns the new w; *noise_out gets the
+// noise actually added (for the stats).
+LLC_HD float rmsprop_update(float w, float g, float center, float xi, float& v, const StepScalars& s,
+                            float* noise_out) {
+  v = rn_add(rn_mul(s.alpha, v), rn_mul(rn_mul(s.one_m_alpha, g), g));
+  const float G = rn_div(1.0f, rn_add(rn_sqrt(v), s.rms_eps));
+  const float nt = rn_mul(rn_sqrt(G), rn_mul(s.k.s, xi));
+  *noise_out = nt;
+  float out = rn_add(rn_sub(w, rn_mul(G, sgld_force(w, g, center, s.k))), nt);
+  return s.box > 0.0f ? box_clamp(out, center, s.box) : out;
+}
+
+// SGNHT: updates the momentum p in place (reflected where the box stops w)
+// and returns the new w.
+LLC_HD float sgnht_update(float w, float g, float center, float xi, float& p, float thermostat,
+                          const StepScalars& s) {
+  float t = rn_mul(s.fa, g);
+  t = rn_add(t, rn_mul(s.fb, rn_sub(w, center)));
+  t = rn_add(t, rn_mul(s.fe, w));
+  float q = rn_sub(p, t);
+  q = rn_sub(q, rn_mul(thermostat, p));
+  q = rn_add(q, rn_mul(s.fs, xi));
+  float out = rn_add(w, q);
+  if (s.box > 0.0f) {
+    const bool inside = fabsf(rn_sub(out, center)) < s.box;
+    out = box_clamp(out, center, s.box);
+    if (!inside) q = -q;
+  }
+  p = q;
+  return out;
+}
+
+// Validates a sampler's per-chain state list (same shapes as params,
+// float32, contiguous, on params' device).
+void check_state_list(const char* op, const char* name, const at::TensorList& state, const at::TensorList& params);
+
+// Validates SGNHT's thermostat: float32 [C] on params' device.
+void check_thermostat(const at::Tensor& thermostat, int64_t chains, const at::Device& device);
+
+// SGNHT's thermostat step after the fused pass: xi += energy / count - eps,
+// count = moving elements per chain. Shared by the CPU and CUDA ops.
+void update_thermostat(at::Tensor& thermostat, const at::Tensor& energy, at::TensorList params,
+                       const c10::optional<at::TensorList>& masks, double eps);
+
 // Validates the tensor lists of one sgld_step_ call; returns the chain count.
 int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& grads,
                           const at::TensorList& centers, const c10::optional<at::TensorList>& masks,

@@ -125,6 +125,29 @@ void check_multi_dot(const at::Tensor& out, const at::TensorList& a, const at::T
   }
 }
 
+void check_state_list(const char* op, const char* name, const at::TensorList& state, const at::TensorList& params) {
+  LLC_CHECK(state.size() == params.size(), op, ": ", name, " has ", static_cast<int64_t>(state.size()),
+            " tensors but params has ", static_cast<int64_t>(params.size()));
+  for (size_t i = 0; i < state.size(); ++i) {
+    const int64_t idx = static_cast<int64_t>(i);
+    LLC_CHECK(state[i].defined() && state[i].scalar_type() == at::kFloat && state[i].is_contiguous(), op, ": ", name,
+              "[", idx, "] must be a contiguous float32 tensor");
+    LLC_CHECK(state[i].device() == params[i].device(), op, ": ", name, "[", idx, "] is on ", state[i].device(),
+              " but params[", idx, "] is on ", params[i].device());
+    LLC_CHECK(state[i].sizes() == params[i].sizes(), op, ": ", name, "[", idx, "] has shape ", state[i].sizes(),
+              " but params[", idx, "] has shape ", params[i].sizes());
+  }
+}
+
+void check_thermostat(const at::Tensor& thermostat, int64_t chains, const at::Device& device) {
+  LLC_CHECK(thermostat.defined() && thermostat.scalar_type() == at::kFloat && thermostat.is_contiguous() &&
+                thermostat.dim() == 1 && thermostat.size(0) == chains,
+            "sgnht_step_: thermostat must be a contiguous float32 [", chains, "] tensor, got ",
+            thermostat.scalar_type(), " ", thermostat.sizes());
+  LLC_CHECK(thermostat.device() == device, "sgnht_step_: thermostat is on ", thermostat.device(),
+            " but params are on ", device);
+}
+
 std::vector<int64_t> group_offsets(const at::TensorList& params) {
   std::vector<int64_t> out(params.size());
   int64_t acc = 0;

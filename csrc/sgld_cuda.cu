@@ -19,6 +19,7 @@ constexpr int kThreads = 256;
 
 struct Entry {
   float* p;             // [C, n]
+  float* s;             // [C, n] sampler state (RMSprop's V, SGNHT's momentum) or null
   const float* g;       // [C, n]
   const float* c;       // [n]
   const bool* m;        // [n] or null
@@ -37,14 +38,19 @@ struct Table {
 };
 
 struct Launch {
-  SgldCoefficients k;
+  StepScalars k;
   uint64_t seed;
   uint64_t step;
   uint32_t chain_offset;
   int32_t chains;
   double* stats;                // [C, 3] or null
   const int64_t* step_counter;  // added to step when not null (device memory)
+  const float* thermostat;      // SGNHT: [C]
+  double* energy;               // SGNHT: [C], sum of p^2 after the step
 };
+
+// Per-chain block accumulators: g^2, (w - w*)^2, noise^2, SGNHT's energy.
+constexpr int kSlots = 4;
 
 __device__ __forceinline__ float4 load4(const float* ptr, bool vec, int lanes) {
   if (vec) return *reinterpret_cast<const float4*>(ptr);
@@ -68,11 +74,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <int MaxT, bool kMask, bool kNoise, bool kStats>
+template <int MaxT, Sampler S, bool kMask, bool kNoise, bool kStats>
 __global__ void __launch_bounds__(kThreads) sgld_kernel(const __grid_constant__ Table<MaxT> tab, const Launch L) {
-  extern __shared__ double block_stats[];  // [C * 3], only when kStats
-  if (kStats) {
-    for (int i = threadIdx.x; i < L.chains * 3; i += blockDim.x) block_stats[i] = 0.0;
+  constexpr bool kAcc = kStats || S == Sampler::kSgnht;
+  extern __shared__ double block_stats[];  // [C * kSlots], only when kAcc
+  if (kAcc) {
+    for (int i = threadIdx.x; i < L.chains * kSlots; i += blockDim.x) block_stats[i] = 0.0;
     __syncthreads();
   }
   const uint64_t step = L.step + (L.step_counter != nullptr ? static_cast<uint64_t>(*L.step_counter) : 0u);
@@ -99,18 +106,22 @@ __global__ void __launch_bounds__(kThreads) sgld_kernel(const __grid_constant__ 
     bool mv[4] = {true, true, true, true};
     if (active) {
       cen = load4(E.c + e0, vec, lanes);
-      if (kMask) {
+      if (kMask && E.m != nullptr) {
         for (int j = 0; j < 4; ++j) mv[j] = j < lanes && E.m[e0 + j];
       }
     }
     for (int ch = 0; ch < L.chains; ++ch) {
-      float sg = 0.f, sd = 0.f, sn = 0.f;
+      float sg = 0.f, sd = 0.f, sn = 0.f, se = 0.f;
       if (active) {
         const int64_t row = static_cast<int64_t>(ch) * E.n + e0;
         const float4 w = load4(E.p + row, vec, lanes);
         const float4 g = load4(E.g + row, vec, lanes);
+        float4 st = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (S != Sampler::kSgld) st = load4(E.s + row, vec, lanes);
+        float sa[4] = {st.x, st.y, st.z, st.w};
+        const float therm = S == Sampler::kSgnht ? L.thermostat[ch] : 0.f;
         float4 xi;
-        if (kNoise) {
+        if (kNoise && E.z != nullptr) {
           xi = load4(E.z + row, vec, lanes);
         } else {
           const F4 r = normal4(L.seed, E.noise_group + static_cast<uint32_t>(local), L.chain_offset + ch, step);
@@ -121,48 +132,73 @@ __global__ void __launch_bounds__(kThreads) sgld_kernel(const __grid_constant__ 
         float out[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const bool moves = kMask ? mv[j] : true;
-          out[j] = moves ? sgld_update(wa[j], ga[j], ca[j], xa[j], L.k) : wa[j];
-          if (kStats && moves && j < lanes) {
+          const bool moves = (kMask ? mv[j] : true) && j < lanes;
+          float added = 0.f;
+          if (!moves) {
+            out[j] = wa[j];
+          } else if (S == Sampler::kSgld) {
+            added = rn_mul(L.k.k.s, xa[j]);
+            out[j] = sgld_update(wa[j], ga[j], ca[j], xa[j], L.k.k);
+            if (L.k.box > 0.f) out[j] = box_clamp(out[j], ca[j], L.k.box);
+          } else if (S == Sampler::kRmsprop) {
+            out[j] = rmsprop_update(wa[j], ga[j], ca[j], xa[j], sa[j], L.k, &added);
+          } else {
+            added = rn_mul(L.k.fs, xa[j]);
+            out[j] = sgnht_update(wa[j], ga[j], ca[j], xa[j], sa[j], therm, L.k);
+            se += sa[j] * sa[j];
+          }
+          if (kStats && moves) {
             const float d = wa[j] - ca[j];
-            const float sx = rn_mul(L.k.s, xa[j]);
             sg += ga[j] * ga[j];
             sd += d * d;
-            sn += sx * sx;
+            sn += added * added;
           }
         }
         store4(E.p + row, make_float4(out[0], out[1], out[2], out[3]), vec, lanes);
+        if (S != Sampler::kSgld) store4(E.s + row, make_float4(sa[0], sa[1], sa[2], sa[3]), vec, lanes);
       }
       if (kStats) {
         sg = warp_sum(sg);
         sd = warp_sum(sd);
         sn = warp_sum(sn);
         if ((threadIdx.x & 31) == 0) {
-          atomicAdd(&block_stats[ch * 3 + 0], static_cast<double>(sg));
-          atomicAdd(&block_stats[ch * 3 + 1], static_cast<double>(sd));
-          atomicAdd(&block_stats[ch * 3 + 2], static_cast<double>(sn));
+          atomicAdd(&block_stats[ch * kSlots + 0], static_cast<double>(sg));
+          atomicAdd(&block_stats[ch * kSlots + 1], static_cast<double>(sd));
+          atomicAdd(&block_stats[ch * kSlots + 2], static_cast<double>(sn));
         }
+      }
+      if (S == Sampler::kSgnht) {
+        se = warp_sum(se);
+        if ((threadIdx.x & 31) == 0) atomicAdd(&block_stats[ch * kSlots + 3], static_cast<double>(se));
       }
     }
   }
-  if (kStats) {
+  if (kAcc) {
     __syncthreads();
-    for (int i = threadIdx.x; i < L.chains * 3; i += blockDim.x) atomicAdd(&L.stats[i], block_stats[i]);
+    for (int i = threadIdx.x; i < L.chains * kSlots; i += blockDim.x) {
+      const int slot = i % kSlots, ch = i / kSlots;
+      if (slot < 3) {
+        if (kStats) atomicAdd(&L.stats[ch * 3 + slot], block_stats[i]);
+      } else if (S == Sampler::kSgnht) {
+        atomicAdd(&L.energy[ch], block_stats[i]);
+      }
+    }
   }
 }
 
-template <int MaxT, bool kMask, bool kNoise, bool kStats>
+template <int MaxT, Sampler S, bool kMask, bool kNoise, bool kStats>
 void launch(const Table<MaxT>& tab, const Launch& L, cudaStream_t stream, int device) {
-  auto kernel = sgld_kernel<MaxT, kMask, kNoise, kStats>;
-  const size_t shmem = kStats ? sizeof(double) * 3 * L.chains : 0;
-  // Occupancy depends on the instantiation and, with stats, on the chain
-  // count (shared memory); cache the common no-stats case per device.
+  auto kernel = sgld_kernel<MaxT, S, kMask, kNoise, kStats>;
+  constexpr bool kAcc = kStats || S == Sampler::kSgnht;
+  const size_t shmem = kAcc ? sizeof(double) * kSlots * L.chains : 0;
+  // Occupancy depends on the instantiation and, with accumulators, on the
+  // chain count (shared memory); cache the common case per device.
   static int cached_per_sm[64] = {0};
-  int per_sm = (!kStats && device < 64) ? cached_per_sm[device] : 0;
+  int per_sm = (!kAcc && device < 64) ? cached_per_sm[device] : 0;
   if (per_sm == 0) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shmem));
     per_sm = std::max(per_sm, 1);
-    if (!kStats && device < 64) cached_per_sm[device] = per_sm;
+    if (!kAcc && device < 64) cached_per_sm[device] = per_sm;
   }
   const int sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
   const int64_t needed = ceil_div(tab.total_groups, kThreads);
@@ -172,16 +208,25 @@ void launch(const Table<MaxT>& tab, const Launch& L, cudaStream_t stream, int de
 }
 
 template <int MaxT>
-void launch_table(const Table<MaxT>& tab, const Launch& L, bool mask, bool noise, cudaStream_t stream, int device) {
+void launch_table(const Table<MaxT>& tab, const Launch& L, Sampler sampler, bool mask, bool noise,
+                  cudaStream_t stream, int device) {
   const bool stats = L.stats != nullptr;
-  // Each combination of optional inputs is its own instantiation so the
-  // common case (no mask, Philox noise, no stats) carries no dead branches.
-  if (mask) {
-    if (noise) stats ? launch<MaxT, true, true, true>(tab, L, stream, device) : launch<MaxT, true, true, false>(tab, L, stream, device);
-    else stats ? launch<MaxT, true, false, true>(tab, L, stream, device) : launch<MaxT, true, false, false>(tab, L, stream, device);
+  // For SGLD each combination of optional inputs is its own instantiation so
+  // the common case (no mask, Philox noise, no stats) carries no dead
+  // branches; the other samplers test mask and noise pointers at run time,
+  // which keeps the instantiation count (and build time) down.
+  if (sampler == Sampler::kRmsprop) {
+    stats ? launch<MaxT, Sampler::kRmsprop, true, true, true>(tab, L, stream, device)
+          : launch<MaxT, Sampler::kRmsprop, true, true, false>(tab, L, stream, device);
+  } else if (sampler == Sampler::kSgnht) {
+    stats ? launch<MaxT, Sampler::kSgnht, true, true, true>(tab, L, stream, device)
+          : launch<MaxT, Sampler::kSgnht, true, true, false>(tab, L, stream, device);
+  } else if (mask) {
+    if (noise) stats ? launch<MaxT, Sampler::kSgld, true, true, true>(tab, L, stream, device) : launch<MaxT, Sampler::kSgld, true, true, false>(tab, L, stream, device);
+    else stats ? launch<MaxT, Sampler::kSgld, true, false, true>(tab, L, stream, device) : launch<MaxT, Sampler::kSgld, true, false, false>(tab, L, stream, device);
   } else {
-    if (noise) stats ? launch<MaxT, false, true, true>(tab, L, stream, device) : launch<MaxT, false, true, false>(tab, L, stream, device);
-    else stats ? launch<MaxT, false, false, true>(tab, L, stream, device) : launch<MaxT, false, false, false>(tab, L, stream, device);
+    if (noise) stats ? launch<MaxT, Sampler::kSgld, false, true, true>(tab, L, stream, device) : launch<MaxT, Sampler::kSgld, false, true, false>(tab, L, stream, device);
+    else stats ? launch<MaxT, Sampler::kSgld, false, false, true>(tab, L, stream, device) : launch<MaxT, Sampler::kSgld, false, false, false>(tab, L, stream, device);
   }
 }
 
@@ -190,8 +235,8 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u
 // Fills a table with entries [begin, end) and launches it with the smallest
 // table type that holds them.
 template <int MaxT>
-void launch_range(const std::vector<Entry>& entries, size_t begin, size_t end, const Launch& L, bool mask,
-                  bool noise, cudaStream_t stream, int device) {
+void launch_range(const std::vector<Entry>& entries, size_t begin, size_t end, const Launch& L, Sampler sampler,
+                  bool mask, bool noise, cudaStream_t stream, int device) {
   Table<MaxT> tab;
   tab.count = static_cast<int32_t>(end - begin);
   int64_t total = 0;
@@ -201,25 +246,23 @@ void launch_range(const std::vector<Entry>& entries, size_t begin, size_t end, c
     total += ceil_div(entries[i].n, 4);
   }
   tab.total_groups = total;
-  if (total > 0) launch_table<MaxT>(tab, L, mask, noise, stream, device);
+  if (total > 0) launch_table<MaxT>(tab, L, sampler, mask, noise, stream, device);
 }
 
 constexpr int kSmallTable = 16;
 constexpr int kMediumTable = 64;
-// 400 entries of 64 bytes stay under the 32 KB kernel-parameter limit
+// 400 entries of 72 bytes stay under the 32 KB kernel-parameter limit
 // (CUDA >= 12.1, Volta and newer).
 constexpr int kLargeTable = 400;
 
-void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList centers,
-                    c10::optional<at::TensorList> masks, c10::optional<at::TensorList> noise,
-                    const c10::optional<at::Tensor>& stats, const c10::optional<at::Tensor>& step_tensor,
-                    int64_t seed, int64_t step, int64_t chain_offset, double eps, double nbeta, double gamma,
-                    double weight_decay, double noise_scale) {
-  const int64_t chains =
-      check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
-  LLC_CHECK(chains <= 4096, "sgld_step_: at most 4096 chains per call on CUDA, got ", chains);
-  const SgldCoefficients k = fold_coefficients(eps, nbeta, gamma, weight_decay, noise_scale);
-  const c10::cuda::CUDAGuard guard(params[0].device());
+// The host side shared by the three ops: builds the tensor table and
+// launches. state and thermostat/energy are null for plain SGLD.
+void step_cuda(Sampler sampler, at::TensorList params, const at::TensorList* state, at::TensorList grads,
+               at::TensorList centers, const c10::optional<at::TensorList>& masks,
+               const c10::optional<at::TensorList>& noise, const c10::optional<at::Tensor>& stats,
+               const c10::optional<at::Tensor>& step_tensor, const float* thermostat, double* energy,
+               int64_t chains, int64_t seed, int64_t step, int64_t chain_offset, const StepScalars& k) {
+  LLC_CHECK(chains <= 4096, "at most 4096 chains per call on CUDA, got ", chains);
   const int device = params[0].device().index();
   const std::vector<int64_t> goff = group_offsets(params);
 
@@ -230,33 +273,86 @@ void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     if (n == 0) continue;
     Entry e{};
     e.p = params[i].data_ptr<float>();
+    e.s = state != nullptr ? (*state)[i].data_ptr<float>() : nullptr;
     e.g = grads[i].data_ptr<float>();
     e.c = centers[i].data_ptr<float>();
     e.m = masks.has_value() ? (*masks)[i].data_ptr<bool>() : nullptr;
     e.z = noise.has_value() ? (*noise)[i].data_ptr<float>() : nullptr;
     e.n = n;
     e.noise_group = static_cast<uint32_t>(goff[i]);
-    e.vec = (n % 4 == 0) && aligned16(e.p) && aligned16(e.g) && aligned16(e.c) && (e.z == nullptr || aligned16(e.z));
+    e.vec = (n % 4 == 0) && aligned16(e.p) && aligned16(e.g) && aligned16(e.c) &&
+            (e.z == nullptr || aligned16(e.z)) && (e.s == nullptr || aligned16(e.s));
     entries.push_back(e);
   }
   Launch L{k, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), static_cast<uint32_t>(chain_offset),
            static_cast<int32_t>(chains), stats.has_value() ? stats->data_ptr<double>() : nullptr,
-           step_tensor.has_value() ? step_tensor->data_ptr<int64_t>() : nullptr};
+           step_tensor.has_value() ? step_tensor->data_ptr<int64_t>() : nullptr, thermostat, energy};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool has_mask = masks.has_value(), has_noise = noise.has_value();
   const size_t count = entries.size();
   if (count <= static_cast<size_t>(kSmallTable)) {
-    launch_range<kSmallTable>(entries, 0, count, L, has_mask, has_noise, stream, device);
+    launch_range<kSmallTable>(entries, 0, count, L, sampler, has_mask, has_noise, stream, device);
   } else if (count <= static_cast<size_t>(kMediumTable)) {
-    launch_range<kMediumTable>(entries, 0, count, L, has_mask, has_noise, stream, device);
+    launch_range<kMediumTable>(entries, 0, count, L, sampler, has_mask, has_noise, stream, device);
   } else {
     for (size_t b = 0; b < count; b += kLargeTable)
-      launch_range<kLargeTable>(entries, b, std::min(count, b + kLargeTable), L, has_mask, has_noise, stream, device);
+      launch_range<kLargeTable>(entries, b, std::min(count, b + kLargeTable), L, sampler, has_mask, has_noise,
+                                stream, device);
   }
+}
+
+void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList centers,
+                    c10::optional<at::TensorList> masks, c10::optional<at::TensorList> noise,
+                    const c10::optional<at::Tensor>& stats, const c10::optional<at::Tensor>& step_tensor,
+                    int64_t seed, int64_t step, int64_t chain_offset, double eps, double nbeta, double gamma,
+                    double weight_decay, double noise_scale, double bounding_box) {
+  const int64_t chains =
+      check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
+  const StepScalars k = sgld_scalars(eps, nbeta, gamma, weight_decay, noise_scale, bounding_box);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  step_cuda(Sampler::kSgld, params, nullptr, grads, centers, masks, noise, stats, step_tensor, nullptr, nullptr,
+            chains, seed, step, chain_offset, k);
+}
+
+void rmsprop_sgld_step_cuda(at::TensorList params, at::TensorList square_avg, at::TensorList grads,
+                            at::TensorList centers, c10::optional<at::TensorList> masks,
+                            c10::optional<at::TensorList> noise, const c10::optional<at::Tensor>& stats,
+                            const c10::optional<at::Tensor>& step_tensor, int64_t seed, int64_t step,
+                            int64_t chain_offset, double eps, double nbeta, double gamma, double weight_decay,
+                            double noise_scale, double alpha, double rms_eps, double bounding_box) {
+  const int64_t chains =
+      check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
+  check_state_list("rmsprop_sgld_step_", "square_avg", square_avg, params);
+  const StepScalars k = rmsprop_scalars(eps, nbeta, gamma, weight_decay, noise_scale, alpha, rms_eps, bounding_box);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  step_cuda(Sampler::kRmsprop, params, &square_avg, grads, centers, masks, noise, stats, step_tensor, nullptr,
+            nullptr, chains, seed, step, chain_offset, k);
+}
+
+void sgnht_step_cuda(at::TensorList params, at::TensorList momentum, at::Tensor thermostat, at::TensorList grads,
+                     at::TensorList centers, c10::optional<at::TensorList> masks,
+                     c10::optional<at::TensorList> noise, const c10::optional<at::Tensor>& stats,
+                     const c10::optional<at::Tensor>& step_tensor, int64_t seed, int64_t step,
+                     int64_t chain_offset, double eps, double nbeta, double gamma, double weight_decay,
+                     double diffusion, double bounding_box) {
+  const int64_t chains =
+      check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
+  check_state_list("sgnht_step_", "momentum", momentum, params);
+  check_thermostat(thermostat, chains, params[0].device());
+  const StepScalars k = sgnht_scalars(eps, nbeta, gamma, weight_decay, diffusion, bounding_box);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  at::Tensor energy = at::zeros({chains}, thermostat.options().dtype(at::kDouble));
+  step_cuda(Sampler::kSgnht, params, &momentum, grads, centers, masks, noise, stats, step_tensor,
+            thermostat.data_ptr<float>(), energy.data_ptr<double>(), chains, seed, step, chain_offset, k);
+  update_thermostat(thermostat, energy, params, masks, eps);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(llcfast, CUDA, m) { m.impl("sgld_step_", &sgld_step_cuda); }
+TORCH_LIBRARY_IMPL(llcfast, CUDA, m) {
+  m.impl("sgld_step_", &sgld_step_cuda);
+  m.impl("rmsprop_sgld_step_", &rmsprop_sgld_step_cuda);
+  m.impl("sgnht_step_", &sgnht_step_cuda);
+}
 
 }  // namespace llcfast

@@ -170,3 +170,41 @@ def check_multi_dot_args(out, a, b) -> None:
             raise ValueError(f"a[{i}] has shape {tuple(x.shape)}; expected a leading dimension of {rows} (out's rows)")
         _check_entry("a", i, x, torch.float32, out.device, x.shape)
         _check_entry("b", i, y, torch.float32, out.device, x.shape)
+
+
+def check_state_list(name: str, state, params) -> list:
+    """A sampler's per-chain state: one float32 contiguous tensor per params
+    entry, of the same shape, on the same device."""
+    state = _tensor_list(name, state)
+    if len(state) != len(params):
+        raise ValueError(f"{name} has {len(state)} tensors but params has {len(params)}; "
+                         "the lists must have one entry per parameter tensor")
+    for i, (s, p) in enumerate(zip(state, params)):
+        _check_entry(name, i, s, torch.float32, p.device, p.shape)
+    return state
+
+
+def check_thermostat(thermostat, params) -> None:
+    chains = params[0].shape[0] if params else 0
+    if not isinstance(thermostat, torch.Tensor):
+        raise TypeError(f"thermostat must be a torch.Tensor, got {type(thermostat).__name__}")
+    if thermostat.dtype != torch.float32 or tuple(thermostat.shape) != (chains,) or not thermostat.is_contiguous():
+        raise ValueError(f"thermostat must be a contiguous float32 tensor of shape ({chains},), got "
+                         f"{thermostat.dtype} of shape {tuple(thermostat.shape)}")
+    if params and thermostat.device != params[0].device:
+        raise ValueError(f"thermostat is on {thermostat.device} but params are on {params[0].device}")
+
+
+def check_rmsprop_args(alpha, rms_eps, bounding_box) -> dict:
+    alpha = check_float("alpha", alpha, minimum=0.0)
+    if alpha >= 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    rms_eps = check_float("rms_eps", rms_eps)
+    if rms_eps <= 0:
+        raise ValueError(f"rms_eps must be > 0, got {rms_eps}")
+    return dict(alpha=alpha, rms_eps=rms_eps, bounding_box=check_float("bounding_box", bounding_box, minimum=0.0))
+
+
+def check_sgnht_args(diffusion, bounding_box) -> dict:
+    return dict(diffusion=check_float("diffusion", diffusion, minimum=0.0),
+                bounding_box=check_float("bounding_box", bounding_box, minimum=0.0))

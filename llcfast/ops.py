@@ -14,13 +14,25 @@ import torch
 
 from . import _ext
 from . import reference
-from ._checks import check_multi_dot_args, check_philox_args, check_rademacher_args, check_sgld_args
+from ._checks import (check_float, check_multi_dot_args, check_philox_args, check_rademacher_args, check_rmsprop_args,
+                      check_sgld_args, check_sgnht_args, check_state_list, check_thermostat)
 
 if _ext.extension_available():
 
     @torch.library.register_fake("llcfast::sgld_step_")
     def _sgld_step_fake(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset, eps,
-                        nbeta, gamma, weight_decay, noise_scale):
+                        nbeta, gamma, weight_decay, noise_scale, bounding_box=0.0):
+        return None
+
+    @torch.library.register_fake("llcfast::rmsprop_sgld_step_")
+    def _rmsprop_sgld_step_fake(params, square_avg, grads, centers, masks, noise, stats, step_tensor, seed, step,
+                                chain_offset, eps, nbeta, gamma, weight_decay, noise_scale, alpha, rms_eps,
+                                bounding_box=0.0):
+        return None
+
+    @torch.library.register_fake("llcfast::sgnht_step_")
+    def _sgnht_step_fake(params, momentum, thermostat, grads, centers, masks, noise, stats, step_tensor, seed, step,
+                         chain_offset, eps, nbeta, gamma, weight_decay, diffusion, bounding_box=0.0):
         return None
 
     @torch.library.register_fake("llcfast::philox_normal_")
@@ -53,6 +65,7 @@ def sgld_step_(
     noise: Optional[Sequence[torch.Tensor]] = None,  # each [C, *shape_i]: explicit xi
     stats: Optional[torch.Tensor] = None,  # [C, 3] float64, added to
     step_tensor: Optional[torch.Tensor] = None,  # int64 [1]: added to step (read on the device)
+    bounding_box: float = 0.0,  # > 0: clamp each element to [w* - b, w* + b] after the step
 ) -> None:
     """One SGLD step for every chain and every tensor, in place, in one pass:
 
@@ -66,22 +79,97 @@ def sgld_step_(
     the device, so a captured CUDA graph can advance it between replays.
     ``stats[c]`` is incremented by the sums over moving elements of g^2,
     (w - w*)^2 (w before the step) and (sqrt(eps) * noise_scale * xi)^2.
+    ``bounding_box`` > 0 clamps every moved element to [w* - b, w* + b].
     """
     params, grads, centers, masks, noise, hyper = check_sgld_args(
         params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
         eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale,
         step_tensor=step_tensor)
+    box = check_float("bounding_box", bounding_box, minimum=0.0)
     if not params:
         return
     device = params[0].device
     if not _ext.kernels_for(device):
         _ext.warn_fallback(device)
         reference.sgld_step_(params, grads, centers, seed=seed, step=step, chain_offset=chain_offset, masks=masks,
-                             noise=noise, stats=stats, step_tensor=step_tensor, **hyper)
+                             noise=noise, stats=stats, step_tensor=step_tensor, bounding_box=box, **hyper)
         return
     torch.ops.llcfast.sgld_step_(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset,
                                  hyper["eps"], hyper["nbeta"], hyper["gamma"], hyper["weight_decay"],
-                                 hyper["noise_scale"])
+                                 hyper["noise_scale"], box)
+
+
+def rmsprop_sgld_step_(params, square_avg, grads, centers, *, eps: float, nbeta: float, gamma: float,
+                       weight_decay: float = 0.0, noise_scale: float = 1.0, alpha: float = 0.99, rms_eps: float = 0.1,
+                       bounding_box: float = 0.0, seed: int, step: int, chain_offset: int = 0, masks=None,
+                       noise=None, stats: Optional[torch.Tensor] = None,
+                       step_tensor: Optional[torch.Tensor] = None) -> None:
+    """One RMSprop-preconditioned SGLD step, in place, in one pass:
+
+        V <- alpha * V + (1 - alpha) * g * g          (square_avg, per chain)
+        G = 1 / (sqrt(V) + rms_eps)
+        w <- w - G * (eps/2) * (nbeta * g + gamma * (w - w*) + weight_decay * w)
+               + sqrt(G) * sqrt(eps) * noise_scale * xi
+
+    then the bounding box clamp when ``bounding_box`` > 0. Arguments as
+    sgld_step_; ``square_avg`` ([C, *shape_i] float32 each, start at zeros)
+    is updated in place. stats' noise column sums the added noise
+    sqrt(G) * sqrt(eps) * noise_scale * xi squared."""
+    params, grads, centers, masks, noise, hyper = check_sgld_args(
+        params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
+        eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale,
+        step_tensor=step_tensor)
+    square_avg = check_state_list("square_avg", square_avg, params)
+    extra = check_rmsprop_args(alpha, rms_eps, bounding_box)
+    if not params:
+        return
+    device = params[0].device
+    if not _ext.kernels_for(device):
+        _ext.warn_fallback(device)
+        reference.rmsprop_sgld_step_(params, square_avg, grads, centers, seed=seed, step=step,
+                                     chain_offset=chain_offset, masks=masks, noise=noise, stats=stats,
+                                     step_tensor=step_tensor, **hyper, **extra)
+        return
+    torch.ops.llcfast.rmsprop_sgld_step_(params, square_avg, grads, centers, masks, noise, stats, step_tensor, seed,
+                                         step, chain_offset, hyper["eps"], hyper["nbeta"], hyper["gamma"],
+                                         hyper["weight_decay"], hyper["noise_scale"], extra["alpha"],
+                                         extra["rms_eps"], extra["bounding_box"])
+
+
+def sgnht_step_(params, momentum, thermostat: torch.Tensor, grads, centers, *, eps: float, nbeta: float,
+                gamma: float, weight_decay: float = 0.0, diffusion: float = 0.01, bounding_box: float = 0.0,
+                seed: int, step: int, chain_offset: int = 0, masks=None, noise=None,
+                stats: Optional[torch.Tensor] = None, step_tensor: Optional[torch.Tensor] = None) -> None:
+    """One stochastic-gradient Nose-Hoover thermostat step, in place, in one
+    pass plus a per-chain thermostat update:
+
+        p  <- p - eps * (nbeta * g + gamma * (w - w*) + weight_decay * w) - xi * p + sqrt(2 * A * eps) * N
+        w  <- w + p           (clamped to the box, p reflected where it hit)
+        xi <- xi + mean(p^2) - eps   (the chain's moving elements)
+
+    ``momentum`` ([C, *shape_i] each) and ``thermostat`` (float32 [C]) are
+    updated in place; A is ``diffusion``. With gamma = 0 this is devinterp's
+    SGNHT, which has no localization term. stats' noise column sums
+    (sqrt(2 A eps) N)^2."""
+    params, grads, centers, masks, noise, hyper = check_sgld_args(
+        params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
+        eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=1.0, step_tensor=step_tensor)
+    momentum = check_state_list("momentum", momentum, params)
+    check_thermostat(thermostat, params)
+    extra = check_sgnht_args(diffusion, bounding_box)
+    if not params:
+        return
+    hyper.pop("noise_scale")
+    device = params[0].device
+    if not _ext.kernels_for(device):
+        _ext.warn_fallback(device)
+        reference.sgnht_step_(params, momentum, thermostat, grads, centers, seed=seed, step=step,
+                              chain_offset=chain_offset, masks=masks, noise=noise, stats=stats,
+                              step_tensor=step_tensor, **hyper, **extra)
+        return
+    torch.ops.llcfast.sgnht_step_(params, momentum, thermostat, grads, centers, masks, noise, stats, step_tensor, seed,
+                                  step, chain_offset, hyper["eps"], hyper["nbeta"], hyper["gamma"],
+                                  hyper["weight_decay"], extra["diffusion"], extra["bounding_box"])
 
 
 def philox_normal(num_chains: int, numel: int, *, seed: int, step: int, chain_offset: int = 0,

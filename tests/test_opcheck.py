@@ -37,6 +37,23 @@ def test_opcheck_sgld_step_with_step_tensor(device):
 
 @requires_extension
 @pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_samplers_with_state(device):
+    for kw in (dict(), dict(masked=True, stats=True), dict(explicit_noise=True)):
+        c = make_case([(4, 3), (97,), (1,)], 3, device=device, **kw)
+        h = c.hyper
+        head = (c.masks, c.noise, c.stats, None, h["seed"], h["step"], h["chain_offset"], h["eps"], h["nbeta"],
+                h["gamma"], h["weight_decay"])
+        square_avg = [torch.rand_like(p) for p in c.params]
+        torch.library.opcheck(torch.ops.llcfast.rmsprop_sgld_step_.default,
+                              (c.params, square_avg, c.grads, c.centers) + head + (h["noise_scale"], 0.99, 0.1, 0.5))
+        momentum = [0.01 * torch.randn_like(p) for p in c.params]
+        thermostat = torch.full((3,), 0.01, device=device)
+        torch.library.opcheck(torch.ops.llcfast.sgnht_step_.default,
+                              (c.params, momentum, thermostat, c.grads, c.centers) + head + (0.01, 0.5))
+
+
+@requires_extension
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_philox_normal(device):
     for shape in [(1, 1), (3, 97), (2, 1025)]:
         out = torch.empty(shape, device=device)

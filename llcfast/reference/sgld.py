@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._checks import check_sgld_args, noise_group_offsets
+from .._checks import check_float, check_sgld_args, noise_group_offsets
 from .philox import philox_normal
 
 
@@ -39,15 +39,45 @@ def sgld_step_(
     noise: Optional[Sequence[torch.Tensor]] = None,  # each [C, *shape_i]: explicit xi
     stats: Optional[torch.Tensor] = None,  # [C, 3] float64, added to
     step_tensor: Optional[torch.Tensor] = None,  # int64 [1]: added to step (read on the device)
+    bounding_box: float = 0.0,  # > 0: clamp each element to [w* - b, w* + b] after the step
 ) -> None:
     """Mirrors the ``llcfast::sgld_step_`` kernel; see llcfast.ops.sgld_step_."""
     params, grads, centers, masks, noise, hyper = check_sgld_args(
         params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
         eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale,
         step_tensor=step_tensor)
+    box = check_float("bounding_box", bounding_box, minimum=0.0)
     if not params:
         return
-    a, b, e, s = (torch.tensor(v, dtype=torch.float32, device=params[0].device) for v in fold_coefficients(**hyper))
+    a, b, e, s = (f32(v, params[0].device) for v in fold_coefficients(**hyper))
+    for i, p, g, c, xi, moves in walk(params, grads, centers, masks, noise, seed, step, chain_offset, step_tensor):
+        new = (p - force(p, g, c, a, b, e)) + s * xi
+        new = clamp_box(new, c, box)
+        add_stats(stats, p, g, c, s * xi, moves)
+        p.copy_(new if moves is None else torch.where(moves, new, p))
+
+
+def f32(value: float, device) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def force(p, g, c, a, b, e) -> torch.Tensor:
+    """a*g + b*(w - w*) + e*w, rounded in the kernels' order."""
+    t = a * g
+    t = t + b * (p - c)
+    return t + e * p
+
+
+def clamp_box(new: torch.Tensor, c: torch.Tensor, box: float) -> torch.Tensor:
+    if box <= 0:
+        return new
+    b = f32(box, new.device)
+    return torch.minimum(torch.maximum(new, c - b), c + b)  # NaN propagates, as in the kernels
+
+
+def walk(params, grads, centers, masks, noise, seed, step, chain_offset, step_tensor):
+    """(i, p, g, c, xi, moves) per non-empty tensor: xi the explicit noise or
+    the Philox draw the kernels make, moves the broadcast mask or None."""
     if step_tensor is not None:
         step = step + int(step_tensor.item())
     offsets = noise_group_offsets(params)
@@ -58,26 +88,17 @@ def sgld_step_(
         xi = noise[i] if noise is not None else philox_normal(
             chains, p[0].numel(), seed=seed, step=step, chain_offset=chain_offset, group_offset=offsets[i],
             device=p.device).view_as(p)
-        g, c = grads[i], centers[i]
-        t = a * g
-        t = t + b * (p - c)
-        t = t + e * p
-        new = (p - t) + s * xi
-        moves = None if masks is None else masks[i].expand_as(p)
-        if stats is not None:
-            keep = torch.ones_like(p, dtype=torch.float64) if moves is None else moves.to(torch.float64)
-            dims = tuple(range(1, p.dim()))
-            d = p.double() - c.double()
-            sx = (s * xi).double()
-            if dims:
-                stats[:, 0] += (g.double() ** 2 * keep).sum(dims)
-                stats[:, 1] += (d ** 2 * keep).sum(dims)
-                stats[:, 2] += (sx ** 2 * keep).sum(dims)
-            else:
-                stats[:, 0] += g.double() ** 2 * keep
-                stats[:, 1] += d ** 2 * keep
-                stats[:, 2] += sx ** 2 * keep
-        if moves is not None:
-            new = torch.where(moves, new, p)
-        p.copy_(new)
+        yield i, p, grads[i], centers[i], xi, None if masks is None else masks[i].expand_as(p)
+
+
+def add_stats(stats, p, g, c, added, moves) -> None:
+    """stats[c] += sums over moving elements of g^2, (w - w*)^2 (w before the
+    step) and the added noise squared."""
+    if stats is None:
+        return
+    keep = torch.ones_like(p, dtype=torch.float64) if moves is None else moves.to(torch.float64)
+    dims = tuple(range(1, p.dim()))
+    d = p.double() - c.double()
+    for k, v in enumerate((g.double() ** 2, d ** 2, added.double() ** 2)):
+        stats[:, k] += (v * keep).sum(dims) if dims else v * keep
 
