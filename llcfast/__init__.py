@@ -3,11 +3,12 @@ fused C++/CUDA kernels and a pure-torch reference (llcfast.reference)."""
 from ._ext import build_info, extension_available
 from . import ops, reference
 from .result import LLCResult
-from .llc import estimate_llc
+from .llc import estimate_llc, estimate_wbic
+from .samplers import SAMPLERS
 from .stages import Stage, StageFit, detect_stages
 from .hessian import HessianEigs, HessianSpectrum, HessianTrace, hessian_eigs, hessian_spectrum, hessian_trace
 
 __version__ = "0.1.0"
 
-__all__ = ["Stage", "StageFit", "detect_stages", "HessianEigs", "HessianSpectrum", "HessianTrace", "LLCResult", "estimate_llc", "hessian_eigs",
+__all__ = ["Stage", "StageFit", "detect_stages", "HessianEigs", "HessianSpectrum", "HessianTrace", "LLCResult", "SAMPLERS", "estimate_llc", "estimate_wbic", "hessian_eigs",
            "hessian_spectrum", "hessian_trace", "build_info", "extension_available", "ops", "reference", "__version__"]

@@ -34,6 +34,17 @@ def check_llc_args(*, num_chains, num_draws, num_burnin, steps_between_draws, ep
     check_int("seed", seed)
 
 
+def check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale):
+    """check_sampler plus the one cross-check estimate_llc needs: SGNHT's
+    noise is set by its diffusion factor, not by noise_scale."""
+    from .samplers import check_sampler
+    sampler, kwargs, box = check_sampler(sampler, sampler_kwargs, bounding_box)
+    if sampler == "sgnht" and noise_scale != 1.0:
+        raise ValueError(f"noise_scale={noise_scale} does not apply to sampler='sgnht', whose noise is "
+                         "sqrt(2 * diffusion * epsilon); set sampler_kwargs={'diffusion': ...} instead")
+    return sampler, kwargs, box
+
+
 def default_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     """Hugging Face convention: the model's output carries ``.loss``."""
     call = "model(**batch)" if isinstance(batch, Mapping) else \

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Callable, Optional, Sequence
 
@@ -10,7 +11,7 @@ import torch
 
 from . import reference
 from ._checks import check_int
-from ._llc_common import (check_llc_args, check_precision, default_loss, default_nbeta, finish, first_nonfinite,
+from ._llc_common import (check_llc_args, check_precision, check_sampler_args, default_loss, default_nbeta, finish, first_nonfinite,
                           init_loss, precision_context, warn_if_cycled)
 from .engine import SamplerConfig, run_chains
 from .result import LLCResult
@@ -23,7 +24,9 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  gamma: float = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
                  noise_scale: float = 1.0, num_init_batches: Optional[int] = None, restrict=None, seed: int = 0,
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), backend: str = "auto",
-                 precision: str = "fp32", cuda_graphs: bool = True, chain_chunk: Optional[int] = None) -> LLCResult:
+                 precision: str = "fp32", cuda_graphs: bool = True, chain_chunk: Optional[int] = None,
+                 sampler: str = "sgld", sampler_kwargs: Optional[dict] = None,
+                 bounding_box: Optional[float] = None) -> LLCResult:
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
@@ -49,6 +52,14 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         a CPU when one chain's activations already fill the cache: there,
         passes of 1-4 chains of a 5e4-parameter transformer ran 3x faster
         than all 32 at once (README: Choosing hyperparameters).
+    sampler: "sgld" (DESIGN.md's update), "rmsprop_sgld" (gradient and prior
+        terms scaled per element by G = 1/(sqrt(V) + rms_eps), the noise by
+        sqrt(G), V the running mean of g^2; sampler_kwargs alpha=0.99,
+        rms_eps=0.1) or "sgnht" (Nose-Hoover thermostat with momentum;
+        sampler_kwargs diffusion=0.01; its noise is sqrt(2 diffusion eps), so
+        noise_scale must stay 1). Each is one fused kernel per step.
+    bounding_box: b > 0 keeps every element within [w* - b, w* + b] (SGLD and
+        RMSprop-SGLD clamp; SGNHT reflects the momentum); None: no box.
     callbacks: called after every step as ``cb(step=t, chains=range(C),
         loss=<[C] tensor>, params={name: <[C, ...] tensor>})`` (the loss that
         drove step t, the parameters after it; live tensors, clone to keep).
@@ -64,11 +75,13 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                 steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                 weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed)
     check_llc_args(**args)
+    sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
+    sampling = dict(sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box or None)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if backend == "reference":
         with precision_context(precision, device):
             result = reference.estimate_llc(model, loader, loss_fn, restrict=restrict, device=device,
-                                            progress=progress, callbacks=callbacks, **args)
+                                            progress=progress, callbacks=callbacks, **args, **sampling)
         result.config["precision"] = precision
         return result
 
@@ -83,7 +96,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     cfg = SamplerConfig(num_chains=num_chains, steps=steps, epsilon=float(epsilon), nbeta=nbeta, gamma=float(gamma),
                         weight_decay=float(weight_decay), noise_scale=float(noise_scale), seed=seed,
                         backend=backend, precision=precision, cuda_graphs=cuda_graphs, progress=progress,
-                        chain_chunk=chain_chunk)
+                        chain_chunk=chain_chunk, sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box)
     run = run_chains(base, loader, loss_fn, cfg, restrict=restrict, callbacks=callbacks)
 
     losses = run.losses
@@ -95,6 +108,22 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     draws = losses[:, num_burnin::steps_between_draws][:, :num_draws]
     config = dict(args, backend="fast" if run.mode == "vmap" else "fast-sequential", nbeta=nbeta,
                   num_init_batches=num_init_batches or num_chains, device=str(device), precision=precision,
-                  cuda_graphs=run.cuda_graphs, chain_chunk=chain_chunk)
+                  cuda_graphs=run.cuda_graphs, chain_chunk=chain_chunk, **sampling)
     timings = dict(run.timings, total_s=time.perf_counter() - started)
     return finish(draws, l0, nbeta, run.stats, steps_run, config=config, timings=timings, stacklevel=3)
+
+
+def estimate_wbic(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_samples: int,
+                  **kwargs) -> LLCResult:
+    """WBIC (Watanabe's widely applicable BIC): n times the mean loss under
+    the localized posterior tempered to beta = 1/log n. Runs estimate_llc at
+    nbeta = n / log n (any other estimate_llc argument passes through) and
+    stores the value and its standard error across chains in
+    ``result.diagnostics["wbic"]`` and ``["wbic_se"]``; the result's LLC is
+    the LLC at that temperature."""
+    n = check_int("num_samples", num_samples, minimum=2)
+    if kwargs.get("nbeta") is not None:
+        raise ValueError("estimate_wbic sets nbeta = num_samples / log(num_samples); do not pass nbeta")
+    result = estimate_llc(model, loader, loss_fn, nbeta=n / math.log(n), **kwargs)
+    result.diagnostics["wbic"], result.diagnostics["wbic_se"] = result.wbic(n)
+    return result

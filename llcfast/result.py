@@ -21,6 +21,9 @@ class LLCResult:
     diagnostics: Dict[str, Any] = field(default_factory=dict)
     config: Dict[str, Any] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
+    # [C, draws]: the running estimate nbeta * (mean of draws 0..k - init_loss)
+    # per chain, to see whether it has settled; NaN from a chain's divergence on.
+    llc_trace: Optional[np.ndarray] = None
 
     @classmethod
     def from_traces(cls, loss_trace, init_loss: float, nbeta: float, *, config: Optional[dict] = None,
@@ -41,7 +44,26 @@ class LLCResult:
         if ok.sum() >= 1 and trace.shape[1] >= 4:
             diag["rhat"] = split_rhat(trace[ok])
             diag["ess"] = ess(trace[ok])
-        return cls(mean, std, per_chain, trace, float(init_loss), diag, dict(config or {}), dict(timings or {}))
+        running = nbeta * (np.cumsum(trace, axis=1) / np.arange(1, trace.shape[1] + 1) - init_loss)
+        return cls(mean, std, per_chain, trace, float(init_loss), diag, dict(config or {}), dict(timings or {}),
+                   running)
+
+    def wbic(self, num_samples: int) -> tuple:
+        """(WBIC, its standard error across chains): n times the mean draw
+        loss, meaningful when the chains sampled at nbeta = n / log n (as
+        llcfast.estimate_wbic runs them). Since nbeta * (E[L] - L(w*)) is the
+        LLC, WBIC = n L(w*) + LLC * log n exactly at that nbeta."""
+        n = int(num_samples)
+        if n < 2:
+            raise ValueError(f"num_samples must be >= 2 (WBIC uses log n), got {num_samples}")
+        nbeta = self.config.get("nbeta")
+        if nbeta is not None and not math.isclose(nbeta, n / math.log(n), rel_tol=1e-6):
+            raise ValueError(f"these chains sampled at nbeta={nbeta:.6g}, but WBIC for n={n} needs nbeta = n / log n "
+                             f"= {n / math.log(n):.6g}; run llcfast.estimate_wbic(..., num_samples={n})")
+        ok = np.isfinite(self.loss_trace).all(axis=1)
+        per_chain = n * self.loss_trace[ok].mean(axis=1)
+        se = float(per_chain.std(ddof=1) / math.sqrt(len(per_chain))) if len(per_chain) > 1 else math.nan
+        return float(per_chain.mean()), se
 
     def to_dict(self) -> dict:
         """JSON-ready: arrays become lists, NaN becomes None."""
@@ -60,7 +82,7 @@ class LLCResult:
         return clean({
             "llc_mean": self.llc_mean, "llc_std": self.llc_std, "llc_per_chain": self.llc_per_chain,
             "loss_trace": self.loss_trace, "init_loss": self.init_loss, "diagnostics": self.diagnostics,
-            "config": self.config, "timings": self.timings,
+            "config": self.config, "timings": self.timings, "llc_trace": self.llc_trace,
         })
 
     def to_json(self) -> str:
@@ -86,8 +108,9 @@ class LLCResult:
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
         fig = None
+        running_ax = None
         if ax is None:
-            fig, ax = plt.subplots(figsize=(7, 4))
+            fig, (ax, running_ax) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
         for c, row in enumerate(self.loss_trace):
             ax.plot(row, lw=0.8, alpha=0.85, label=f"chain {c}")
         ax.axhline(self.init_loss, color="k", ls="--", lw=1, label="loss at w*")
@@ -100,6 +123,11 @@ class LLCResult:
         ax.set(title=title, xlabel="draw", ylabel="minibatch loss")
         if len(self.loss_trace) <= 10:
             ax.legend(fontsize=7, ncol=2)
+        if running_ax is not None and self.llc_trace is not None:
+            for c, row in enumerate(self.llc_trace):
+                running_ax.plot(row, lw=0.8, alpha=0.85)
+            running_ax.axhline(self.llc_mean, color="k", ls="--", lw=1)
+            running_ax.set(title="running LLC per chain (should level off)", xlabel="draw", ylabel="LLC so far")
         fig = fig or ax.figure
         if path is not None:
             fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -14,6 +14,7 @@ import torch
 
 from .. import ops
 from .._llc_common import precision_context, progress_bar, restriction_masks, trainable
+from ..samplers import Stepper
 from .batches import ChainBatches
 from .functional import chain_loss, sequential_grads, vmap_failure, vmapped_grads
 from .graphs import GraphStep, side_stream
@@ -47,6 +48,9 @@ class SamplerConfig:
     cuda_graphs: bool = True
     progress: bool = True
     chain_chunk: Optional[int] = None  # chains per batched pass; None: all
+    sampler: str = "sgld"
+    sampler_kwargs: Dict[str, float] = field(default_factory=dict)
+    bounding_box: float = 0.0  # 0: none
 
 
 def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerConfig, *, restrict=None,
@@ -77,6 +81,8 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     trace = torch.full((cfg.steps, cfg.num_chains), float("nan"), dtype=torch.float32, device=device)
     stats = torch.zeros(cfg.num_chains, 3, dtype=torch.float64, device=device)
     step_tensor = torch.zeros(1, dtype=torch.int64, device=device)
+    stepper = Stepper(ops, cfg.sampler, cfg.sampler_kwargs, cfg.bounding_box, params, epsilon=cfg.epsilon,
+                      seed=cfg.seed)
 
     def step(batch, dims, per_chain=None) -> None:
         with precision_context(cfg.precision, device):
@@ -89,9 +95,9 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
                 losses, grads = sequential_grads(loss, params, per_chain, grad_buf), grad_buf
         trace.index_copy_(0, step_tensor, losses.detach().to(torch.float32).reshape(1, -1))
         with torch.no_grad():
-            ops.sgld_step_(params, grads, centers, eps=cfg.epsilon, nbeta=cfg.nbeta, gamma=cfg.gamma,
-                           weight_decay=cfg.weight_decay, noise_scale=cfg.noise_scale, seed=cfg.seed, step=0,
-                           masks=masks, stats=stats, step_tensor=step_tensor)
+            stepper.step(params, grads, centers, eps=cfg.epsilon, nbeta=cfg.nbeta, gamma=cfg.gamma,
+                         weight_decay=cfg.weight_decay, noise_scale=cfg.noise_scale, seed=cfg.seed, step=0,
+                         masks=masks, stats=stats, step_tensor=step_tensor)
         step_tensor.add_(1)
 
     views = dict(zip(names, params))

@@ -14,17 +14,19 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .._llc_common import (check_llc_args, checked_loss, cycle_batches, default_loss, default_nbeta, finish,
+from .._llc_common import (check_llc_args, check_sampler_args, checked_loss, cycle_batches, default_loss, default_nbeta, finish,
                            init_loss, progress_bar, restriction_masks, to_device, trainable, warn_if_cycled)
 from ..result import LLCResult
-from .sgld import sgld_step_
+from ..samplers import Stepper
+from .. import reference as ref_ops
 
 
 def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 4,
                  num_draws: int = 200, num_burnin: int = 0, steps_between_draws: int = 1, epsilon: float = 1e-4,
                  gamma: float = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
                  noise_scale: float = 1.0, num_init_batches: Optional[int] = None, restrict=None, seed: int = 0,
-                 device=None, progress: bool = True, callbacks: Sequence[Callable] = ()) -> LLCResult:
+                 device=None, progress: bool = True, callbacks: Sequence[Callable] = (), sampler: str = "sgld",
+                 sampler_kwargs: Optional[dict] = None, bounding_box: Optional[float] = None) -> LLCResult:
     """The LLC of ``model`` at its current weights w*; ``model`` is not changed.
 
     After every SGLD step each callback is called as
@@ -35,6 +37,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     check_llc_args(num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                    steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                    weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed)
+    sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     loss_fn = loss_fn or default_loss
     device = torch.device(device) if device is not None else next(model.parameters()).device
     started = time.perf_counter()
@@ -54,6 +57,9 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         named = trainable(chain_model)
         params = [p for _, p in named]
         centers = [p.detach().clone() for p in params]
+        stacked = [p.detach().view((1,) + tuple(p.shape)) for p in params]
+        stepper = Stepper(ref_ops, sampler, sampler_kwargs, box, stacked, epsilon=epsilon, seed=seed,
+                          chain_offset=c)
         batches = cycle_batches(loader)
         for t in range(total_steps):
             chain_model.zero_grad(set_to_none=True)
@@ -67,10 +73,9 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                 trace[c, (t - num_burnin) // steps_between_draws] = value
             with torch.no_grad():
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                sgld_step_([p.detach().view((1,) + tuple(p.shape)) for p in params],
-                           [g.view((1,) + tuple(g.shape)) for g in grads], centers, eps=epsilon, nbeta=nbeta,
-                           gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale, seed=seed, step=t,
-                           chain_offset=c, masks=masks, stats=stats[c:c + 1])
+                stepper.step(stacked, [g.view((1,) + tuple(g.shape)) for g in grads], centers, eps=epsilon,
+                             nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale, seed=seed,
+                             step=t, chain_offset=c, masks=masks, stats=stats[c:c + 1])
             if callbacks:
                 views = {n: p.detach()[None] for n, p in named}
                 for cb in callbacks:
@@ -83,7 +88,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     config = dict(backend="reference", num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                   steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                   weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches or num_chains,
-                  seed=seed, device=str(device))
+                  seed=seed, device=str(device), sampler=sampler, sampler_kwargs=sampler_kwargs,
+                  bounding_box=box or None)
     timings = {"total_s": now - started, "sampling_s": now - sampling_started,
                "ms_per_chain_step": 1e3 * (now - sampling_started) / (num_chains * total_steps)}
     return finish(trace, l0, nbeta, stats.cpu().numpy(), steps_run, config=config, timings=timings)
