@@ -36,6 +36,23 @@ def test_graph_replay_matches_eager_and_reference(restrict):
     assert_same_trajectory(e, g, eager, graphed, steps=14, nbeta=8.0, eps=1e-3)
 
 
+@pytest.mark.parametrize("sampler,kw,box", [("rmsprop_sgld", {"alpha": 0.9}, None), ("sgnht", {}, 0.05),
+                                             ("sgld", {}, 0.05)])
+def test_graph_replay_of_every_sampler_matches_the_reference(sampler, kw, box):
+    """The samplers' state (RMSprop's V, SGNHT's momentum and thermostat)
+    advances inside the captured graph exactly as in eager steps."""
+    model = TinyTransformer().cuda()
+    args = dict(num_chains=3, num_draws=10, num_burnin=2, epsilon=1e-3, nbeta=8.0, gamma=100.0, seed=7,
+                progress=False, device="cuda", sampler=sampler, sampler_kwargs=kw, bounding_box=box)
+    ref, graphed = {}, {}
+    r = reference.estimate_llc(model, token_loader(), token_loss, callbacks=[record_into(ref)], **args)
+    g = llcfast.estimate_llc(model, token_loader(), token_loss, callbacks=[record_into(graphed)], backend="fast",
+                             cuda_graphs=True, **args)
+    assert g.config["cuda_graphs"] is True
+    assert_same_trajectory(r, g, ref, graphed, steps=12, nbeta=8.0 * (10 if sampler == "rmsprop_sgld" else 1),
+                           eps=1e-3 * (2 if sampler == "sgnht" else 1))
+
+
 def test_short_last_batch_runs_eagerly_between_replays():
     loader = regression_loader(n=40, batch_size=16)  # batches of 16, 16, 8
     model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1)).cuda()
