@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llc_models import exact_sgld_llc, linear_problem, mse
-from llcfast.pipeline.calibrate import _recommend, calibrate, trend_t
+from llcfast.pipeline.calibrate import _recommend, calibrate, sampler_grid, trend_t
 
 
 def test_trend_statistic_separates_drift_from_stationary_noise():
@@ -19,8 +19,8 @@ def test_trend_statistic_separates_drift_from_stationary_noise():
     assert math.isnan(trend_t(stationary[:2]))  # too few chains to tell
 
 
-def _row(eps, gamma, llc, se=0.5, flags=()):
-    return {"epsilon": eps, "gamma": gamma, "nbeta": 10.0, "llc_mean": llc, "llc_std": se * 2, "llc_se": se,
+def _row(eps, gamma, llc, se=0.5, flags=(), sampler="sgld"):
+    return {"sampler": sampler, "epsilon": eps, "gamma": gamma, "nbeta": 10.0, "llc_mean": llc, "llc_std": se * 2, "llc_se": se,
             "flags": list(flags)}
 
 
@@ -29,6 +29,10 @@ def test_recommendation_takes_the_largest_epsilon_on_the_plateau():
             _row(3e-2, 1, math.nan, flags=["diverged"])]
     best, reason = _recommend(rows)
     assert best["epsilon"] == 3e-3 and "agrees with those of all smaller" in reason
+    # A plateau is looked for within one sampler: another sampler's rows do not count.
+    other = [_row(1e-4, 1, 5.2, sampler="sgnht")] + [dict(r, epsilon=r["epsilon"] * 10) for r in rows[2:3]]
+    best, _ = _recommend(other)
+    assert best["sampler"] == "sgld" and best["epsilon"] == 3e-2
     best, reason = _recommend([_row(1e-3, 1, 5, flags=["negative LLC"])])
     assert best is None and "every setting" in reason
 
@@ -49,6 +53,24 @@ def test_calibrate_flags_divergence_and_recommends_a_healthy_setting(tmp_path):
                                                                0.1 * abs(r["llc_mean"]))
     res.plot(str(tmp_path / "c.png"), str(tmp_path / "t.png"))
     assert os.path.getsize(tmp_path / "c.png") > 1000 and os.path.getsize(tmp_path / "t.png") > 1000
-    assert "recommended: epsilon=" in res.describe()
+    assert "recommended: sampler=sgld epsilon=" in res.describe()
     with pytest.raises(ValueError, match="epsilons must be a non-empty list of numbers > 0"):
         calibrate(model, loader, mse, epsilons=[0.0], gammas=[1.0])
+
+
+def test_samplers_and_their_hyperparameters_are_grid_axes(tmp_path):
+    model, loader, x = linear_problem(4, n=256, seed=0)
+    grid = ["sgld"] + sampler_grid("rmsprop_sgld", alpha=[0.99, 0.9999]) + [("sgnht", {"diffusion": 0.01})]
+    assert grid[1:3] == [("rmsprop_sgld", {"alpha": 0.99}), ("rmsprop_sgld", {"alpha": 0.9999})]
+    res = calibrate(model, loader, mse, epsilons=[1e-4, 3e-4], gammas=[1.0], nbetas=[50.0], samplers=grid,
+                    num_chains=4, num_draws=300, num_burnin=100, progress=False)
+    labels = [r["sampler"] for r in res.rows]
+    assert labels == ["sgld"] * 2 + ["rmsprop_sgld(alpha=0.99)"] * 2 + ["rmsprop_sgld(alpha=0.9999)"] * 2 + \
+        ["sgnht(diffusion=0.01)"] * 2
+    # Different samplers really ran: their estimates at the same (epsilon, gamma) differ.
+    by = {(r["sampler"], r["epsilon"]): r["llc_mean"] for r in res.rows}
+    assert len({round(by[(lab, 1e-4)], 9) for lab in set(labels)}) == 4
+    res.plot(str(tmp_path / "c.png"), str(tmp_path / "t.png"))
+    assert "sgnht(diffusion=0.01)" in res.describe()
+    with pytest.raises(ValueError, match="'alpha' is not a hyperparameter of 'sgnht'"):
+        calibrate(model, loader, mse, epsilons=[1e-3], gammas=[1.0], samplers=[("sgnht", {"alpha": 0.9})])

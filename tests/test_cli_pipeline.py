@@ -46,6 +46,12 @@ def test_train_sweep_report_calibrate_from_the_command_line(tmp_path, capsys):
     assert os.path.isfile(os.path.join(run, "calibration", "calibration.png"))
     assert main(["calibrate", run, "--step", "999", "--quiet"]) == 2
     assert "no checkpoint at step 999" in capsys.readouterr().err
+    assert main(["calibrate", run, "--quiet", "--epsilons", "1e-4", "--gammas", "10", "--draws", "6", "--samplers",
+                 "sgld", "rmsprop_sgld:alpha=0.9999", "sgnht:diffusion=0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "rmsprop_sgld(alpha=0.9999)" in out and "sgnht(diffusion=0.02)" in out
+    assert main(["calibrate", run, "--quiet", "--samplers", "sgnht:diffusion"]) == 2
+    assert "expected NAME or NAME:KEY=NUMBER" in capsys.readouterr().err
 
 
 def test_demo_pipeline_writes_the_report(tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 
 from .._llc_common import progress_bar
 from ..llc import estimate_llc
+from ..samplers import check_sampler
 
 TREND_T = 3.0  # |t| of the last-quarter minus first-quarter mean across chains
 RHAT_MAX = 1.1
@@ -50,34 +51,36 @@ class CalibrationResult:
         return pd.DataFrame(self.rows)
 
     def describe(self) -> str:
-        lines = [f"{'epsilon':>9} {'gamma':>8} {'nbeta':>8} {'LLC':>9} {'sd':>7}  flags"]
+        width = max([7] + [len(r["sampler"]) for r in self.rows])
+        lines = [f"{'sampler':<{width}} {'epsilon':>9} {'gamma':>8} {'nbeta':>8} {'LLC':>9} {'sd':>7}  flags"]
         for r in self.rows:
             flags = ", ".join(r["flags"]) or "ok"
-            lines.append(f"{r['epsilon']:>9.2g} {r['gamma']:>8.3g} {r['nbeta']:>8.3g} {r['llc_mean']:>9.3g} "
-                         f"{r['llc_std']:>7.2g}  {flags}")
+            lines.append(f"{r['sampler']:<{width}} {r['epsilon']:>9.2g} {r['gamma']:>8.3g} {r['nbeta']:>8.3g} "
+                         f"{r['llc_mean']:>9.3g} {r['llc_std']:>7.2g}  {flags}")
         if self.recommended:
             rec = self.recommended
-            lines.append(f"recommended: epsilon={rec['epsilon']:g} gamma={rec['gamma']:g} nbeta={rec['nbeta']:g} "
-                         f"(LLC {rec['llc_mean']:.4g}); {self.reason}")
+            lines.append(f"recommended: sampler={rec['sampler']} epsilon={rec['epsilon']:g} gamma={rec['gamma']:g} "
+                         f"nbeta={rec['nbeta']:g} (LLC {rec['llc_mean']:.4g}); {self.reason}")
         else:
             lines.append(f"no setting recommended: {self.reason}")
         return "\n".join(lines)
 
     def plot(self, path: Optional[str] = None, traces_path: Optional[str] = None):
-        """LLC against epsilon, one line per (gamma, nbeta), flagged settings
+        """LLC against epsilon, one line per (sampler, gamma, nbeta), flagged settings
         as crosses; and (to ``traces_path``) every setting's loss traces."""
         import matplotlib
         if path is not None:
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        groups = sorted({(r["gamma"], r["nbeta"]) for r in self.rows})
-        for i, (g, nb) in enumerate(groups):
-            rows = sorted((r for r in self.rows if (r["gamma"], r["nbeta"]) == (g, nb)), key=lambda r: r["epsilon"])
+        groups = sorted({_group(r) for r in self.rows})
+        for i, (sampler, g, nb) in enumerate(groups):
+            rows = sorted((r for r in self.rows if _group(r) == (sampler, g, nb)), key=lambda r: r["epsilon"])
             eps = [r["epsilon"] for r in rows]
             llc = [r["llc_mean"] if math.isfinite(r["llc_mean"]) else np.nan for r in rows]
             sd = [r["llc_std"] if math.isfinite(r["llc_std"]) else 0 for r in rows]
-            label = f"gamma={g:g}" + (f", nbeta={nb:g}" if len({n for _, n in groups}) > 1 else "")
+            label = (f"{sampler}, " if len({k[0] for k in groups}) > 1 else "") + f"gamma={g:g}" + \
+                (f", nbeta={nb:g}" if len({k[2] for k in groups}) > 1 else "")
             ax.errorbar(eps, llc, yerr=sd, fmt="-o", ms=4, color=f"C{i}", label=label, capsize=2)
             bad = [(e, v) for e, v, r in zip(eps, llc, rows) if r["flags"]]
             if bad:
@@ -98,18 +101,45 @@ class CalibrationResult:
     def _plot_traces(self):
         import matplotlib.pyplot as plt
         eps = sorted({r["epsilon"] for r in self.rows})
-        groups = sorted({(r["gamma"], r["nbeta"]) for r in self.rows})
+        groups = sorted({_group(r) for r in self.rows})
         fig, axes = plt.subplots(len(groups), len(eps), figsize=(2.2 * len(eps), 1.8 * len(groups)), squeeze=False,
                                  sharex=True)
         for r in self.rows:
-            ax = axes[groups.index((r["gamma"], r["nbeta"])), eps.index(r["epsilon"])]
-            ax.plot(self.traces[(r["epsilon"], r["gamma"], r["nbeta"])].T, lw=0.6)
+            ax = axes[groups.index(_group(r)), eps.index(r["epsilon"])]
+            ax.plot(self.traces[_group(r) + (r["epsilon"],)].T, lw=0.6)
             ax.axhline(self.init_loss, color="k", ls="--", lw=0.8)
-            ax.set_title(f"eps {r['epsilon']:.2g} g {r['gamma']:.3g}\n" + (", ".join(r["flags"]) or "ok"),
+            ax.set_title(f"{r['sampler']} eps {r['epsilon']:.2g} g {r['gamma']:.3g}\n" + (", ".join(r["flags"]) or "ok"),
                          fontsize=7, color="red" if r["flags"] else "k")
             ax.tick_params(labelsize=6)
         fig.tight_layout()
         return fig
+
+
+def _group(row: dict) -> tuple:
+    """Settings that differ only in epsilon: one line of the plot, and the
+    set within which the step-size plateau is looked for."""
+    return row["sampler"], row["gamma"], row["nbeta"]
+
+
+def sampler_grid(sampler: str, **axes: Sequence[float]) -> List[tuple]:
+    """Every combination of a sampler's hyperparameters, as entries for
+    calibrate(samplers=...): sampler_grid("rmsprop_sgld", alpha=[0.99, 0.9999])."""
+    import itertools
+    names = sorted(axes)
+    return [(sampler, dict(zip(names, values))) for values in itertools.product(*(axes[n] for n in names))]
+
+
+def _sampler_configs(samplers) -> List[tuple]:
+    """(label, name, kwargs) per entry of samplers: a name, or (name, kwargs)."""
+    out = []
+    for entry in samplers:
+        name, kwargs = (entry, {}) if isinstance(entry, str) else tuple(entry)
+        name, full, _ = check_sampler(name, kwargs, None)
+        label = name + ("(" + ", ".join(f"{k}={v:g}" for k, v in sorted(kwargs.items())) + ")" if kwargs else "")
+        out.append((label, name, dict(kwargs)))
+    if not out:
+        raise ValueError("samplers must name at least one sampler")
+    return out
 
 
 def _recommend(rows: List[dict]):
@@ -118,7 +148,7 @@ def _recommend(rows: List[dict]):
         return None, "every setting diverged, drifted or gave a negative LLC; try smaller epsilon or larger gamma"
     stable = []
     for r in ok:  # stable: agrees with every smaller healthy epsilon of its (gamma, nbeta)
-        smaller = [s for s in ok if (s["gamma"], s["nbeta"]) == (r["gamma"], r["nbeta"]) and s["epsilon"] < r["epsilon"]]
+        smaller = [s for s in ok if _group(s) == _group(r) and s["epsilon"] < r["epsilon"]]
         if smaller and all(abs(r["llc_mean"] - s["llc_mean"]) <= max(2 * math.hypot(r["llc_se"], s["llc_se"]),
                                                                       PLATEAU_REL * abs(s["llc_mean"]))
                            for s in smaller):
@@ -133,10 +163,13 @@ def _recommend(rows: List[dict]):
 
 
 def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas: Sequence[float],
-              nbetas: Sequence[Optional[float]] = (None,), num_chains: int = 4, num_draws: int = 200,
+              nbetas: Sequence[Optional[float]] = (None,), samplers: Sequence = ("sgld",), num_chains: int = 4,
+              num_draws: int = 200,
               num_burnin: int = 0, seed: int = 0, device=None, progress: bool = True,
               **llc_kwargs) -> CalibrationResult:
-    """Runs estimate_llc at every (epsilon, gamma, nbeta) of the grid and
+    """Runs estimate_llc at every (sampler, epsilon, gamma, nbeta) of the grid
+    (``samplers``: names, or (name, sampler_kwargs) pairs; sampler_grid()
+    spans a sampler's hyperparameters) and
     flags each setting: "diverged" (a chain's loss became NaN/Inf),
     "not equilibrated" (the loss trace still trends: |t| > 3 across chains,
     or R-hat > 1.1), "negative LLC". Recommends the largest healthy epsilon
@@ -146,15 +179,17 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
         if not grid or any(not isinstance(v, (int, float)) or not v > 0 for v in grid):
             raise ValueError(f"{name} must be a non-empty list of numbers > 0, got {grid!r}")
     rows, traces, init = [], {}, math.nan
-    settings = [(float(e), float(g), nb) for nb in nbetas for g in gammas for e in epsilons]
+    configs = _sampler_configs(samplers)
+    settings = [(cfg, float(e), float(g), nb) for cfg in configs for nb in nbetas for g in gammas for e in epsilons]
     bar = progress_bar(progress, len(settings), "calibration grid", unit="setting", leave=True)
-    for eps, gamma, nbeta in settings:
+    for (label, sampler, sampler_kwargs), eps, gamma, nbeta in settings:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # flagged in the table instead
             warnings.filterwarnings("ignore", message="the loader holds", category=UserWarning)
             res = estimate_llc(model, loader, loss_fn, num_chains=num_chains, num_draws=num_draws,
                                num_burnin=num_burnin, epsilon=eps, gamma=gamma, nbeta=nbeta, seed=seed,
-                               device=device, progress=False, **llc_kwargs)
+                               device=device, progress=False, sampler=sampler, sampler_kwargs=sampler_kwargs,
+                               **llc_kwargs)
         nb = float(res.config.get("nbeta", nbeta))
         init = res.init_loss
         good = np.isfinite(res.llc_per_chain)  # chains whose whole trace is finite
@@ -168,10 +203,10 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
                 flags.append("not equilibrated")
             if res.llc_mean < 0:
                 flags.append("negative LLC")
-        rows.append({"epsilon": eps, "gamma": gamma, "nbeta": nb, "llc_mean": res.llc_mean, "llc_std": res.llc_std,
+        rows.append({"sampler": label, "epsilon": eps, "gamma": gamma, "nbeta": nb, "llc_mean": res.llc_mean, "llc_std": res.llc_std,
                      "llc_se": res.llc_std / math.sqrt(max(int(good.sum()), 1)),
                      "rhat": rhat, "trend_t": t, "flags": flags})
-        traces[(eps, gamma, nb)] = res.loss_trace
+        traces[(label, gamma, nb, eps)] = res.loss_trace
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -180,7 +215,7 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
     return CalibrationResult(rows, traces, init, best, reason)
 
 
-def calibrate_run(run_dir: str, *, step: Optional[int] = None, epsilons=None, gammas=None, nbetas=None,
+def calibrate_run(run_dir: str, *, step: Optional[int] = None, epsilons=None, gammas=None, nbetas=None, samplers=None,
                   num_chains: Optional[int] = None, num_draws: Optional[int] = None, device=None,
                   out: Optional[str] = None, progress: bool = True) -> CalibrationResult:
     """calibrate() on one checkpoint of a training run, with grids around the
@@ -204,6 +239,7 @@ def calibrate_run(run_dir: str, *, step: Optional[int] = None, epsilons=None, ga
     result = calibrate(model, task.llc_batches(s.llc_sequences, s.llc_batch_size, device), cfg.loss_fn,
                        epsilons=epsilons or [s.epsilon * f for f in (0.1, 0.3, 1, 3, 10)],
                        gammas=gammas or [s.gamma * f for f in (0.1, 1, 10)], nbetas=nbetas or [s.nbeta],
+                       samplers=samplers or ["sgld"],
                        num_chains=num_chains or s.num_chains, num_draws=num_draws or s.num_draws,
                        num_burnin=s.num_burnin, seed=s.seed, device=device, progress=progress)
     out = out or os.path.join(run_dir, "calibration")

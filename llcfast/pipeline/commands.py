@@ -116,10 +116,32 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _parse_samplers(specs):
+    """'rmsprop_sgld:alpha=0.9999,rms_eps=0.1' -> ("rmsprop_sgld", {...})."""
+    if not specs:
+        return None
+    out = []
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        kwargs = {}
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            try:
+                kwargs[key.strip()] = float(value)
+            except ValueError:
+                eq = ""
+            if not eq:
+                raise ValueError(f"--samplers {spec!r}: expected NAME or NAME:KEY=NUMBER[,KEY=NUMBER...], "
+                                 f"got {item!r}")
+        out.append((name, kwargs))
+    return out
+
+
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate_run
     result = calibrate_run(args.run_dir, step=args.step, epsilons=args.epsilons, gammas=args.gammas,
-                           nbetas=args.nbetas, num_chains=args.chains, num_draws=args.draws,
+                           nbetas=args.nbetas, samplers=_parse_samplers(args.samplers), num_chains=args.chains,
+                           num_draws=args.draws,
                            device=args.device and _device(args.device), out=args.out, progress=not args.quiet)
     print(result.describe())
     return 0
@@ -170,6 +192,9 @@ def add_commands(sub) -> None:
     p.add_argument("--epsilons", type=_positive(float), nargs="+")
     p.add_argument("--gammas", type=_positive(float), nargs="+")
     p.add_argument("--nbetas", type=_positive(float), nargs="+")
+    p.add_argument("--samplers", nargs="+", metavar="SAMPLER[:KEY=VALUE,...]",
+                   help="samplers to compare, each with optional hyperparameters, e.g. sgld "
+                        "rmsprop_sgld:alpha=0.9999 sgnht:diffusion=0.01 (default: sgld)")
     p.add_argument("--chains", type=_positive(int), help="chains per setting (default: the run's)")
     p.add_argument("--draws", type=_positive(int), help="draws per chain (default: the run's)")
     p.add_argument("--device", choices=["cpu", "cuda"])
