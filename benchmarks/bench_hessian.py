@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
 from bench_llc import flops_per_chain_step, lm_case, lr_case, sync  # noqa: E402
+from results_io import save_report  # noqa: E402
 
 
 def loop_trace(model, loss_fn, batch, probes, seed):
@@ -126,12 +126,7 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
               "date": datetime.date.today().isoformat(), "quick": args.quick, "cases": results}
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"hessian_{gpu.replace(' ', '_')}_{report['date']}{'_quick' if args.quick else ''}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {out}")
+    save_report(report, args.out, "hessian_quick" if args.quick else "hessian")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -29,9 +28,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
 from llcfast import models, tasks  # noqa: E402
+from results_io import save_report  # noqa: E402
 
 # Dense matmul peaks (TFLOP/s) of the GPUs these benchmarks run on, from the
 # vendor's datasheets (SXM parts; sparsity excluded). fp32 means CUDA cores.
@@ -256,12 +257,7 @@ def main(argv=None):
               "date": datetime.date.today().isoformat(), "quick": args.quick, "build": llcfast.build_info(),
               "devinterp": None if args.skip_devinterp else __import__("devinterp").__version__
               if hasattr(__import__("devinterp"), "__version__") else "1.3.2", "cases": results}
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"llc_{gpu.replace(' ', '_')}_{report['date']}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print("wrote", out)
+    save_report(report, args.out, "llc")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 
@@ -24,6 +23,7 @@ import llcfast  # noqa: E402
 from llcfast import ops, reference  # noqa: E402
 from llcfast.samplers import Stepper  # noqa: E402
 from bench_sgld_step import copy_bandwidth, split_sizes, timer  # noqa: E402
+from results_io import save_report  # noqa: E402
 
 
 def bench(sampler, n, chains, device, run, reps, with_twin):
@@ -77,12 +77,7 @@ def main(argv=None):
     report = {"benchmark": "sampler_steps", "device": name, "torch": torch.__version__,
               "cuda": torch.version.cuda, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "copy_bandwidth_GBps": bw / 1e9, "build": llcfast.build_info(), "rows": rows}
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"samplers_{name.replace(' ', '_')}_{report['date'][:10]}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print("wrote", out)
+    save_report(report, args.out, "samplers")
 
 
 if __name__ == "__main__":
