@@ -13,6 +13,7 @@ from . import reference
 from ._checks import check_int
 from ._llc_common import (check_llc_args, check_precision, check_sampler_args, default_loss, default_nbeta, finish, first_nonfinite,
                           init_loss, precision_context, warn_if_cycled)
+from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, run_chains
 from .result import LLCResult
 
@@ -78,7 +79,11 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     sampling = dict(sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box or None)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    split = current_split(num_chains)
     if backend == "reference":
+        if split is not None:
+            raise ValueError("backend='reference' runs its chains in one process; inside a torch.distributed job "
+                             "use backend='auto' or 'fast', which split the chains across ranks")
         with precision_context(precision, device):
             result = reference.estimate_llc(model, loader, loss_fn, restrict=restrict, device=device,
                                             progress=progress, callbacks=callbacks, **args, **sampling)
@@ -93,13 +98,17 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         l0 = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
     steps = num_burnin + num_draws * steps_between_draws
     warn_if_cycled(loader, steps)
-    cfg = SamplerConfig(num_chains=num_chains, steps=steps, epsilon=float(epsilon), nbeta=nbeta, gamma=float(gamma),
-                        weight_decay=float(weight_decay), noise_scale=float(noise_scale), seed=seed,
-                        backend=backend, precision=precision, cuda_graphs=cuda_graphs, progress=progress,
+    local_chains, offset = (num_chains, 0) if split is None else (split.count, split.start)
+    cfg = SamplerConfig(num_chains=local_chains, chain_offset=offset, steps=steps, epsilon=float(epsilon), nbeta=nbeta,
+                        gamma=float(gamma), weight_decay=float(weight_decay), noise_scale=float(noise_scale),
+                        seed=seed, backend=backend, precision=precision, cuda_graphs=cuda_graphs,
+                        progress=progress and (split is None or split.rank == 0),
                         chain_chunk=chain_chunk, sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box)
     run = run_chains(base, loader, loss_fn, cfg, restrict=restrict, callbacks=callbacks)
 
-    losses = run.losses
+    losses, stats = run.losses, run.stats
+    if split is not None:  # every rank gets all chains, in global order
+        losses, stats = gather_rows(split, losses), gather_rows(split, stats)
     diverged_at = first_nonfinite(losses)
     steps_run = np.full(num_chains, steps)
     for c, t in diverged_at.items():
@@ -110,7 +119,9 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                   num_init_batches=num_init_batches or num_chains, device=str(device), precision=precision,
                   cuda_graphs=run.cuda_graphs, chain_chunk=chain_chunk, **sampling)
     timings = dict(run.timings, total_s=time.perf_counter() - started)
-    return finish(draws, l0, nbeta, run.stats, steps_run, config=config, timings=timings, stacklevel=3)
+    if split is not None:
+        config["world_size"] = split.world_size
+    return finish(draws, l0, nbeta, stats, steps_run, config=config, timings=timings, stacklevel=3)
 
 
 def estimate_wbic(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_samples: int,

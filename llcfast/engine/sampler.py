@@ -51,6 +51,7 @@ class SamplerConfig:
     sampler: str = "sgld"
     sampler_kwargs: Dict[str, float] = field(default_factory=dict)
     bounding_box: float = 0.0  # 0: none
+    chain_offset: int = 0  # global index of the first chain (noise is keyed by it)
 
 
 def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerConfig, *, restrict=None,
@@ -82,7 +83,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     stats = torch.zeros(cfg.num_chains, 3, dtype=torch.float64, device=device)
     step_tensor = torch.zeros(1, dtype=torch.int64, device=device)
     stepper = Stepper(ops, cfg.sampler, cfg.sampler_kwargs, cfg.bounding_box, params, epsilon=cfg.epsilon,
-                      seed=cfg.seed)
+                      seed=cfg.seed, chain_offset=cfg.chain_offset)
 
     def step(batch, dims, per_chain=None) -> None:
         with precision_context(cfg.precision, device):
@@ -97,7 +98,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         with torch.no_grad():
             stepper.step(params, grads, centers, eps=cfg.epsilon, nbeta=cfg.nbeta, gamma=cfg.gamma,
                          weight_decay=cfg.weight_decay, noise_scale=cfg.noise_scale, seed=cfg.seed, step=0,
-                         masks=masks, stats=stats, step_tensor=step_tensor)
+                         chain_offset=cfg.chain_offset, masks=masks, stats=stats, step_tensor=step_tensor)
         step_tensor.add_(1)
 
     views = dict(zip(names, params))
@@ -118,7 +119,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
             with side_stream(use_graphs and graph is None):
                 step(batch, dims, per_chain)
         for cb in callbacks:
-            cb(step=t, chains=range(cfg.num_chains), loss=trace[t], params=views)
+            cb(step=t, chains=range(cfg.chain_offset, cfg.chain_offset + cfg.num_chains), loss=trace[t], params=views)
         if bar is not None:
             bar.update(1)
     losses = trace.t().double().cpu().numpy()  # the one host sync

@@ -1,0 +1,83 @@
+"""estimate_llc under torch.distributed: 2 CPU processes on gloo split the
+chains (3 + 2 of 5) and must give exactly the numbers of one process with the
+same seed, every sampler, since noise is keyed by the global chain index."""
+import os
+import pickle
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import llcfast
+from llc_models import mlp, mse, regression_loader
+
+KW = dict(num_chains=5, num_draws=12, num_burnin=4, epsilon=1e-3, nbeta=20.0, gamma=50.0, seed=11, progress=False,
+          backend="fast")
+SAMPLERS = [("sgld", {}), ("rmsprop_sgld", {"alpha": 0.9}), ("sgnht", {})]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = [llcfast.estimate_llc(mlp(), regression_loader(), mse, sampler=s, sampler_kwargs=k, **KW)
+                   for s, k in SAMPLERS]
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump([r.to_dict() for r in results], f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore:the LLC estimate is negative")
+def test_two_gloo_ranks_give_the_one_process_numbers(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks run single-threaded too: same CPU kernels, same summation order
+    try:
+        single = [llcfast.estimate_llc(mlp(), regression_loader(), mse, sampler=s, sampler_kwargs=k, **KW).to_dict()
+                  for s, k in SAMPLERS]
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            ranked = pickle.load(f)
+        for one, two, (sampler, _) in zip(single, ranked, SAMPLERS):
+            assert two["config"]["world_size"] == 2
+            for key in ("llc_per_chain", "loss_trace", "llc_trace"):
+                np.testing.assert_array_equal(np.array(two[key], dtype=float), np.array(one[key], dtype=float),
+                                              err_msg=f"{sampler} {key} rank {rank}")
+            assert two["llc_mean"] == one["llc_mean"] and two["init_loss"] == one["init_loss"]
+            for stat in ("grad_norm_sq_mean", "distance_sq_mean", "noise_norm_sq_mean", "rhat", "ess"):
+                np.testing.assert_array_equal(np.array(two["diagnostics"][stat]),
+                                              np.array(one["diagnostics"][stat]), err_msg=f"{sampler} {stat}")
+
+
+def _too_few_chains(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for backend, kw in (("fast", dict(num_chains=1)), ("reference", dict(num_chains=4))):
+            try:
+                llcfast.estimate_llc(mlp(), regression_loader(), mse, num_draws=2, progress=False, backend=backend,
+                                     **kw)
+            except ValueError as exc:
+                with open(os.path.join(out_dir, f"{backend}{rank}.txt"), "w") as f:
+                    f.write(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_distributed_use_is_explained(tmp_path):
+    mp.spawn(_too_few_chains, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert "num_chains=1 is fewer than the 2 ranks" in (tmp_path / "fast0.txt").read_text()
+    assert "backend='reference' runs its chains in one process" in (tmp_path / "reference1.txt").read_text()
