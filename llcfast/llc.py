@@ -27,7 +27,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), backend: str = "auto",
                  precision: str = "fp32", cuda_graphs: bool = True, chain_chunk: Optional[int] = None,
                  sampler: str = "sgld", sampler_kwargs: Optional[dict] = None,
-                 bounding_box: Optional[float] = None) -> LLCResult:
+                 bounding_box: Optional[float] = None, split_chains: bool = True) -> LLCResult:
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
@@ -61,6 +61,9 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         noise_scale must stay 1). Each is one fused kernel per step.
     bounding_box: b > 0 keeps every element within [w* - b, w* + b] (SGLD and
         RMSprop-SGLD clamp; SGNHT reflects the momentum); None: no box.
+    split_chains: inside a torch.distributed job (torchrun), each rank runs
+        its share of the chains and all ranks get the gathered result, equal
+        to a one-process run's; False runs every chain in this process.
     callbacks: called after every step as ``cb(step=t, chains=range(C),
         loss=<[C] tensor>, params={name: <[C, ...] tensor>})`` (the loss that
         drove step t, the parameters after it; live tensors, clone to keep).
@@ -79,7 +82,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     sampling = dict(sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box or None)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    split = current_split(num_chains)
+    split = current_split(num_chains) if split_chains else None
     if backend == "reference":
         if split is not None:
             raise ValueError("backend='reference' runs its chains in one process; inside a torch.distributed job "

@@ -81,3 +81,41 @@ def test_bad_distributed_use_is_explained(tmp_path):
     mp.spawn(_too_few_chains, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     assert "num_chains=1 is fewer than the 2 ranks" in (tmp_path / "fast0.txt").read_text()
     assert "backend='reference' runs its chains in one process" in (tmp_path / "reference1.txt").read_text()
+
+
+def _sweep_worker(rank, world, port, run_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from llcfast.pipeline.sweep import sweep
+        sweep(run_dir, device="cpu", progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_two_gloo_ranks_sweep_into_one_results_file(tmp_path):
+    import shutil
+    from llcfast.pipeline import train
+    from llcfast.pipeline.sweep import read_results, sweep
+    from pipeline_configs import tiny
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train(tiny(), one, progress=False)
+    shutil.copytree(one, two)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = sweep(one, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_sweep_worker, args=(2, _free_port(), two), nprocs=2, join=True)
+    assert not [f for f in os.listdir(two) if ".rank" in f]  # parts merged and removed
+    merged = read_results(os.path.join(two, "results.jsonl"))
+    assert [r["step"] for r in merged] == [r["step"] for r in single]  # each checkpoint once, in step order
+    for a, b in zip(single, merged):
+        assert b["llc_per_chain"] == a["llc_per_chain"] and b["test_loss"] == a["test_loss"], a["step"]
+    # A rerun in one process finds everything done.
+    before = open(os.path.join(two, "results.jsonl")).read()
+    sweep(two, device="cpu", progress=False)
+    assert open(os.path.join(two, "results.jsonl")).read() == before

@@ -107,3 +107,21 @@ def test_load_a_hugging_face_checkpoint_directory(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     loaded = load_checkpoint(str(tmp_path / "hf"))
     assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
+
+
+def test_parts_left_by_a_killed_distributed_sweep_count_as_done_and_are_merged(run_dir, tmp_path):
+    import shutil
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    results = os.path.join(copy, "results.jsonl")
+    records = sweep(copy, progress=False)
+    lines = _lines(results)
+    # As if rank 1 of a killed job had finished the last checkpoint only.
+    with open(results, "w") as f:
+        f.write("\n".join(lines[:-1]) + "\n")
+    with open(results + ".rank1", "w") as f:
+        f.write(lines[-1] + "\n")
+    again = sweep(copy, progress=False)
+    assert not os.path.exists(results + ".rank1")
+    assert [r["llc_mean"] for r in again] == [r["llc_mean"] for r in records]
+    assert sorted(_lines(results)) == sorted(lines)  # nothing re-measured, the part merged in

@@ -23,6 +23,7 @@ An interrupted run resumes when the same command is run again."""
 SWEEP_EPILOG = """examples:
   llcfast sweep runs/demo
   llcfast sweep runs/lr --device cuda --hessian --chains 8 --draws 500
+  torchrun --nproc-per-node 4 -m llcfast.cli sweep runs/lm --device cuda   checkpoints dealt out to 4 GPUs
 Results are appended to RUN_DIR/results.jsonl as each checkpoint finishes; a rerun skips what is done."""
 
 REPORT_EPILOG = """examples:
@@ -97,11 +98,32 @@ def cmd_sweep(args) -> int:
     from .config import RunConfig
     from .sweep import RESULTS, sweep
     cfg = RunConfig.from_dict(read_manifest(args.run_dir)["config"])
-    records = sweep(args.run_dir, settings=_settings(cfg.sweep, args), device=args.device and _device(args.device),
-                    progress=not args.quiet)
-    print(f"{len(records)} checkpoints measured: {os.path.join(args.run_dir, RESULTS)}; "
-          f"next: llcfast report {args.run_dir}")
+    rank = _join_torchrun(args.device)
+    try:
+        records = sweep(args.run_dir, settings=_settings(cfg.sweep, args), device=args.device and _device(args.device),
+                        progress=not args.quiet)
+    finally:
+        if rank is not None:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    if not rank:
+        print(f"{len(records)} checkpoints measured: {os.path.join(args.run_dir, RESULTS)}; "
+              f"next: llcfast report {args.run_dir}")
     return 0
+
+
+def _join_torchrun(device) -> "int | None":
+    """Under torchrun (WORLD_SIZE > 1) joins the process group (NCCL for
+    CUDA, gloo otherwise) and returns this rank; else None."""
+    import torch
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return None
+    cuda = device == "cuda" or (device is None and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
 
 
 def cmd_report(args) -> int:

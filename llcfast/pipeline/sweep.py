@@ -6,6 +6,11 @@ moment it is finished (written with one call and fsync'd); a line cut short
 by a kill is skipped on reading. A rerun skips checkpoints already done with
 the same settings, and a checkpoint that fails to load is recorded with its
 error and retried on the next run while the sweep goes on.
+
+Inside a torch.distributed job (torchrun) the checkpoints are dealt out to
+the ranks; each rank appends to its own part file, and rank 0 merges the
+parts into the one results file when all are done (parts left by a killed
+run count as done and are merged by the next).
 """
 from __future__ import annotations
 
@@ -92,7 +97,7 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
         warnings.filterwarnings("ignore", message="the loader holds", category=UserWarning)
         res = estimate_llc(model, llc_batches, loss_fn, num_chains=s.num_chains, num_draws=s.num_draws,
                            num_burnin=s.num_burnin, epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta,
-                           seed=s.seed, device=device, progress=progress)
+                           seed=s.seed, device=device, progress=progress, split_chains=False)
     rec = {
         "llc_mean": _finite(res.llc_mean), "llc_std": _finite(res.llc_std),
         "llc_per_chain": [_finite(v) for v in res.llc_per_chain.tolist()], "init_loss": res.init_loss,
@@ -117,9 +122,15 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
     """Measures each (step, path) not yet in ``out`` (JSON lines) with these
     settings; returns all successful records for these settings, by step."""
     key = settings_key(settings)
-    done = {(r["checkpoint"], r.get("settings")) for r in read_results(out) if "error" not in r}
+    rank, world = _rank_world()
+    done = {(r["checkpoint"], r.get("settings")) for path in [out] + _parts(out, world) for r in read_results(path)
+            if "error" not in r}
     todo = [(step, path) for step, path in checkpoints if (path, key) not in done]
-    bar = progress_bar(progress and bool(todo), len(todo), "checkpoints", unit="ckpt", leave=True)
+    final_out = out
+    if world > 1:
+        torch.distributed.barrier()  # every rank has read the files before any writes
+        todo, out = todo[rank::world], _part(final_out, rank)
+    bar = progress_bar(progress and bool(todo) and rank == 0, len(todo), "checkpoints", unit="ckpt", leave=True)
     try:
         for step, path in todo:
             base = {"step": int(step), "checkpoint": path, "settings": key}
@@ -145,9 +156,46 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
     finally:
         if bar is not None:
             bar.close()
+    out = final_out
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0 and _parts(out, world):  # this job's parts, or those a killed job left
+        merge_parts(out, world)
+    if world > 1:
+        torch.distributed.barrier()
     records = [r for r in read_results(out) if r.get("settings") == key and "error" not in r]
     latest: Dict[str, dict] = {r["checkpoint"]: r for r in records}
     return sorted(latest.values(), key=lambda r: r["step"])
+
+
+def _rank_world() -> Tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _part(out: str, rank: int) -> str:
+    return f"{out}.rank{rank}"
+
+
+def _parts(out: str, world: int) -> List[str]:
+    """Part files of this world size and any left by an earlier job."""
+    folder, name = os.path.split(os.path.abspath(out))
+    found = [os.path.join(folder, f) for f in os.listdir(folder)] if os.path.isdir(folder) else []
+    return sorted({p for p in found if os.path.basename(p).startswith(name + ".rank")} |
+                  {_part(out, r) for r in range(world) if os.path.exists(_part(out, r))})
+
+
+def merge_parts(out: str, world: int = 1) -> None:
+    """Appends the records of every part file to ``out`` in step order (each
+    fsync'd), then removes the parts."""
+    parts = _parts(out, world)
+    records = sorted((r for p in parts for r in read_results(p)), key=lambda r: (r.get("step", 0), "error" in r))
+    for r in records:
+        append_record(out, r)
+    for p in parts:
+        os.remove(p)
 
 
 def sweep(run_dir: str, *, settings: Optional[SweepSettings] = None, hessian: Optional[bool] = None,
@@ -161,6 +209,8 @@ def sweep(run_dir: str, *, settings: Optional[SweepSettings] = None, hessian: Op
     if hessian is not None:
         s = replace(s, hessian=bool(hessian))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and _rank_world()[1] > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per rank
     task = cfg.make_task()
     llc_batches = task.llc_batches(s.llc_sequences, s.llc_batch_size, device)
     eval_set = task.eval_set(s.eval_sequences, device)
