@@ -16,8 +16,9 @@ from ._checks import check_float, check_int
 
 
 def check_llc_args(*, num_chains, num_draws, num_burnin, steps_between_draws, epsilon, gamma, nbeta, weight_decay,
-                   noise_scale, num_init_batches, seed) -> None:
+                   noise_scale, num_init_batches, seed, grad_accum_steps=1) -> None:
     check_int("num_chains", num_chains, minimum=1, maximum=2**32)
+    check_int("grad_accum_steps", grad_accum_steps, minimum=1)
     check_int("num_draws", num_draws, minimum=1)
     check_int("num_burnin", num_burnin)
     check_int("steps_between_draws", steps_between_draws, minimum=1)
@@ -108,9 +109,10 @@ def batch_size_of(loader) -> int:
     return int(leaf.shape[0]) if leaf.dim() else 1
 
 
-def default_nbeta(loader) -> float:
-    """m / log(m) for batch size m, devinterp 1.x's default."""
-    m = batch_size_of(loader)
+def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
+    """m / log(m) for batch size m, devinterp 1.x's default; with gradient
+    accumulation m is the effective batch, micro-batch size x steps."""
+    m = batch_size_of(loader) * grad_accum_steps
     if m < 2:
         raise ValueError(f"the default nbeta = m/log(m) needs batch size m >= 2, got {m}; pass nbeta explicitly")
     return m / math.log(m)
@@ -173,7 +175,7 @@ def restriction_masks(named, restrict) -> Optional[List[torch.Tensor]]:
                        device=p.device) for n, p in named]
 
 
-def warn_if_cycled(loader, steps: int) -> None:
+def warn_if_cycled(loader, steps: int, per_step: int = 1) -> None:
     """A chain that needs more batches than the loader holds reuses them;
     users should know their chains see repeated data. A single batch is
     full-batch sampling, reused by design, so it passes silently."""
@@ -181,9 +183,11 @@ def warn_if_cycled(loader, steps: int) -> None:
         n = len(loader)
     except TypeError:
         return
-    if 1 < n < steps:
-        warnings.warn(f"the loader holds {n} batches but each chain takes {steps} steps; it is cycled, so every "
-                      f"batch is used about {steps / n:.1f} times per chain", UserWarning, stacklevel=3)
+    need = steps * per_step
+    if 1 < n < need:
+        took = f"{steps} steps" if per_step == 1 else f"{steps} steps of {per_step} micro-batches"
+        warnings.warn(f"the loader holds {n} batches but each chain takes {took}; it is cycled, so every "
+                      f"batch is used about {need / n:.1f} times per chain", UserWarning, stacklevel=3)
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")

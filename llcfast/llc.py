@@ -27,7 +27,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), backend: str = "auto",
                  precision: str = "fp32", cuda_graphs: bool = True, chain_chunk: Optional[int] = None,
                  sampler: str = "sgld", sampler_kwargs: Optional[dict] = None,
-                 bounding_box: Optional[float] = None, split_chains: bool = True) -> LLCResult:
+                 bounding_box: Optional[float] = None, split_chains: bool = True,
+                 grad_accum_steps: int = 1) -> LLCResult:
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
@@ -61,6 +62,10 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         noise_scale must stay 1). Each is one fused kernel per step.
     bounding_box: b > 0 keeps every element within [w* - b, w* + b] (SGLD and
         RMSprop-SGLD clamp; SGNHT reflects the momentum); None: no box.
+    grad_accum_steps: each step's gradient (and draw loss) is the mean over
+        this many consecutive micro-batches of the loader, for models whose
+        activations at the wanted batch size do not fit; the default nbeta
+        uses the effective batch (micro-batch size x steps).
     split_chains: inside a torch.distributed job (torchrun), each rank runs
         its share of the chains and all ranks get the gathered result, equal
         to a one-process run's; False runs every chain in this process.
@@ -77,7 +82,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         check_int("chain_chunk", chain_chunk, minimum=1)
     args = dict(num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                 steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
-                weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed)
+                weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
+                grad_accum_steps=grad_accum_steps)
     check_llc_args(**args)
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     sampling = dict(sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box or None)
@@ -95,18 +101,19 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
 
     started = time.perf_counter()
     loss_fn = loss_fn or default_loss
-    nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader)
+    nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
     with precision_context(precision, device):
         l0 = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
     steps = num_burnin + num_draws * steps_between_draws
-    warn_if_cycled(loader, steps)
+    warn_if_cycled(loader, steps, grad_accum_steps)
     local_chains, offset = (num_chains, 0) if split is None else (split.count, split.start)
     cfg = SamplerConfig(num_chains=local_chains, chain_offset=offset, steps=steps, epsilon=float(epsilon), nbeta=nbeta,
                         gamma=float(gamma), weight_decay=float(weight_decay), noise_scale=float(noise_scale),
                         seed=seed, backend=backend, precision=precision, cuda_graphs=cuda_graphs,
                         progress=progress and (split is None or split.rank == 0),
-                        chain_chunk=chain_chunk, sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box)
+                        chain_chunk=chain_chunk, sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box,
+                        grad_accum_steps=grad_accum_steps)
     run = run_chains(base, loader, loss_fn, cfg, restrict=restrict, callbacks=callbacks)
 
     losses, stats = run.losses, run.stats

@@ -132,9 +132,10 @@ def batchnorm_mlp():
     return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).train()
 
 
+@pytest.mark.parametrize("accum", [1, 2])
 @pytest.mark.parametrize("make", [batchnorm_mlp, ParamBranch], ids=["batchnorm-train", "param-control-flow"])
-def test_models_vmap_cannot_batch_fall_back_with_one_warning(make):
-    kw = dict(num_chains=3, num_draws=8, epsilon=1e-3, nbeta=10.0, seed=2, progress=False)
+def test_models_vmap_cannot_batch_fall_back_with_one_warning(make, accum):
+    kw = dict(num_chains=3, num_draws=8, epsilon=1e-3, nbeta=10.0, seed=2, progress=False, grad_accum_steps=accum)
     with pytest.warns(RuntimeWarning, match="cannot be batched over chains") as caught:
         f = llcfast.estimate_llc(make(), regression_loader(), mse, **kw)
     assert sum("cannot be batched" in str(w.message) for w in caught) == 1

@@ -128,3 +128,28 @@ def test_unstackable_batches_fall_back_per_step():
     r = reference.estimate_llc(model, PassLoader(6), mse, progress=False, callbacks=[record_into(ref)], **kw)
     f = llcfast.estimate_llc(model, PassLoader(6), mse, progress=False, callbacks=[record_into(fast)], **kw)
     assert_same_trajectory(r, f, ref, fast, steps=6, nbeta=20.0, eps=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:the LLC estimate is negative")
+@pytest.mark.parametrize("chains", [1, 3])
+def test_gradient_accumulation_matches_the_reference_and_one_big_batch(chains):
+    """Two micro-batches of 8 per step walk the reference's trajectory, and
+    the trajectory of one batch of 16 made of the same rows (the mean loss,
+    so the same gradient up to summation order)."""
+    kw = dict(num_chains=chains, num_draws=6, num_burnin=2, epsilon=1e-3, nbeta=20.0, gamma=50.0, seed=2)
+    micro = regression_loader(n=64, batch_size=8)
+    r, f, ref, fast = run_both(mlp(), micro, mse, grad_accum_steps=2, **kw)
+    assert f.config["grad_accum_steps"] == 2
+    assert_same_trajectory(r, f, ref, fast, steps=8, nbeta=20.0, eps=1e-3)
+    big = {}
+    llcfast.estimate_llc(mlp(), regression_loader(n=64, batch_size=16), mse, progress=False, backend="fast",
+                         callbacks=[record_into(big)], **kw)
+    for key in fast:
+        assert fast[key][0] == pytest.approx(big[key][0], rel=1e-5)
+        for name in fast[key][1]:
+            torch.testing.assert_close(fast[key][1][name], big[key][1][name], rtol=1e-5, atol=1e-6)
+    # The default nbeta counts the effective batch of 16.
+    d = llcfast.estimate_llc(mlp(), micro, mse, num_chains=1, num_draws=2, grad_accum_steps=2, progress=False)
+    assert d.config["nbeta"] == pytest.approx(16 / np.log(16))
+    with pytest.raises(ValueError, match=r"grad_accum_steps must be in \[1, "):
+        llcfast.estimate_llc(mlp(), micro, mse, grad_accum_steps=0, progress=False)

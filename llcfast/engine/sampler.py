@@ -52,6 +52,7 @@ class SamplerConfig:
     sampler_kwargs: Dict[str, float] = field(default_factory=dict)
     bounding_box: float = 0.0  # 0: none
     chain_offset: int = 0  # global index of the first chain (noise is keyed by it)
+    grad_accum_steps: int = 1  # micro-batches whose mean loss drives each step
 
 
 def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerConfig, *, restrict=None,
@@ -74,9 +75,23 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     masks = restriction_masks(named, restrict)
     loss = chain_loss(model, loss_fn, names)
     feed = ChainBatches(loader, cfg.num_chains, device)
-    first = feed.next_stacked()
+    accum = cfg.grad_accum_steps
 
-    mode = _choose_mode(loss, params, first, cfg, device)
+    def next_batches():
+        """One step's input: (batch, dims, per_chain) of one micro-batch, or
+        with accumulation a tuple of them as the batch (None if any cannot
+        be stacked) and the list of per-chain lists."""
+        if accum == 1:
+            return feed.next_stacked()
+        micro = [feed.next_stacked() for _ in range(accum)]
+        stackable = all(m[0] is not None for m in micro)
+        return (tuple(m[0] for m in micro) if stackable else None, tuple(m[1] for m in micro) if stackable else None,
+                [m[2] for m in micro])
+
+    first = next_batches()
+    probe = first if accum == 1 else (first[0][0] if first[0] is not None else None,
+                                      first[1][0] if first[1] is not None else None, first[2][0])
+    mode = _choose_mode(loss, params, probe, cfg, device)
     use_graphs = cfg.cuda_graphs and device.type == "cuda" and mode == "vmap"
     grad_buf: List[torch.Tensor] = []  # filled on first use: steps whose batches cannot be stacked need it too
     trace = torch.full((cfg.steps, cfg.num_chains), float("nan"), dtype=torch.float32, device=device)
@@ -85,15 +100,27 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     stepper = Stepper(ops, cfg.sampler, cfg.sampler_kwargs, cfg.bounding_box, params, epsilon=cfg.epsilon,
                       seed=cfg.seed, chain_offset=cfg.chain_offset)
 
+    def grads_of(batch, dims, per_chain):
+        if mode == "vmap" and batch is not None:
+            grads, losses = vmapped_grads(loss, dims, cfg.chain_chunk)(tuple(params), batch)
+            return [g.contiguous() for g in grads], losses
+        if not grad_buf:
+            grad_buf.extend(torch.empty_like(p) for p in params)
+        return grad_buf, sequential_grads(loss, params, per_chain, grad_buf)
+
     def step(batch, dims, per_chain=None) -> None:
         with precision_context(cfg.precision, device):
-            if mode == "vmap" and batch is not None:
-                grads, losses = vmapped_grads(loss, dims, cfg.chain_chunk)(tuple(params), batch)
-                grads = [g.contiguous() for g in grads]
-            else:
-                if not grad_buf:
-                    grad_buf.extend(torch.empty_like(p) for p in params)
-                losses, grads = sequential_grads(loss, params, per_chain, grad_buf), grad_buf
+            if accum == 1:
+                grads, losses = grads_of(batch, dims, per_chain)
+            else:  # the gradient of the mean micro-batch loss
+                grads, losses = None, None
+                for i in range(accum):
+                    g, l = grads_of(None if batch is None else batch[i], None if dims is None else dims[i],
+                                    per_chain[i] if per_chain is not None else None)
+                    grads = [x.clone() for x in g] if grads is None else [a.add_(x) for a, x in zip(grads, g)]
+                    losses = l if losses is None else losses + l
+                grads = [g.div_(accum) for g in grads]
+                losses = losses / accum
         trace.index_copy_(0, step_tensor, losses.detach().to(torch.float32).reshape(1, -1))
         with torch.no_grad():
             stepper.step(params, grads, centers, eps=cfg.epsilon, nbeta=cfg.nbeta, gamma=cfg.gamma,
@@ -107,7 +134,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     bar = progress_bar(cfg.progress, cfg.steps, f"SGLD ({cfg.num_chains} chains, {mode})")
     sampling_started = time.perf_counter()
     for t in range(cfg.steps):
-        batch, dims, per_chain = first if t == 0 else feed.next_stacked()
+        batch, dims, per_chain = first if t == 0 else next_batches()
         if use_graphs and graph is None and t >= WARMUP_STEPS and batch is not None:
             capture_started = time.perf_counter()
             graph = _capture(step, batch, dims)

@@ -26,7 +26,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  gamma: float = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
                  noise_scale: float = 1.0, num_init_batches: Optional[int] = None, restrict=None, seed: int = 0,
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), sampler: str = "sgld",
-                 sampler_kwargs: Optional[dict] = None, bounding_box: Optional[float] = None) -> LLCResult:
+                 sampler_kwargs: Optional[dict] = None, bounding_box: Optional[float] = None,
+                 grad_accum_steps: int = 1) -> LLCResult:
     """The LLC of ``model`` at its current weights w*; ``model`` is not changed.
 
     After every SGLD step each callback is called as
@@ -36,17 +37,18 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     """
     check_llc_args(num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                    steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
-                   weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed)
+                   weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
+                   grad_accum_steps=grad_accum_steps)
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     loss_fn = loss_fn or default_loss
     device = torch.device(device) if device is not None else next(model.parameters()).device
     started = time.perf_counter()
-    nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader)
+    nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
     l0 = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
     masks = restriction_masks(trainable(base), restrict)
     total_steps = num_burnin + num_draws * steps_between_draws
-    warn_if_cycled(loader, total_steps)
+    warn_if_cycled(loader, total_steps, grad_accum_steps)
     trace = np.full((num_chains, num_draws), np.nan)
     stats = torch.zeros(num_chains, 3, dtype=torch.float64, device=device)
     steps_run = np.full(num_chains, total_steps)
@@ -63,7 +65,12 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         batches = cycle_batches(loader)
         for t in range(total_steps):
             chain_model.zero_grad(set_to_none=True)
-            loss = checked_loss(loss_fn(chain_model, to_device(next(batches), device)), f"(chain {c}, step {t})")
+            where = f"(chain {c}, step {t})"
+            loss = checked_loss(loss_fn(chain_model, to_device(next(batches), device)), where)
+            for _ in range(grad_accum_steps - 1):  # the mean over the step's micro-batches
+                loss = loss + checked_loss(loss_fn(chain_model, to_device(next(batches), device)), where)
+            if grad_accum_steps > 1:
+                loss = loss / grad_accum_steps
             value = float(loss.detach())
             if not math.isfinite(value):
                 steps_run[c] = t
@@ -89,7 +96,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                   steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                   weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches or num_chains,
                   seed=seed, device=str(device), sampler=sampler, sampler_kwargs=sampler_kwargs,
-                  bounding_box=box or None)
+                  bounding_box=box or None, grad_accum_steps=grad_accum_steps)
     timings = {"total_s": now - started, "sampling_s": now - sampling_started,
                "ms_per_chain_step": 1e3 * (now - sampling_started) / (num_chains * total_steps)}
     return finish(trace, l0, nbeta, stats.cpu().numpy(), steps_run, config=config, timings=timings)
