@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import math
 import time
 from typing import Callable, Optional, Sequence
@@ -15,6 +16,7 @@ from ._llc_common import (check_llc_args, check_precision, check_sampler_args, d
                           init_loss, precision_context, warn_if_cycled)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, run_chains
+from .engine.planner import out_of_memory_message
 from .result import LLCResult
 
 BACKENDS = ("auto", "fast", "reference")
@@ -28,7 +30,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  precision: str = "fp32", cuda_graphs: bool = True, chain_chunk: Optional[int] = None,
                  sampler: str = "sgld", sampler_kwargs: Optional[dict] = None,
                  bounding_box: Optional[float] = None, split_chains: bool = True,
-                 grad_accum_steps: int = 1) -> LLCResult:
+                 grad_accum_steps: int = 1, chain_group: Optional[int] = None) -> LLCResult:
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
@@ -62,6 +64,9 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         noise_scale must stay 1). Each is one fused kernel per step.
     bounding_box: b > 0 keeps every element within [w* - b, w* + b] (SGLD and
         RMSprop-SGLD clamp; SGNHT reflects the momentum); None: no box.
+    chain_group: chains stacked in memory at once; groups run one after
+        another. Default: all of them, or on CUDA as many as fit in the free
+        memory (the plan is stored in ``config["memory_plan"]``).
     grad_accum_steps: each step's gradient (and draw loss) is the mean over
         this many consecutive micro-batches of the loader, for models whose
         activations at the wanted batch size do not fit; the default nbeta
@@ -80,6 +85,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     if chain_chunk is not None:
         check_int("chain_chunk", chain_chunk, minimum=1)
+    if chain_group is not None:
+        check_int("chain_group", chain_group, minimum=1)
     args = dict(num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                 steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                 weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
@@ -114,9 +121,24 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                         progress=progress and (split is None or split.rank == 0),
                         chain_chunk=chain_chunk, sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box,
                         grad_accum_steps=grad_accum_steps)
-    run = run_chains(base, loader, loss_fn, cfg, restrict=restrict, callbacks=callbacks)
+    plan = None
+    group = chain_group or local_chains
+    if device.type == "cuda" and chain_group is None:
+        plan = _plan(base, loader, loss_fn, cfg, device)
+        group, cfg = plan.chains_per_group, replace(cfg, chain_chunk=plan.chain_chunk)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runs = []
+    try:
+        for first in range(0, local_chains, group):
+            part = replace(cfg, num_chains=min(group, local_chains - first), chain_offset=offset + first)
+            runs.append(run_chains(base, loader, loss_fn, part, restrict=restrict, callbacks=callbacks))
+    except torch.OutOfMemoryError as exc:
+        raise MemoryError(out_of_memory_message(exc, plan, num_chains)) from exc
+    run = runs[-1]
 
-    losses, stats = run.losses, run.stats
+    losses = np.concatenate([r.losses for r in runs])
+    stats = np.concatenate([r.stats for r in runs])
     if split is not None:  # every rank gets all chains, in global order
         losses, stats = gather_rows(split, losses), gather_rows(split, stats)
     diverged_at = first_nonfinite(losses)
@@ -127,11 +149,40 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     draws = losses[:, num_burnin::steps_between_draws][:, :num_draws]
     config = dict(args, backend="fast" if run.mode == "vmap" else "fast-sequential", nbeta=nbeta,
                   num_init_batches=num_init_batches or num_chains, device=str(device), precision=precision,
-                  cuda_graphs=run.cuda_graphs, chain_chunk=chain_chunk, **sampling)
+                  cuda_graphs=all(r.cuda_graphs for r in runs), chain_chunk=cfg.chain_chunk, chain_group=group,
+                  **sampling)
+    if plan is not None:
+        config["memory_plan"] = plan.to_dict()
     timings = dict(run.timings, total_s=time.perf_counter() - started)
+    for key in ("capture_s", "sampling_s"):
+        timings[key] = sum(r.timings.get(key, 0.0) for r in runs)
+    timings["ms_per_chain_step"] = 1e3 * timings["sampling_s"] / (local_chains * steps)
+    if device.type == "cuda":
+        timings["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     if split is not None:
         config["world_size"] = split.world_size
     return finish(draws, l0, nbeta, stats, steps_run, config=config, timings=timings, stacklevel=3)
+
+
+def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):
+    """The memory plan for ``cfg`` on a CUDA device, with the activations of
+    one chain's loss and gradient measured on the loader's first batch."""
+    from torch.func import grad
+    from ._llc_common import to_device, trainable
+    from .engine.functional import chain_loss
+    from .engine.planner import measure_activation_bytes, plan_memory, state_bytes
+    named = trainable(base)
+    loss = chain_loss(base, loss_fn, [n for n, _ in named])
+    point = tuple(p.detach() for _, p in named)
+    batch = to_device(next(iter(loader)), device)
+
+    def one_chain():
+        with precision_context(cfg.precision, device):
+            return grad(lambda p: loss(p, batch))(point)
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return plan_memory(cfg.num_chains, state_bytes(sum(p.numel() for p in point), cfg.sampler),
+                       measure_activation_bytes(one_chain, device), free, cfg.chain_chunk, what=str(device))
 
 
 def estimate_wbic(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_samples: int,

@@ -10,6 +10,7 @@ import torch
 
 import llcfast
 from llcfast import reference
+from llcfast.engine.planner import HEADROOM
 from conftest import requires_cuda
 from llc_models import (TinyTransformer, exact_sgld_llc, linear_problem, mse, regression_loader, token_loader,
                         token_loss)
@@ -86,3 +87,21 @@ def test_cuda_matches_cpu_engine():
     cpu = llcfast.estimate_llc(model, token_loader(), token_loss, device="cpu", **kw)
     gpu = llcfast.estimate_llc(model, token_loader(), token_loss, device="cuda", **kw)
     np.testing.assert_allclose(gpu.loss_trace, cpu.loss_trace, rtol=1e-4)
+
+
+def test_memory_plan_groups_chains_when_little_memory_is_free(monkeypatch):
+    """With free memory reported as just over two chains' worth, the plan
+    stacks two chains at a time, and the numbers equal one stacked run's up
+    to the devices' rounding of different batch sizes."""
+    kw = dict(num_chains=5, num_draws=8, epsilon=1e-3, nbeta=8.0, seed=3, progress=False, backend="fast",
+              device="cuda")
+    model = TinyTransformer()
+    whole = llcfast.estimate_llc(model, token_loader(), token_loss, **kw)
+    plan = whole.config["memory_plan"]
+    assert plan["chains_per_group"] == 5 and whole.timings["peak_memory_bytes"] > 0
+    S, A = plan["state_bytes_per_chain"], plan["activation_bytes_per_chain"]
+    free = int((2.5 * S + A) / HEADROOM) + 1  # room for 2.5 chains' state and one chain's activations
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    grouped = llcfast.estimate_llc(model, token_loader(), token_loss, **kw)
+    assert grouped.config["memory_plan"]["chains_per_group"] == 2 and grouped.config["chain_group"] == 2
+    np.testing.assert_allclose(grouped.loss_trace, whole.loss_trace, rtol=1e-5)

@@ -1,0 +1,81 @@
+"""How many chains fit on the device at once.
+
+Stacked chains cost their parameters, gradients and sampler state for the
+whole run (S bytes each), and activations only while their batched pass runs
+(A bytes each, measured on one chain's pass). With G chains stacked and
+passes of K of them, G*S + K*A must fit in the free memory, with headroom;
+chain groups of G run one after another when all chains do not fit."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+
+GiB = 2**30
+HEADROOM = 0.85  # of the free memory: allocator fragmentation, library workspaces
+
+
+@dataclass
+class MemoryPlan:
+    chains_per_group: int
+    chain_chunk: Optional[int]  # chains per batched pass; None: the whole group
+    state_bytes_per_chain: int
+    activation_bytes_per_chain: int
+    free_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def state_bytes(numel: int, sampler: str) -> int:
+    """fp32 parameters and gradients per chain, plus RMSprop's V or SGNHT's momentum."""
+    return 4 * numel * (2 if sampler == "sgld" else 3)
+
+
+def plan_memory(num_chains: int, state_per_chain: int, activation_per_chain: int, free_bytes: int,
+                chain_chunk: Optional[int] = None, *, what: str = "the device") -> MemoryPlan:
+    """The largest chain group, then the largest pass, that fit in
+    HEADROOM x free_bytes; a MemoryError naming the need and the settings to
+    lower when not even one chain fits."""
+    budget = int(free_bytes * HEADROOM)
+    S, A = max(state_per_chain, 1), max(activation_per_chain, 0)
+    group = min(num_chains, (budget - A) // S) if budget > A else 0
+    if group < 1:
+        raise MemoryError(
+            f"one chain needs about {(S + A) / GiB:.2f} GiB on {what} ({S / GiB:.2f} GiB of parameters, gradients "
+            f"and sampler state, {A / GiB:.2f} GiB of activations for one batch) but {free_bytes / GiB:.2f} GiB is "
+            "free; lower the batch size (grad_accum_steps keeps the effective batch), use precision='bf16', "
+            "restrict= the parameters that move, or use a device with more memory")
+    chunk = group if A == 0 else min(group, (budget - group * S) // A)
+    if chain_chunk is not None:
+        chunk = min(chunk, chain_chunk)
+    return MemoryPlan(group, None if chunk >= group else chunk, S, A, free_bytes)
+
+
+def measure_activation_bytes(one_chain_grad: Callable[[], object], device: torch.device) -> int:
+    """Peak memory above the current allocation while one chain's loss and
+    gradient are computed (CUDA); 0 elsewhere."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = one_chain_grad()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return max(0, peak - base)
+
+
+def out_of_memory_message(exc: BaseException, plan: Optional[MemoryPlan], num_chains: int) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+    if plan is None:
+        need = "set chain_group (chains stacked at once) or chain_chunk (chains per batched pass) lower"
+    else:
+        need = (f"the plan stacked {plan.chains_per_group} of {num_chains} chains with passes of "
+                f"{plan.chain_chunk or plan.chains_per_group} (measured {plan.state_bytes_per_chain / GiB:.2f} GiB of "
+                f"state and {plan.activation_bytes_per_chain / GiB:.2f} GiB of activations per chain); set "
+                "chain_group or chain_chunk lower")
+    return (f"estimate_llc ran out of device memory ({first}); {need}, or lower the batch size "
+            "(grad_accum_steps keeps the effective batch), or use precision='bf16'")

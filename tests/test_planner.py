@@ -1,0 +1,71 @@
+"""The memory planner's arithmetic, chain groups run one after another, and
+out-of-memory reported as a MemoryError that says what to lower (the GPU
+figures are in README; these run anywhere)."""
+import numpy as np
+import pytest
+import torch
+
+import llcfast
+import llcfast.llc as llc_module
+from llcfast.engine.planner import GiB, HEADROOM, plan_memory, state_bytes
+from llc_models import mlp, mse, regression_loader
+
+
+def test_everything_fits_in_one_group_and_one_pass():
+    plan = plan_memory(8, state_per_chain=GiB, activation_per_chain=GiB, free_bytes=40 * GiB)
+    assert (plan.chains_per_group, plan.chain_chunk) == (8, None)
+
+
+def test_activations_are_chunked_before_chains_are_grouped():
+    # 8 chains of state (8 GiB) fit in HEADROOM x 20 GiB; what is left holds only some chains' activations
+    plan = plan_memory(8, state_per_chain=GiB, activation_per_chain=3 * GiB, free_bytes=20 * GiB)
+    budget = int(20 * GiB * HEADROOM)
+    assert plan.chains_per_group == 8
+    assert plan.chain_chunk == (budget - 8 * GiB) // (3 * GiB) and 8 * GiB + plan.chain_chunk * 3 * GiB <= budget
+
+
+def test_chains_are_grouped_when_their_state_does_not_fit():
+    plan = plan_memory(64, state_per_chain=GiB, activation_per_chain=2 * GiB, free_bytes=20 * GiB)
+    budget = int(20 * GiB * HEADROOM)
+    assert plan.chains_per_group == (budget - 2 * GiB) // GiB < 64
+    chunk = plan.chain_chunk or plan.chains_per_group
+    assert plan.chains_per_group * GiB + chunk * 2 * GiB <= budget
+
+
+def test_not_even_one_chain_fits_says_how_much_and_what_to_lower():
+    with pytest.raises(MemoryError, match=r"one chain needs about 6.00 GiB on cuda:0 \(2.00 GiB of parameters.*"
+                                          r"4.00 GiB of activations.*1.00 GiB is free; lower the batch size"):
+        plan_memory(4, 2 * GiB, 4 * GiB, GiB, what="cuda:0")
+
+
+def test_state_counts_the_samplers_extra_tensor():
+    assert state_bytes(1000, "sgld") == 8000 and state_bytes(1000, "sgnht") == state_bytes(1000, "rmsprop_sgld") == 12000
+
+
+@pytest.mark.filterwarnings("ignore:the LLC estimate is negative")
+@pytest.mark.parametrize("sampler", ["sgld", "sgnht"])
+def test_chain_groups_give_the_numbers_of_one_stacked_run(sampler):
+    kw = dict(num_chains=5, num_draws=10, epsilon=1e-3, nbeta=20.0, gamma=50.0, seed=4, progress=False,
+              backend="fast", sampler=sampler)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = llcfast.estimate_llc(mlp(), regression_loader(), mse, **kw)
+        grouped = llcfast.estimate_llc(mlp(), regression_loader(), mse, chain_group=2, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert grouped.config["chain_group"] == 2 and whole.config["chain_group"] == 5
+    np.testing.assert_array_equal(grouped.loss_trace, whole.loss_trace)
+    np.testing.assert_array_equal(grouped.diagnostics["distance_sq_mean"], whole.diagnostics["distance_sq_mean"])
+
+
+def test_out_of_memory_becomes_a_memory_error_naming_the_settings(monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.")
+
+    monkeypatch.setattr(llc_module, "run_chains", no_memory)
+    with pytest.raises(MemoryError, match=r"ran out of device memory \(CUDA out of memory. Tried to allocate 3.00 GiB.\); "
+                                          r"set chain_group .* or chain_chunk .* lower"):
+        llcfast.estimate_llc(mlp(), regression_loader(), mse, num_draws=2, progress=False)
+    with pytest.raises(ValueError, match=r"chain_group must be in \[1, "):
+        llcfast.estimate_llc(mlp(), regression_loader(), mse, chain_group=0, progress=False)
