@@ -1,7 +1,7 @@
 """The benchmark suite in one command: the fused sampler steps, estimate_llc
 on the paper's two models (llcfast vs its reference vs devinterp 1.3.2 where
-installed), and the Hessian statistics, each writing its JSON into
-benchmarks/results/.
+installed), the Hessian statistics, and GPT-2 124M/774M (bench_large), each
+writing its JSON into benchmarks/results/.
 
     python -m benchmarks                  # everything, on CUDA if present
     python -m benchmarks --quick          # a smoke run of each (CPU is fine; JSON to a temp folder)
@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-SUITE = ("sgld_step", "samplers", "llc", "hessian")
+SUITE = ("sgld_step", "samplers", "llc", "hessian", "large")
 
 
 def arguments(name: str, quick: bool, device: str, have_devinterp: bool, scratch: str) -> list:
@@ -29,6 +29,9 @@ def arguments(name: str, quick: bool, device: str, have_devinterp: bool, scratch
         return args + (["--max-params", "1e6", "--chains", "1,4", "--reps", "3"] if quick else [])
     if name == "samplers":
         return args + (["--params", "1e5", "--chains", "2", "--reps", "3"] if quick else [])
+    if name == "large":
+        quick_args = ["--sizes", "tiny", "--chains", "2", "--draws", "3", "--batch", "2", "--context", "32"]
+        return args + (quick_args if quick else []) + ([] if have_devinterp else ["--skip-devinterp"])
     if name == "llc":
         return args + (["--quick"] if quick else []) + ([] if have_devinterp else ["--skip-devinterp"])
     return args + (["--quick"] if quick else [])

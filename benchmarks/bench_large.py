@@ -1,0 +1,152 @@
+"""The LLC of a GPT-2-size model (built from a config, randomly initialised,
+nothing downloaded) on one GPU: llcfast in bf16 with its memory plan vs
+devinterp 1.3.2 on the same settings, in one run.
+
+    python benchmarks/bench_large.py                          # 124M and 774M, 4 chains x 100 draws
+    python benchmarks/bench_large.py --sizes tiny --device cpu --draws 3   # a smoke run
+
+Reported per size: wall time, ms per chain-step, peak memory, the memory
+plan, model FLOP utilisation (6 x parameters x tokens per chain-step, the
+standard dense-transformer count, over the measured bf16 matmul rate) and
+the ratio to devinterp's ms per chain-step (devinterp runs fewer draws:
+its per-step time is what is compared).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import llcfast  # noqa: E402
+from results_io import save_report  # noqa: E402
+
+SIZES = {  # GPT-2 family shapes
+    "tiny": dict(n_embd=64, n_layer=2, n_head=4),
+    "124M": dict(n_embd=768, n_layer=12, n_head=12),
+    "774M": dict(n_embd=1280, n_layer=36, n_head=20),
+}
+
+
+def gpt2(size: str, context: int):
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=max(context, 1024), bos_token_id=0,
+                                     eos_token_id=0, **SIZES[size])
+    return transformers.GPT2LMHeadModel(config).eval()  # eval: no dropout, so chains see a fixed loss
+
+
+def batches(n: int, batch: int, context: int, device):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 50257, (batch, context), generator=g).to(device)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def bf16_matmul_tflops(device) -> float:
+    """The device's measured bf16 matmul rate (8192^3 on random data)."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 10 * 2 * 8192 ** 3 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def run_devinterp(model, loader, chains, draws, device, eps, gamma, nbeta):
+    from devinterp.optim import SGLD
+    from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+
+    def evaluate(m, batch):
+        return m(**batch).loss, {}
+
+    started = time.perf_counter()
+    estimate_learning_coeff_with_summary(model, loader, evaluate=evaluate, sampling_method=SGLD,
+                                         optimizer_kwargs=dict(lr=eps, localization=gamma, nbeta=nbeta),
+                                         num_chains=chains, num_draws=draws, device=device, verbose=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def measure(size, args, device, peak_tflops):
+    model = gpt2(size, args.context).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    loader = batches(8, args.batch, args.context, device)
+    kw = dict(num_chains=args.chains, num_draws=args.draws, epsilon=1e-5, gamma=100.0, nbeta=30.0, seed=0,
+              progress=False, device=device, precision=args.precision)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = llcfast.estimate_llc(model, loader, **kw)
+    wall = time.perf_counter() - started
+    tokens = args.batch * args.context
+    ms = res.timings["ms_per_chain_step"]
+    row = {"size": size, "parameters": params, "chains": args.chains, "draws": args.draws, "batch": args.batch,
+           "context": args.context, "precision": args.precision, "wall_s": wall, "ms_per_chain_step": ms,
+           "llc_mean": res.llc_mean, "llc_std": res.llc_std, "peak_memory_GiB": res.timings.get("peak_memory_bytes", 0) / 2**30,
+           "memory_plan": res.config.get("memory_plan"), "cuda_graphs": res.config.get("cuda_graphs"),
+           "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12}
+    row["mfu_vs_measured_bf16"] = row["model_tflops"] / peak_tflops
+    if not args.skip_devinterp:
+        steps = max(2, args.devinterp_draws)
+        model.zero_grad(set_to_none=True)
+        t = run_devinterp(model, loader, args.chains, steps, device, 1e-5, 100.0, 30.0)
+        row["devinterp_ms_per_chain_step"] = 1e3 * t / (args.chains * steps)
+        row["speedup_vs_devinterp"] = row["devinterp_ms_per_chain_step"] / ms
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", nargs="+", default=["124M", "774M"], choices=sorted(SIZES))
+    p.add_argument("--chains", type=int, default=4)
+    p.add_argument("--draws", type=int, default=100)
+    p.add_argument("--devinterp-draws", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--precision", default="bf16", choices=["fp32", "tf32", "bf16"])
+    p.add_argument("--skip-devinterp", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    peak = bf16_matmul_tflops(device)
+    rows = []
+    for size in args.sizes:
+        row = measure(size, args, device, peak)
+        rows.append(row)
+        print(f"{size:>5}: {row['parameters'] / 1e6:.0f}M params, {row['wall_s']:.1f} s wall, "
+              f"{row['ms_per_chain_step']:.1f} ms/chain-step, peak {row['peak_memory_GiB']:.1f} GiB, "
+              f"MFU {100 * row['mfu_vs_measured_bf16']:.1f}% of {peak:.0f} TFLOP/s"
+              + (f", x{row['speedup_vs_devinterp']:.1f} vs devinterp" if "speedup_vs_devinterp" in row else ""),
+              flush=True)
+        del row
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    save_report({"benchmark": "large_model", "device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+                 "date": datetime.date.today().isoformat(), "bf16_matmul_tflops": peak, "rows": rows},
+                args.out, "large")
+
+
+if __name__ == "__main__":
+    main()
