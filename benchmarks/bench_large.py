@@ -76,10 +76,15 @@ def run_devinterp(model, loader, chains, draws, device, eps, gamma, nbeta):
     def evaluate(m, batch):
         return m(**batch).loss, {}
 
+    # devinterp computes a default nbeta from loader.batch_size even when nbeta is passed, so it needs a
+    # DataLoader; batch_size=1 over the pre-made batches (its default then warns and is not used).
+    loader = torch.utils.data.DataLoader(loader, batch_size=1, collate_fn=lambda items: items[0])
     started = time.perf_counter()
-    estimate_learning_coeff_with_summary(model, loader, evaluate=evaluate, sampling_method=SGLD,
-                                         optimizer_kwargs=dict(lr=eps, localization=gamma, nbeta=nbeta),
-                                         num_chains=chains, num_draws=draws, device=device, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        estimate_learning_coeff_with_summary(model, loader, evaluate=evaluate, sampling_method=SGLD,
+                                             optimizer_kwargs=dict(lr=eps, localization=gamma, nbeta=nbeta),
+                                             num_chains=chains, num_draws=draws, device=device, verbose=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
