@@ -1,6 +1,7 @@
 """Hessian statistics side by side, in one run: llcfast's batched
 forward-over-reverse HVPs vs a PyHessian-style loop (one double-backward HVP
-at a time, power iteration for the top eigenvalue), same model, same batch.
+at a time, power iteration for the top eigenvalue) and, where it is
+installed, curvlinops' Hutchinson trace, same model, same batch.
 
     python benchmarks/bench_hessian.py                       # GPU, JSON into benchmarks/results/
     python benchmarks/bench_hessian.py --quick --device cpu  # a small smoke run
@@ -73,6 +74,34 @@ def lanczos_hvps_to(model, loss_fn, batch, target, max_iter):
     return max_iter, float(res.values[0, 0])
 
 
+def curvlinops_trace(model, loss_fn, batch, probes):
+    """curvlinops' Hutchinson trace (its HessianLinearOperator batches the
+    probes' HVPs) on the same loss: the model is wrapped so that its output
+    is loss_fn's value, and curvlinops' loss is the identity on it."""
+    import curvlinops
+    from torch import nn
+
+    class LossAsOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, X):
+            return loss_fn(self.model, X["batch"]).reshape(1, 1)
+
+    class Identity(nn.Module):
+        reduction = "mean"
+
+        def forward(self, out, target):
+            return out.sum()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    dummy = torch.zeros(1, 1, device=params[0].device)
+    op = curvlinops.HessianLinearOperator(LossAsOutput(), Identity(), params, [({"batch": batch}, dummy)],
+                                          check_deterministic=False, batch_size_fn=lambda X: 1)
+    return float(curvlinops.hutchinson_trace(op, probes))
+
+
 def timed(device, fn):
     sync(device)
     started = time.perf_counter()
@@ -87,6 +116,11 @@ def measure(case, device, probes, max_iter):
     llcfast.hessian_trace(model, loss_fn, [batch], num_probes=2)  # warm-up (allocations, libraries)
     fast_s, fast = timed(device, lambda: llcfast.hessian_trace(model, loss_fn, [batch], num_probes=probes))
     loop_s, (loop, loop_se) = timed(device, lambda: loop_trace(model, loss_fn, batch, probes, seed=0))
+    try:
+        curvlinops_trace(model, loss_fn, batch, 2)  # warm-up
+        cl_s, cl = timed(device, lambda: curvlinops_trace(model, loss_fn, batch, probes))
+    except ImportError:
+        cl_s, cl = None, None
     ref = llcfast.hessian_eigs(model, loss_fn, [batch], k=1, tol=1e-8, max_iter=max_iter)
     target = float(ref.values[0, 0])
     lz_hvps, lz_value = lanczos_hvps_to(model, loss_fn, batch, target, max_iter)
@@ -97,7 +131,9 @@ def measure(case, device, probes, max_iter):
                 "llcfast_s": fast_s, "loop_s": loop_s, "speedup": loop_s / fast_s,
                 "llcfast_hvps_per_s": probes / fast_s, "loop_hvps_per_s": probes / loop_s,
                 "llcfast_estimate": float(fast.trace[0]), "llcfast_se": float(fast.std_error[0]),
-                "loop_estimate": loop, "loop_se": loop_se},
+                "loop_estimate": loop, "loop_se": loop_se,
+                "curvlinops_s": cl_s, "curvlinops_estimate": cl,
+                "speedup_vs_curvlinops": None if cl_s is None else cl_s / fast_s},
             "top_eig": {"reference": target, "lanczos_hvps": lz_hvps, "lanczos_value": lz_value,
                         "power_hvps": pw_hvps, "power_value": pw_value},
             "grad_flops": flops}
@@ -121,7 +157,10 @@ def main(argv=None):
         t, e = res["trace"], res["top_eig"]
         print(f"{res['case']}: trace {t['llcfast_estimate']:.4g} ± {t['llcfast_se']:.2g} in {t['llcfast_s']:.3f} s "
               f"({t['llcfast_hvps_per_s']:.1f} HVP/s) vs loop {t['loop_estimate']:.4g} ± {t['loop_se']:.2g} in {t['loop_s']:.3f} s "
-              f"-> {t['speedup']:.1f}x;  top eig {e['reference']:.5g}: Lanczos {e['lanczos_hvps']} HVPs, "
+              f"-> {t['speedup']:.1f}x"
+              + (f"; curvlinops {t['curvlinops_estimate']:.4g} in {t['curvlinops_s']:.3f} s "
+                 f"-> {t['speedup_vs_curvlinops']:.1f}x" if t["curvlinops_s"] is not None else "; curvlinops not installed")
+              + f";  top eig {e['reference']:.5g}: Lanczos {e['lanczos_hvps']} HVPs, "
               f"power {e['power_hvps']} HVPs")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
