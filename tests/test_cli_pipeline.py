@@ -37,10 +37,24 @@ def test_train_sweep_report_calibrate_from_the_command_line(tmp_path, capsys):
     run = str(tmp_path / "run")
     assert main(["train", "--config", str(cfg_path), "--out", run, "--quiet"]) == 0
     assert main(["sweep", run, "--quiet", "--draws", "6"]) == 0
+    assert main(["sweep", run, "--quiet", "--draws", "6", "--sampler", "sgnht:diffusion=0.02", "--bounding-box",
+                 "1"]) == 0
+    assert main(["sweep", run, "--quiet", "--sampler", "hmc"]) == 2
+    assert "sampler must be one of" in capsys.readouterr().err
     assert main(["report", run]) == 0
     out = capsys.readouterr().out
     assert "stage" in out and "report.png" in out
     assert os.path.isfile(os.path.join(run, "report.png"))
+    # Two sweeps in one file: the latest (SGNHT) is reported, one checkpoint each, and --settings picks the other.
+    assert "holds sweeps with 2 different settings" in out
+    manifest = json.load(open(os.path.join(run, "manifest.json")))
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    assert summary["checkpoints"] == len(manifest["checkpoints"])
+    records = [json.loads(line) for line in open(os.path.join(run, "results.jsonl"))]
+    first = records[0]["settings"]
+    assert main(["report", run, "--settings", first]) == 0 and f"reporting {first}" in capsys.readouterr().out
+    assert main(["report", run, "--settings", "nope"]) == 2
+    assert "matches no sweep" in capsys.readouterr().err
     assert main(["calibrate", run, "--quiet", "--epsilons", "1e-4", "1e-3", "--gammas", "10", "--draws", "6"]) == 0
     assert "epsilon" in capsys.readouterr().out
     assert os.path.isfile(os.path.join(run, "calibration", "calibration.png"))

@@ -125,3 +125,27 @@ def test_parts_left_by_a_killed_distributed_sweep_count_as_done_and_are_merged(r
     assert not os.path.exists(results + ".rank1")
     assert [r["llc_mean"] for r in again] == [r["llc_mean"] for r in records]
     assert sorted(_lines(results)) == sorted(lines)  # nothing re-measured, the part merged in
+
+
+def test_sweeps_take_a_sampler_and_keep_older_keys(run_dir, tmp_path):
+    from dataclasses import asdict, replace
+    import hashlib
+    from llcfast.pipeline.config import SweepSettings
+    from llcfast.pipeline.sweep import settings_key
+    # Default sampler settings leave the key as it was before the sampler fields existed.
+    s = SweepSettings()
+    old = {k: v for k, v in asdict(s).items() if k not in ("sampler", "sampler_kwargs", "bounding_box")}
+    assert settings_key(s) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
+    assert settings_key(replace(s, sampler="sgnht")) != settings_key(s)
+    out = str(tmp_path / "r.jsonl")
+    base = sweep(run_dir, progress=False, out=out)
+    from llcfast.pipeline import RunConfig
+    cfg = RunConfig.from_dict(json.load(open(os.path.join(run_dir, "manifest.json")))["config"])
+    nht = sweep(run_dir, progress=False, out=out, settings=replace(cfg.sweep, sampler="sgnht", bounding_box=0.5,
+                                                                   sampler_kwargs={"diffusion": 0.02}))
+    assert len(nht) == len(base) and [r["llc_mean"] for r in nht] != [r["llc_mean"] for r in base]
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        sweep(run_dir, progress=False, out=out, settings=replace(cfg.sweep, sampler="hmc"))
+    with pytest.raises(ValueError, match="sweep: sampler_kwargs: 'alpha' is not a hyperparameter of 'sgnht'"):
+        RunConfig.from_dict(dict(cfg.to_dict(), sweep=dict(asdict(cfg.sweep), sampler="sgnht",
+                                                           sampler_kwargs={"alpha": 0.9})))

@@ -56,6 +56,9 @@ def _sweep_overrides(parser) -> None:
     g.add_argument("--epsilon", type=_positive(float), help="SGLD step size")
     g.add_argument("--gamma", type=_positive(float), help="localization strength")
     g.add_argument("--nbeta", type=_positive(float), help="inverse temperature times n")
+    g.add_argument("--sampler", metavar="SAMPLER[:KEY=VALUE,...]",
+                   help="sgld (default), rmsprop_sgld or sgnht, e.g. rmsprop_sgld:alpha=0.9999")
+    g.add_argument("--bounding-box", type=_positive(float), help="keep every element within w* +- this")
     h = parser.add_mutually_exclusive_group()
     h.add_argument("--hessian", dest="hessian", action="store_true", default=None,
                    help="also Hessian trace and top eigenvalue")
@@ -64,7 +67,9 @@ def _sweep_overrides(parser) -> None:
 
 def _settings(base, args):
     fields = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=args.burnin, epsilon=args.epsilon,
-                  gamma=args.gamma, nbeta=args.nbeta, hessian=args.hessian)
+                  gamma=args.gamma, nbeta=args.nbeta, hessian=args.hessian, bounding_box=args.bounding_box)
+    if args.sampler:
+        (fields["sampler"], fields["sampler_kwargs"]), = _parse_samplers([args.sampler])
     return replace(base, **{k: v for k, v in fields.items() if v is not None})
 
 
@@ -132,7 +137,16 @@ def cmd_report(args) -> int:
     path = os.path.join(args.run_dir, RESULTS)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist; run `llcfast sweep {args.run_dir}` first")
-    paths = write_report(read_results(path), args.out or args.run_dir, plateau=args.plateau)
+    records = [r for r in read_results(path) if "error" not in r]
+    keys = list(dict.fromkeys(r.get("settings") for r in reversed(records)))  # the latest sweep first
+    chosen = args.settings or (keys[0] if keys else None)
+    if chosen not in keys:
+        raise ValueError(f"--settings {chosen!r} matches no sweep in {path}; its sweeps: {keys}")
+    if len(keys) > 1:
+        print(f"{path} holds sweeps with {len(keys)} different settings {keys}; reporting {chosen} "
+              "(choose with --settings)")
+    latest = {r["step"]: r for r in records if r.get("settings") == chosen}  # a re-measured step: its last record
+    paths = write_report(list(latest.values()), args.out or args.run_dir, plateau=args.plateau)
     print("\n".join(stage_table(paths["fit"])))
     print(f"report: {os.path.abspath(paths['png'])}")
     return 0
@@ -203,6 +217,8 @@ def add_commands(sub) -> None:
                        epilog=REPORT_EPILOG)
     p.add_argument("run_dir")
     p.add_argument("--out", help="directory for the report (default: the run directory)")
+    p.add_argument("--settings", help="which sweep to report when results.jsonl holds several (the key in its "
+                                      "'settings' column; default: the latest sweep)")
     p.add_argument("--plateau", type=float, default=0.2,
                    help="a dip of |slope| to this fraction of its neighbouring peaks is a boundary (default 0.2)")
     p.set_defaults(func=cmd_report)

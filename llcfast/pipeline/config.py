@@ -42,6 +42,9 @@ class SweepSettings:
     hessian_probes: int = 32
     hessian_batch: int = 256
     seed: int = 0
+    sampler: str = "sgld"  # or "rmsprop_sgld", "sgnht" (llcfast.estimate_llc)
+    sampler_kwargs: Dict[str, float] = field(default_factory=dict)
+    bounding_box: Any = None  # None or a float > 0
 
 
 @dataclass
@@ -96,6 +99,11 @@ class RunConfig:
         if s.llc_batch_size > s.llc_sequences:
             raise ValueError(f"sweep.llc_batch_size ({s.llc_batch_size}) must be <= sweep.llc_sequences "
                              f"({s.llc_sequences})")
+        from ..samplers import check_sampler
+        try:
+            check_sampler(s.sampler, s.sampler_kwargs, s.bounding_box)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"sweep: {exc}") from None
 
     def make_task(self):
         args = dict(self.task_args, seed=self.seed)

@@ -27,14 +27,24 @@ import torch
 
 from .._llc_common import progress_bar
 from ..llc import estimate_llc
+from ..samplers import check_sampler
 from .checkpoints import load_checkpoint, read_manifest
 from .config import RunConfig, SweepSettings
 
 RESULTS = "results.jsonl"
 
 
+# Settings added after results files existed: left out of the key while at
+# their defaults, so older results keep their keys and are not re-measured.
+_LATER_DEFAULTS = {"sampler": "sgld", "sampler_kwargs": {}, "bounding_box": None}
+
+
 def settings_key(settings: SweepSettings) -> str:
-    blob = json.dumps(asdict(settings), sort_keys=True).encode()
+    d = asdict(settings)
+    for name, default in _LATER_DEFAULTS.items():
+        if d.get(name) == default:
+            d.pop(name)
+    blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -97,7 +107,8 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
         warnings.filterwarnings("ignore", message="the loader holds", category=UserWarning)
         res = estimate_llc(model, llc_batches, loss_fn, num_chains=s.num_chains, num_draws=s.num_draws,
                            num_burnin=s.num_burnin, epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta,
-                           seed=s.seed, device=device, progress=progress, split_chains=False)
+                           seed=s.seed, device=device, progress=progress, split_chains=False, sampler=s.sampler,
+                           sampler_kwargs=s.sampler_kwargs, bounding_box=s.bounding_box)
     rec = {
         "llc_mean": _finite(res.llc_mean), "llc_std": _finite(res.llc_std),
         "llc_per_chain": [_finite(v) for v in res.llc_per_chain.tolist()], "init_loss": res.init_loss,
@@ -121,6 +132,7 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
                       device="cpu", progress: bool = True) -> List[dict]:
     """Measures each (step, path) not yet in ``out`` (JSON lines) with these
     settings; returns all successful records for these settings, by step."""
+    check_sampler(settings.sampler, settings.sampler_kwargs, settings.bounding_box)  # before any work
     key = settings_key(settings)
     rank, world = _rank_world()
     done = {(r["checkpoint"], r.get("settings")) for path in [out] + _parts(out, world) for r in read_results(path)
