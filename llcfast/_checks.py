@@ -195,16 +195,42 @@ def check_thermostat(thermostat, params) -> None:
         raise ValueError(f"thermostat is on {thermostat.device} but params are on {params[0].device}")
 
 
-def check_rmsprop_args(alpha, rms_eps, bounding_box) -> dict:
-    alpha = check_float("alpha", alpha, minimum=0.0)
+def check_rmsprop_hyper(alpha, rms_eps, label=str) -> dict:
+    """RMSprop-SGLD's own hyperparameters; ``label`` names each in errors."""
+    alpha = check_float(label("alpha"), alpha, minimum=0.0)
     if alpha >= 1.0:
-        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-    rms_eps = check_float("rms_eps", rms_eps)
+        raise ValueError(f"{label('alpha')} must be in [0, 1), got {alpha}")
+    rms_eps = check_float(label("rms_eps"), rms_eps)
     if rms_eps <= 0:
-        raise ValueError(f"rms_eps must be > 0, got {rms_eps}")
-    return dict(alpha=alpha, rms_eps=rms_eps, bounding_box=check_float("bounding_box", bounding_box, minimum=0.0))
+        raise ValueError(f"{label('rms_eps')} must be > 0, got {rms_eps}")
+    return dict(alpha=alpha, rms_eps=rms_eps)
 
 
-def check_sgnht_args(diffusion, bounding_box) -> dict:
-    return dict(diffusion=check_float("diffusion", diffusion, minimum=0.0),
-                bounding_box=check_float("bounding_box", bounding_box, minimum=0.0))
+def check_sgnht_hyper(diffusion, label=str) -> dict:
+    return dict(diffusion=check_float(label("diffusion"), diffusion, minimum=0.0))
+
+
+def check_rmsprop_step_args(params, square_avg, grads, centers, masks, noise, stats, *, alpha, rms_eps, bounding_box,
+                            **sgld):
+    """Validates one rmsprop_sgld_step_ call (the kernel wrapper and its twin
+    alike); returns (params, square_avg, grads, centers, masks, noise, hyper)
+    with hyper every float the step takes."""
+    params, grads, centers, masks, noise, hyper = check_sgld_args(params, grads, centers, masks, noise, stats, **sgld)
+    square_avg = check_state_list("square_avg", square_avg, params)
+    hyper.update(check_rmsprop_hyper(alpha, rms_eps),
+                 bounding_box=check_float("bounding_box", bounding_box, minimum=0.0))
+    return params, square_avg, grads, centers, masks, noise, hyper
+
+
+def check_sgnht_step_args(params, momentum, thermostat, grads, centers, masks, noise, stats, *, diffusion,
+                          bounding_box, **sgld):
+    """Validates one sgnht_step_ call; returns (params, momentum, grads,
+    centers, masks, noise, hyper). SGNHT has no noise_scale: its noise is
+    set by the diffusion factor."""
+    params, grads, centers, masks, noise, hyper = check_sgld_args(params, grads, centers, masks, noise, stats,
+                                                                  noise_scale=1.0, **sgld)
+    momentum = check_state_list("momentum", momentum, params)
+    check_thermostat(thermostat, params)
+    hyper.pop("noise_scale")
+    hyper.update(check_sgnht_hyper(diffusion), bounding_box=check_float("bounding_box", bounding_box, minimum=0.0))
+    return params, momentum, grads, centers, masks, noise, hyper

@@ -14,8 +14,8 @@ import torch
 
 from . import _ext
 from . import reference
-from ._checks import (check_float, check_multi_dot_args, check_philox_args, check_rademacher_args, check_rmsprop_args,
-                      check_sgld_args, check_sgnht_args, check_state_list, check_thermostat)
+from ._checks import (check_float, check_multi_dot_args, check_philox_args, check_rademacher_args,
+                      check_rmsprop_step_args, check_sgld_args, check_sgnht_step_args)
 
 if _ext.extension_available():
 
@@ -115,12 +115,10 @@ def rmsprop_sgld_step_(params, square_avg, grads, centers, *, eps: float, nbeta:
     sgld_step_; ``square_avg`` ([C, *shape_i] float32 each, start at zeros)
     is updated in place. stats' noise column sums the added noise
     sqrt(G) * sqrt(eps) * noise_scale * xi squared."""
-    params, grads, centers, masks, noise, hyper = check_sgld_args(
-        params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
-        eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale,
-        step_tensor=step_tensor)
-    square_avg = check_state_list("square_avg", square_avg, params)
-    extra = check_rmsprop_args(alpha, rms_eps, bounding_box)
+    params, square_avg, grads, centers, masks, noise, hyper = check_rmsprop_step_args(
+        params, square_avg, grads, centers, masks, noise, stats, alpha=alpha, rms_eps=rms_eps,
+        bounding_box=bounding_box, seed=seed, step=step, chain_offset=chain_offset, eps=eps, nbeta=nbeta,
+        gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale, step_tensor=step_tensor)
     if not params:
         return
     device = params[0].device
@@ -128,12 +126,12 @@ def rmsprop_sgld_step_(params, square_avg, grads, centers, *, eps: float, nbeta:
         _ext.warn_fallback(device)
         reference.rmsprop_sgld_step_(params, square_avg, grads, centers, seed=seed, step=step,
                                      chain_offset=chain_offset, masks=masks, noise=noise, stats=stats,
-                                     step_tensor=step_tensor, **hyper, **extra)
+                                     step_tensor=step_tensor, **hyper)
         return
     torch.ops.llcfast.rmsprop_sgld_step_(params, square_avg, grads, centers, masks, noise, stats, step_tensor, seed,
                                          step, chain_offset, hyper["eps"], hyper["nbeta"], hyper["gamma"],
-                                         hyper["weight_decay"], hyper["noise_scale"], extra["alpha"],
-                                         extra["rms_eps"], extra["bounding_box"])
+                                         hyper["weight_decay"], hyper["noise_scale"], hyper["alpha"],
+                                         hyper["rms_eps"], hyper["bounding_box"])
 
 
 def sgnht_step_(params, momentum, thermostat: torch.Tensor, grads, centers, *, eps: float, nbeta: float,
@@ -151,25 +149,22 @@ def sgnht_step_(params, momentum, thermostat: torch.Tensor, grads, centers, *, e
     updated in place; A is ``diffusion``. With gamma = 0 this is devinterp's
     SGNHT, which has no localization term. stats' noise column sums
     (sqrt(2 A eps) N)^2."""
-    params, grads, centers, masks, noise, hyper = check_sgld_args(
-        params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
-        eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=1.0, step_tensor=step_tensor)
-    momentum = check_state_list("momentum", momentum, params)
-    check_thermostat(thermostat, params)
-    extra = check_sgnht_args(diffusion, bounding_box)
+    params, momentum, grads, centers, masks, noise, hyper = check_sgnht_step_args(
+        params, momentum, thermostat, grads, centers, masks, noise, stats, diffusion=diffusion,
+        bounding_box=bounding_box, seed=seed, step=step, chain_offset=chain_offset, eps=eps, nbeta=nbeta,
+        gamma=gamma, weight_decay=weight_decay, step_tensor=step_tensor)
     if not params:
         return
-    hyper.pop("noise_scale")
     device = params[0].device
     if not _ext.kernels_for(device):
         _ext.warn_fallback(device)
         reference.sgnht_step_(params, momentum, thermostat, grads, centers, seed=seed, step=step,
                               chain_offset=chain_offset, masks=masks, noise=noise, stats=stats,
-                              step_tensor=step_tensor, **hyper, **extra)
+                              step_tensor=step_tensor, **hyper)
         return
     torch.ops.llcfast.sgnht_step_(params, momentum, thermostat, grads, centers, masks, noise, stats, step_tensor, seed,
                                   step, chain_offset, hyper["eps"], hyper["nbeta"], hyper["gamma"],
-                                  hyper["weight_decay"], extra["diffusion"], extra["bounding_box"])
+                                  hyper["weight_decay"], hyper["diffusion"], hyper["bounding_box"])
 
 
 def philox_normal(num_chains: int, numel: int, *, seed: int, step: int, chain_offset: int = 0,

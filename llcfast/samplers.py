@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ._checks import check_float, noise_group_offsets
+from ._checks import check_float, check_rmsprop_hyper, check_sgnht_hyper, noise_group_offsets
 
 SAMPLERS = ("sgld", "rmsprop_sgld", "sgnht")
 # Hyperparameters beyond SGLD's, with their defaults (those of devinterp's
@@ -34,14 +34,12 @@ def check_sampler(sampler, sampler_kwargs: Optional[dict], bounding_box) -> Tupl
         if key not in kwargs:
             allowed = sorted(kwargs) or "none"
             raise ValueError(f"sampler_kwargs: {key!r} is not a hyperparameter of {sampler!r}; allowed: {allowed}")
-        kwargs[key] = check_float(f"sampler_kwargs[{key!r}]", value)
+        kwargs[key] = value
+    label = lambda key: f"sampler_kwargs[{key!r}]"  # noqa: E731
     if sampler == "rmsprop_sgld":
-        if not 0.0 <= kwargs["alpha"] < 1.0:
-            raise ValueError(f"sampler_kwargs['alpha'] must be in [0, 1), got {kwargs['alpha']}")
-        if kwargs["rms_eps"] <= 0:
-            raise ValueError(f"sampler_kwargs['rms_eps'] must be > 0, got {kwargs['rms_eps']}")
-    if sampler == "sgnht" and kwargs["diffusion"] < 0:
-        raise ValueError(f"sampler_kwargs['diffusion'] must be >= 0, got {kwargs['diffusion']}")
+        kwargs = check_rmsprop_hyper(kwargs["alpha"], kwargs["rms_eps"], label)
+    elif sampler == "sgnht":
+        kwargs = check_sgnht_hyper(kwargs["diffusion"], label)
     box = 0.0 if bounding_box is None else check_float("bounding_box", bounding_box)
     if bounding_box is not None and box <= 0:
         raise ValueError(f"bounding_box must be > 0 (or None for no box), got {bounding_box}")

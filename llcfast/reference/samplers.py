@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._checks import check_rmsprop_args, check_sgld_args, check_sgnht_args, check_state_list, check_thermostat
+from .._checks import check_rmsprop_step_args, check_sgnht_step_args
 from .sgld import add_stats, clamp_box, f32, fold_coefficients, force, walk
 
 
@@ -21,24 +21,23 @@ def rmsprop_sgld_step_(params: Sequence[torch.Tensor], square_avg: Sequence[torc
                        noise: Optional[Sequence[torch.Tensor]] = None, stats: Optional[torch.Tensor] = None,
                        step_tensor: Optional[torch.Tensor] = None) -> None:
     """Mirrors ``llcfast::rmsprop_sgld_step_``; see llcfast.ops.rmsprop_sgld_step_."""
-    params, grads, centers, masks, noise, hyper = check_sgld_args(
-        params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
-        eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale,
-        step_tensor=step_tensor)
-    square_avg = check_state_list("square_avg", square_avg, params)
-    extra = check_rmsprop_args(alpha, rms_eps, bounding_box)
+    params, square_avg, grads, centers, masks, noise, hyper = check_rmsprop_step_args(
+        params, square_avg, grads, centers, masks, noise, stats, alpha=alpha, rms_eps=rms_eps,
+        bounding_box=bounding_box, seed=seed, step=step, chain_offset=chain_offset, eps=eps, nbeta=nbeta,
+        gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale, step_tensor=step_tensor)
     if not params:
         return
     dev = params[0].device
-    a, b, e, s = (f32(v, dev) for v in fold_coefficients(**hyper))
-    al, one_m_al, reps, one = f32(extra["alpha"], dev), f32(1.0 - extra["alpha"], dev), f32(extra["rms_eps"], dev), \
+    a, b, e, s = (f32(v, dev) for v in fold_coefficients(
+        **{k: hyper[k] for k in ("eps", "nbeta", "gamma", "weight_decay", "noise_scale")}))
+    al, one_m_al, reps, one = f32(hyper["alpha"], dev), f32(1.0 - hyper["alpha"], dev), f32(hyper["rms_eps"], dev), \
         f32(1.0, dev)
     for i, p, g, c, xi, moves in walk(params, grads, centers, masks, noise, seed, step, chain_offset, step_tensor):
         v = square_avg[i]
         v_new = al * v + (one_m_al * g) * g
         G = one / (torch.sqrt(v_new) + reps)
         added = torch.sqrt(G) * (s * xi)
-        new = clamp_box((p - G * force(p, g, c, a, b, e)) + added, c, extra["bounding_box"])
+        new = clamp_box((p - G * force(p, g, c, a, b, e)) + added, c, hyper["bounding_box"])
         add_stats(stats, p, g, c, added, moves)
         if moves is not None:
             new, v_new = torch.where(moves, new, p), torch.where(moves, v_new, v)
@@ -53,18 +52,16 @@ def sgnht_step_(params: Sequence[torch.Tensor], momentum: Sequence[torch.Tensor]
                 noise: Optional[Sequence[torch.Tensor]] = None, stats: Optional[torch.Tensor] = None,
                 step_tensor: Optional[torch.Tensor] = None) -> None:
     """Mirrors ``llcfast::sgnht_step_``; see llcfast.ops.sgnht_step_."""
-    params, grads, centers, masks, noise, hyper = check_sgld_args(
-        params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
-        eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=1.0, step_tensor=step_tensor)
-    momentum = check_state_list("momentum", momentum, params)
-    check_thermostat(thermostat, params)
-    extra = check_sgnht_args(diffusion, bounding_box)
+    params, momentum, grads, centers, masks, noise, hyper = check_sgnht_step_args(
+        params, momentum, thermostat, grads, centers, masks, noise, stats, diffusion=diffusion,
+        bounding_box=bounding_box, seed=seed, step=step, chain_offset=chain_offset, eps=eps, nbeta=nbeta,
+        gamma=gamma, weight_decay=weight_decay, step_tensor=step_tensor)
     if not params:
         return
     dev = params[0].device
-    eps_, box = hyper["eps"], extra["bounding_box"]
+    eps_, box = hyper["eps"], hyper["bounding_box"]
     fa, fb, fe = (f32(eps_ * hyper[k], dev) for k in ("nbeta", "gamma", "weight_decay"))
-    fs = f32((2.0 * extra["diffusion"] * eps_) ** 0.5, dev)
+    fs = f32((2.0 * hyper["diffusion"] * eps_) ** 0.5, dev)
     chains = params[0].shape[0]
     energy = torch.zeros(chains, dtype=torch.float64, device=dev)
     count = torch.zeros((), dtype=torch.float64, device=dev)
