@@ -148,12 +148,18 @@ LLC_HD float sgnht_update(float w, float g, float center, float xi, float& p, fl
   return out;
 }
 
-// Validates a sampler's per-chain state list (same shapes as params,
-// float32, contiguous, on params' device).
-void check_state_list(const char* op, const char* name, const at::TensorList& state, const at::TensorList& params);
-
-// Validates SGNHT's thermostat: float32 [C] on params' device.
-void check_thermostat(const at::Tensor& thermostat, int64_t chains, const at::Device& device);
+// check_sgld_inputs plus each sampler's state (and SGNHT's thermostat), for
+// the CPU and CUDA ops alike; return the chain count.
+int64_t check_rmsprop_inputs(const at::TensorList& params, const at::TensorList& square_avg,
+                             const at::TensorList& grads, const at::TensorList& centers,
+                             const c10::optional<at::TensorList>& masks, const c10::optional<at::TensorList>& noise,
+                             const c10::optional<at::Tensor>& stats, const c10::optional<at::Tensor>& step_tensor,
+                             int64_t seed, int64_t step, int64_t chain_offset);
+int64_t check_sgnht_inputs(const at::TensorList& params, const at::TensorList& momentum, const at::Tensor& thermostat,
+                           const at::TensorList& grads, const at::TensorList& centers,
+                           const c10::optional<at::TensorList>& masks, const c10::optional<at::TensorList>& noise,
+                           const c10::optional<at::Tensor>& stats, const c10::optional<at::Tensor>& step_tensor,
+                           int64_t seed, int64_t step, int64_t chain_offset);
 
 // SGNHT's thermostat step after the fused pass: xi += energy / count - eps,
 // count = moving elements per chain. Shared by the CPU and CUDA ops.

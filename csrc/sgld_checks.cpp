@@ -125,6 +125,10 @@ void check_multi_dot(const at::Tensor& out, const at::TensorList& a, const at::T
   }
 }
 
+namespace {
+
+// A sampler's per-chain state list: same shapes as params, float32,
+// contiguous, on params' device.
 void check_state_list(const char* op, const char* name, const at::TensorList& state, const at::TensorList& params) {
   LLC_CHECK(state.size() == params.size(), op, ": ", name, " has ", static_cast<int64_t>(state.size()),
             " tensors but params has ", static_cast<int64_t>(params.size()));
@@ -139,6 +143,7 @@ void check_state_list(const char* op, const char* name, const at::TensorList& st
   }
 }
 
+// SGNHT's thermostat: float32 [C] on params' device.
 void check_thermostat(const at::Tensor& thermostat, int64_t chains, const at::Device& device) {
   LLC_CHECK(thermostat.defined() && thermostat.scalar_type() == at::kFloat && thermostat.is_contiguous() &&
                 thermostat.dim() == 1 && thermostat.size(0) == chains,
@@ -146,6 +151,31 @@ void check_thermostat(const at::Tensor& thermostat, int64_t chains, const at::De
             thermostat.scalar_type(), " ", thermostat.sizes());
   LLC_CHECK(thermostat.device() == device, "sgnht_step_: thermostat is on ", thermostat.device(),
             " but params are on ", device);
+}
+
+}  // namespace
+
+int64_t check_rmsprop_inputs(const at::TensorList& params, const at::TensorList& square_avg,
+                             const at::TensorList& grads, const at::TensorList& centers,
+                             const c10::optional<at::TensorList>& masks, const c10::optional<at::TensorList>& noise,
+                             const c10::optional<at::Tensor>& stats, const c10::optional<at::Tensor>& step_tensor,
+                             int64_t seed, int64_t step, int64_t chain_offset) {
+  const int64_t chains =
+      check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
+  check_state_list("rmsprop_sgld_step_", "square_avg", square_avg, params);
+  return chains;
+}
+
+int64_t check_sgnht_inputs(const at::TensorList& params, const at::TensorList& momentum, const at::Tensor& thermostat,
+                           const at::TensorList& grads, const at::TensorList& centers,
+                           const c10::optional<at::TensorList>& masks, const c10::optional<at::TensorList>& noise,
+                           const c10::optional<at::Tensor>& stats, const c10::optional<at::Tensor>& step_tensor,
+                           int64_t seed, int64_t step, int64_t chain_offset) {
+  const int64_t chains =
+      check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
+  check_state_list("sgnht_step_", "momentum", momentum, params);
+  check_thermostat(thermostat, chains, params[0].device());
+  return chains;
 }
 
 std::vector<int64_t> group_offsets(const at::TensorList& params) {

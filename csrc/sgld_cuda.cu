@@ -320,9 +320,8 @@ void rmsprop_sgld_step_cuda(at::TensorList params, at::TensorList square_avg, at
                             const c10::optional<at::Tensor>& step_tensor, int64_t seed, int64_t step,
                             int64_t chain_offset, double eps, double nbeta, double gamma, double weight_decay,
                             double noise_scale, double alpha, double rms_eps, double bounding_box) {
-  const int64_t chains =
-      check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
-  check_state_list("rmsprop_sgld_step_", "square_avg", square_avg, params);
+  const int64_t chains = check_rmsprop_inputs(params, square_avg, grads, centers, masks, noise, stats, step_tensor,
+                                              seed, step, chain_offset);
   const StepScalars k = rmsprop_scalars(eps, nbeta, gamma, weight_decay, noise_scale, alpha, rms_eps, bounding_box);
   const c10::cuda::CUDAGuard guard(params[0].device());
   step_cuda(Sampler::kRmsprop, params, &square_avg, grads, centers, masks, noise, stats, step_tensor, nullptr,
@@ -335,10 +334,8 @@ void sgnht_step_cuda(at::TensorList params, at::TensorList momentum, at::Tensor 
                      const c10::optional<at::Tensor>& step_tensor, int64_t seed, int64_t step,
                      int64_t chain_offset, double eps, double nbeta, double gamma, double weight_decay,
                      double diffusion, double bounding_box) {
-  const int64_t chains =
-      check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
-  check_state_list("sgnht_step_", "momentum", momentum, params);
-  check_thermostat(thermostat, chains, params[0].device());
+  const int64_t chains = check_sgnht_inputs(params, momentum, thermostat, grads, centers, masks, noise, stats,
+                                            step_tensor, seed, step, chain_offset);
   const StepScalars k = sgnht_scalars(eps, nbeta, gamma, weight_decay, diffusion, bounding_box);
   const c10::cuda::CUDAGuard guard(params[0].device());
   at::Tensor energy = at::zeros({chains}, thermostat.options().dtype(at::kDouble));
