@@ -154,12 +154,19 @@ def test_restricted_hessian_is_the_sub_block():
     assert abs(t.trace[0] - float(block.trace())) < 4 * t.std_error[0] + 1e-6
 
 
-def test_batched_hvp_equals_one_at_a_time():
+def transformer_hvp_case(rows):
+    """(model, loss_fn, batches, names, centers, vectors) for HVP on the tiny
+    transformer, with ``rows`` random vectors."""
     model, loss_fn, batches = small_cases()["transformer"]
     names = [n for n, _ in model.named_parameters()]
     centers = [p.detach() for p in model.parameters()]
     g = torch.Generator().manual_seed(0)
-    vecs = [torch.randn((6,) + tuple(p.shape), generator=g) for p in centers]
+    vecs = [torch.randn((rows,) + tuple(p.shape), generator=g) for p in centers]
+    return model, loss_fn, batches, names, centers, vecs
+
+
+def test_batched_hvp_equals_one_at_a_time():
+    model, loss_fn, batches, names, centers, vecs = transformer_hvp_case(6)
     batched = HVP(model, loss_fn, batches, names, centers)(vecs)
     chunked = HVP(model, loss_fn, batches, names, centers, rows_per_pass=4)(vecs)
     for r in range(6):
@@ -173,11 +180,7 @@ def test_batched_hvp_equals_one_at_a_time():
 def test_out_of_memory_shrinks_the_pass_and_is_never_called_a_differentiability_problem(monkeypatch):
     """A pass that does not fit is retried with half the rows (the result is
     unchanged); at one row the error is about memory, not about the loss."""
-    model, loss_fn, batches = small_cases()["transformer"]
-    names = [n for n, _ in model.named_parameters()]
-    centers = [p.detach() for p in model.parameters()]
-    g = torch.Generator().manual_seed(0)
-    vecs = [torch.randn((8,) + tuple(p.shape), generator=g) for p in centers]
+    model, loss_fn, batches, names, centers, vecs = transformer_hvp_case(8)
     expected = HVP(model, loss_fn, batches, names, centers)(vecs)
     real_run = HVP._run
     seen = []
