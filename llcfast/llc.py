@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 import math
 import time
+from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.func import grad
 
 from . import reference
 from ._checks import check_int
-from ._llc_common import (check_llc_args, check_precision, check_sampler_args, default_loss, default_nbeta, finish, first_nonfinite,
-                          init_loss, precision_context, warn_if_cycled)
+from ._llc_common import (check_llc_args, check_precision, check_sampler_args, default_loss, default_nbeta, finish,
+                          first_nonfinite, init_loss, precision_context, to_device, trainable, warn_if_cycled)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, run_chains
-from .engine.planner import out_of_memory_message
+from .engine.functional import chain_loss
+from .engine.planner import measure_activation_bytes, out_of_memory_message, plan_memory, state_bytes
 from .result import LLCResult
 
 BACKENDS = ("auto", "fast", "reference")
@@ -167,10 +169,6 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
 def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):
     """The memory plan for ``cfg`` on a CUDA device, with the activations of
     one chain's loss and gradient measured on the loader's first batch."""
-    from torch.func import grad
-    from ._llc_common import to_device, trainable
-    from .engine.functional import chain_loss
-    from .engine.planner import measure_activation_bytes, plan_memory, state_bytes
     named = trainable(base)
     loss = chain_loss(base, loss_fn, [n for n, _ in named])
     point = tuple(p.detach() for _, p in named)
