@@ -117,7 +117,10 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
                 for i in range(accum):
                     g, l = grads_of(None if batch is None else batch[i], None if dims is None else dims[i],
                                     per_chain[i] if per_chain is not None else None)
-                    grads = [x.clone() for x in g] if grads is None else [a.add_(x) for a, x in zip(grads, g)]
+                    if grads is None:  # the sequential path refills one buffer per micro-batch: keep a copy
+                        grads = [x.clone() for x in g] if g is grad_buf else g
+                    else:
+                        grads = [a.add_(x) for a, x in zip(grads, g)]
                     losses = l if losses is None else losses + l
                 grads = [g.div_(accum) for g in grads]
                 losses = losses / accum
