@@ -42,7 +42,8 @@ for s in "${steps[@]}"; do
       cp llcfast/_C*.so "$OUT/" 2>/dev/null ;;
     tests)
       step tests 300 python3 -m pytest -q -p no:cacheprovider --timeout 240 \
-        tests/test_cuda.py tests/test_engine_cuda.py tests/test_hessian.py tests/test_sampler_kernels.py tests/test_opcheck.py ;;
+        tests/test_cuda.py tests/test_engine_cuda.py tests/test_hessian.py tests/test_sampler_kernels.py tests/test_opcheck.py tests/test_lanczos_step.py \
+        tests/test_planner.py tests/test_distributed.py ;;
     llc)
       step llc 420 python3 benchmarks/bench_llc.py --slow-steps 30 --ref-steps 10 --precisions fp32,tf32,bf16 --profile --out "$OUT/llc.json" ;;
     hessian)

@@ -47,6 +47,10 @@ TORCH_LIBRARY(llcfast, m) {
   m.def("philox_rademacher_(Tensor(a!) out, int seed, int stream, int row_offset, int group_offset) -> ()");
   // out[r] += sum_i <a[i][r], b[i][r]> (float64 accumulation) over a list of [R, ...] tensors.
   m.def("multi_dot_(Tensor(a!) out, Tensor[] a, Tensor[] b) -> ()");
+  // One Lanczos step with full reorthogonalization for every row of basis
+  // [R, m, N], given w = H basis[:, j]: writes (alpha_j, beta_j) to out
+  // [R, 2], the residual to w and, when j + 1 < m, basis[:, j + 1].
+  m.def("lanczos_step_(Tensor(a!) basis, Tensor(b!) w, int j, Tensor(c!) out) -> ()");
 }
 
 namespace {

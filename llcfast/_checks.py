@@ -234,3 +234,25 @@ def check_sgnht_step_args(params, momentum, thermostat, grads, centers, masks, n
     hyper.pop("noise_scale")
     hyper.update(check_sgnht_hyper(diffusion), bounding_box=check_float("bounding_box", bounding_box, minimum=0.0))
     return params, momentum, grads, centers, masks, noise, hyper
+
+
+def check_lanczos_step_args(basis, w, j, out) -> None:
+    """basis [R, m, N] float32, w [R, N] float32, out [R, 2] float64, all
+    contiguous on one device, and 0 <= j < m."""
+    def desc(t):
+        return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+    if not isinstance(basis, torch.Tensor) or basis.dtype != torch.float32 or basis.dim() != 3 \
+            or not basis.is_contiguous():
+        raise TypeError(f"basis must be a contiguous torch.float32 [R, m, N] tensor, got {desc(basis)}")
+    rows, m, n = basis.shape
+    if m < 1 or n < 1:
+        raise ValueError(f"basis has shape {tuple(basis.shape)}; m (vectors per row) and N (elements) must be >= 1")
+    check_int("j", j, minimum=0, maximum=m - 1)
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or tuple(w.shape) != (rows, n) \
+            or not w.is_contiguous():
+        raise TypeError(f"w must be a contiguous torch.float32 tensor of shape {(rows, n)}, got {desc(w)}")
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float64 or tuple(out.shape) != (rows, 2) \
+            or not out.is_contiguous():
+        raise TypeError(f"out must be a contiguous torch.float64 tensor of shape {(rows, 2)}, got {desc(out)}")
+    if w.device != basis.device or out.device != basis.device:
+        raise ValueError(f"basis, w and out must be on one device, got {basis.device}, {w.device}, {out.device}")

@@ -14,7 +14,7 @@ import torch
 
 from . import _ext
 from . import reference
-from ._checks import (check_float, check_multi_dot_args, check_philox_args, check_rademacher_args,
+from ._checks import (check_float, check_lanczos_step_args, check_multi_dot_args, check_philox_args, check_rademacher_args,
                       check_rmsprop_step_args, check_sgld_args, check_sgnht_step_args)
 
 if _ext.extension_available():
@@ -46,6 +46,14 @@ if _ext.extension_available():
     @torch.library.register_fake("llcfast::multi_dot_")
     def _multi_dot_fake(out, a, b):
         return None
+
+    @torch.library.register_fake("llcfast::lanczos_step_")
+    def _lanczos_step_fake(basis, w, j, out):
+        return None
+
+# The kernels keep two float64 coefficient vectors of length j + 1 in CUDA
+# shared memory; longer Lanczos runs take the twin (csrc/lanczos.h).
+LANCZOS_KERNEL_MAX_STEPS = 2048
 
 
 def sgld_step_(
@@ -223,3 +231,27 @@ def multi_dot_(out: torch.Tensor,  # [R] float64, added to
         reference.multi_dot_(out, a, b)
         return
     torch.ops.llcfast.multi_dot_(out, list(a), list(b))
+
+
+def lanczos_step_(basis: torch.Tensor,  # [R, m, N] float32, contiguous; basis[:, j + 1] is written
+                  w: torch.Tensor,  # [R, N] float32: H basis[:, j] on entry, the residual on return
+                  j: int,
+                  out: torch.Tensor,  # [R, 2] float64: (alpha_j, beta_j) per row, overwritten
+                  ) -> None:
+    """One Lanczos step with full reorthogonalization (classical
+    Gram-Schmidt, twice) for every row: with V = basis[:, :j+1] orthonormal,
+
+        alpha = <v_j, w>,  w <- w - V^T (V w)  (twice),  beta = |w|,
+        basis[:, j+1] = w / beta  (when j + 1 < m).
+
+    Three passes over V on either device, reductions in float64 (the
+    least the recurrence allows: each pass needs the previous reduction)."""
+    check_lanczos_step_args(basis, w, j, out)
+    if basis.shape[1] > LANCZOS_KERNEL_MAX_STEPS:
+        reference.lanczos_step_(basis, w, j, out)
+        return
+    if not _ext.kernels_for(basis.device):
+        _ext.warn_fallback(basis.device)
+        reference.lanczos_step_(basis, w, j, out)
+        return
+    torch.ops.llcfast.lanczos_step_(basis, w, j, out)

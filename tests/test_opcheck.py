@@ -58,3 +58,15 @@ def test_opcheck_philox_normal(device):
     for shape in [(1, 1), (3, 97), (2, 1025)]:
         out = torch.empty(shape, device=device)
         torch.library.opcheck(torch.ops.llcfast.philox_normal_.default, (out, 7, 3, 1, 5))
+
+
+@requires_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_lanczos_step(device):
+    g = torch.Generator().manual_seed(3)
+    for rows, m, n, j in [(1, 1, 1, 0), (3, 5, 97, 2), (2, 4, 1025, 3)]:
+        basis = torch.zeros(rows, m, n)
+        basis[:, : j + 1] = torch.randn(rows, j + 1, n, generator=g)
+        args = (basis.to(device), torch.randn(rows, n, generator=g).to(device), j,
+                torch.zeros(rows, 2, dtype=torch.float64, device=device))
+        torch.library.opcheck(torch.ops.llcfast.lanczos_step_.default, args)

@@ -1,12 +1,14 @@
 """Lanczos with full reorthogonalization, run for many rows at once (one
 start vector per row; rows may sit at different points), on flat [R, N]
-vectors so the reorthogonalization is one batched matmul per step."""
+vectors; each step after the matvec is one fused llcfast.ops.lanczos_step_."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from .. import ops
 
 
 @dataclass
@@ -36,22 +38,21 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor,
     betas = torch.zeros(rows, max(steps - 1, 0), dtype=torch.float64, device=start.device)
     v = start / start.double().norm(dim=1, keepdim=True).clamp_min(1e-300).float()
     basis[:, 0] = v
+    ab = torch.empty(rows, 2, dtype=torch.float64, device=start.device)
     taken = steps
     for j in range(steps):
-        w = matvec(basis[:, j])
-        alphas[:, j] = (w.double() * basis[:, j].double()).sum(1)
-        # Full reorthogonalization against every basis vector so far, twice
-        # ("twice is enough"): it also removes the alpha and beta terms.
-        for _ in range(2):
-            coeff = torch.bmm(basis[:, : j + 1], w.unsqueeze(2))  # [R, j+1, 1]
-            w = w - torch.bmm(basis[:, : j + 1].transpose(1, 2), coeff).squeeze(2)
-        beta = w.double().norm(dim=1)
+        w = matvec(basis[:, j]).to(torch.float32).contiguous()
+        # One fused step: alpha, full reorthogonalization (twice: "twice is
+        # enough", and it also removes the alpha and beta terms), beta, and
+        # the next basis vector.
+        ops.lanczos_step_(basis, w, j, ab)
+        alphas[:, j] = ab[:, 0]
+        beta = ab[:, 1].clone()
         scale = alphas[:, : j + 1].abs().amax(1).clamp_min(1e-30)
         if j == steps - 1 or bool((beta <= 1e-10 * scale).all()):
             taken = j + 1
             break
         betas[:, j] = beta
-        basis[:, j + 1] = (w.double() / beta.clamp_min(1e-300)[:, None]).float()
         if converged is not None and (j + 1) % check_every == 0:
             run = LanczosRun(alphas[:, : j + 1], betas[:, :j], basis[:, : j + 1], j + 1, beta)
             if converged(run):
