@@ -1,7 +1,8 @@
 """Hessian statistics side by side, in one run: llcfast's batched
 forward-over-reverse HVPs vs a PyHessian-style loop (one double-backward HVP
 at a time, power iteration for the top eigenvalue) and, where it is
-installed, curvlinops' Hutchinson trace, same model, same batch.
+installed, curvlinops' Hutchinson trace and hessian-eigenthings' Hutchinson
+trace and Lanczos, same model, same batch.
 
     python benchmarks/bench_hessian.py                       # GPU, JSON into benchmarks/results/
     python benchmarks/bench_hessian.py --quick --device cpu  # a small smoke run
@@ -102,6 +103,36 @@ def curvlinops_trace(model, loss_fn, batch, probes):
     return float(curvlinops.hutchinson_trace(op, probes))
 
 
+def eigenthings_trace(model, loss_fn, batch, probes):
+    """hessian-eigenthings' Hutchinson trace (one double-backward HVP per
+    probe through its HessianOperator); it takes loss_fn(model, batch) as is."""
+    import hessian_eigenthings as he
+    op = he.HessianOperator(model, [batch], loss_fn)
+    return float(he.hutchinson(op, num_samples=probes, seed=0).estimate)
+
+
+def eigenthings_hvps_to(model, loss_fn, batch, target, max_iter):
+    """The fewest hessian-eigenthings Lanczos steps (one HVP each) whose top
+    Ritz value is within 1e-3 relative of ``target``."""
+    import hessian_eigenthings as he
+    op = he.HessianOperator(model, [batch], loss_fn)
+    value = float("nan")
+    for it in range(2, max_iter + 1):
+        value = float(he.lanczos(op, k=1, max_iter=it, which="LA", seed=0, reorthogonalize=True).eigenvalues[0])
+        if abs(value - target) <= 1e-3 * abs(target):
+            return it, value
+    return max_iter, value
+
+
+def optional(device, fn):
+    """(seconds, value) of fn, or (None, None) where its library is missing."""
+    try:
+        fn()  # warm-up (allocations, libraries)
+        return timed(device, fn)
+    except ImportError:
+        return None, None
+
+
 def timed(device, fn):
     sync(device)
     started = time.perf_counter()
@@ -116,15 +147,16 @@ def measure(case, device, probes, max_iter):
     llcfast.hessian_trace(model, loss_fn, [batch], num_probes=2)  # warm-up (allocations, libraries)
     fast_s, fast = timed(device, lambda: llcfast.hessian_trace(model, loss_fn, [batch], num_probes=probes))
     loop_s, (loop, loop_se) = timed(device, lambda: loop_trace(model, loss_fn, batch, probes, seed=0))
-    try:
-        curvlinops_trace(model, loss_fn, batch, 2)  # warm-up
-        cl_s, cl = timed(device, lambda: curvlinops_trace(model, loss_fn, batch, probes))
-    except ImportError:
-        cl_s, cl = None, None
+    cl_s, cl = optional(device, lambda: curvlinops_trace(model, loss_fn, batch, probes))
+    he_s, he_value = optional(device, lambda: eigenthings_trace(model, loss_fn, batch, probes))
     ref = llcfast.hessian_eigs(model, loss_fn, [batch], k=1, tol=1e-8, max_iter=max_iter)
     target = float(ref.values[0, 0])
     lz_hvps, lz_value = lanczos_hvps_to(model, loss_fn, batch, target, max_iter)
     pw_hvps, pw_value = loop_power(model, loss_fn, batch, target, 10 * max_iter, seed=0)
+    try:
+        he_hvps, he_top = eigenthings_hvps_to(model, loss_fn, batch, target, max_iter)
+    except ImportError:
+        he_hvps, he_top = None, None
     flops = flops_per_chain_step(case, device)
     return {"case": case["name"].split("-")[0], "params": sum(p.numel() for p in model.parameters()),
             "probes": probes, "trace": {
@@ -133,9 +165,12 @@ def measure(case, device, probes, max_iter):
                 "llcfast_estimate": float(fast.trace[0]), "llcfast_se": float(fast.std_error[0]),
                 "loop_estimate": loop, "loop_se": loop_se,
                 "curvlinops_s": cl_s, "curvlinops_estimate": cl,
-                "speedup_vs_curvlinops": None if cl_s is None else cl_s / fast_s},
+                "speedup_vs_curvlinops": None if cl_s is None else cl_s / fast_s,
+                "eigenthings_s": he_s, "eigenthings_estimate": he_value,
+                "speedup_vs_eigenthings": None if he_s is None else he_s / fast_s},
             "top_eig": {"reference": target, "lanczos_hvps": lz_hvps, "lanczos_value": lz_value,
-                        "power_hvps": pw_hvps, "power_value": pw_value},
+                        "power_hvps": pw_hvps, "power_value": pw_value,
+                        "eigenthings_lanczos_hvps": he_hvps, "eigenthings_lanczos_value": he_top},
             "grad_flops": flops}
 
 
@@ -160,8 +195,11 @@ def main(argv=None):
               f"-> {t['speedup']:.1f}x"
               + (f"; curvlinops {t['curvlinops_estimate']:.4g} in {t['curvlinops_s']:.3f} s "
                  f"-> {t['speedup_vs_curvlinops']:.1f}x" if t["curvlinops_s"] is not None else "; curvlinops not installed")
+              + (f"; hessian-eigenthings {t['eigenthings_estimate']:.4g} in {t['eigenthings_s']:.3f} s "
+                 f"-> {t['speedup_vs_eigenthings']:.1f}x" if t["eigenthings_s"] is not None
+                 else "; hessian-eigenthings not installed")
               + f";  top eig {e['reference']:.5g}: Lanczos {e['lanczos_hvps']} HVPs, "
-              f"power {e['power_hvps']} HVPs")
+              f"power {e['power_hvps']} HVPs, hessian-eigenthings Lanczos {e['eigenthings_lanczos_hvps']} HVPs")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
               "date": datetime.date.today().isoformat(), "quick": args.quick, "cases": results}
