@@ -63,8 +63,19 @@ def _only(items):
 
 
 def gpu_loader(tensors, batch_size, seed):
-    return DataLoader(PreBatched(tensors, batch_size), batch_size=1, shuffle=True, collate_fn=_only,
-                      generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(PreBatched(tensors, batch_size), batch_size=1, shuffle=True, collate_fn=_only,
+                        generator=torch.Generator().manual_seed(seed))
+    loader.seed = seed
+    return loader
+
+
+def rewind(case):
+    """Reseed the case's shuffled loader so the next run sees the same
+    batches, the init-loss batch first, as every other run. Without it each
+    run's init loss came from another batch, and with nbeta ~ 22 the LM's
+    LLC moved by several units from that alone (see the precision check)."""
+    loader = case["loader"]
+    loader.generator.manual_seed(loader.seed)
 
 
 def pretrain(model, task, loss_fn, steps, batch_size, device, lr=1e-3):
@@ -121,6 +132,7 @@ def sync(device):
 
 
 def run_llcfast(case, steps, device, **kw):
+    rewind(case)
     sync(device)
     started = time.perf_counter()
     r = llcfast.estimate_llc(case["model"], case["loader"], case["loss_fn"], num_chains=case["chains"],
@@ -147,6 +159,7 @@ def profile_fast(case, device, precision, steps, path):
 def run_devinterp(case, steps, device):
     from devinterp.optim import SGLD
     from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+    rewind(case)
     sync(device)
     started = time.perf_counter()
     r = estimate_learning_coeff_with_summary(
@@ -177,6 +190,11 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         if profile_dir:
             profile_fast(case, device, precision, min(steps, 50),
                          os.path.join(profile_dir, f"profile_{case['name']}_{precision}.txt"))
+    fp32, bf16 = out["runs"].get("llcfast-fp32"), out["runs"].get("llcfast-bf16")
+    if fp32 and bf16:  # same batches, same noise: does bf16 move the estimate beyond the chains' spread?
+        se = fp32["llc_std"] / chains ** 0.5  # the goal: within the fp32 estimate's standard error
+        diff = bf16["llc_mean"] - fp32["llc_mean"]
+        out["bf16_vs_fp32"] = dict(difference=diff, fp32_standard_error=se, within=bool(abs(diff) <= se))
     wall, r = run_llcfast(case, ref_steps, device, backend="reference")
     out["runs"]["llcfast-reference"] = dict(ms_per_chain_step=1e3 * wall / (chains * ref_steps), llc_mean=r.llc_mean,
                                             llc_std=r.llc_std, diverged=list(r.diagnostics.get("diverged_chains", [])))
@@ -252,6 +270,10 @@ def main(argv=None):
                   + (f"  {v['achieved_tflops']:.1f} TFLOP/s" if "achieved_tflops" in v else "")
                   + (f" ({100 * v['peak_fraction']:.1f}% of peak)" if v.get("peak_fraction") else "")
                   + (f"  diverged {v['diverged']}" if v.get("diverged") else ""), flush=True)
+        if "bf16_vs_fp32" in res:
+            d = res["bf16_vs_fp32"]
+            print(f"{res['case']:8s} bf16 - fp32 LLC: {d['difference']:+.3f} (fp32 standard error {d['fp32_standard_error']:.3f}"
+                  f"{', within' if d['within'] else ', NOT within'})")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"benchmark": "estimate_llc", "device": gpu, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "quick": args.quick, "build": llcfast.build_info(),

@@ -7,7 +7,7 @@ import fnmatch
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -125,17 +125,27 @@ def checked_loss(loss, where: str) -> torch.Tensor:
     return loss.reshape(())
 
 
-def init_loss(model, loader, loss_fn: Callable, num_batches: int, device) -> float:
+def init_loss(model, loader, loss_fn: Callable, num_batches: int, device) -> Tuple[float, dict]:
     """Mean minibatch loss at w* over the loader's first ``num_batches``
-    batches (cycling if it has fewer)."""
-    total, it = 0.0, cycle_batches(loader)
+    batches (cycling if it has fewer), and its spread as diagnostics. The
+    init loss is subtracted from every chain alike, so its sampling error
+    moves the LLC by nbeta times that error and never shows in the spread
+    across chains: ``llc_se_from_init_loss`` says how large it is (NaN
+    from a single batch)."""
+    values, it = [], cycle_batches(loader)
     with torch.no_grad():
         for _ in range(num_batches):
             value = float(checked_loss(loss_fn(model, to_device(next(it), device)), "at w*"))
             if not math.isfinite(value):
                 raise ValueError(f"the loss at w* is {value}; the estimate needs a finite loss at the checkpoint")
-            total += value
-    return total / num_batches
+            values.append(value)
+    mean = sum(values) / num_batches
+    se = (float(np.std(values, ddof=1)) / math.sqrt(num_batches)) if num_batches > 1 else math.nan
+    return mean, {"init_loss_per_batch": values, "init_loss_se": se}
+
+
+def init_loss_diagnostics(spread: dict, nbeta: float) -> dict:
+    return dict(spread, llc_se_from_init_loss=nbeta * spread["init_loss_se"])
 
 
 def trainable(model: torch.nn.Module) -> List[tuple]:

@@ -14,7 +14,7 @@ from torch.func import grad
 from . import reference
 from ._checks import check_int
 from ._llc_common import (check_llc_args, check_precision, check_sampler_args, default_loss, default_nbeta, finish,
-                          first_nonfinite, init_loss, precision_context, to_device, trainable, warn_if_cycled)
+                          first_nonfinite, init_loss, init_loss_diagnostics, precision_context, to_device, trainable, warn_if_cycled)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, run_chains
 from .engine.functional import chain_loss
@@ -113,7 +113,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
     with precision_context(precision, device):
-        l0 = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
+        l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
     steps = num_burnin + num_draws * steps_between_draws
     warn_if_cycled(loader, steps, grad_accum_steps)
     local_chains, offset = (num_chains, 0) if split is None else (split.count, split.start)
@@ -163,7 +163,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         timings["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     if split is not None:
         config["world_size"] = split.world_size
-    return finish(draws, l0, nbeta, stats, steps_run, config=config, timings=timings, stacklevel=3)
+    return finish(draws, l0, nbeta, stats, steps_run, config=config, timings=timings,
+                  diagnostics=init_loss_diagnostics(l0_spread, nbeta), stacklevel=3)
 
 
 def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):

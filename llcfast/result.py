@@ -114,8 +114,14 @@ class LLCResult:
         for c, row in enumerate(self.loss_trace):
             ax.plot(row, lw=0.8, alpha=0.85, label=f"chain {c}")
         ax.axhline(self.init_loss, color="k", ls="--", lw=1, label="loss at w*")
+        l0_se = self.diagnostics.get("init_loss_se")
+        if l0_se is not None and math.isfinite(l0_se):  # the init loss's own sampling error
+            ax.axhspan(self.init_loss - l0_se, self.init_loss + l0_se, color="k", alpha=0.12, lw=0)
         rhat = self.diagnostics.get("rhat")
         title = f"LLC = {self.llc_mean:.3g} ± {self.llc_std:.2g}"
+        from_l0 = self.diagnostics.get("llc_se_from_init_loss")
+        if from_l0 is not None and math.isfinite(from_l0):
+            title += f" (init loss ± {from_l0:.2g})"
         if rhat is not None:
             title += f"   (R-hat {rhat:.3f}, ESS {self.diagnostics.get('ess', float('nan')):.0f})"
         if self.diagnostics.get("diverged_chains"):

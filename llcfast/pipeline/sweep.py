@@ -114,6 +114,7 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
         "llc_per_chain": [_finite(v) for v in res.llc_per_chain.tolist()], "init_loss": res.init_loss,
         "rhat": _finite(res.diagnostics.get("rhat")), "ess": _finite(res.diagnostics.get("ess")),
         "diverged_chains": res.diagnostics["diverged_chains"],
+        "llc_se_from_init_loss": _finite(res.diagnostics.get("llc_se_from_init_loss")),
         "test_loss": eval_loss(model, loss_fn, eval_set),
     }
     if s.hessian:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .._llc_common import (check_llc_args, check_sampler_args, checked_loss, cycle_batches, default_loss, default_nbeta, finish,
-                           init_loss, progress_bar, restriction_masks, to_device, trainable, warn_if_cycled)
+                           init_loss, init_loss_diagnostics, progress_bar, restriction_masks, to_device, trainable, warn_if_cycled)
 from ..result import LLCResult
 from ..samplers import Stepper
 from .. import reference as ref_ops
@@ -45,7 +45,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     started = time.perf_counter()
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
-    l0 = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
+    l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
     masks = restriction_masks(trainable(base), restrict)
     total_steps = num_burnin + num_draws * steps_between_draws
     warn_if_cycled(loader, total_steps, grad_accum_steps)
@@ -99,4 +99,5 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                   bounding_box=box or None, grad_accum_steps=grad_accum_steps)
     timings = {"total_s": now - started, "sampling_s": now - sampling_started,
                "ms_per_chain_step": 1e3 * (now - sampling_started) / (num_chains * total_steps)}
-    return finish(trace, l0, nbeta, stats.cpu().numpy(), steps_run, config=config, timings=timings)
+    return finish(trace, l0, nbeta, stats.cpu().numpy(), steps_run, config=config, timings=timings,
+                  diagnostics=init_loss_diagnostics(l0_spread, nbeta))
