@@ -95,7 +95,8 @@ def measure(size, args, device, peak_tflops):
     params = sum(p.numel() for p in model.parameters())
     loader = batches(8, args.batch, args.context, device)
     kw = dict(num_chains=args.chains, num_draws=args.draws, epsilon=1e-5, gamma=100.0, nbeta=30.0, seed=0,
-              progress=False, device=device, precision=args.precision)
+              progress=False, device=device, precision=args.precision,
+              activation_checkpointing=args.checkpointing)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
@@ -106,7 +107,8 @@ def measure(size, args, device, peak_tflops):
     tokens = args.batch * args.context
     ms = res.timings["ms_per_chain_step"]
     row = {"size": size, "parameters": params, "chains": args.chains, "draws": args.draws, "batch": args.batch,
-           "context": args.context, "precision": args.precision, "wall_s": wall, "ms_per_chain_step": ms,
+           "context": args.context, "precision": args.precision, "checkpointing": args.checkpointing,
+           "backend": res.config.get("backend"), "wall_s": wall, "ms_per_chain_step": ms,
            "llc_mean": res.llc_mean, "llc_std": res.llc_std, "peak_memory_GiB": res.timings.get("peak_memory_bytes", 0) / 2**30,
            "memory_plan": res.config.get("memory_plan"), "cuda_graphs": res.config.get("cuda_graphs"),
            "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12}
@@ -131,6 +133,9 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--precision", default="bf16", choices=["fp32", "tf32", "bf16"])
     p.add_argument("--skip-devinterp", action="store_true")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="recompute each GPT-2 block in the backward pass (chains then run one after another); "
+                        "model FLOPs stay 6 x params x tokens, so the recomputation counts against MFU")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -17,6 +17,7 @@ from ._llc_common import (check_llc_args, check_precision, check_sampler_args, d
                           first_nonfinite, init_loss, init_loss_diagnostics, precision_context, to_device, trainable, warn_if_cycled)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, run_chains
+from .engine import checkpointing
 from .engine.functional import chain_loss
 from .engine.planner import measure_activation_bytes, out_of_memory_message, plan_memory, state_bytes
 from .result import LLCResult
@@ -32,7 +33,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  precision: str = "fp32", cuda_graphs: bool = True, chain_chunk: Optional[int] = None,
                  sampler: str = "sgld", sampler_kwargs: Optional[dict] = None,
                  bounding_box: Optional[float] = None, split_chains: bool = True,
-                 grad_accum_steps: int = 1, chain_group: Optional[int] = None) -> LLCResult:
+                 grad_accum_steps: int = 1, chain_group: Optional[int] = None,
+                 activation_checkpointing=False) -> LLCResult:
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
@@ -73,6 +75,12 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         this many consecutive micro-batches of the loader, for models whose
         activations at the wanted batch size do not fit; the default nbeta
         uses the effective batch (micro-batch size x steps).
+    activation_checkpointing: True recomputes each block of the model's
+        largest nn.ModuleList (a transformer's layers) in the backward pass
+        instead of storing its activations; module-name globs choose other
+        modules. torch.func cannot batch checkpointed passes, so the chains
+        then run one after another (config["activation_checkpointing"]
+        lists the modules).
     split_chains: inside a torch.distributed job (torchrun), each rank runs
         its share of the chains and all ranks get the gathered result, equal
         to a one-process run's; False runs every chain in this process.
@@ -104,7 +112,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                              "use backend='auto' or 'fast', which split the chains across ranks")
         with precision_context(precision, device):
             result = reference.estimate_llc(model, loader, loss_fn, restrict=restrict, device=device,
-                                            progress=progress, callbacks=callbacks, **args, **sampling)
+                                            progress=progress, callbacks=callbacks,
+                                            activation_checkpointing=activation_checkpointing, **args, **sampling)
         result.config["precision"] = precision
         return result
 
@@ -112,6 +121,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     loss_fn = loss_fn or default_loss
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
+    checkpointed = ([] if activation_checkpointing is False or activation_checkpointing is None
+                    else checkpointing.apply(base, activation_checkpointing))
     with precision_context(precision, device):
         l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
     steps = num_burnin + num_draws * steps_between_draws
@@ -122,7 +133,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                         seed=seed, backend=backend, precision=precision, cuda_graphs=cuda_graphs,
                         progress=progress and (split is None or split.rank == 0),
                         chain_chunk=chain_chunk, sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box,
-                        grad_accum_steps=grad_accum_steps)
+                        grad_accum_steps=grad_accum_steps, sequential=bool(checkpointed))
     plan = None
     group = chain_group or local_chains
     if device.type == "cuda" and chain_group is None:
@@ -153,6 +164,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                   num_init_batches=num_init_batches or num_chains, device=str(device), precision=precision,
                   cuda_graphs=all(r.cuda_graphs for r in runs), chain_chunk=cfg.chain_chunk, chain_group=group,
                   **sampling)
+    if checkpointed:
+        config["activation_checkpointing"] = checkpointed
     if plan is not None:
         config["memory_plan"] = plan.to_dict()
     timings = dict(run.timings, total_s=time.perf_counter() - started)
@@ -177,11 +190,15 @@ def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):
 
     def one_chain():
         with precision_context(cfg.precision, device):
+            if cfg.sequential:  # plain autograd, as the sequential path runs it
+                mine = tuple(p.clone().requires_grad_() for p in point)
+                return torch.autograd.grad(loss(mine, batch), mine, allow_unused=True)
             return grad(lambda p: loss(p, batch))(point)
 
     free, _ = torch.cuda.mem_get_info(device)
     return plan_memory(cfg.num_chains, state_bytes(sum(p.numel() for p in point), cfg.sampler),
-                       measure_activation_bytes(one_chain, device), free, cfg.chain_chunk, what=str(device))
+                       measure_activation_bytes(one_chain, device), free,
+                       1 if cfg.sequential else cfg.chain_chunk, what=str(device))
 
 
 def estimate_wbic(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_samples: int,

@@ -53,6 +53,7 @@ class SamplerConfig:
     bounding_box: float = 0.0  # 0: none
     chain_offset: int = 0  # global index of the first chain (noise is keyed by it)
     grad_accum_steps: int = 1  # micro-batches whose mean loss drives each step
+    sequential: bool = False  # chains one after another by request (activation checkpointing needs it)
 
 
 def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerConfig, *, restrict=None,
@@ -163,6 +164,8 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
 
 
 def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, device) -> str:
+    if cfg.sequential:
+        return "sequential"
     batch, dims, per_chain = first
     probe, probe_dims = (batch, dims) if batch is not None else (per_chain[0], None)
     with precision_context(cfg.precision, device):

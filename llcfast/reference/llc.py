@@ -16,6 +16,7 @@ import torch
 
 from .._llc_common import (check_llc_args, check_sampler_args, checked_loss, cycle_batches, default_loss, default_nbeta, finish,
                            init_loss, init_loss_diagnostics, progress_bar, restriction_masks, to_device, trainable, warn_if_cycled)
+from ..engine import checkpointing
 from ..result import LLCResult
 from ..samplers import Stepper
 from .. import reference as ref_ops
@@ -27,13 +28,14 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  noise_scale: float = 1.0, num_init_batches: Optional[int] = None, restrict=None, seed: int = 0,
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), sampler: str = "sgld",
                  sampler_kwargs: Optional[dict] = None, bounding_box: Optional[float] = None,
-                 grad_accum_steps: int = 1) -> LLCResult:
+                 grad_accum_steps: int = 1, activation_checkpointing=False) -> LLCResult:
     """The LLC of ``model`` at its current weights w*; ``model`` is not changed.
 
     After every SGLD step each callback is called as
     ``cb(step=t, chains=range(c, c + 1), loss=<[1] tensor>, params={name: <[1, ...] tensor>})``:
     the loss whose gradient drove step t and the parameters after it (live
     views: clone to keep). The fast engine calls the same with all chains.
+    ``activation_checkpointing`` is as in llcfast.estimate_llc.
     """
     check_llc_args(num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                    steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
@@ -45,6 +47,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     started = time.perf_counter()
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
+    checkpointed = ([] if activation_checkpointing is False or activation_checkpointing is None
+                    else checkpointing.apply(base, activation_checkpointing))
     l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
     masks = restriction_masks(trainable(base), restrict)
     total_steps = num_burnin + num_draws * steps_between_draws
@@ -97,6 +101,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                   weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches or num_chains,
                   seed=seed, device=str(device), sampler=sampler, sampler_kwargs=sampler_kwargs,
                   bounding_box=box or None, grad_accum_steps=grad_accum_steps)
+    if checkpointed:
+        config["activation_checkpointing"] = checkpointed
     timings = {"total_s": now - started, "sampling_s": now - sampling_started,
                "ms_per_chain_step": 1e3 * (now - sampling_started) / (num_chains * total_steps)}
     return finish(trace, l0, nbeta, stats.cpu().numpy(), steps_run, config=config, timings=timings,
