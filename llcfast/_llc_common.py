@@ -46,6 +46,35 @@ def check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale):
     return sampler, kwargs, box
 
 
+def check_mala(mala, sampler: str, bounding_box: float, noise_scale: float) -> bool:
+    """MALA acceptance is defined for plain SGLD's Gaussian proposal."""
+    if not isinstance(mala, bool):
+        raise TypeError(f"mala must be True or False, got {mala!r}")
+    if mala and sampler != "sgld":
+        raise ValueError(f"mala=True measures SGLD's Langevin proposal; sampler={sampler!r} proposes differently. "
+                         "Use sampler='sgld' or mala=False")
+    if mala and bounding_box:
+        raise ValueError("mala=True needs the unclamped Gaussian proposal; drop bounding_box or set mala=False")
+    if mala and noise_scale == 0:
+        raise ValueError("mala=True needs noise (noise_scale > 0): without it the proposal has no density")
+    return mala
+
+
+def mala_diagnostics(trace: Optional[np.ndarray], diverged_at: dict) -> dict:
+    """Per-chain and overall mean MALA acceptance of the steps, NaN for the
+    steps from a chain's divergence on; {} when not recorded."""
+    if trace is None:
+        return {}
+    trace = np.array(trace, dtype=np.float64)
+    for c, t in diverged_at.items():
+        trace[c, max(t - 1, 0):] = np.nan
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN chains
+        per_chain = np.nanmean(trace, axis=1) if trace.shape[1] else np.full(trace.shape[0], np.nan)
+        overall = float(np.nanmean(trace)) if np.isfinite(trace).any() else math.nan
+    return {"mala_acceptance": overall, "mala_acceptance_per_chain": per_chain, "mala_acceptance_trace": trace}
+
+
 def default_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     """Hugging Face convention: the model's output carries ``.loss``."""
     call = "model(**batch)" if isinstance(batch, Mapping) else \

@@ -13,11 +13,11 @@ from torch.func import grad
 
 from . import reference
 from ._checks import check_int
-from ._llc_common import (check_llc_args, check_precision, check_sampler_args, default_loss, default_nbeta, finish,
-                          first_nonfinite, init_loss, init_loss_diagnostics, precision_context, to_device, trainable, warn_if_cycled)
+from ._llc_common import (check_llc_args, check_mala, check_precision, check_sampler_args, default_loss,
+                          default_nbeta, finish, first_nonfinite, init_loss, init_loss_diagnostics, mala_diagnostics,
+                          precision_context, to_device, trainable, warn_if_cycled)
 from .distributed import current_split, gather_rows
-from .engine import SamplerConfig, run_chains
-from .engine import checkpointing
+from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.functional import chain_loss
 from .engine.planner import measure_activation_bytes, out_of_memory_message, plan_memory, state_bytes
 from .result import LLCResult
@@ -34,7 +34,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  sampler: str = "sgld", sampler_kwargs: Optional[dict] = None,
                  bounding_box: Optional[float] = None, split_chains: bool = True,
                  grad_accum_steps: int = 1, chain_group: Optional[int] = None,
-                 activation_checkpointing=False) -> LLCResult:
+                 activation_checkpointing=False, mala: bool = False) -> LLCResult:
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
@@ -81,6 +81,10 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         modules. torch.func cannot batch checkpointed passes, so the chains
         then run one after another (config["activation_checkpointing"]
         lists the modules).
+    mala: record each step's MALA acceptance probability (SGLD only):
+        ``diagnostics["mala_acceptance"]`` (mean), ``[..._per_chain]`` and
+        ``[..._trace]`` [C, steps - 1]. Well below 1 means epsilon is large
+        for this loss surface. Costs two extra copies of the parameters.
     split_chains: inside a torch.distributed job (torchrun), each rank runs
         its share of the chains and all ranks get the gathered result, equal
         to a one-process run's; False runs every chain in this process.
@@ -103,6 +107,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                 grad_accum_steps=grad_accum_steps)
     check_llc_args(**args)
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
+    check_mala(mala, sampler, box, noise_scale)
     sampling = dict(sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box or None)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     split = current_split(num_chains) if split_chains else None
@@ -113,7 +118,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         with precision_context(precision, device):
             result = reference.estimate_llc(model, loader, loss_fn, restrict=restrict, device=device,
                                             progress=progress, callbacks=callbacks,
-                                            activation_checkpointing=activation_checkpointing, **args, **sampling)
+                                            activation_checkpointing=activation_checkpointing, mala=mala, **args,
+                                            **sampling)
         result.config["precision"] = precision
         return result
 
@@ -133,7 +139,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                         seed=seed, backend=backend, precision=precision, cuda_graphs=cuda_graphs,
                         progress=progress and (split is None or split.rank == 0),
                         chain_chunk=chain_chunk, sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box,
-                        grad_accum_steps=grad_accum_steps, sequential=bool(checkpointed))
+                        grad_accum_steps=grad_accum_steps, sequential=bool(checkpointed), mala=mala)
     plan = None
     group = chain_group or local_chains
     if device.type == "cuda" and chain_group is None:
@@ -152,8 +158,10 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
 
     losses = np.concatenate([r.losses for r in runs])
     stats = np.concatenate([r.stats for r in runs])
+    accept = np.concatenate([r.mala for r in runs]) if mala else None
     if split is not None:  # every rank gets all chains, in global order
         losses, stats = gather_rows(split, losses), gather_rows(split, stats)
+        accept = gather_rows(split, accept) if mala else None
     diverged_at = first_nonfinite(losses)
     steps_run = np.full(num_chains, steps)
     for c, t in diverged_at.items():
@@ -177,7 +185,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     if split is not None:
         config["world_size"] = split.world_size
     return finish(draws, l0, nbeta, stats, steps_run, config=config, timings=timings,
-                  diagnostics=init_loss_diagnostics(l0_spread, nbeta), stacklevel=3)
+                  diagnostics={**init_loss_diagnostics(l0_spread, nbeta), **mala_diagnostics(accept, diverged_at)},
+                  stacklevel=3)
 
 
 def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):

@@ -124,6 +124,8 @@ class LLCResult:
             title += f" (init loss ± {from_l0:.2g})"
         if rhat is not None:
             title += f"   (R-hat {rhat:.3f}, ESS {self.diagnostics.get('ess', float('nan')):.0f})"
+        if self.diagnostics.get("mala_acceptance") is not None:
+            title += f"   MALA acceptance {self.diagnostics['mala_acceptance']:.2f}"
         if self.diagnostics.get("diverged_chains"):
             title += f"   diverged: {self.diagnostics['diverged_chains']}"
         ax.set(title=title, xlabel="draw", ylabel="minibatch loss")

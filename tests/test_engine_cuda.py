@@ -105,3 +105,23 @@ def test_memory_plan_groups_chains_when_little_memory_is_free(monkeypatch):
     grouped = llcfast.estimate_llc(model, token_loader(), token_loss, **kw)
     assert grouped.config["memory_plan"]["chains_per_group"] == 2 and grouped.config["chain_group"] == 2
     np.testing.assert_allclose(grouped.loss_trace, whole.loss_trace, rtol=1e-5)
+
+
+def test_mala_under_graph_replay_matches_the_reference():
+    kw = dict(num_chains=3, num_draws=12, epsilon=1e-3, nbeta=8.0, gamma=100.0, seed=5, progress=False, mala=True,
+              device="cuda")
+    model = TinyTransformer()
+    g = llcfast.estimate_llc(model, token_loader(), token_loss, cuda_graphs=True, **kw)
+    r = llcfast.estimate_llc(model, token_loader(), token_loss, backend="reference", **kw)
+    assert g.config["cuda_graphs"] is True
+    np.testing.assert_allclose(g.diagnostics["mala_acceptance_trace"], r.diagnostics["mala_acceptance_trace"],
+                               atol=1e-3)
+
+
+def test_checkpointed_run_plans_for_one_chain_per_pass_and_keeps_the_trajectory():
+    kw = dict(num_chains=3, num_draws=8, epsilon=1e-3, nbeta=8.0, seed=3, progress=False, device="cuda")
+    model = TinyTransformer()
+    plain = llcfast.estimate_llc(model, token_loader(), token_loss, **kw)
+    ckpt = llcfast.estimate_llc(model, token_loader(), token_loss, activation_checkpointing=True, **kw)
+    assert ckpt.config["backend"] == "fast-sequential" and ckpt.config["memory_plan"]["chains_per_group"] == 3
+    np.testing.assert_allclose(ckpt.loss_trace, plain.loss_trace, rtol=1e-4)

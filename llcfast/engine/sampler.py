@@ -18,6 +18,7 @@ from ..samplers import Stepper
 from .batches import ChainBatches
 from .functional import chain_loss, sequential_grads, vmap_failure, vmapped_grads
 from .graphs import GraphStep, side_stream
+from .mala import MalaTracker
 
 # Eager steps before capture: the first allocates and sets up the libraries,
 # the second checks the steady state; both are real steps of the chains.
@@ -31,6 +32,7 @@ class SamplerRun:
     mode: str  # "vmap" or "sequential"
     cuda_graphs: bool  # whether steps were replayed from a captured graph
     timings: Dict[str, float] = field(default_factory=dict)
+    mala: Optional[np.ndarray] = None  # [C, steps - 1] MALA acceptance probabilities, when asked for
 
 
 @dataclass
@@ -54,6 +56,7 @@ class SamplerConfig:
     chain_offset: int = 0  # global index of the first chain (noise is keyed by it)
     grad_accum_steps: int = 1  # micro-batches whose mean loss drives each step
     sequential: bool = False  # chains one after another by request (activation checkpointing needs it)
+    mala: bool = False  # record each step's MALA acceptance probability (engine/mala.py)
 
 
 def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerConfig, *, restrict=None,
@@ -100,6 +103,8 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     step_tensor = torch.zeros(1, dtype=torch.int64, device=device)
     stepper = Stepper(ops, cfg.sampler, cfg.sampler_kwargs, cfg.bounding_box, params, epsilon=cfg.epsilon,
                       seed=cfg.seed, chain_offset=cfg.chain_offset)
+    mala = MalaTracker(params, centers, masks, steps=cfg.steps, eps=cfg.epsilon, nbeta=cfg.nbeta, gamma=cfg.gamma,
+                       weight_decay=cfg.weight_decay, noise_scale=cfg.noise_scale) if cfg.mala else None
 
     def grads_of(batch, dims, per_chain):
         if mode == "vmap" and batch is not None:
@@ -127,6 +132,8 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
                 losses = losses / accum
         trace.index_copy_(0, step_tensor, losses.detach().to(torch.float32).reshape(1, -1))
         with torch.no_grad():
+            if mala is not None:
+                mala.observe(params, grads, losses, step_tensor)
             stepper.step(params, grads, centers, eps=cfg.epsilon, nbeta=cfg.nbeta, gamma=cfg.gamma,
                          weight_decay=cfg.weight_decay, noise_scale=cfg.noise_scale, seed=cfg.seed, step=0,
                          chain_offset=cfg.chain_offset, masks=masks, stats=stats, step_tensor=step_tensor)
@@ -160,7 +167,8 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     sampling_s = now - sampling_started - capture_s
     timings = {"setup_s": sampling_started - started, "capture_s": capture_s, "sampling_s": sampling_s,
                "ms_per_chain_step": 1e3 * sampling_s / (cfg.num_chains * cfg.steps)}
-    return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings)
+    return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
+                      mala.result() if mala is not None else None)
 
 
 def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, device) -> str:

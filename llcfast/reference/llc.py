@@ -14,11 +14,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .._llc_common import (check_llc_args, check_sampler_args, checked_loss, cycle_batches, default_loss, default_nbeta, finish,
-                           init_loss, init_loss_diagnostics, progress_bar, restriction_masks, to_device, trainable, warn_if_cycled)
+from .._llc_common import (check_llc_args, check_mala, check_sampler_args, checked_loss, cycle_batches,
+                           default_loss, default_nbeta, finish, init_loss, init_loss_diagnostics, mala_diagnostics,
+                           progress_bar, restriction_masks, to_device, trainable, warn_if_cycled)
 from ..engine import checkpointing
 from ..result import LLCResult
 from ..samplers import Stepper
+from .mala import ChainMala
 from .. import reference as ref_ops
 
 
@@ -28,20 +30,21 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  noise_scale: float = 1.0, num_init_batches: Optional[int] = None, restrict=None, seed: int = 0,
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), sampler: str = "sgld",
                  sampler_kwargs: Optional[dict] = None, bounding_box: Optional[float] = None,
-                 grad_accum_steps: int = 1, activation_checkpointing=False) -> LLCResult:
+                 grad_accum_steps: int = 1, activation_checkpointing=False, mala: bool = False) -> LLCResult:
     """The LLC of ``model`` at its current weights w*; ``model`` is not changed.
 
     After every SGLD step each callback is called as
     ``cb(step=t, chains=range(c, c + 1), loss=<[1] tensor>, params={name: <[1, ...] tensor>})``:
     the loss whose gradient drove step t and the parameters after it (live
     views: clone to keep). The fast engine calls the same with all chains.
-    ``activation_checkpointing`` is as in llcfast.estimate_llc.
+    ``activation_checkpointing`` and ``mala`` are as in llcfast.estimate_llc.
     """
     check_llc_args(num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                    steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                    weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
                    grad_accum_steps=grad_accum_steps)
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
+    check_mala(mala, sampler, box, noise_scale)
     loss_fn = loss_fn or default_loss
     device = torch.device(device) if device is not None else next(model.parameters()).device
     started = time.perf_counter()
@@ -56,6 +59,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     trace = np.full((num_chains, num_draws), np.nan)
     stats = torch.zeros(num_chains, 3, dtype=torch.float64, device=device)
     steps_run = np.full(num_chains, total_steps)
+    accept = np.full((num_chains, max(total_steps - 1, 0)), np.nan) if mala else None
     bar = progress_bar(progress, num_chains * total_steps, "SGLD (reference)")
     sampling_started = time.perf_counter()
     for c in range(num_chains):
@@ -67,6 +71,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         stepper = Stepper(ref_ops, sampler, sampler_kwargs, box, stacked, epsilon=epsilon, seed=seed,
                           chain_offset=c)
         batches = cycle_batches(loader)
+        tracker = ChainMala(centers, masks, eps=epsilon, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay,
+                            noise_scale=noise_scale) if mala else None
         for t in range(total_steps):
             chain_model.zero_grad(set_to_none=True)
             where = f"(chain {c}, step {t})"
@@ -84,6 +90,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                 trace[c, (t - num_burnin) // steps_between_draws] = value
             with torch.no_grad():
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                if tracker is not None:
+                    tracker.observe(params, grads, value)
                 stepper.step(stacked, [g.view((1,) + tuple(g.shape)) for g in grads], centers, eps=epsilon,
                              nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale, seed=seed,
                              step=t, chain_offset=c, masks=masks, stats=stats[c:c + 1])
@@ -93,6 +101,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                     cb(step=t, chains=range(c, c + 1), loss=loss.detach().reshape(1), params=views)
             if bar is not None:
                 bar.update(1)
+        if tracker is not None:
+            accept[c, :len(tracker.values)] = tracker.values
     if bar is not None:
         bar.close()
     now = time.perf_counter()
@@ -106,4 +116,6 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     timings = {"total_s": now - started, "sampling_s": now - sampling_started,
                "ms_per_chain_step": 1e3 * (now - sampling_started) / (num_chains * total_steps)}
     return finish(trace, l0, nbeta, stats.cpu().numpy(), steps_run, config=config, timings=timings,
-                  diagnostics=init_loss_diagnostics(l0_spread, nbeta))
+                  diagnostics={**init_loss_diagnostics(l0_spread, nbeta),
+                               **mala_diagnostics(accept, {c: int(t) for c, t in enumerate(steps_run)
+                                                           if t < total_steps})})
