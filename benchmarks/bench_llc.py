@@ -137,7 +137,7 @@ def run_llcfast(case, steps, device, **kw):
     started = time.perf_counter()
     r = llcfast.estimate_llc(case["model"], case["loader"], case["loss_fn"], num_chains=case["chains"],
                              num_draws=steps, epsilon=case["epsilon"], nbeta=case["nbeta"], gamma=case["gamma"],
-                             num_init_batches=1, seed=0, device=device, progress=False, **kw)
+                             seed=0, device=device, progress=False, **kw)
     sync(device)
     return time.perf_counter() - started, r
 
@@ -204,6 +204,14 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
             wall, mean, std = run_devinterp(case, slow_steps, device)
             out["runs"]["devinterp-1.3.2"] = dict(ms_per_chain_step=1e3 * wall / (chains * slow_steps),
                                                   llc_mean=mean, llc_std=std)
+            # The same estimate at devinterp's step count, batches and init loss
+            # (one batch per chain, devinterp's default): the noise differs, so
+            # the two should agree within their combined standard error.
+            _, same = run_llcfast(case, slow_steps, device)
+            se = ((same.llc_std ** 2 + std ** 2) / chains) ** 0.5
+            out["same_steps_as_devinterp"] = dict(steps=slow_steps, llcfast_llc=same.llc_mean,
+                                                  llcfast_std=same.llc_std, devinterp_llc=mean, devinterp_std=std,
+                                                  z=(same.llc_mean - mean) / se if se > 0 else None)
         except RuntimeError as exc:  # devinterp raises on the first NaN loss of any chain
             out["devinterp_error"] = str(exc)
             print(f"{case['name']:8s} devinterp-1.3.2 failed: {exc}", flush=True)
@@ -270,6 +278,10 @@ def main(argv=None):
                   + (f"  {v['achieved_tflops']:.1f} TFLOP/s" if "achieved_tflops" in v else "")
                   + (f" ({100 * v['peak_fraction']:.1f}% of peak)" if v.get("peak_fraction") else "")
                   + (f"  diverged {v['diverged']}" if v.get("diverged") else ""), flush=True)
+        if "same_steps_as_devinterp" in res:
+            d = res["same_steps_as_devinterp"]
+            print(f"{res['case']:8s} at {d['steps']} steps: llcfast {d['llcfast_llc']:.3f} ± {d['llcfast_std']:.3f}, "
+                  f"devinterp {d['devinterp_llc']:.3f} ± {d['devinterp_std']:.3f} (z = {d['z']:+.2f})")
         if "bf16_vs_fp32" in res:
             d = res["bf16_vs_fp32"]
             print(f"{res['case']:8s} bf16 - fp32 LLC: {d['difference']:+.3f} (fp32 standard error {d['fp32_standard_error']:.3f}"
