@@ -142,13 +142,13 @@ def run_llcfast(case, steps, device, **kw):
     return time.perf_counter() - started, r
 
 
-def profile_fast(case, device, precision, steps, path):
+def profile_fast(case, device, kw, steps, path):
     """The fast engine's kernels by device time over ``steps`` steps: where a
     chain-step's time goes, for the notes that steer the next change."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        run_llcfast(case, steps, device, precision=precision)
+        run_llcfast(case, steps, device, **kw)
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else
                                       "self_cpu_time_total", row_limit=25)
     with open(path, "w") as f:
@@ -177,19 +177,22 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
            "train_steps": case["train_steps"], "train_loss": case["train_loss"], "epsilon": case["epsilon"],
            "nbeta": case["nbeta"], "gamma": case["gamma"],
            "flops_per_chain_step": flops_per_chain_step(case, device), "runs": {}}
-    for precision in precisions:
-        run_llcfast(case, 3, device, precision=precision)  # warm-up: lazy init, graph pools, kernels
-        wall, r = run_llcfast(case, steps, device, precision=precision)
+    for variant in precisions:  # "bf16", or "bf16+compile" for estimate_llc(compile=True)
+        precision, _, extra = variant.partition("+")
+        kw = dict(precision=precision, compile=extra == "compile")
+        run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
+        wall, r = run_llcfast(case, steps, device, **kw)
         sampling = r.timings.get("sampling_s", wall)
         tflops = out["flops_per_chain_step"] * chains * steps / sampling / 1e12
-        out["runs"][f"llcfast-{precision}"] = dict(
+        out["runs"][f"llcfast-{variant}"] = dict(
             ms_per_chain_step=1e3 * wall / (chains * steps), sampling_ms_per_chain_step=1e3 * sampling / (chains * steps),
             llc_mean=r.llc_mean, llc_std=r.llc_std, diverged=list(r.diagnostics.get("diverged_chains", [])),
-            backend=r.config.get("backend"), cuda_graphs=r.config.get("cuda_graphs"), timings=r.timings,
+            backend=r.config.get("backend"), cuda_graphs=r.config.get("cuda_graphs"),
+            compiled=r.config.get("compile", False), timings=r.timings,
             achieved_tflops=tflops, peak_fraction=peak_fraction(device, precision, tflops))
         if profile_dir:
-            profile_fast(case, device, precision, min(steps, 50),
-                         os.path.join(profile_dir, f"profile_{case['name']}_{precision}.txt"))
+            profile_fast(case, device, kw, min(steps, 50),
+                         os.path.join(profile_dir, f"profile_{case['name']}_{variant.replace('+', '-')}.txt"))
     fp32, bf16 = out["runs"].get("llcfast-fp32"), out["runs"].get("llcfast-bf16")
     if fp32 and bf16:  # same batches, same noise: does bf16 move the estimate beyond the chains' spread?
         se = fp32["llc_std"] / chains ** 0.5  # the goal: within the fp32 estimate's standard error
@@ -242,7 +245,8 @@ def main(argv=None):
                         "noise with plain torch ops, for step-for-step agreement)")
     p.add_argument("--train-steps", type=int, default=500, help="AdamW steps that move w* near a minimum first")
     p.add_argument("--profile", action="store_true", help="also write torch.profiler tables of the fast engine")
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="comma-separated fp32, tf32, bf16, each optionally +compile (estimate_llc(compile=True))")
     p.add_argument("--skip-devinterp", action="store_true")
     p.add_argument("--quick", action="store_true", help="small data and LM, few steps: a smoke run")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/llc_<gpu>_<date>.json)")

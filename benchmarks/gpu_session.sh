@@ -4,7 +4,7 @@
 # under its own time limit so one hang does not cost the others; logs and
 # JSON go to $OUT (or ./gpu-out).
 #
-#   bash benchmarks/gpu_session.sh build tests llc hessian demo
+#   bash benchmarks/gpu_session.sh build tests llc compiled large hessian demo
 #
 # Missing Python packages (devinterp, curvlinops, ...) travel as wheels in
 # .whl/ (see README, "Benchmarks"); a prebuilt llcfast/_C*.so is reused when
@@ -46,6 +46,11 @@ for s in "${steps[@]}"; do
         tests/test_planner.py tests/test_distributed.py ;;
     llc)
       step llc 420 python3 benchmarks/bench_llc.py --slow-steps 30 --ref-steps 10 --precisions fp32,tf32,bf16 --profile --out "$OUT/llc.json" ;;
+    compiled)  # the fast engine with compile=True, next to plain fp32 and bf16
+      step compiled 480 python3 benchmarks/bench_llc.py --skip-devinterp --ref-steps 2 \
+        --precisions fp32,bf16,fp32+compile,bf16+compile --out "$OUT/llc_compiled.json" ;;
+    large)
+      step large 540 python3 benchmarks/bench_large.py ${LARGE_ARGS:-} --out "$OUT/large.json" ;;
     hessian)
       step hessian 240 python3 benchmarks/bench_hessian.py ${HESSIAN_ARGS:-} --out "$OUT/hessian.json" ;;
     demo)

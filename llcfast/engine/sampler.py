@@ -57,6 +57,7 @@ class SamplerConfig:
     grad_accum_steps: int = 1  # micro-batches whose mean loss drives each step
     sequential: bool = False  # chains one after another by request (activation checkpointing needs it)
     mala: bool = False  # record each step's MALA acceptance probability (engine/mala.py)
+    compile: bool = False  # torch.compile the batched loss-and-gradient pass
 
 
 def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerConfig, *, restrict=None,
@@ -106,9 +107,11 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     mala = MalaTracker(params, centers, masks, steps=cfg.steps, eps=cfg.epsilon, nbeta=cfg.nbeta, gamma=cfg.gamma,
                        weight_decay=cfg.weight_decay, noise_scale=cfg.noise_scale) if cfg.mala else None
 
+    passes = BatchedPasses(loss, cfg.chain_chunk, cfg.compile)
+
     def grads_of(batch, dims, per_chain):
         if mode == "vmap" and batch is not None:
-            grads, losses = vmapped_grads(loss, dims, cfg.chain_chunk)(tuple(params), batch)
+            grads, losses = passes(dims)(tuple(params), batch)
             return [g.contiguous() for g in grads], losses
         if not grad_buf:
             grad_buf.extend(torch.empty_like(p) for p in params)
@@ -167,8 +170,46 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     sampling_s = now - sampling_started - capture_s
     timings = {"setup_s": sampling_started - started, "capture_s": capture_s, "sampling_s": sampling_s,
                "ms_per_chain_step": 1e3 * sampling_s / (cfg.num_chains * cfg.steps)}
+    if cfg.compile:
+        timings["compiled"] = passes.compiled
     return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
                       mala.result() if mala is not None else None)
+
+
+class BatchedPasses:
+    """The vmapped loss-and-gradient function for each batch layout, built
+    once; with ``compile`` it goes through torch.compile (Inductor fuses the
+    elementwise work around the matmuls). A model torch.compile cannot
+    handle runs eagerly after one warning."""
+
+    def __init__(self, loss: Callable, chain_chunk: Optional[int], compile: bool):
+        self.loss, self.chain_chunk, self.compile = loss, chain_chunk, compile
+        self.compiled = compile
+        self._fns: Dict[str, Callable] = {}
+
+    def __call__(self, dims) -> Callable:
+        key = repr(dims)
+        if key not in self._fns:
+            fn = vmapped_grads(self.loss, dims, self.chain_chunk)
+            self._fns[key] = self._guarded(fn) if self.compile else fn
+        return self._fns[key]
+
+    def _guarded(self, eager: Callable) -> Callable:
+        compiled = torch.compile(eager)
+
+        def run(*args):
+            if self.compiled:
+                try:
+                    return compiled(*args)
+                except Exception as exc:  # Dynamo and Inductor raise many types
+                    self.compiled = False
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    warnings.warn(f"llcfast: torch.compile could not compile this model's batched pass "
+                                  f"({type(exc).__name__}: {first[:200]}); continuing without compile=True",
+                                  RuntimeWarning, stacklevel=2)
+            return eager(*args)
+
+        return run
 
 
 def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, device) -> str:

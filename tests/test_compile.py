@@ -1,0 +1,39 @@
+"""estimate_llc(compile=True): the batched pass through torch.compile walks
+the same trajectory as the eager pass; a model torch.compile fails on runs
+eagerly after one warning; the option is checked."""
+import numpy as np
+import pytest
+import torch
+
+import llcfast
+from llc_models import mlp, mse, regression_loader
+
+KW = dict(num_chains=3, num_draws=6, epsilon=1e-3, gamma=100.0, nbeta=20.0, seed=2, progress=False,
+          num_init_batches=1)
+pytestmark = pytest.mark.filterwarnings("ignore:the loader holds")
+
+
+def test_compiled_pass_walks_the_eager_trajectory():
+    eager = llcfast.estimate_llc(mlp(), regression_loader(), mse, **KW)
+    compiled = llcfast.estimate_llc(mlp(), regression_loader(), mse, compile=True, **KW)
+    assert compiled.config["compile"] is True and "compile" not in eager.config
+    np.testing.assert_allclose(compiled.loss_trace, eager.loss_trace, rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_that_does_not_compile_runs_eagerly_with_a_warning(monkeypatch):
+    def broken(fn, *args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("backend compiler failed\nlong traceback")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    eager = llcfast.estimate_llc(mlp(), regression_loader(), mse, **KW)
+    with pytest.warns(RuntimeWarning, match="torch.compile could not compile .* backend compiler failed"):
+        res = llcfast.estimate_llc(mlp(), regression_loader(), mse, compile=True, **KW)
+    assert res.config["compile"] is False
+    np.testing.assert_allclose(res.loss_trace, eager.loss_trace)
+
+
+def test_compile_must_be_a_bool():
+    with pytest.raises(TypeError, match="compile must be True or False, got 'yes'"):
+        llcfast.estimate_llc(mlp(), regression_loader(), mse, compile="yes", **KW)
