@@ -37,3 +37,8 @@ def test_a_model_that_does_not_compile_runs_eagerly_with_a_warning(monkeypatch):
 def test_compile_must_be_a_bool():
     with pytest.raises(TypeError, match="compile must be True or False, got 'yes'"):
         llcfast.estimate_llc(mlp(), regression_loader(), mse, compile="yes", **KW)
+
+
+def test_the_sequential_path_is_not_reported_compiled():
+    res = llcfast.estimate_llc(mlp(), regression_loader(), mse, compile=True, activation_checkpointing=["0"], **KW)
+    assert res.config["backend"] == "fast-sequential" and res.config["compile"] is False

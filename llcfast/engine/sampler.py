@@ -171,7 +171,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     timings = {"setup_s": sampling_started - started, "capture_s": capture_s, "sampling_s": sampling_s,
                "ms_per_chain_step": 1e3 * sampling_s / (cfg.num_chains * cfg.steps)}
     if cfg.compile:
-        timings["compiled"] = passes.compiled
+        timings["compiled"] = passes.compiled and mode == "vmap"  # the sequential path is not compiled
     return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
                       mala.result() if mala is not None else None)
 
