@@ -177,9 +177,10 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
            "train_steps": case["train_steps"], "train_loss": case["train_loss"], "epsilon": case["epsilon"],
            "nbeta": case["nbeta"], "gamma": case["gamma"],
            "flops_per_chain_step": flops_per_chain_step(case, device), "runs": {}}
-    for variant in precisions:  # "bf16", or "bf16+compile" for estimate_llc(compile=True)
+    for variant in precisions:  # "bf16", "bf16+compile" (compile=True) or "bf16+autotune"
         precision, _, extra = variant.partition("+")
-        kw = dict(precision=precision, compile=extra == "compile")
+        kw = dict(precision=precision, compile={"": False, "compile": True,
+                                                "autotune": "max-autotune-no-cudagraphs"}[extra])
         run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
         wall, r = run_llcfast(case, steps, device, **kw)
         sampling = r.timings.get("sampling_s", wall)
@@ -246,7 +247,8 @@ def main(argv=None):
     p.add_argument("--train-steps", type=int, default=500, help="AdamW steps that move w* near a minimum first")
     p.add_argument("--profile", action="store_true", help="also write torch.profiler tables of the fast engine")
     p.add_argument("--precisions", default="fp32,bf16",
-                   help="comma-separated fp32, tf32, bf16, each optionally +compile (estimate_llc(compile=True))")
+                   help="comma-separated fp32, tf32, bf16, each optionally +compile (estimate_llc(compile=True)) "
+                        "or +autotune (compile='max-autotune-no-cudagraphs')")
     p.add_argument("--skip-devinterp", action="store_true")
     p.add_argument("--quick", action="store_true", help="small data and LM, few steps: a smoke run")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/llc_<gpu>_<date>.json)")
@@ -258,6 +260,10 @@ def main(argv=None):
     makers = {"lr-8": lambda: lr_case(8, device, args.quick, args.train_steps),
               "lr-32": lambda: lr_case(32, device, args.quick, args.train_steps),
               "lm-8": lambda: lm_case(8, device, args.quick, args.train_steps)}
+    bad = [v for v in args.precisions.split(",") if v.partition("+")[0] not in ("fp32", "tf32", "bf16")
+           or v.partition("+")[2] not in ("", "compile", "autotune")]
+    if bad:
+        p.error(f"unknown precisions {bad}; use fp32, tf32 or bf16, optionally with +compile or +autotune")
     unknown = [c for c in args.cases.split(",") if c not in makers]
     if unknown:
         p.error(f"unknown cases {unknown}; choose from {sorted(makers)}")

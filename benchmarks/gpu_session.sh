@@ -48,7 +48,7 @@ for s in "${steps[@]}"; do
       step llc 420 python3 benchmarks/bench_llc.py --slow-steps 30 --ref-steps 10 --precisions fp32,tf32,bf16 --profile --out "$OUT/llc.json" ;;
     compiled)  # the fast engine with compile=True, next to plain fp32 and bf16
       step compiled 480 python3 benchmarks/bench_llc.py --skip-devinterp --ref-steps 2 \
-        --precisions fp32,bf16,fp32+compile,bf16+compile --out "$OUT/llc_compiled.json" ;;
+        --precisions fp32,bf16,fp32+compile,bf16+compile,fp32+autotune --out "$OUT/llc_compiled.json" ;;
     large)
       step large 540 python3 benchmarks/bench_large.py ${LARGE_ARGS:-} --out "$OUT/large.json" ;;
     hessian)

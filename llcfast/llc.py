@@ -18,6 +18,7 @@ from ._llc_common import (check_llc_args, check_mala, check_precision, check_sam
                           precision_context, to_device, trainable, warn_if_cycled)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
+from .engine.sampler import check_compile
 from .engine.functional import chain_loss
 from .engine.planner import measure_activation_bytes, out_of_memory_message, plan_memory, state_bytes
 from .result import LLCResult
@@ -34,7 +35,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  sampler: str = "sgld", sampler_kwargs: Optional[dict] = None,
                  bounding_box: Optional[float] = None, split_chains: bool = True,
                  grad_accum_steps: int = 1, chain_group: Optional[int] = None,
-                 activation_checkpointing=False, mala: bool = False, compile: bool = False) -> LLCResult:
+                 activation_checkpointing=False, mala: bool = False, compile=False) -> LLCResult:
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
@@ -55,10 +56,12 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     precision: "fp32", "tf32" (TF32 matmuls on CUDA) or "bf16" (forward pass
         under bf16 autocast); the SGLD update is always fp32.
     cuda_graphs: on CUDA, replay each step from a captured CUDA graph.
-    compile: run the batched loss-and-gradient pass through torch.compile
-        (the first steps pay the compilation, tens of seconds); a model it
-        cannot compile runs eagerly after a warning. ``config["compile"]``
-        says whether it was used.
+    compile: True runs the batched loss-and-gradient pass through
+        torch.compile (the first steps pay the compilation, tens of
+        seconds); "max-autotune-no-cudagraphs" also lets Inductor time
+        alternative matmul kernels (split-K among them) for each shape. A
+        model it cannot compile runs eagerly after a warning.
+        ``config["compile"]`` says whether it was used.
     chain_chunk: how many chains each batched pass holds (default: all).
         Lower it when all chains' activations do not fit in GPU memory, or on
         a CPU when one chain's activations already fill the cache: there,
@@ -101,8 +104,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     check_precision(precision)  # fail before copying the model; precision_context shares the check
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be True or False, got {compile!r}")
+    compile_mode = check_compile(compile)
     if chain_chunk is not None:
         check_int("chain_chunk", chain_chunk, minimum=1)
     if chain_group is not None:
@@ -146,7 +148,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                         progress=progress and (split is None or split.rank == 0),
                         chain_chunk=chain_chunk, sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box,
                         grad_accum_steps=grad_accum_steps, sequential=bool(checkpointed), mala=mala,
-                        compile=compile)
+                        compile=compile_mode)
     plan = None
     group = chain_group or local_chains
     if device.type == "cuda" and chain_group is None:
@@ -181,7 +183,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                   **sampling)
     if checkpointed:
         config["activation_checkpointing"] = checkpointed
-    if compile:  # whether every run's batched pass stayed compiled
+    if compile_mode:  # whether every run's batched pass stayed compiled
         config["compile"] = all(bool(r.timings.pop("compiled", False)) for r in runs)
     if plan is not None:
         config["memory_plan"] = plan.to_dict()

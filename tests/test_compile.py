@@ -34,9 +34,17 @@ def test_a_model_that_does_not_compile_runs_eagerly_with_a_warning(monkeypatch):
     np.testing.assert_allclose(res.loss_trace, eager.loss_trace)
 
 
-def test_compile_must_be_a_bool():
-    with pytest.raises(TypeError, match="compile must be True or False, got 'yes'"):
-        llcfast.estimate_llc(mlp(), regression_loader(), mse, compile="yes", **KW)
+@pytest.mark.parametrize("bad", ["yes", "reduce-overhead", 1])
+def test_compile_takes_a_bool_or_a_mode_llcfast_can_capture(bad):
+    with pytest.raises(ValueError, match=f"compile must be True, False or one of .* got {bad!r}"):
+        llcfast.estimate_llc(mlp(), regression_loader(), mse, compile=bad, **KW)
+
+
+def test_autotuned_mode_walks_the_eager_trajectory():
+    eager = llcfast.estimate_llc(mlp(), regression_loader(), mse, **KW)
+    tuned = llcfast.estimate_llc(mlp(), regression_loader(), mse, compile="max-autotune-no-cudagraphs", **KW)
+    assert tuned.config["compile"] is True
+    np.testing.assert_allclose(tuned.loss_trace, eager.loss_trace, rtol=1e-5, atol=1e-7)
 
 
 def test_the_sequential_path_is_not_reported_compiled():

@@ -57,7 +57,7 @@ class SamplerConfig:
     grad_accum_steps: int = 1  # micro-batches whose mean loss drives each step
     sequential: bool = False  # chains one after another by request (activation checkpointing needs it)
     mala: bool = False  # record each step's MALA acceptance probability (engine/mala.py)
-    compile: bool = False  # torch.compile the batched loss-and-gradient pass
+    compile: Optional[str] = None  # torch.compile mode for the batched loss-and-gradient pass; None: eager
 
 
 def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerConfig, *, restrict=None,
@@ -170,10 +170,27 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     sampling_s = now - sampling_started - capture_s
     timings = {"setup_s": sampling_started - started, "capture_s": capture_s, "sampling_s": sampling_s,
                "ms_per_chain_step": 1e3 * sampling_s / (cfg.num_chains * cfg.steps)}
-    if cfg.compile:
+    if cfg.compile is not None:
         timings["compiled"] = passes.compiled and mode == "vmap"  # the sequential path is not compiled
     return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
                       mala.result() if mala is not None else None)
+
+
+# Modes whose compiled code the whole-step CUDA-graph capture can hold; the
+# others ("reduce-overhead", "max-autotune") bring Inductor's own CUDA graphs.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def check_compile(compile) -> Optional[str]:
+    """estimate_llc's ``compile`` argument as a torch.compile mode, or None."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "default"
+    if compile in COMPILE_MODES:
+        return compile
+    raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r} (modes with "
+                     "Inductor's own CUDA graphs clash with llcfast's capture of the whole step)")
 
 
 class BatchedPasses:
@@ -182,20 +199,20 @@ class BatchedPasses:
     elementwise work around the matmuls). A model torch.compile cannot
     handle runs eagerly after one warning."""
 
-    def __init__(self, loss: Callable, chain_chunk: Optional[int], compile: bool):
-        self.loss, self.chain_chunk, self.compile = loss, chain_chunk, compile
-        self.compiled = compile
+    def __init__(self, loss: Callable, chain_chunk: Optional[int], mode: Optional[str]):
+        self.loss, self.chain_chunk, self.mode = loss, chain_chunk, mode
+        self.compiled = mode is not None
         self._fns: Dict[str, Callable] = {}
 
     def __call__(self, dims) -> Callable:
         key = repr(dims)
         if key not in self._fns:
             fn = vmapped_grads(self.loss, dims, self.chain_chunk)
-            self._fns[key] = self._guarded(fn) if self.compile else fn
+            self._fns[key] = self._guarded(fn) if self.mode is not None else fn
         return self._fns[key]
 
     def _guarded(self, eager: Callable) -> Callable:
-        compiled = torch.compile(eager)
+        compiled = torch.compile(eager, mode=self.mode)
 
         def run(*args):
             if self.compiled:
@@ -205,7 +222,7 @@ class BatchedPasses:
                     self.compiled = False
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                     warnings.warn(f"llcfast: torch.compile could not compile this model's batched pass "
-                                  f"({type(exc).__name__}: {first[:200]}); continuing without compile=True",
+                                  f"({type(exc).__name__}: {first[:200]}); continuing without compiling",
                                   RuntimeWarning, stacklevel=2)
             return eager(*args)
 
