@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from bench_llc import flops_per_chain_step, lm_case, lr_case, sync  # noqa: E402
+from bench_llc import flops_per_chain_step, lm_case, lr_case, peak_fraction, sync  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from results_io import save_report  # noqa: E402
 
 
@@ -133,6 +134,14 @@ def optional(device, fn):
         return None, None
 
 
+def counted_flops(fn) -> int:
+    """Matmul and convolution FLOPs fn executes (torch's flop counter sees
+    the batched ops vmap issues, primal passes included)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def timed(device, fn):
     sync(device)
     started = time.perf_counter()
@@ -149,6 +158,8 @@ def measure(case, device, probes, max_iter):
     loop_s, (loop, loop_se) = timed(device, lambda: loop_trace(model, loss_fn, batch, probes, seed=0))
     cl_s, cl = optional(device, lambda: curvlinops_trace(model, loss_fn, batch, probes))
     he_s, he_value = optional(device, lambda: eigenthings_trace(model, loss_fn, batch, probes))
+    fast_flops = counted_flops(lambda: llcfast.hessian_trace(model, loss_fn, [batch], num_probes=probes))
+    loop_flops = counted_flops(lambda: loop_trace(model, loss_fn, batch, probes, seed=0))
     ref = llcfast.hessian_eigs(model, loss_fn, [batch], k=1, tol=1e-8, max_iter=max_iter)
     target = float(ref.values[0, 0])
     lz_hvps, lz_value = lanczos_hvps_to(model, loss_fn, batch, target, max_iter)
@@ -162,6 +173,9 @@ def measure(case, device, probes, max_iter):
             "probes": probes, "trace": {
                 "llcfast_s": fast_s, "loop_s": loop_s, "speedup": loop_s / fast_s,
                 "llcfast_hvps_per_s": probes / fast_s, "loop_hvps_per_s": probes / loop_s,
+                "llcfast_tflops": fast_flops / fast_s / 1e12, "loop_tflops": loop_flops / loop_s / 1e12,
+                "llcfast_peak_fraction": peak_fraction(device, "fp32", fast_flops / fast_s / 1e12),
+                "loop_peak_fraction": peak_fraction(device, "fp32", loop_flops / loop_s / 1e12),
                 "llcfast_estimate": float(fast.trace[0]), "llcfast_se": float(fast.std_error[0]),
                 "loop_estimate": loop, "loop_se": loop_se,
                 "curvlinops_s": cl_s, "curvlinops_estimate": cl,
@@ -192,7 +206,7 @@ def main(argv=None):
         t, e = res["trace"], res["top_eig"]
         print(f"{res['case']}: trace {t['llcfast_estimate']:.4g} ± {t['llcfast_se']:.2g} in {t['llcfast_s']:.3f} s "
               f"({t['llcfast_hvps_per_s']:.1f} HVP/s) vs loop {t['loop_estimate']:.4g} ± {t['loop_se']:.2g} in {t['loop_s']:.3f} s "
-              f"-> {t['speedup']:.1f}x"
+              f"-> {t['speedup']:.1f}x ({t['llcfast_tflops']:.2f} vs {t['loop_tflops']:.2f} TFLOP/s)"
               + (f"; curvlinops {t['curvlinops_estimate']:.4g} in {t['curvlinops_s']:.3f} s "
                  f"-> {t['speedup_vs_curvlinops']:.1f}x" if t["curvlinops_s"] is not None else "; curvlinops not installed")
               + (f"; hessian-eigenthings {t['eigenthings_estimate']:.4g} in {t['eigenthings_s']:.3f} s "
