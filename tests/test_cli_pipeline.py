@@ -39,14 +39,18 @@ def test_train_sweep_report_calibrate_from_the_command_line(tmp_path, capsys):
     assert main(["sweep", run, "--quiet", "--draws", "6"]) == 0
     assert main(["sweep", run, "--quiet", "--draws", "6", "--sampler", "sgnht:diffusion=0.02", "--bounding-box",
                  "1"]) == 0
+    # engine options do not change the settings key: a new draw count makes a new sweep to measure
+    assert main(["sweep", run, "--quiet", "--draws", "5", "--mala", "--compile"]) == 0
+    engine_records = [json.loads(line) for line in open(os.path.join(run, "results.jsonl"))][-1:]
+    assert 0.0 <= engine_records[0]["mala_acceptance"] <= 1.0
     assert main(["sweep", run, "--quiet", "--sampler", "hmc"]) == 2
     assert "sampler must be one of" in capsys.readouterr().err
     assert main(["report", run]) == 0
     out = capsys.readouterr().out
     assert "stage" in out and "report.png" in out
     assert os.path.isfile(os.path.join(run, "report.png"))
-    # Two sweeps in one file: the latest (SGNHT) is reported, one checkpoint each, and --settings picks the other.
-    assert "holds sweeps with 2 different settings" in out
+    # Three sweeps in one file: the latest is reported, one checkpoint each, and --settings picks another.
+    assert "holds sweeps with 3 different settings" in out
     manifest = json.load(open(os.path.join(run, "manifest.json")))
     summary = json.load(open(os.path.join(run, "summary.json")))
     assert summary["checkpoints"] == len(manifest["checkpoints"])

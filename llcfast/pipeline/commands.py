@@ -23,6 +23,7 @@ An interrupted run resumes when the same command is run again."""
 SWEEP_EPILOG = """examples:
   llcfast sweep runs/demo
   llcfast sweep runs/lr --device cuda --hessian --chains 8 --draws 500
+  llcfast sweep runs/lr --device cuda --compile --mala    compiled passes; MALA acceptance per checkpoint
   torchrun --nproc-per-node 4 -m llcfast.cli sweep runs/lm --device cuda   checkpoints dealt out to 4 GPUs
 Results are appended to RUN_DIR/results.jsonl as each checkpoint finishes; a rerun skips what is done."""
 
@@ -59,6 +60,10 @@ def _sweep_overrides(parser) -> None:
     g.add_argument("--sampler", metavar="SAMPLER[:KEY=VALUE,...]",
                    help="sgld (default), rmsprop_sgld or sgnht, e.g. rmsprop_sgld:alpha=0.9999")
     g.add_argument("--bounding-box", type=_positive(float), help="keep every element within w* +- this")
+    e = parser.add_argument_group("engine options (they do not change the estimate)")
+    e.add_argument("--compile", action="store_true", help="torch.compile each checkpoint's batched pass "
+                                                          "(compiled once, reused across checkpoints)")
+    e.add_argument("--mala", action="store_true", help="record the mean MALA acceptance per checkpoint")
     h = parser.add_mutually_exclusive_group()
     h.add_argument("--hessian", dest="hessian", action="store_true", default=None,
                    help="also Hessian trace and top eigenvalue")
@@ -105,8 +110,9 @@ def cmd_sweep(args) -> int:
     cfg = RunConfig.from_dict(read_manifest(args.run_dir)["config"])
     rank = _join_torchrun(args.device)
     try:
+        engine = {k: True for k in ("compile", "mala") if getattr(args, k, False)}
         records = sweep(args.run_dir, settings=_settings(cfg.sweep, args), device=args.device and _device(args.device),
-                        progress=not args.quiet)
+                        progress=not args.quiet, engine=engine)
     finally:
         if rank is not None:
             import torch.distributed as dist

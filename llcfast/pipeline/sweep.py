@@ -98,7 +98,7 @@ def eval_loss(model, loss_fn: Callable, data: Tuple[torch.Tensor, ...], chunk: i
 
 
 def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepSettings, *, device,
-            progress: bool = True) -> dict:
+            progress: bool = True, engine: Optional[dict] = None) -> dict:
     """One checkpoint's record: LLC, test loss and (if asked) Hessian statistics."""
     started = time.perf_counter()
     model = model.to(device)
@@ -108,13 +108,15 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
         res = estimate_llc(model, llc_batches, loss_fn, num_chains=s.num_chains, num_draws=s.num_draws,
                            num_burnin=s.num_burnin, epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta,
                            seed=s.seed, device=device, progress=progress, split_chains=False, sampler=s.sampler,
-                           sampler_kwargs=s.sampler_kwargs, bounding_box=s.bounding_box)
+                           sampler_kwargs=s.sampler_kwargs, bounding_box=s.bounding_box, **(engine or {}))
     rec = {
         "llc_mean": _finite(res.llc_mean), "llc_std": _finite(res.llc_std),
         "llc_per_chain": [_finite(v) for v in res.llc_per_chain.tolist()], "init_loss": res.init_loss,
         "rhat": _finite(res.diagnostics.get("rhat")), "ess": _finite(res.diagnostics.get("ess")),
         "diverged_chains": res.diagnostics["diverged_chains"],
         "llc_se_from_init_loss": _finite(res.diagnostics.get("llc_se_from_init_loss")),
+        **({"mala_acceptance": _finite(res.diagnostics["mala_acceptance"])} if "mala_acceptance" in res.diagnostics
+           else {}),
         "test_loss": eval_loss(model, loss_fn, eval_set),
     }
     if s.hessian:
@@ -130,9 +132,11 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
 
 def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[str], torch.nn.Module],
                       loss_fn: Callable, llc_batches: Sequence, eval_set, settings: SweepSettings, out: str, *,
-                      device="cpu", progress: bool = True) -> List[dict]:
+                      device="cpu", progress: bool = True, engine: Optional[dict] = None) -> List[dict]:
     """Measures each (step, path) not yet in ``out`` (JSON lines) with these
-    settings; returns all successful records for these settings, by step."""
+    settings; returns all successful records for these settings, by step.
+    ``engine``: estimate_llc options that do not change the estimate
+    (compile, mala, precision, ...); they are not part of the settings key."""
     check_sampler(settings.sampler, settings.sampler_kwargs, settings.bounding_box)  # before any work
     key = settings_key(settings)
     rank, world = _rank_world()
@@ -158,7 +162,7 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     record = measure(model, loss_fn, llc_batches, eval_set, settings, device=device,
-                                     progress=progress)
+                                     progress=progress, engine=engine)
                 notes = sorted({str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)})
                 if notes:  # kept with the record, and shown once per checkpoint
                     record["warnings"] = notes
@@ -212,10 +216,11 @@ def merge_parts(out: str, world: int = 1) -> None:
 
 
 def sweep(run_dir: str, *, settings: Optional[SweepSettings] = None, hessian: Optional[bool] = None,
-          device=None, out: Optional[str] = None, progress: bool = True) -> List[dict]:
+          device=None, out: Optional[str] = None, progress: bool = True,
+          engine: Optional[dict] = None) -> List[dict]:
     """Sweeps every checkpoint of a run made by ``llcfast.pipeline.train``
     with the run's own sweep settings (or ``settings``); results go to
-    ``run_dir/results.jsonl`` (or ``out``)."""
+    ``run_dir/results.jsonl`` (or ``out``). ``engine``: as in sweep_checkpoints."""
     manifest = read_manifest(run_dir)
     cfg = RunConfig.from_dict(manifest["config"])
     s = settings or cfg.sweep
@@ -233,4 +238,4 @@ def sweep(run_dir: str, *, settings: Optional[SweepSettings] = None, hessian: Op
 
     ckpts = [(c["step"], c["file"]) for c in manifest["checkpoints"]]
     return sweep_checkpoints(ckpts, load, cfg.loss_fn, llc_batches, eval_set, s, out or os.path.join(run_dir, RESULTS),
-                             device=device, progress=progress)
+                             device=device, progress=progress, engine=engine)
