@@ -95,3 +95,22 @@ def ess(traces, rank_normalised: bool = True) -> float:
     tau = -1.0 + 2.0 * sum(pairs) if pairs else 1.0
     tau = max(tau, 1.0 / math.log10(m * n))  # Stan's cap for antithetic chains
     return float(m * n / tau)
+
+
+TREND_T = 3.0  # |t| of the last-quarter minus first-quarter mean across chains
+
+
+def trend_t(trace) -> float:
+    """t statistic, across chains, of each chain's last-quarter mean minus its
+    first-quarter mean: chains are independent replicates, so their spread
+    is an honest standard error even for autocorrelated draws. NaN with
+    fewer than 3 chains."""
+    trace = np.asarray(trace, dtype=np.float64)
+    q = max(trace.shape[1] // 4, 1)
+    diff = trace[:, -q:].mean(axis=1) - trace[:, :q].mean(axis=1)
+    if diff.size < 3:
+        return math.nan
+    sd = diff.std(ddof=1)
+    if sd == 0:
+        return 0.0 if diff.mean() == 0 else math.inf
+    return float(diff.mean() / (sd / math.sqrt(diff.size)))

@@ -8,7 +8,9 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from .diagnostics import ess, split_rhat
+from .diagnostics import TREND_T, ess, split_rhat, trend_t
+
+RHAT_OK = 1.05  # README, choosing hyperparameters
 
 
 @dataclass
@@ -44,6 +46,7 @@ class LLCResult:
         if ok.sum() >= 1 and trace.shape[1] >= 4:
             diag["rhat"] = split_rhat(trace[ok])
             diag["ess"] = ess(trace[ok])
+            diag["trend_t"] = trend_t(trace[ok])
         running = nbeta * (np.cumsum(trace, axis=1) / np.arange(1, trace.shape[1] + 1) - init_loss)
         return cls(mean, std, per_chain, trace, float(init_loss), diag, dict(config or {}), dict(timings or {}),
                    running)
@@ -64,6 +67,56 @@ class LLCResult:
         per_chain = n * self.loss_trace[ok].mean(axis=1)
         se = float(per_chain.std(ddof=1) / math.sqrt(len(per_chain))) if len(per_chain) > 1 else math.nan
         return float(per_chain.mean()), se
+
+    @property
+    def llc_se(self) -> float:
+        """Standard error of llc_mean over the chains that did not diverge."""
+        n = int(np.isfinite(self.llc_per_chain).sum())
+        return self.llc_std / math.sqrt(n) if n > 1 else math.nan
+
+    def checks(self) -> list:
+        """What to look at before trusting the estimate: (name, passed,
+        message) for each check the result's diagnostics allow. passed is
+        None where the check only reports a number."""
+        d, out = self.diagnostics, []
+        bad = d.get("diverged_chains") or []
+        out.append(("divergence", not bad, f"chains {bad} diverged and were left out: lower epsilon or raise gamma"
+                    if bad else "no chain diverged"))
+        rhat = d.get("rhat")
+        if rhat is not None and math.isfinite(rhat):
+            out.append(("rhat", rhat <= RHAT_OK, f"split R-hat {rhat:.3f}" + (
+                "" if rhat <= RHAT_OK else f" > {RHAT_OK}: the chains disagree; burn in and draw for longer")))
+        t = d.get("trend_t")
+        if t is not None and math.isfinite(t):
+            flat = abs(t) <= TREND_T
+            out.append(("trend", flat, f"loss trend t = {t:+.1f}" + (
+                " (flat)" if flat else f", |t| > {TREND_T:g}: the loss is still "
+                f"{'rising' if t > 0 else 'falling'}; burn in longer" + ("" if t > 0 else " or raise gamma"))))
+        if d.get("ess") is not None and math.isfinite(d["ess"]):
+            out.append(("ess", None, f"bulk ESS {d['ess']:.0f} of {self.loss_trace.size} draws"))
+        from_l0, se = d.get("llc_se_from_init_loss"), self.llc_se
+        if from_l0 is not None and math.isfinite(from_l0) and math.isfinite(se):
+            small = from_l0 <= se
+            out.append(("init_loss", small, f"init loss error ± {from_l0:.3g} in LLC" + (
+                "" if small else f" exceeds the chains' standard error {se:.3g}: raise num_init_batches")))
+        if d.get("mala_acceptance") is not None and math.isfinite(d["mala_acceptance"]):
+            out.append(("mala", None, f"MALA acceptance {d['mala_acceptance']:.3f}"))
+        if math.isfinite(self.llc_mean) and self.llc_mean < 0:
+            out.append(("sign", False, "negative LLC: w* is not a local minimum of the sampled loss, "
+                                       "or the chains have not equilibrated"))
+        return out
+
+    def summary(self) -> str:
+        """The estimate and its checks, one per line ("ok", "CHECK" or "-")."""
+        n = int(np.isfinite(self.llc_per_chain).sum())
+        lines = [f"LLC {self.llc_mean:.4g} ± {self.llc_se:.2g} (standard error, {n} of {len(self.llc_per_chain)} "
+                 f"chains x {self.loss_trace.shape[1]} draws; nbeta {self.config.get('nbeta', float('nan')):.4g})"]
+        for _, passed, message in self.checks():
+            lines.append(f"  {'-    ' if passed is None else 'ok   ' if passed else 'CHECK'} {message}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
 
     def to_dict(self) -> dict:
         """JSON-ready: arrays become lists, NaN becomes None."""

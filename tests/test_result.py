@@ -50,3 +50,38 @@ def test_plot_draws_every_chain_and_the_init_loss(tmp_path):
 def test_bad_trace_shape():
     with pytest.raises(ValueError, match="chains, draws"):
         LLCResult.from_traces(np.zeros(5), init_loss=0.0, nbeta=1.0)
+
+
+def _status(result, name):
+    return {n: ok for n, ok, _ in result.checks()}.get(name, "absent")
+
+
+def test_summary_passes_stationary_chains_and_flags_what_is_wrong():
+    from llcfast.result import LLCResult
+    rng = np.random.default_rng(0)
+    flat = 1.0 + 0.01 * rng.standard_normal((8, 400))
+    good = LLCResult.from_traces(flat, 0.9, 10.0, config={"nbeta": 10.0})
+    assert all(ok is not False for _, ok, _ in good.checks()), good.summary()
+    assert "CHECK" not in good.summary() and str(good).startswith("LLC 0.99")
+    assert _status(good, "init_loss") == "absent"  # no spread recorded: nothing to judge
+
+    rising = flat + np.linspace(0, 0.05, 400)
+    assert _status(LLCResult.from_traces(rising, 0.9, 10.0), "trend") is False
+    assert "still rising" in LLCResult.from_traces(rising, 0.9, 10.0).summary()
+
+    broken = flat.copy()
+    broken[3, 200:] = np.nan
+    res = LLCResult.from_traces(broken, 0.9, 10.0)
+    assert _status(res, "divergence") is False and "chains [3] diverged" in res.summary()
+
+    noisy_l0 = LLCResult.from_traces(flat, 0.9, 10.0, diagnostics={"llc_se_from_init_loss": 1.0})
+    assert _status(noisy_l0, "init_loss") is False and "raise num_init_batches" in noisy_l0.summary()
+    quiet_l0 = LLCResult.from_traces(flat, 0.9, 10.0, diagnostics={"llc_se_from_init_loss": 1e-4})
+    assert _status(quiet_l0, "init_loss") is True
+
+    below = LLCResult.from_traces(flat, 1.1, 10.0)
+    assert _status(below, "sign") is False and "negative LLC" in below.summary()
+
+    split = flat.copy()
+    split[:4] += 0.05  # half the chains sit elsewhere
+    assert _status(LLCResult.from_traces(split, 0.9, 10.0), "rhat") is False

@@ -17,25 +17,11 @@ import numpy as np
 
 from .._llc_common import progress_bar
 from ..llc import estimate_llc
+from ..diagnostics import TREND_T, trend_t  # noqa: F401 (trend_t is also used from here)
 from ..samplers import check_sampler
 
-TREND_T = 3.0  # |t| of the last-quarter minus first-quarter mean across chains
 RHAT_MAX = 1.1
 PLATEAU_REL = 0.1  # neighbouring epsilons agree within this fraction (or 2 SE)
-
-
-def trend_t(trace: np.ndarray) -> float:
-    """t statistic, across chains, of each chain's last-quarter mean minus its
-    first-quarter mean: chains are independent replicates, so their spread
-    is an honest standard error even for autocorrelated draws."""
-    q = max(trace.shape[1] // 4, 1)
-    diff = trace[:, -q:].mean(axis=1) - trace[:, :q].mean(axis=1)
-    if diff.size < 3:
-        return math.nan
-    sd = diff.std(ddof=1)
-    if sd == 0:
-        return 0.0 if diff.mean() == 0 else math.inf
-    return float(diff.mean() / (sd / math.sqrt(diff.size)))
 
 
 @dataclass
