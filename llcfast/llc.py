@@ -216,7 +216,7 @@ def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):
             return grad(lambda p: loss(p, batch))(point)
 
     free, _ = torch.cuda.mem_get_info(device)
-    return plan_memory(cfg.num_chains, state_bytes(sum(p.numel() for p in point), cfg.sampler),
+    return plan_memory(cfg.num_chains, state_bytes(sum(p.numel() for p in point), cfg.sampler, cfg.mala),
                        measure_activation_bytes(one_chain, device), free,
                        1 if cfg.sequential else cfg.chain_chunk, what=str(device))
 

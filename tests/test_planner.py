@@ -40,6 +40,7 @@ def test_not_even_one_chain_fits_says_how_much_and_what_to_lower():
 
 def test_state_counts_the_samplers_extra_tensor():
     assert state_bytes(1000, "sgld") == 8000 and state_bytes(1000, "sgnht") == state_bytes(1000, "rmsprop_sgld") == 12000
+    assert state_bytes(1000, "sgld", mala=True) == 16000  # MALA keeps the previous position and drift
 
 
 @pytest.mark.filterwarnings("ignore:the LLC estimate is negative")

@@ -28,9 +28,10 @@ class MemoryPlan:
         return asdict(self)
 
 
-def state_bytes(numel: int, sampler: str) -> int:
-    """fp32 parameters and gradients per chain, plus RMSprop's V or SGNHT's momentum."""
-    return 4 * numel * (2 if sampler == "sgld" else 3)
+def state_bytes(numel: int, sampler: str, mala: bool = False) -> int:
+    """fp32 parameters and gradients per chain, plus RMSprop's V or SGNHT's
+    momentum, plus the previous position and drift the MALA diagnostic keeps."""
+    return 4 * numel * ((2 if sampler == "sgld" else 3) + (2 if mala else 0))
 
 
 def plan_memory(num_chains: int, state_per_chain: int, activation_per_chain: int, free_bytes: int,
