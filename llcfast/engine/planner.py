@@ -46,7 +46,8 @@ def plan_memory(num_chains: int, state_per_chain: int, activation_per_chain: int
         raise MemoryError(
             f"one chain needs about {(S + A) / GiB:.2f} GiB on {what} ({S / GiB:.2f} GiB of parameters, gradients "
             f"and sampler state, {A / GiB:.2f} GiB of activations for one batch) but {free_bytes / GiB:.2f} GiB is "
-            "free; lower the batch size (grad_accum_steps keeps the effective batch), use precision='bf16', "
+            "free; lower the batch size (grad_accum_steps keeps the effective batch), use precision='bf16' or "
+            "activation_checkpointing=True (activations), "
             "restrict= the parameters that move, or use a device with more memory")
     chunk = group if A == 0 else min(group, (budget - group * S) // A)
     if chain_chunk is not None:
@@ -79,4 +80,4 @@ def out_of_memory_message(exc: BaseException, plan: Optional[MemoryPlan], num_ch
                 f"state and {plan.activation_bytes_per_chain / GiB:.2f} GiB of activations per chain); set "
                 "chain_group or chain_chunk lower")
     return (f"estimate_llc ran out of device memory ({first}); {need}, or lower the batch size "
-            "(grad_accum_steps keeps the effective batch), or use precision='bf16'")
+            "(grad_accum_steps keeps the effective batch), use precision='bf16', or activation_checkpointing=True")
