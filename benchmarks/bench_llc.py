@@ -131,11 +131,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_llcfast(case, steps, device, **kw):
+def run_llcfast(case, steps, device, loader=None, **kw):
     rewind(case)
     sync(device)
     started = time.perf_counter()
-    r = llcfast.estimate_llc(case["model"], case["loader"], case["loss_fn"], num_chains=case["chains"],
+    r = llcfast.estimate_llc(case["model"], loader if loader is not None else case["loader"], case["loss_fn"],
+                             num_chains=case["chains"],
                              num_draws=steps, epsilon=case["epsilon"], nbeta=case["nbeta"], gamma=case["gamma"],
                              seed=0, device=device, progress=False, **kw)
     sync(device)
@@ -156,14 +157,25 @@ def profile_fast(case, device, kw, steps, path):
     return table
 
 
+def in_order(case):
+    """The case's batches in a fixed order (no shuffling). devinterp 1.3.2
+    pickles the loader once per chain, so with a shuffled loader every chain
+    replays one and the same order, and its chains' spread leaves out the
+    batch-order error; llcfast gives each chain its own pass. With a fixed
+    order both see the same init batches and the same sequence in every
+    chain, the batch-order error is common to the two estimates, and their
+    difference is judged by the chains' spreads alone."""
+    loader = case["loader"]
+    return DataLoader(loader.dataset, batch_size=1, shuffle=False, collate_fn=_only)
+
+
 def run_devinterp(case, steps, device):
     from devinterp.optim import SGLD
     from devinterp.slt.sampler import estimate_learning_coeff_with_summary
-    rewind(case)
     sync(device)
     started = time.perf_counter()
     r = estimate_learning_coeff_with_summary(
-        case["model"], case["loader"], evaluate=case["loss_fn"], sampling_method=SGLD,
+        case["model"], in_order(case), evaluate=case["loss_fn"], sampling_method=SGLD,
         optimizer_kwargs=dict(lr=case["epsilon"], localization=case["gamma"], nbeta=case["nbeta"]),
         num_chains=case["chains"], num_draws=steps, device=device, verbose=False)
     sync(device)
@@ -208,10 +220,11 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
             wall, mean, std = run_devinterp(case, slow_steps, device)
             out["runs"]["devinterp-1.3.2"] = dict(ms_per_chain_step=1e3 * wall / (chains * slow_steps),
                                                   llc_mean=mean, llc_std=std)
-            # The same estimate at devinterp's step count, batches and init loss
-            # (one batch per chain, devinterp's default): the noise differs, so
-            # the two should agree within their combined standard error.
-            _, same = run_llcfast(case, slow_steps, device)
+            # The same estimate at devinterp's step count, on the same batches in
+            # the same order (in_order) with the same init loss (one batch per
+            # chain, devinterp's default): only the noise differs, so the two
+            # should agree within their combined standard error.
+            _, same = run_llcfast(case, slow_steps, device, loader=in_order(case))
             se = ((same.llc_std ** 2 + std ** 2) / chains) ** 0.5
             out["same_steps_as_devinterp"] = dict(steps=slow_steps, llcfast_llc=same.llc_mean,
                                                   llcfast_std=same.llc_std, devinterp_llc=mean, devinterp_std=std,

@@ -1,7 +1,8 @@
 """Per-chain minibatches for the stacked engine.
 
 Chain c draws from its own pass over the loader, exactly as the reference
-(and devinterp) do, so a shuffling loader gives each chain its own order. At
+does, so a shuffling loader gives each chain its own order. (devinterp 1.3.2
+pickles the loader once per chain, so there every chain replays one order.) At
 each step the chains' batches are stacked along a new leading dimension; when
 every chain got the very same tensors (a list of batches, say) they are passed
 once and shared, which saves the copy.
