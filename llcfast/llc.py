@@ -184,7 +184,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     if checkpointed:
         config["activation_checkpointing"] = checkpointed
     if compile_mode:  # whether every run's batched pass stayed compiled
-        config["compile"] = all(bool(r.timings.pop("compiled", False)) for r in runs)
+        config["compile"] = all(r.compiled for r in runs)
     if plan is not None:
         config["memory_plan"] = plan.to_dict()
     timings = dict(run.timings, total_s=time.perf_counter() - started)

@@ -247,11 +247,10 @@ def lanczos_step_(basis: torch.Tensor,  # [R, m, N] float32, contiguous; basis[:
     Three passes over V on either device, reductions in float64 (the
     least the recurrence allows: each pass needs the previous reduction)."""
     check_lanczos_step_args(basis, w, j, out)
-    if basis.shape[1] > LANCZOS_KERNEL_MAX_STEPS:
-        reference.lanczos_step_(basis, w, j, out)
-        return
-    if not _ext.kernels_for(basis.device):
-        _ext.warn_fallback(basis.device)
+    built = _ext.kernels_for(basis.device)
+    if not built or basis.shape[1] > LANCZOS_KERNEL_MAX_STEPS:
+        if not built:
+            _ext.warn_fallback(basis.device)
         reference.lanczos_step_(basis, w, j, out)
         return
     torch.ops.llcfast.lanczos_step_(basis, w, j, out)

@@ -43,10 +43,11 @@ class LLCResult:
         std = float(good.std(ddof=1)) if good.size > 1 else (0.0 if good.size == 1 else math.nan)
         diag = dict(diagnostics or {})
         diag["diverged_chains"] = [int(c) for c in np.flatnonzero(~ok)]
-        if ok.sum() >= 1 and trace.shape[1] >= 4:
-            diag["rhat"] = split_rhat(trace[ok])
-            diag["ess"] = ess(trace[ok])
+        if ok.sum() >= 1:
             diag["trend_t"] = trend_t(trace[ok])
+            if trace.shape[1] >= 4:
+                diag["rhat"] = split_rhat(trace[ok])
+                diag["ess"] = ess(trace[ok])
         running = nbeta * (np.cumsum(trace, axis=1) / np.arange(1, trace.shape[1] + 1) - init_loss)
         return cls(mean, std, per_chain, trace, float(init_loss), diag, dict(config or {}), dict(timings or {}),
                    running)

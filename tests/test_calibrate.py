@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from llc_models import exact_sgld_llc, linear_problem, mse
-from llcfast.pipeline.calibrate import _recommend, calibrate, sampler_grid, trend_t
+from llcfast.diagnostics import trend_t
+from llcfast.pipeline.calibrate import _recommend, calibrate, sampler_grid
 
 
 def test_trend_statistic_separates_drift_from_stationary_noise():

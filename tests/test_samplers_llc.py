@@ -12,7 +12,7 @@ from torch import nn
 
 import llcfast
 from llcfast import reference
-from llcfast.pipeline.calibrate import TREND_T, trend_t
+from llcfast.diagnostics import TREND_T, trend_t
 from llcfast.reference.quadrature import localized_llc_2d
 from llc_models import TwoParam, linear_problem, mlp, mse, orthogonal_noise_data, regression_loader
 from test_engine_agreement import assert_same_trajectory, run_both

@@ -33,6 +33,7 @@ class SamplerRun:
     cuda_graphs: bool  # whether steps were replayed from a captured graph
     timings: Dict[str, float] = field(default_factory=dict)
     mala: Optional[np.ndarray] = None  # [C, steps - 1] MALA acceptance probabilities, when asked for
+    compiled: bool = False  # whether the batched pass ran through torch.compile to the end
 
 
 @dataclass
@@ -170,10 +171,9 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     sampling_s = now - sampling_started - capture_s
     timings = {"setup_s": sampling_started - started, "capture_s": capture_s, "sampling_s": sampling_s,
                "ms_per_chain_step": 1e3 * sampling_s / (cfg.num_chains * cfg.steps)}
-    if cfg.compile is not None:
-        timings["compiled"] = passes.compiled and mode == "vmap"  # the sequential path is not compiled
     return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
-                      mala.result() if mala is not None else None)
+                      mala.result() if mala is not None else None,
+                      compiled=passes.compiled and mode == "vmap")  # the sequential path is not compiled
 
 
 # Modes whose compiled code the whole-step CUDA-graph capture can hold; the

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._llc_common import progress_bar
 from ..llc import estimate_llc
-from ..diagnostics import TREND_T, trend_t  # noqa: F401 (trend_t is also used from here)
+from ..diagnostics import TREND_T
 from ..samplers import check_sampler
 
 RHAT_MAX = 1.1
@@ -179,7 +179,7 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
         nb = float(res.config.get("nbeta", nbeta))
         init = res.init_loss
         good = np.isfinite(res.llc_per_chain)  # chains whose whole trace is finite
-        t = trend_t(res.loss_trace[good])
+        t = res.diagnostics.get("trend_t", math.nan)  # over the chains whose whole trace is finite
         rhat = res.diagnostics.get("rhat", math.nan)
         flags = []
         if res.diagnostics["diverged_chains"] or not math.isfinite(res.llc_mean):
