@@ -10,6 +10,9 @@ trace and Lanczos, same model, same batch.
 Reported per case: trace with P Rademacher probes (seconds, HVPs per second,
 the two estimates), and the top eigenvalue: how many HVPs each method needed
 to get within 1e-3 relative of a tight reference value (Lanczos at tol 1e-8).
+llcfast's trace is also timed at each of --precisions (TF32 matmuls, bf16
+autocast) with the same probes: its speed-up over the fp32 loop, and how far
+its estimate moved from llcfast's fp32 one in units of the standard error.
 """
 from __future__ import annotations
 
@@ -150,7 +153,25 @@ def timed(device, fn):
     return time.perf_counter() - started, out
 
 
-def measure(case, device, probes, max_iter):
+def low_precision_traces(model, loss_fn, batch, probes, device, precisions, fast, loop_s):
+    """llcfast's trace at each precision, against its fp32 run ``fast``
+    (same probes) and the fp32 loop's time."""
+    out = {}
+    for precision in precisions:
+        run = lambda: llcfast.hessian_trace(model, loss_fn, [batch], num_probes=probes,  # noqa: E731
+                                            precision=precision)
+        run()  # warm-up
+        seconds, res = timed(device, run)
+        flops = counted_flops(run)
+        out[precision] = {"s": seconds, "speedup_vs_loop": loop_s / seconds, "hvps_per_s": probes / seconds,
+                          "tflops": flops / seconds / 1e12,
+                          "peak_fraction": peak_fraction(device, precision, flops / seconds / 1e12),
+                          "estimate": float(res.trace[0]),
+                          "shift_in_se": float((res.trace[0] - fast.trace[0]) / fast.std_error[0])}
+    return out
+
+
+def measure(case, device, probes, max_iter, precisions=()):
     model, loss_fn = case["model"], case["loss_fn"]
     batch = next(iter(case["loader"]))
     llcfast.hessian_trace(model, loss_fn, [batch], num_probes=2)  # warm-up (allocations, libraries)
@@ -181,7 +202,8 @@ def measure(case, device, probes, max_iter):
                 "curvlinops_s": cl_s, "curvlinops_estimate": cl,
                 "speedup_vs_curvlinops": None if cl_s is None else cl_s / fast_s,
                 "eigenthings_s": he_s, "eigenthings_estimate": he_value,
-                "speedup_vs_eigenthings": None if he_s is None else he_s / fast_s},
+                "speedup_vs_eigenthings": None if he_s is None else he_s / fast_s,
+                "precisions": low_precision_traces(model, loss_fn, batch, probes, device, precisions, fast, loop_s)},
             "top_eig": {"reference": target, "lanczos_hvps": lz_hvps, "lanczos_value": lz_value,
                         "power_hvps": pw_hvps, "power_value": pw_value,
                         "eigenthings_lanczos_hvps": he_hvps, "eigenthings_lanczos_value": he_top},
@@ -193,15 +215,21 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small models, few probes")
     p.add_argument("--probes", type=int, default=None, help="Hutchinson probes (default 100; quick: 8)")
+    p.add_argument("--precisions", default="tf32,bf16",
+                   help="comma-separated tf32, bf16: llcfast's trace also timed at these (empty: none)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/hessian_<gpu>_<date>.json)")
     args = p.parse_args(argv)
+    precisions = [x for x in args.precisions.split(",") if x]
+    for x in precisions:
+        if x not in ("tf32", "bf16"):
+            p.error(f"--precisions: {x!r} is not one of tf32, bf16")
     device = torch.device(args.device)
     probes = args.probes or (8 if args.quick else 100)
     max_iter = 40 if args.quick else 100
     results = []
     for make in (lr_case, lm_case):
         case = make(1, device, args.quick)
-        res = measure(case, device, probes, max_iter)
+        res = measure(case, device, probes, max_iter, precisions)
         results.append(res)
         t, e = res["trace"], res["top_eig"]
         print(f"{res['case']}: trace {t['llcfast_estimate']:.4g} ± {t['llcfast_se']:.2g} in {t['llcfast_s']:.3f} s "
@@ -214,6 +242,9 @@ def main(argv=None):
                  else "; hessian-eigenthings not installed")
               + f";  top eig {e['reference']:.5g}: Lanczos {e['lanczos_hvps']} HVPs, "
               f"power {e['power_hvps']} HVPs, hessian-eigenthings Lanczos {e['eigenthings_lanczos_hvps']} HVPs")
+        for precision, r in t["precisions"].items():
+            print(f"  {precision}: trace {r['estimate']:.4g} in {r['s']:.3f} s -> {r['speedup_vs_loop']:.1f}x the fp32 "
+                  f"loop, {r['shift_in_se']:+.2f} SE from fp32")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
               "date": datetime.date.today().isoformat(), "quick": args.quick, "cases": results}

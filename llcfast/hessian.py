@@ -16,7 +16,7 @@ import torch
 
 from . import ops
 from ._checks import check_int, group_offsets_for_sizes
-from ._llc_common import checked_loss, default_loss, restriction_masks, to_device, trainable
+from ._llc_common import check_precision, checked_loss, default_loss, restriction_masks, to_device, trainable
 from .engine.hvp import HVP, finite_difference_gap
 from .engine.lanczos import lanczos, ritz
 
@@ -87,7 +87,8 @@ class HessianSpectrum:
 class _Problem:
     """The model's parameters as flat [R, N] rows and back, with the HVP."""
 
-    def __init__(self, model, loss_fn, batches, points, restrict, device):
+    def __init__(self, model, loss_fn, batches, points, restrict, device, precision):
+        check_precision(precision)
         if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
             raise TypeError(f"batches must be a list (or iterable) of batches, got {type(batches).__name__}")
         batches = list(batches)
@@ -125,6 +126,7 @@ class _Problem:
                           f"(relative gap {gap:.2g}); the loss may not be twice differentiable (a custom "
                           "autograd.Function marked once_differentiable, or ops whose second derivative is "
                           "not defined), so these statistics may be wrong", RuntimeWarning, stacklevel=3)
+        self.hvp.precision = precision
 
     def unflatten(self, flat: torch.Tensor) -> List[torch.Tensor]:  # [R, N] -> [R, *shape] views
         out, off = [], 0
@@ -159,7 +161,7 @@ CPU_PROBES_PER_PASS = 4
 
 def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, num_probes: int = 100,
                   probes_per_pass: Optional[int] = None, points: Optional[Dict[str, torch.Tensor]] = None,
-                  restrict=None, seed: int = 0, device=None) -> HessianTrace:
+                  restrict=None, seed: int = 0, device=None, precision: str = "fp32") -> HessianTrace:
     """Hutchinson's estimate tr(H) = E[v^T H v] over Rademacher probes v, of
     the Hessian of the mean loss over ``batches`` at the model's weights, or
     at each of the stacked ``points`` ({name: [C, *shape]}). Returns the
@@ -168,13 +170,17 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
     ``probes_per_pass``: probes whose HVPs share one batched pass; default
     all of them on GPUs, and CPU_PROBES_PER_PASS on CPUs, where big passes
     overflow the caches (32 probes of the 5e4-parameter LR transformer took
-    16.7 s in one pass, 6.0 s in passes of 4)."""
+    16.7 s in one pass, 6.0 s in passes of 4). ``precision``: "fp32",
+    "tf32" (TF32 matmuls on CUDA) or "bf16" (the passes under bf16
+    autocast), as in estimate_llc; probes, products and sums stay fp32 or
+    float64. Its rounding moves each v^T H v by about 1e-3 relative, far
+    below the probes' own spread (README, Hessian statistics)."""
     check_int("num_probes", num_probes, minimum=1)
     if probes_per_pass is not None:
         check_int("probes_per_pass", probes_per_pass, minimum=1)
     check_int("seed", seed)
     started = time.perf_counter()
-    prob = _Problem(model, loss_fn, batches, points, restrict, device)
+    prob = _Problem(model, loss_fn, batches, points, restrict, device, precision)
     c = prob.num_points
     per_pass = probes_per_pass or (CPU_PROBES_PER_PASS if prob.device.type == "cpu" else num_probes)
     values = torch.zeros(c, num_probes, dtype=torch.float64, device=prob.device)
@@ -192,20 +198,22 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
     se = per_probe.std(axis=1, ddof=1) / math.sqrt(num_probes) if num_probes > 1 else np.full(c, np.nan)
     return HessianTrace(per_probe.mean(axis=1), se, per_probe, prob.hvp.count,
                         config=dict(num_probes=num_probes, seed=seed, hvp_mode=prob.hvp.mode,
-                                    parameters=prob.free, points=c),
+                                    parameters=prob.free, points=c, precision=precision),
                         timings={"total_s": time.perf_counter() - started})
 
 
 def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, k: int = 1,
                  which: str = "largest", method: str = "lanczos", tol: float = 1e-6, max_iter: int = 100,
                  return_vectors: bool = False, points: Optional[Dict[str, torch.Tensor]] = None, restrict=None,
-                 seed: int = 0, device=None) -> HessianEigs:
+                 seed: int = 0, device=None, precision: str = "fp32") -> HessianEigs:
     """The k largest (``which="largest"``) or smallest eigenvalues of the
     Hessian, by Lanczos with full reorthogonalization (default) or by power
     iteration with deflation (``method="power"``, largest magnitude, for
     comparison with PyHessian). Stops when every wanted Ritz pair's residual
     is below ``tol`` times the largest |Ritz value|, or after ``max_iter``
-    steps (Lanczos) / iterations per eigenvalue (power)."""
+    steps (Lanczos) / iterations per eigenvalue (power). ``precision`` as
+    in hessian_trace: under "bf16" each product carries rounding of about
+    1e-3 relative, so a ``tol`` below that may not be reached."""
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if method not in ("lanczos", "power"):
@@ -214,12 +222,12 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
     check_int("max_iter", max_iter, minimum=1)
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
-    prob = _Problem(model, loss_fn, batches, points, restrict, device)
+    prob = _Problem(model, loss_fn, batches, points, restrict, device, precision)
     if k > prob.free:
         raise ValueError(f"k = {k} exceeds the {prob.free} parameters the Hessian acts on; k must be <= {prob.free}")
     start = torch.cat([v.reshape(prob.num_points, -1) for v in prob.probes(prob.num_points, seed, 1)], dim=1)
     if method == "power":
-        return _power(prob, start, k, which, tol, max_iter, return_vectors)
+        return _power(prob, start, k, which, tol, max_iter, return_vectors, precision)
     sign = 1.0 if which == "largest" else -1.0
 
     def wanted(values):  # [R, m] ascending -> indices of the k wanted
@@ -245,10 +253,10 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
             flat[c].split(prob.sizes, dim=1), prob.shapes)))) for c in range(flat.shape[0])]
     return HessianEigs(values[:, idx].cpu().numpy(), vectors, resid.cpu().numpy(), prob.hvp.count,
                        config=dict(method="lanczos", which=which, steps=run.steps, tol=tol, hvp_mode=prob.hvp.mode,
-                                   parameters=prob.free))
+                                   parameters=prob.free, precision=precision))
 
 
-def _power(prob, start, k, which, tol, max_iter, return_vectors):
+def _power(prob, start, k, which, tol, max_iter, return_vectors, precision):
     """Power iteration with deflation (PyHessian's method): largest |eigenvalue|."""
     if which != "largest":
         raise ValueError("method='power' finds the largest-magnitude eigenvalues only; use method='lanczos'")
@@ -277,19 +285,19 @@ def _power(prob, start, k, which, tol, max_iter, return_vectors):
             flat[c].split(prob.sizes, dim=1), prob.shapes)))) for c in range(flat.shape[0])]
     return HessianEigs(values.cpu().numpy(), vectors, np.full(tuple(values.shape), np.nan), prob.hvp.count,
                        config=dict(method="power", which=which, tol=tol, hvp_mode=prob.hvp.mode,
-                                   parameters=prob.free))
+                                   parameters=prob.free, precision=precision))
 
 
 def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, num_runs: int = 4,
                      num_steps: int = 80, points: Optional[Dict[str, torch.Tensor]] = None, restrict=None,
-                     seed: int = 0, device=None) -> HessianSpectrum:
+                     seed: int = 0, device=None, precision: str = "fp32") -> HessianSpectrum:
     """Spectral density by stochastic Lanczos quadrature: ``num_runs``
     Lanczos runs of ``num_steps`` steps from Rademacher starts, all in one
     batched pass per step; Ritz values are the nodes, squared first
-    eigenvector components the weights."""
+    eigenvector components the weights. ``precision`` as in hessian_trace."""
     check_int("num_runs", num_runs, minimum=1)
     check_int("num_steps", num_steps, minimum=1)
-    prob = _Problem(model, loss_fn, batches, points, restrict, device)
+    prob = _Problem(model, loss_fn, batches, points, restrict, device, precision)
     c = prob.num_points
     starts = torch.cat([v.reshape(num_runs, -1) for v in prob.probes(num_runs, seed, 2)], dim=1)
     start = starts.repeat(c, 1)  # rows grouped by point: point p holds rows p*V .. p*V + V-1
@@ -298,4 +306,4 @@ def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batche
     weights = vecs[:, 0, :] ** 2
     return HessianSpectrum(values.view(c, num_runs, -1).cpu().numpy(), weights.view(c, num_runs, -1).cpu().numpy(),
                            prob.hvp.count, config=dict(num_runs=num_runs, steps=run.steps, seed=seed,
-                                                       parameters=prob.free))
+                                                       parameters=prob.free, precision=precision))

@@ -39,8 +39,8 @@ def test_train_sweep_report_calibrate_from_the_command_line(tmp_path, capsys):
     assert main(["sweep", run, "--quiet", "--draws", "6"]) == 0
     assert main(["sweep", run, "--quiet", "--draws", "6", "--sampler", "sgnht:diffusion=0.02", "--bounding-box",
                  "1"]) == 0
-    # engine options do not change the settings key: a new draw count makes a new sweep to measure
-    assert main(["sweep", run, "--quiet", "--draws", "5", "--mala", "--compile"]) == 0
+    # engine options do not change the settings key: a new draw count (and precision) makes a new sweep
+    assert main(["sweep", run, "--quiet", "--draws", "5", "--mala", "--compile", "--precision", "bf16"]) == 0
     engine_records = [json.loads(line) for line in open(os.path.join(run, "results.jsonl"))][-1:]
     assert 0.0 <= engine_records[0]["mala_acceptance"] <= 1.0
     assert main(["sweep", run, "--quiet", "--sampler", "hmc"]) == 2

@@ -270,6 +270,29 @@ def test_bad_input_is_explained():
     with pytest.raises(ValueError, match="method must be 'lanczos' or 'power'"):
         llcfast.hessian_eigs(model, loss_fn, batches, method="arnoldi")
 
+    with pytest.raises(ValueError, match="precision must be one of .*'fp16'"):
+        llcfast.hessian_trace(model, loss_fn, batches, precision="fp16")
+
+
+@pytest.mark.parametrize("case", ["mlp", "transformer"])
+def test_bf16_statistics_agree_with_fp32_within_the_probes_spread(case):
+    """bf16 autocast rounds each product (unit roundoff 2^-8); with the same
+    probes the trace may move by far less than its own standard error, and
+    eigenvalues by a few bf16 roundoffs."""
+    model, loss_fn, batches = small_cases()[case]
+    full = llcfast.hessian_trace(model, loss_fn, batches, num_probes=64, seed=2)
+    low = llcfast.hessian_trace(model, loss_fn, batches, num_probes=64, seed=2, precision="bf16")
+    assert low.config["precision"] == "bf16"
+    moved = np.abs(low.per_probe - full.per_probe)
+    assert moved.max() > 0  # the passes did run in bf16
+    assert moved.max() < 8 * 2.0 ** -8 * np.abs(full.per_probe).mean()
+    assert abs(low.trace[0] - full.trace[0]) < 0.25 * full.std_error[0]
+    e_full = llcfast.hessian_eigs(model, loss_fn, batches, k=2, tol=1e-6)
+    e_low = llcfast.hessian_eigs(model, loss_fn, batches, k=2, tol=1e-3, precision="bf16")
+    np.testing.assert_allclose(e_low.values, e_full.values, rtol=4 * 2.0 ** -8)
+    s = llcfast.hessian_spectrum(model, loss_fn, batches, num_runs=2, num_steps=8, precision="bf16")
+    assert s.config["precision"] == "bf16" and np.allclose(s.weights.sum(-1), 1.0)
+
 
 def test_power_iteration_agrees_with_lanczos_and_needs_more_hvps():
     model, loss_fn, batches = small_cases()["mlp"]
@@ -331,3 +354,19 @@ def test_cuda_statistics_match_cpu():
     t_gpu = llcfast.hessian_trace(model, loss_fn, [tuple(t.cuda() for t in b) for b in batches], num_probes=64)
     np.testing.assert_allclose(gpu.values, cpu.values, rtol=1e-4)
     np.testing.assert_allclose(t_gpu.per_probe, t_cpu.per_probe, rtol=1e-4, atol=1e-5)  # same probe bits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_cuda_low_precision_trace_within_the_probes_spread(precision):
+    """TF32 keeps 10 mantissa bits, bf16 8: the same probes' trace moves far
+    less than its standard error; the global TF32 flag is restored."""
+    model, loss_fn, batches = small_cases()["transformer"]
+    model = model.cuda()
+    batches = [tuple(t.cuda() for t in b) for b in batches]
+    flag = torch.backends.cuda.matmul.allow_tf32
+    full = llcfast.hessian_trace(model, loss_fn, batches, num_probes=64, seed=2)
+    low = llcfast.hessian_trace(model, loss_fn, batches, num_probes=64, seed=2, precision=precision)
+    assert torch.backends.cuda.matmul.allow_tf32 == flag
+    assert np.abs(low.per_probe - full.per_probe).max() < 8 * 2.0 ** -8 * np.abs(full.per_probe).mean()
+    assert abs(low.trace[0] - full.trace[0]) < 0.25 * full.std_error[0]

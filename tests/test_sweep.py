@@ -134,9 +134,10 @@ def test_sweeps_take_a_sampler_and_keep_older_keys(run_dir, tmp_path):
     from llcfast.pipeline.sweep import settings_key
     # Default sampler settings leave the key as it was before the sampler fields existed.
     s = SweepSettings()
-    old = {k: v for k, v in asdict(s).items() if k not in ("sampler", "sampler_kwargs", "bounding_box")}
+    old = {k: v for k, v in asdict(s).items() if k not in ("sampler", "sampler_kwargs", "bounding_box", "precision")}
     assert settings_key(s) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
     assert settings_key(replace(s, sampler="sgnht")) != settings_key(s)
+    assert settings_key(replace(s, precision="bf16")) != settings_key(s)
     out = str(tmp_path / "r.jsonl")
     base = sweep(run_dir, progress=False, out=out)
     from llcfast.pipeline import RunConfig
@@ -146,6 +147,8 @@ def test_sweeps_take_a_sampler_and_keep_older_keys(run_dir, tmp_path):
     assert len(nht) == len(base) and [r["llc_mean"] for r in nht] != [r["llc_mean"] for r in base]
     with pytest.raises(ValueError, match="sampler must be one of"):
         sweep(run_dir, progress=False, out=out, settings=replace(cfg.sweep, sampler="hmc"))
+    with pytest.raises(ValueError, match="sweep.precision must be one of .*'fp16'"):
+        RunConfig.from_dict(dict(cfg.to_dict(), sweep=dict(asdict(cfg.sweep), precision="fp16")))
     with pytest.raises(ValueError, match="sweep: sampler_kwargs: 'alpha' is not a hyperparameter of 'sgnht'"):
         RunConfig.from_dict(dict(cfg.to_dict(), sweep=dict(asdict(cfg.sweep), sampler="sgnht",
                                                            sampler_kwargs={"alpha": 0.9})))

@@ -15,20 +15,23 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .._llc_common import map_tensors, to_device
+from .._llc_common import map_tensors, precision_context, to_device
 from .functional import chain_loss
 
 
 class HVP:
     """hvp(vectors, points=None) -> H(point) @ vector for every row, the
-    Hessian of the mean loss over ``batches``."""
+    Hessian of the mean loss over ``batches``. ``precision`` as in
+    estimate_llc: the passes run with full fp32 matmuls, TF32 matmuls, or
+    under bf16 autocast; parameters, vectors and products stay fp32."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, batches: Sequence, names: Sequence[str],
-                 centers: Sequence[torch.Tensor], *, rows_per_pass: Optional[int] = None):
+                 centers: Sequence[torch.Tensor], *, rows_per_pass: Optional[int] = None, precision: str = "fp32"):
         self._loss = chain_loss(model, loss_fn, names)
         self._batches = [to_device(b, centers[0].device) for b in batches]
         self._centers = tuple(centers)
         self.rows_per_pass = rows_per_pass
+        self.precision = precision
         self.mode = "forward-over-reverse"
         self.count = 0  # HVPs computed (rows x batches count once per row)
 
@@ -60,6 +63,10 @@ class HVP:
                     torch.cuda.empty_cache()
 
     def _one_batch(self, vectors, points, per_point, batch):
+        with precision_context(self.precision, self._centers[0].device):
+            return self._one_batch_as_set(vectors, points, per_point, batch)
+
+    def _one_batch_as_set(self, vectors, points, per_point, batch):
         try:
             return self._run(vectors, points, per_point, batch, self.mode)
         except torch.OutOfMemoryError:
@@ -113,8 +120,13 @@ def finite_difference_gap(hvp: "HVP", vector: List[torch.Tensor]) -> float:
     is wrong shows up only here; such a gap stays as h shrinks, while the gap
     from piecewise-linear activations (a difference whose step crosses a
     ReLU kink) shrinks with h. Gradients are taken in float64 where the model
-    runs in it, else in float32."""
-    exact = [o[0].double() for o in hvp(vector)]
+    runs in it, else in float32; H v in full fp32 whatever hvp's precision,
+    since the check is of the derivative, not of rounding."""
+    precision, hvp.precision = hvp.precision, "fp32"
+    try:
+        exact = [o[0].double() for o in hvp(vector)]
+    finally:
+        hvp.precision = precision
     hvp.count -= 1  # the check is not the caller's work
     scale_exact = math.sqrt(sum(float((b ** 2).sum()) for b in exact))
     norm_w = math.sqrt(sum(float((c.double() ** 2).sum()) for c in hvp._centers))

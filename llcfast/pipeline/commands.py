@@ -60,6 +60,8 @@ def _sweep_overrides(parser) -> None:
     g.add_argument("--sampler", metavar="SAMPLER[:KEY=VALUE,...]",
                    help="sgld (default), rmsprop_sgld or sgnht, e.g. rmsprop_sgld:alpha=0.9999")
     g.add_argument("--bounding-box", type=_positive(float), help="keep every element within w* +- this")
+    g.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
+                   help="matmul precision of the LLC's and the Hessian's passes (default fp32)")
     e = parser.add_argument_group("engine options (they do not change the estimate)")
     e.add_argument("--compile", action="store_true", help="torch.compile each checkpoint's batched pass "
                                                           "(compiled once, reused across checkpoints)")
@@ -72,7 +74,8 @@ def _sweep_overrides(parser) -> None:
 
 def _settings(base, args):
     fields = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=args.burnin, epsilon=args.epsilon,
-                  gamma=args.gamma, nbeta=args.nbeta, hessian=args.hessian, bounding_box=args.bounding_box)
+                  gamma=args.gamma, nbeta=args.nbeta, hessian=args.hessian, bounding_box=args.bounding_box,
+                  precision=args.precision)
     if args.sampler:
         (fields["sampler"], fields["sampler_kwargs"]), = _parse_samplers([args.sampler])
     return replace(base, **{k: v for k, v in fields.items() if v is not None})

@@ -45,6 +45,7 @@ class SweepSettings:
     sampler: str = "sgld"  # or "rmsprop_sgld", "sgnht" (llcfast.estimate_llc)
     sampler_kwargs: Dict[str, float] = field(default_factory=dict)
     bounding_box: Any = None  # None or a float > 0
+    precision: str = "fp32"  # or "tf32", "bf16": the LLC's and the Hessian's passes (estimate_llc)
 
 
 @dataclass
@@ -99,6 +100,9 @@ class RunConfig:
         if s.llc_batch_size > s.llc_sequences:
             raise ValueError(f"sweep.llc_batch_size ({s.llc_batch_size}) must be <= sweep.llc_sequences "
                              f"({s.llc_sequences})")
+        from .._llc_common import PRECISIONS
+        if s.precision not in PRECISIONS:
+            raise ValueError(f"sweep.precision must be one of {PRECISIONS}, got {s.precision!r}")
         from ..samplers import check_sampler
         try:
             check_sampler(s.sampler, s.sampler_kwargs, s.bounding_box)

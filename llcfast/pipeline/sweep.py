@@ -36,7 +36,7 @@ RESULTS = "results.jsonl"
 
 # Settings added after results files existed: left out of the key while at
 # their defaults, so older results keep their keys and are not re-measured.
-_LATER_DEFAULTS = {"sampler": "sgld", "sampler_kwargs": {}, "bounding_box": None}
+_LATER_DEFAULTS = {"sampler": "sgld", "sampler_kwargs": {}, "bounding_box": None, "precision": "fp32"}
 
 
 def settings_key(settings: SweepSettings) -> str:
@@ -108,7 +108,8 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
         res = estimate_llc(model, llc_batches, loss_fn, num_chains=s.num_chains, num_draws=s.num_draws,
                            num_burnin=s.num_burnin, epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta,
                            seed=s.seed, device=device, progress=progress, split_chains=False, sampler=s.sampler,
-                           sampler_kwargs=s.sampler_kwargs, bounding_box=s.bounding_box, **(engine or {}))
+                           sampler_kwargs=s.sampler_kwargs, bounding_box=s.bounding_box, precision=s.precision,
+                           **(engine or {}))
     rec = {
         "llc_mean": _finite(res.llc_mean), "llc_std": _finite(res.llc_std),
         "llc_per_chain": [_finite(v) for v in res.llc_per_chain.tolist()], "init_loss": res.init_loss,
@@ -122,8 +123,8 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
     if s.hessian:
         from ..hessian import hessian_eigs, hessian_trace
         batch = [tuple(t[:s.hessian_batch] for t in eval_set)]
-        tr = hessian_trace(model, loss_fn, batch, num_probes=s.hessian_probes, seed=s.seed)
-        eig = hessian_eigs(model, loss_fn, batch, k=1, tol=1e-3)
+        tr = hessian_trace(model, loss_fn, batch, num_probes=s.hessian_probes, seed=s.seed, precision=s.precision)
+        eig = hessian_eigs(model, loss_fn, batch, k=1, tol=1e-3, precision=s.precision)
         rec.update(hessian_trace=float(tr.trace[0]), hessian_trace_se=float(tr.std_error[0]),
                    hessian_top_eig=float(eig.values[0, 0]))
     rec["seconds"] = time.perf_counter() - started
@@ -136,7 +137,7 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
     """Measures each (step, path) not yet in ``out`` (JSON lines) with these
     settings; returns all successful records for these settings, by step.
     ``engine``: estimate_llc options that do not change the estimate
-    (compile, mala, precision, ...); they are not part of the settings key."""
+    (compile, mala); they are not part of the settings key."""
     check_sampler(settings.sampler, settings.sampler_kwargs, settings.bounding_box)  # before any work
     key = settings_key(settings)
     rank, world = _rank_world()
