@@ -13,7 +13,7 @@ import llcfast
 from llcfast import ops, reference
 from llcfast.engine.hvp import HVP
 from conftest import requires_extension
-from llc_models import TinyTransformer, mlp, mse, token_loss
+from llc_models import TinyTransformer, gpt2_batches, mlp, mse, tiny_gpt2, token_loss
 
 
 def exact_hessian(model, loss_fn, batches):
@@ -293,6 +293,56 @@ def test_bf16_statistics_agree_with_fp32_within_the_probes_spread(case):
     s = llcfast.hessian_spectrum(model, loss_fn, batches, num_runs=2, num_steps=8, precision="bf16")
     assert s.config["precision"] == "bf16" and np.allclose(s.weights.sum(-1), 1.0)
 
+
+
+class SdpaLM(nn.Module):
+    """Causal attention through F.scaled_dot_product_attention, whose fused
+    kernels have no forward-mode or second derivatives."""
+
+    def __init__(self, vocab=11, d=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(vocab, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.unembed = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        b, t, d = h.shape
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.unembed(h + a.transpose(1, 2).reshape(b, t, d))
+
+
+def test_models_with_fused_attention_get_their_exact_hessian():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    model = SdpaLM()
+    batches = [(torch.randint(0, 11, (4, 10), generator=torch.Generator().manual_seed(3)),)]
+    with sdpa_kernel(SDPBackend.MATH):  # the exact Hessian needs double backward too
+        h = exact_hessian(model, token_loss, batches)
+    exact = torch.linalg.eigvalsh(h)
+    e = llcfast.hessian_eigs(model, token_loss, batches, k=2, tol=1e-7, max_iter=200)
+    assert e.config["hvp_mode"] == "forward-over-reverse"
+    np.testing.assert_allclose(e.values[0], exact.flip(0)[:2].numpy(), rtol=1e-4)
+    t = llcfast.hessian_trace(model, token_loss, batches, num_probes=200, seed=1)
+    assert abs(t.trace[0] - float(h.trace())) < 4 * t.std_error[0]
+
+
+def test_hugging_face_gpt2_with_its_default_attention():
+    """transformers' GPT-2 uses scaled_dot_product_attention by default; its
+    Hessian statistics equal those of the same weights with eager attention."""
+    sdpa = tiny_gpt2()
+    assert sdpa.config._attn_implementation == "sdpa"
+    eager = tiny_gpt2()
+    eager.config._attn_implementation = "eager"
+    batches = gpt2_batches(n_batches=1)
+    a = llcfast.hessian_trace(sdpa, None, batches, num_probes=8)
+    b = llcfast.hessian_trace(eager, None, batches, num_probes=8)
+    assert a.config["hvp_mode"] == "forward-over-reverse"
+    np.testing.assert_allclose(a.per_probe, b.per_probe, rtol=1e-4, atol=1e-4 * np.abs(b.per_probe).max())
+    with pytest.raises(ValueError, match="draws random numbers .* call model.eval"):
+        llcfast.hessian_trace(tiny_gpt2().train(), None, batches, num_probes=2)
 
 def test_power_iteration_agrees_with_lanczos_and_needs_more_hvps():
     model, loss_fn, batches = small_cases()["mlp"]

@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._llc_common import map_tensors, precision_context, to_device
 from .functional import chain_loss
@@ -63,7 +64,10 @@ class HVP:
                     torch.cuda.empty_cache()
 
     def _one_batch(self, vectors, points, per_point, batch):
-        with precision_context(self.precision, self._centers[0].device):
+        # The fused attention kernels (flash, memory-efficient) have neither
+        # forward-mode nor second derivatives; the math backend computes the
+        # same attention from differentiable ops.
+        with precision_context(self.precision, self._centers[0].device), sdpa_kernel(SDPBackend.MATH):
             return self._one_batch_as_set(vectors, points, per_point, batch)
 
     def _one_batch_as_set(self, vectors, points, per_point, batch):
@@ -72,6 +76,10 @@ class HVP:
         except torch.OutOfMemoryError:
             raise  # OutOfMemoryError is a RuntimeError; _adaptive shrinks the pass instead
         except (NotImplementedError, RuntimeError) as exc:
+            if "randomness" in str(exc):
+                raise ValueError("the loss draws random numbers (dropout in a model left in train mode, for "
+                                 "instance), so it has no Hessian to measure; call model.eval() first, or make "
+                                 "the loss deterministic") from exc
             if self.mode != "forward-over-reverse" or "forward AD" not in str(exc) and "jvp" not in str(exc):
                 raise _not_twice_differentiable(exc) from exc
             warnings.warn(f"llcfast: forward-mode AD is not available for an op in this loss ({str(exc).splitlines()[0]}); "
