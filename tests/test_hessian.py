@@ -142,6 +142,32 @@ def test_points_give_each_point_its_own_hessian():
     assert len(set(np.round(t.trace, 6))) == 3
 
 
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_the_readme_recipe_for_the_hessian_where_the_chains_ended(backend):
+    model, loss_fn, batches = small_cases()["mlp"]
+    steps, last = 5, {}
+
+    def keep_last(step, chains, loss, params):
+        if step == steps - 1:
+            for name, p in params.items():
+                last.setdefault(name, {}).update({c: p[i].clone() for i, c in enumerate(chains)})
+
+    kw = dict(chain_group=2) if backend == "fast" else {}
+    llcfast.estimate_llc(model, batches, loss_fn, num_chains=4, num_draws=steps, epsilon=1e-3, nbeta=10.0,
+                         callbacks=[keep_last], backend=backend, progress=False, **kw)
+    points = {name: torch.stack([rows[c] for c in sorted(rows)]) for name, rows in last.items()}
+    assert all(len(rows) == 4 for rows in last.values())
+    t = llcfast.hessian_trace(model, loss_fn, batches, points=points, num_probes=4)
+    assert t.trace.shape == (4,)
+    assert not torch.equal(points["0.weight"][0], points["0.weight"][3])  # the chains moved apart
+    at_0 = mlp()
+    with torch.no_grad():
+        for n, p in at_0.named_parameters():
+            p.copy_(points[n][0])
+    # point 0 draws probe stream 0, as a single model does: the same estimate at chain 0's weights
+    assert llcfast.hessian_trace(at_0, loss_fn, batches, num_probes=4).trace[0] == pytest.approx(t.trace[0], rel=1e-5)
+
 def test_restricted_hessian_is_the_sub_block():
     model, loss_fn, batches = small_cases()["mlp"]
     h = exact_hessian(model, loss_fn, batches)
