@@ -1,6 +1,6 @@
 """The paper's two transformers (PAPER.md) and their losses.
 
-Attention is written with einsum rather than scaled_dot_product_attention:
+Attention is written with matmuls rather than scaled_dot_product_attention:
 vmap over chains has no batching rule for some fused attention backwards and
 would fall back to a per-chain loop.
 """
@@ -28,11 +28,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
         b, t, d = h.shape
-        q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(d // self.heads)
+        e = d // self.heads
+        # Heads-major [B, H, T, E] operands make the T x T scores a contiguous
+        # matmul output, so no pass copies them (einsum's layout cost a copy
+        # of every T x T tensor under vmap); the scale goes on q, not on them.
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, e).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = (q * (1.0 / math.sqrt(e))) @ k.transpose(-1, -2)
         causal = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
         weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        return self.out(torch.einsum("bhqk,bkhe->bqhe", weights, v).reshape(b, t, d))
+        return self.out((weights @ v).transpose(1, 2).reshape(b, t, d))
 
 
 class Block(nn.Module):
@@ -104,9 +108,15 @@ class AttentionOnlyLM(nn.Module):
 
 
 def next_token_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Mean cross-entropy of each next token. Written as log_softmax and
+    gather, the same numbers as F.cross_entropy: under vmap over chains,
+    cross_entropy's backward makes two more vocabulary-sized passes (a
+    scatter into a zeros tensor, then a multiply), and the logits are the
+    largest tensors of the LM."""
     tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
     logits = model(tokens[:, :-1])
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    logp = logits.reshape(-1, logits.shape[-1]).log_softmax(-1)
+    return -logp.gather(-1, tokens[:, 1:].reshape(-1, 1)).mean()
 
 
 def count_parameters(model: nn.Module) -> int:
