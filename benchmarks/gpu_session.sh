@@ -9,6 +9,10 @@
 # Missing Python packages (devinterp, curvlinops, ...) travel as wheels in
 # .whl/ (see README, "Benchmarks"); a prebuilt llcfast/_C*.so is reused when
 # its build matches this torch.
+#
+# Back on the development machine: copy the JSON into benchmarks/results/
+# (names as results_io.save_report gives them), then
+# python benchmarks/tables.py --readme README.md.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}
