@@ -153,16 +153,16 @@ def timed(device, fn):
     return time.perf_counter() - started, out
 
 
-def low_precision_traces(model, loss_fn, batch, probes, device, precisions, fast, loop_s):
+def low_precision_traces(model, loss_fn, batch, probes, device, precisions, fast, loop_s, flops):
     """llcfast's trace at each precision, against its fp32 run ``fast``
-    (same probes) and the fp32 loop's time."""
+    (same probes) and the fp32 loop's time. ``flops``: the fp32 run's
+    count, which precision does not change (the same matmuls run)."""
     out = {}
     for precision in precisions:
         run = lambda: llcfast.hessian_trace(model, loss_fn, [batch], num_probes=probes,  # noqa: E731
                                             precision=precision)
         run()  # warm-up
         seconds, res = timed(device, run)
-        flops = counted_flops(run)
         out[precision] = {"s": seconds, "speedup_vs_loop": loop_s / seconds, "hvps_per_s": probes / seconds,
                           "tflops": flops / seconds / 1e12,
                           "peak_fraction": peak_fraction(device, precision, flops / seconds / 1e12),
@@ -203,7 +203,8 @@ def measure(case, device, probes, max_iter, precisions=()):
                 "speedup_vs_curvlinops": None if cl_s is None else cl_s / fast_s,
                 "eigenthings_s": he_s, "eigenthings_estimate": he_value,
                 "speedup_vs_eigenthings": None if he_s is None else he_s / fast_s,
-                "precisions": low_precision_traces(model, loss_fn, batch, probes, device, precisions, fast, loop_s)},
+                "precisions": low_precision_traces(model, loss_fn, batch, probes, device, precisions, fast, loop_s,
+                                                   fast_flops)},
             "top_eig": {"reference": target, "lanczos_hvps": lz_hvps, "lanczos_value": lz_value,
                         "power_hvps": pw_hvps, "power_value": pw_value,
                         "eigenthings_lanczos_hvps": he_hvps, "eigenthings_lanczos_value": he_top},

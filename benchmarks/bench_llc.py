@@ -191,8 +191,7 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
            "flops_per_chain_step": flops_per_chain_step(case, device), "runs": {}}
     for variant in precisions:  # "bf16", "bf16+compile" (compile=True) or "bf16+autotune"
         precision, _, extra = variant.partition("+")
-        kw = dict(precision=precision, compile={"": False, "compile": True,
-                                                "autotune": "max-autotune-no-cudagraphs"}[extra])
+        kw = dict(precision=precision, compile=COMPILE_VARIANTS[extra])
         run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
         wall, r = run_llcfast(case, steps, device, **kw)
         sampling = r.timings.get("sampling_s", wall)
@@ -238,6 +237,10 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
     return out
 
 
+# --precisions suffixes: "bf16+compile" runs estimate_llc(compile=True), and so on.
+COMPILE_VARIANTS = {"": False, "compile": True, "autotune": "max-autotune-no-cudagraphs"}
+
+
 def peak_fraction(device, precision, tflops):
     if device.type != "cuda":
         return None
@@ -274,7 +277,7 @@ def main(argv=None):
               "lr-32": lambda: lr_case(32, device, args.quick, args.train_steps),
               "lm-8": lambda: lm_case(8, device, args.quick, args.train_steps)}
     bad = [v for v in args.precisions.split(",") if v.partition("+")[0] not in ("fp32", "tf32", "bf16")
-           or v.partition("+")[2] not in ("", "compile", "autotune")]
+           or v.partition("+")[2] not in COMPILE_VARIANTS]
     if bad:
         p.error(f"unknown precisions {bad}; use fp32, tf32 or bf16, optionally with +compile or +autotune")
     unknown = [c for c in args.cases.split(",") if c not in makers]

@@ -232,9 +232,9 @@ def warn_if_cycled(loader, steps: int, per_step: int = 1) -> None:
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-def check_precision(precision) -> None:
+def check_precision(precision, name: str = "precision") -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ValueError(f"{name} must be one of {PRECISIONS}, got {precision!r}")
 
 
 @contextlib.contextmanager

@@ -119,14 +119,13 @@ class _Problem:
                 if tuple(p.shape) != (c,) + s:
                     raise ValueError(f"points[{n!r}] has shape {tuple(p.shape)}; expected {(c,) + s}")
         self.num_points = 1 if self.points is None else self.points[0].shape[0]
-        self.hvp = HVP(model, loss_fn, batches, self.names, centers)
+        self.hvp = HVP(model, loss_fn, batches, self.names, centers, precision=precision)
         gap = finite_difference_gap(self.hvp, self.probes(1, 0, stream=2**62))
         if gap > FD_GAP_WARN:
             warnings.warn(f"llcfast: Hessian-vector products disagree with a finite difference of gradients "
                           f"(relative gap {gap:.2g}); the loss may not be twice differentiable (a custom "
                           "autograd.Function marked once_differentiable, or ops whose second derivative is "
                           "not defined), so these statistics may be wrong", RuntimeWarning, stacklevel=3)
-        self.hvp.precision = precision
 
     def unflatten(self, flat: torch.Tensor) -> List[torch.Tensor]:  # [R, N] -> [R, *shape] views
         out, off = [], 0
@@ -227,7 +226,7 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
         raise ValueError(f"k = {k} exceeds the {prob.free} parameters the Hessian acts on; k must be <= {prob.free}")
     start = torch.cat([v.reshape(prob.num_points, -1) for v in prob.probes(prob.num_points, seed, 1)], dim=1)
     if method == "power":
-        return _power(prob, start, k, which, tol, max_iter, return_vectors, precision)
+        return _power(prob, start, k, which, tol, max_iter, return_vectors)
     sign = 1.0 if which == "largest" else -1.0
 
     def wanted(values):  # [R, m] ascending -> indices of the k wanted
@@ -256,7 +255,7 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
                                    parameters=prob.free, precision=precision))
 
 
-def _power(prob, start, k, which, tol, max_iter, return_vectors, precision):
+def _power(prob, start, k, which, tol, max_iter, return_vectors):
     """Power iteration with deflation (PyHessian's method): largest |eigenvalue|."""
     if which != "largest":
         raise ValueError("method='power' finds the largest-magnitude eigenvalues only; use method='lanczos'")
@@ -285,7 +284,7 @@ def _power(prob, start, k, which, tol, max_iter, return_vectors, precision):
             flat[c].split(prob.sizes, dim=1), prob.shapes)))) for c in range(flat.shape[0])]
     return HessianEigs(values.cpu().numpy(), vectors, np.full(tuple(values.shape), np.nan), prob.hvp.count,
                        config=dict(method="power", which=which, tol=tol, hvp_mode=prob.hvp.mode,
-                                   parameters=prob.free, precision=precision))
+                                   parameters=prob.free, precision=prob.hvp.precision))
 
 
 def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, num_runs: int = 4,

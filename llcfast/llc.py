@@ -135,8 +135,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     loss_fn = loss_fn or default_loss
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
-    checkpointed = ([] if activation_checkpointing is False or activation_checkpointing is None
-                    else checkpointing.apply(base, activation_checkpointing))
+    checkpointed = checkpointing.apply(base, activation_checkpointing)
     with precision_context(precision, device):
         l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
     steps = num_burnin + num_draws * steps_between_draws

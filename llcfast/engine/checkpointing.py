@@ -90,7 +90,10 @@ def resolve(model: nn.Module, spec: Spec) -> List[str]:
 
 def apply(model: nn.Module, spec: Spec) -> List[str]:
     """Checkpoints the submodules ``spec`` selects, in place (the engine
-    calls it on its own copy of the user's model); returns their names."""
+    calls it on its own copy of the user's model); returns their names, []
+    for False or None."""
+    if spec is False or spec is None:
+        return []
     names = resolve(model, spec)
     for name in names:
         mod = model.get_submodule(name)

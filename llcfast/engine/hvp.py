@@ -40,9 +40,13 @@ class HVP:
         rows = vectors[0].shape[0]
         per_point = rows if points is None else rows // points[0].shape[0]
         total = None
-        for batch in self._batches:
-            out = self._adaptive(vectors, points, per_point, batch)
-            total = out if total is None else [t + o for t, o in zip(total, out)]
+        # The fused attention kernels (flash, memory-efficient) have neither
+        # forward-mode nor second derivatives; the math backend computes the
+        # same attention from differentiable ops.
+        with precision_context(self.precision, self._centers[0].device), sdpa_kernel(SDPBackend.MATH):
+            for batch in self._batches:
+                out = self._adaptive(vectors, points, per_point, batch)
+                total = out if total is None else [t + o for t, o in zip(total, out)]
         self.count += rows
         scale = 1.0 / len(self._batches)
         return [t * scale for t in total] if len(self._batches) > 1 else total
@@ -64,13 +68,6 @@ class HVP:
                     torch.cuda.empty_cache()
 
     def _one_batch(self, vectors, points, per_point, batch):
-        # The fused attention kernels (flash, memory-efficient) have neither
-        # forward-mode nor second derivatives; the math backend computes the
-        # same attention from differentiable ops.
-        with precision_context(self.precision, self._centers[0].device), sdpa_kernel(SDPBackend.MATH):
-            return self._one_batch_as_set(vectors, points, per_point, batch)
-
-    def _one_batch_as_set(self, vectors, points, per_point, batch):
         try:
             return self._run(vectors, points, per_point, batch, self.mode)
         except torch.OutOfMemoryError:

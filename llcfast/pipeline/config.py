@@ -100,9 +100,8 @@ class RunConfig:
         if s.llc_batch_size > s.llc_sequences:
             raise ValueError(f"sweep.llc_batch_size ({s.llc_batch_size}) must be <= sweep.llc_sequences "
                              f"({s.llc_sequences})")
-        from .._llc_common import PRECISIONS
-        if s.precision not in PRECISIONS:
-            raise ValueError(f"sweep.precision must be one of {PRECISIONS}, got {s.precision!r}")
+        from .._llc_common import check_precision
+        check_precision(s.precision, "sweep.precision")
         from ..samplers import check_sampler
         try:
             check_sampler(s.sampler, s.sampler_kwargs, s.bounding_box)

@@ -50,8 +50,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     started = time.perf_counter()
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
-    checkpointed = ([] if activation_checkpointing is False or activation_checkpointing is None
-                    else checkpointing.apply(base, activation_checkpointing))
+    checkpointed = checkpointing.apply(base, activation_checkpointing)
     l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
     masks = restriction_masks(trainable(base), restrict)
     total_steps = num_burnin + num_draws * steps_between_draws
