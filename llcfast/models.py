@@ -34,8 +34,12 @@ class CausalSelfAttention(nn.Module):
         # of every T x T tensor under vmap); the scale goes on q, not on them.
         q, k, v = self.qkv(h).view(b, t, 3, self.heads, e).permute(2, 0, 3, 1, 4).unbind(0)
         scores = (q * (1.0 / math.sqrt(e))) @ k.transpose(-1, -2)
-        causal = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
-        weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        # An additive fp32 mask rather than masked_fill: the same softmax (the
+        # masked scores are -inf either way), but its backward passes the
+        # gradient through instead of filling another T x T tensor, and under
+        # bf16 autocast the sum is the fp32 copy softmax needs anyway.
+        future = torch.full((t, t), float("-inf"), device=h.device).triu(1)
+        weights = (scores + future).softmax(-1)
         return self.out((weights @ v).transpose(1, 2).reshape(b, t, d))
 
 
