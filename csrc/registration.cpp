@@ -51,6 +51,11 @@ TORCH_LIBRARY(llcfast, m) {
   // [R, m, N], given w = H basis[:, j]: writes (alpha_j, beta_j) to out
   // [R, 2], the residual to w and, when j + 1 < m, basis[:, j + 1].
   m.def("lanczos_step_(Tensor(a!) basis, Tensor(b!) w, int j, Tensor(c!) out) -> ()");
+  // Per-row negative log-likelihood of targets under softmax(logits) and the
+  // row's log-sum-exp ([...] each, float32; float64 for float64 logits).
+  m.def("token_nll(Tensor logits, Tensor targets) -> (Tensor, Tensor)");
+  // Its gradient with respect to logits, given d(loss)/d(nll) as grad.
+  m.def("token_nll_backward(Tensor grad, Tensor logits, Tensor lse, Tensor targets) -> Tensor");
 }
 
 namespace {

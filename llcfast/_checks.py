@@ -256,3 +256,27 @@ def check_lanczos_step_args(basis, w, j, out) -> None:
         raise TypeError(f"out must be a contiguous torch.float64 tensor of shape {(rows, 2)}, got {desc(out)}")
     if w.device != basis.device or out.device != basis.device:
         raise ValueError(f"basis, w and out must be on one device, got {basis.device}, {w.device}, {out.device}")
+
+
+_LOGIT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_token_nll_args(logits, targets) -> torch.Tensor:
+    """token_nll's arguments; returns the targets as int64."""
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in _LOGIT_DTYPES or logits.dim() < 1:
+        desc = f"{logits.dtype} of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) \
+            else type(logits).__name__
+        raise TypeError(f"logits must be a float32, float64, bfloat16 or float16 tensor with a vocabulary "
+                        f"dimension last, got {desc}")
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype.is_complex \
+            or targets.dtype == torch.bool:
+        desc = str(targets.dtype) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise TypeError(f"targets must be an integer tensor of class indices, got {desc}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} (logits without the vocabulary "
+                         f"dimension), got {tuple(targets.shape)}")
+    if targets.device != logits.device:
+        raise ValueError(f"targets are on {targets.device} but logits on {logits.device}")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits have an empty vocabulary dimension")
+    return targets.long()

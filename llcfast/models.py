@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from .fused_loss import token_nll
 from .tasks import sample_regression
 
 __all__ = ["AttentionOnlyLM", "Block", "CausalSelfAttention", "InContextRegression", "count_parameters",
@@ -112,15 +113,12 @@ class AttentionOnlyLM(nn.Module):
 
 
 def next_token_loss(model: nn.Module, batch) -> torch.Tensor:
-    """Mean cross-entropy of each next token. Written as log_softmax and
-    gather, the same numbers as F.cross_entropy: under vmap over chains,
-    cross_entropy's backward makes two more vocabulary-sized passes (a
-    scatter into a zeros tensor, then a multiply), and the logits are the
-    largest tensors of the LM."""
+    """Mean cross-entropy of each next token (F.cross_entropy's numbers).
+    Inside the fast engine's batched pass it is one fused kernel per
+    direction over the logits, the LM's largest tensors; elsewhere
+    log_softmax and gather (llcfast.fused_loss)."""
     tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
-    logits = model(tokens[:, :-1])
-    logp = logits.reshape(-1, logits.shape[-1]).log_softmax(-1)
-    return -logp.gather(-1, tokens[:, 1:].reshape(-1, 1)).mean()
+    return token_nll(model(tokens[:, :-1]), tokens[:, 1:]).mean()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -70,3 +70,15 @@ def test_opcheck_lanczos_step(device):
         args = (basis.to(device), torch.randn(rows, n, generator=g).to(device), j,
                 torch.zeros(rows, 2, dtype=torch.float64, device=device))
         torch.library.opcheck(torch.ops.llcfast.lanczos_step_.default, args)
+
+
+@requires_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_token_nll(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(2, 5, 17, device=device).to(dtype)
+        targets = torch.randint(0, 17, (2, 5), device=device)
+        torch.library.opcheck(torch.ops.llcfast.token_nll.default, (logits, targets))
+        nll, lse = torch.ops.llcfast.token_nll(logits, targets)
+        torch.library.opcheck(torch.ops.llcfast.token_nll_backward.default,
+                              (torch.rand_like(nll), logits, lse, targets))

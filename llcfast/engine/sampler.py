@@ -14,6 +14,7 @@ import torch
 
 from .. import ops
 from .._llc_common import precision_context, progress_bar, restriction_masks, trainable
+from ..fused_loss import first_order
 from ..samplers import Stepper
 from .batches import ChainBatches
 from .functional import chain_loss, sequential_grads, vmap_failure, vmapped_grads
@@ -119,7 +120,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         return grad_buf, sequential_grads(loss, params, per_chain, grad_buf)
 
     def step(batch, dims, per_chain=None) -> None:
-        with precision_context(cfg.precision, device):
+        with precision_context(cfg.precision, device), first_order():
             if accum == 1:
                 grads, losses = grads_of(batch, dims, per_chain)
             else:  # the gradient of the mean micro-batch loss
@@ -234,7 +235,7 @@ def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, de
         return "sequential"
     batch, dims, per_chain = first
     probe, probe_dims = (batch, dims) if batch is not None else (per_chain[0], None)
-    with precision_context(cfg.precision, device):
+    with precision_context(cfg.precision, device), first_order():
         reason = vmap_failure(loss, params, probe, probe_dims, cfg.chain_chunk)
     if reason is None:
         return "vmap"

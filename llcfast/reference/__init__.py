@@ -11,6 +11,7 @@ from .samplers import rmsprop_sgld_step_, sgnht_step_
 from .llc import estimate_llc
 from .probes import multi_dot_, rademacher
 from .lanczos import lanczos_step_
+from .losses import token_nll
 
 __all__ = ["estimate_llc", "lanczos_step_", "multi_dot_", "rademacher", "philox4x32_10", "philox_normal", "fold_coefficients", "sgld_step_",
-           "rmsprop_sgld_step_", "sgnht_step_"]
+           "rmsprop_sgld_step_", "sgnht_step_", "token_nll"]

@@ -1,0 +1,151 @@
+"""The fused next-token loss (llcfast::token_nll and its backward) against its
+pure-torch twin, under vmap and autograd, and inside the fast engine."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch.func import grad, grad_and_value, jvp, vmap
+
+import llcfast
+from conftest import HAS_CUDA, requires_cuda, requires_extension
+from llcfast import fused_loss, models, reference
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+# Both sides sum exp in float32 (float64 for float64 logits), in different
+# orders: a few float32 roundings of the log-sum-exp. Gradients in bf16 are
+# the same float32 number rounded to bf16 either way, or one bf16 step apart.
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
+       torch.bfloat16: dict(rtol=2 ** -7, atol=1e-6)}
+
+
+@pytest.fixture
+def kernel_on_cpu(monkeypatch):
+    monkeypatch.setattr(fused_loss, "KERNEL_DEVICES", {"cpu", "cuda"})
+
+
+def kernel(logits, targets):
+    return torch.ops.llcfast.token_nll(logits.contiguous(), targets.contiguous())
+
+
+def twin_with_grad(logits, targets, g):
+    x = logits.detach().clone().requires_grad_()
+    nll = reference.token_nll(x, targets)
+    (nll * g).sum().backward()
+    return nll.detach(), x.grad
+
+
+@requires_extension
+@given(lead=st.lists(st.integers(1, 5), min_size=0, max_size=3), vocab=st.integers(1, 700),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), seed=st.integers(0, 2 ** 16))
+def test_kernel_matches_twin(lead, vocab, dtype, seed):
+    for device in DEVICES:
+        gen = torch.Generator().manual_seed(seed)
+        logits = (4 * torch.randn(*lead, vocab, generator=gen, dtype=torch.float64)).to(dtype).to(device)
+        targets = torch.randint(0, vocab, tuple(lead), generator=gen).to(device)
+        g = torch.rand(tuple(lead), generator=gen, dtype=torch.float64).to(device)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        nll, lse = kernel(logits, targets)
+        want_nll, want_grad = twin_with_grad(logits, targets, g.to(acc))
+        assert nll.dtype == acc and nll.shape == targets.shape
+        torch.testing.assert_close(nll, want_nll, **TOL[acc])
+        torch.testing.assert_close(lse, torch.logsumexp(logits.to(acc), -1), **TOL[acc])
+        got_grad = torch.ops.llcfast.token_nll_backward(g.to(acc).contiguous(), logits, lse, targets)
+        assert got_grad.dtype == dtype
+        torch.testing.assert_close(got_grad.to(acc), want_grad.to(acc), **TOL[dtype])
+
+
+@requires_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_vocabulary_and_bad_targets(device):
+    logits = torch.randn(4, 9, device=device)
+    logits[:, :3] = float("-inf")  # a vocabulary mask, as some models apply
+    targets = torch.tensor([3, 8, 5, 4], device=device)
+    torch.testing.assert_close(kernel(logits, targets)[0], reference.token_nll(logits, targets))
+    # Out of range: NaN (no device-side check), never a read outside the row.
+    nll = kernel(logits, torch.tensor([-1, 9, 100, 4], device=device))[0]
+    assert torch.isnan(nll[:3]).all() and torch.isfinite(nll[3])
+    with pytest.raises(RuntimeError, match="int64"):
+        kernel(logits, targets.int())
+    with pytest.raises(RuntimeError, match="must have shape"):
+        kernel(logits, targets[:2])
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(TypeError, match="logits must be"):
+        llcfast.fused_loss.token_nll(torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="targets must be an integer"):
+        llcfast.fused_loss.token_nll(torch.zeros(3, 4), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"targets must have shape \(3,\)"):
+        llcfast.fused_loss.token_nll(torch.zeros(3, 4), torch.zeros(3, 1, dtype=torch.int64))
+
+
+@requires_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmapped_gradients_equal_the_twin(kernel_on_cpu, device):
+    torch.manual_seed(0)
+    w = torch.randn(3, 8, 13, device=device)  # three chains' unembedding
+    h = torch.randn(3, 5, 7, 8, device=device)  # each chain's own batch of features
+    t = torch.randint(0, 13, (3, 5, 7), device=device)
+
+    def loss(w, h, t):
+        return fused_loss.token_nll(h @ w, t).mean()
+
+    want = vmap(grad_and_value(loss))(w, h, t)
+    with fused_loss.first_order():
+        got = vmap(grad_and_value(loss))(w, h, t)
+        shared = vmap(grad_and_value(loss), in_dims=(0, None, None))(w, h[0], t[0])  # one batch for all chains
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for c in range(3):
+        torch.testing.assert_close(shared[0][c], grad(loss)(w[c], h[0], t[0]), rtol=1e-5, atol=1e-6)
+
+
+@requires_extension
+def test_twin_outside_first_order_keeps_second_derivatives(kernel_on_cpu):
+    """Forward-over-reverse (the Hessian's HVP) runs through the twin."""
+    torch.manual_seed(1)
+    w, v = torch.randn(6, 11, dtype=torch.float64), torch.randn(6, 11, dtype=torch.float64)
+    h, t = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 11, (20,))
+
+    def loss(w):
+        return fused_loss.token_nll(h @ w, t).mean()
+
+    _, hvp = jvp(grad(loss), (w,), (v,))
+    exact = torch.autograd.functional.hessian(loss, w).reshape(66, 66) @ v.reshape(-1)
+    torch.testing.assert_close(hvp.reshape(-1), exact)
+
+
+@requires_extension
+def test_engine_runs_the_kernel_with_the_twins_numbers(kernel_on_cpu, monkeypatch):
+    torch.manual_seed(0)
+    model = models.AttentionOnlyLM(vocab=50, d_model=16, heads=2, context=16)
+    data = [(torch.randint(0, 50, (4, 9)),) for _ in range(6)]
+    kw = dict(num_chains=3, num_draws=6, epsilon=1e-3, nbeta=50.0, gamma=100.0, seed=3, progress=False,
+              backend="fast")
+    calls = []
+    real_apply = fused_loss._TokenNLL.apply
+    monkeypatch.setattr(fused_loss._TokenNLL, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    fused = llcfast.estimate_llc(model, data, models.next_token_loss, **kw)
+    assert calls, "the fast engine did not take the fused kernel"
+    monkeypatch.setattr(fused_loss, "KERNEL_DEVICES", set())
+    twin = llcfast.estimate_llc(model, data, models.next_token_loss, **kw)
+    assert fused.loss_trace.shape == twin.loss_trace.shape
+    # A handful of steps from the same noise: apart by float32 rounding only.
+    torch.testing.assert_close(torch.as_tensor(fused.loss_trace), torch.as_tensor(twin.loss_trace),
+                               rtol=1e-5, atol=1e-6)
+    assert math.isclose(fused.llc_mean, twin.llc_mean, rel_tol=1e-3, abs_tol=1e-3)
+
+
+@requires_cuda
+def test_cuda_kernel_large_vocabulary_bf16():
+    """The benchmark LM's shape: many rows of 5000, bf16 under autocast."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 512, 5000, device="cuda")).to(torch.bfloat16)
+    targets = torch.randint(0, 5000, (2, 512), device="cuda")
+    nll, lse = kernel(logits, targets)
+    torch.testing.assert_close(nll, reference.token_nll(logits, targets), rtol=1e-5, atol=1e-5)
+    g = torch.rand(2, 512, device="cuda")
+    _, want = twin_with_grad(logits, targets, g)
+    got = torch.ops.llcfast.token_nll_backward(g, logits, lse, targets)
+    torch.testing.assert_close(got.float(), want.float(), **TOL[torch.bfloat16])
