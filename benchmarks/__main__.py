@@ -1,6 +1,7 @@
 """The benchmark suite in one command: the fused sampler steps, estimate_llc
 on the paper's two models (llcfast vs its reference vs devinterp 1.3.2 where
-installed), the Hessian statistics, and GPT-2 124M/774M (bench_large), each
+installed), the Hessian statistics, GPT-2 124M/774M (bench_large) and the
+kernels and bytes of one engine step (bench_traffic, counted without a GPU), each
 writing its JSON into benchmarks/results/; a full run then rewrites the
 README's result tables from it (benchmarks/tables.py).
 
@@ -19,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-SUITE = ("sgld_step", "samplers", "llc", "hessian", "large")
+SUITE = ("sgld_step", "samplers", "llc", "hessian", "large", "traffic")
 
 
 def arguments(name: str, quick: bool, device: str, have_devinterp: bool, scratch: str) -> list:

@@ -189,11 +189,14 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
            "train_steps": case["train_steps"], "train_loss": case["train_loss"], "epsilon": case["epsilon"],
            "nbeta": case["nbeta"], "gamma": case["gamma"],
            "flops_per_chain_step": flops_per_chain_step(case, device), "runs": {}}
-    for variant in precisions:  # "bf16", "bf16+compile" (compile=True) or "bf16+autotune"
-        precision, _, extra = variant.partition("+")
-        kw = dict(precision=precision, compile=COMPILE_VARIANTS[extra])
+    for variant in precisions:  # "bf16", "bf16+compile" (compile=True), "bf16+autotune", "bf16+sdpa", ...
+        precision, *extras = variant.split("+")
+        kw = dict(precision=precision, compile=next((COMPILE_VARIANTS[e] for e in extras if e in COMPILE_VARIANTS),
+                                                    False))
+        models.set_attention(case["model"], "sdpa" if "sdpa" in extras else "matmul")  # same weights
         run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
         wall, r = run_llcfast(case, steps, device, **kw)
+        models.set_attention(case["model"], "matmul")
         sampling = r.timings.get("sampling_s", wall)
         tflops = out["flops_per_chain_step"] * chains * steps / sampling / 1e12
         out["runs"][f"llcfast-{variant}"] = dict(
@@ -237,8 +240,20 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
     return out
 
 
-# --precisions suffixes: "bf16+compile" runs estimate_llc(compile=True), and so on.
-COMPILE_VARIANTS = {"": False, "compile": True, "autotune": "max-autotune-no-cudagraphs"}
+# --precisions suffixes: "bf16+compile" runs estimate_llc(compile=True), and so on;
+# "+sdpa" switches the model's attention to scaled_dot_product_attention.
+COMPILE_VARIANTS = {"compile": True, "autotune": "max-autotune-no-cudagraphs"}
+
+
+def variant_error(variant: str):
+    """Why a --precisions entry is not allowed, or None."""
+    precision, *extras = variant.split("+")
+    if precision not in ("fp32", "tf32", "bf16"):
+        return f"{variant!r}: the precision must be fp32, tf32 or bf16"
+    unknown = [e for e in extras if e not in COMPILE_VARIANTS and e != "sdpa"]
+    if unknown or len(set(extras)) != len(extras) or sum(e in COMPILE_VARIANTS for e in extras) > 1:
+        return f"{variant!r}: add at most one of +compile, +autotune and optionally +sdpa"
+    return None
 
 
 def peak_fraction(device, precision, tflops):
@@ -264,7 +279,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="also write torch.profiler tables of the fast engine")
     p.add_argument("--precisions", default="fp32,bf16",
                    help="comma-separated fp32, tf32, bf16, each optionally +compile (estimate_llc(compile=True)) "
-                        "or +autotune (compile='max-autotune-no-cudagraphs')")
+                        "or +autotune (compile='max-autotune-no-cudagraphs'), and +sdpa (the models' attention "
+                        "through scaled_dot_product_attention)")
     p.add_argument("--skip-devinterp", action="store_true")
     p.add_argument("--quick", action="store_true", help="small data and LM, few steps: a smoke run")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/llc_<gpu>_<date>.json)")
@@ -276,10 +292,9 @@ def main(argv=None):
     makers = {"lr-8": lambda: lr_case(8, device, args.quick, args.train_steps),
               "lr-32": lambda: lr_case(32, device, args.quick, args.train_steps),
               "lm-8": lambda: lm_case(8, device, args.quick, args.train_steps)}
-    bad = [v for v in args.precisions.split(",") if v.partition("+")[0] not in ("fp32", "tf32", "bf16")
-           or v.partition("+")[2] not in COMPILE_VARIANTS]
+    bad = [e for e in map(variant_error, args.precisions.split(",")) if e]
     if bad:
-        p.error(f"unknown precisions {bad}; use fp32, tf32 or bf16, optionally with +compile or +autotune")
+        p.error("; ".join(bad))
     unknown = [c for c in args.cases.split(",") if c not in makers]
     if unknown:
         p.error(f"unknown cases {unknown}; choose from {sorted(makers)}")

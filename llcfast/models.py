@@ -1,29 +1,42 @@
 """The paper's two transformers (PAPER.md) and their losses.
 
-Attention is written with matmuls rather than scaled_dot_product_attention:
-vmap over chains has no batching rule for some fused attention backwards and
-would fall back to a per-chain loop.
+Attention is written with matmuls by default, which vmap batches over chains
+everywhere; ``attention="sdpa"`` uses the fused kernels instead (see
+CausalSelfAttention).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .fused_loss import token_nll
 from .tasks import sample_regression
 
 __all__ = ["AttentionOnlyLM", "Block", "CausalSelfAttention", "InContextRegression", "count_parameters",
-           "next_token_loss", "regression_loss", "sample_regression"]
+           "next_token_loss", "regression_loss", "sample_regression", "set_attention"]
+
+
+ATTENTION = ("matmul", "sdpa")
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, heads: int):
+    """``attention="matmul"`` spells softmax(q k^T / sqrt(e) + mask) v out in
+    matmuls, which vmap batches over chains on any device. ``"sdpa"`` calls
+    scaled_dot_product_attention, whose fused CUDA kernels never write the
+    T x T scores; vmap batches their forward over chains and runs their
+    backward chain by chain (torch has no batching rule for it). On CPU
+    vmap runs both directions chain by chain and torch warns of it. The
+    Hessian passes run SDPA on its math backend (engine/hvp.py)."""
+
+    def __init__(self, d_model: int, heads: int, attention: str = "matmul"):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
         self.heads = heads
+        self.attention = check_attention(attention)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
@@ -34,23 +47,42 @@ class CausalSelfAttention(nn.Module):
         # matmul output, so no pass copies them (einsum's layout cost a copy
         # of every T x T tensor under vmap); the scale goes on q, not on them.
         q, k, v = self.qkv(h).view(b, t, 3, self.heads, e).permute(2, 0, 3, 1, 4).unbind(0)
-        scores = (q * (1.0 / math.sqrt(e))) @ k.transpose(-1, -2)
-        # An additive fp32 mask rather than masked_fill: the same softmax (the
-        # masked scores are -inf either way), but its backward passes the
-        # gradient through instead of filling another T x T tensor, and under
-        # bf16 autocast the sum is the fp32 copy softmax needs anyway.
-        future = torch.full((t, t), float("-inf"), device=h.device).triu(1)
-        weights = (scores + future).softmax(-1)
-        return self.out((weights @ v).transpose(1, 2).reshape(b, t, d))
+        if self.attention == "sdpa":
+            mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = (q * (1.0 / math.sqrt(e))) @ k.transpose(-1, -2)
+            # An additive fp32 mask rather than masked_fill: the same softmax
+            # (the masked scores are -inf either way), but its backward passes
+            # the gradient through instead of filling another T x T tensor,
+            # and under bf16 autocast the sum is the fp32 copy softmax needs.
+            future = torch.full((t, t), float("-inf"), device=h.device).triu(1)
+            mixed = (scores + future).softmax(-1) @ v
+        return self.out(mixed.transpose(1, 2).reshape(b, t, d))
+
+
+def check_attention(attention: str) -> str:
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    return attention
+
+
+def set_attention(model: nn.Module, attention: str) -> nn.Module:
+    """Switches every CausalSelfAttention in ``model`` to ``attention`` (same
+    weights); returns the model."""
+    check_attention(attention)
+    for m in model.modules():
+        if isinstance(m, CausalSelfAttention):
+            m.attention = attention
+    return model
 
 
 class Block(nn.Module):
     """Pre-LayerNorm residual block; ``mlp_width=0`` makes it attention-only."""
 
-    def __init__(self, d_model: int, heads: int, mlp_width: int):
+    def __init__(self, d_model: int, heads: int, mlp_width: int, attention: str = "matmul"):
         super().__init__()
         self.ln_attn = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, heads)
+        self.attn = CausalSelfAttention(d_model, heads, attention)
         self.mlp = None
         if mlp_width:
             self.ln_mlp = nn.LayerNorm(d_model)
@@ -68,12 +100,12 @@ class InContextRegression(nn.Module):
     output at each x_k token predicts y_k."""
 
     def __init__(self, task_dim: int = 4, max_pairs: int = 16, d_model: int = 64, heads: int = 4, layers: int = 2,
-                 mlp_width: int = 64):
+                 mlp_width: int = 64, attention: str = "matmul"):
         super().__init__()
         self.task_dim = task_dim
         self.embed = nn.Linear(task_dim + 1, d_model)
         self.pos = nn.Embedding(2 * max_pairs, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, heads, mlp_width) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d_model, heads, mlp_width, attention) for _ in range(layers))
         self.ln_out = nn.LayerNorm(d_model)
         self.unembed = nn.Linear(d_model, 1)
 
@@ -97,11 +129,12 @@ class AttentionOnlyLM(nn.Module):
     """The LM model: attention-only transformer with LayerNorm and a learned
     positional embedding added to the residual stream."""
 
-    def __init__(self, vocab: int = 5000, d_model: int = 256, heads: int = 8, layers: int = 2, context: int = 1024):
+    def __init__(self, vocab: int = 5000, d_model: int = 256, heads: int = 8, layers: int = 2, context: int = 1024,
+                 attention: str = "matmul"):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Embedding(context, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, heads, 0) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d_model, heads, 0, attention) for _ in range(layers))
         self.ln_out = nn.LayerNorm(d_model)
         self.unembed = nn.Linear(d_model, vocab)
 

@@ -34,6 +34,25 @@ def test_a_model_that_does_not_compile_runs_eagerly_with_a_warning(monkeypatch):
     np.testing.assert_allclose(res.loss_trace, eager.loss_trace)
 
 
+def test_compiled_code_giving_nan_gradients_is_dropped_for_the_eager_pass(monkeypatch):
+    """As Inductor's CPU code did for bf16 autocast on the paper's LR model
+    (torch 2.14): NaN gradients for some chains, a finite loss."""
+    def wrong(fn, *args, **kwargs):
+        def run(*a, **k):
+            grads, losses = fn(*a, **k)
+            grads = [g.clone() for g in grads]
+            grads[0][0].fill_(float("nan"))
+            return grads, losses
+        return run
+
+    monkeypatch.setattr(torch, "compile", wrong)
+    eager = llcfast.estimate_llc(mlp(), regression_loader(), mse, **KW)
+    with pytest.warns(RuntimeWarning, match="non-finite losses or gradients where the eager pass gave finite"):
+        res = llcfast.estimate_llc(mlp(), regression_loader(), mse, compile=True, **KW)
+    assert res.config["compile"] is False and not res.diagnostics.get("diverged_chains")
+    np.testing.assert_allclose(res.loss_trace, eager.loss_trace)
+
+
 @pytest.mark.parametrize("bad", ["yes", "reduce-overhead", 1])
 def test_compile_takes_a_bool_or_a_mode_llcfast_can_capture(bad):
     with pytest.raises(ValueError, match=f"compile must be True, False or one of .* got {bad!r}"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -120,7 +121,8 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         return grad_buf, sequential_grads(loss, params, per_chain, grad_buf)
 
     def step(batch, dims, per_chain=None) -> None:
-        with precision_context(cfg.precision, device), first_order():
+        # Under torch.compile Inductor fuses the loss itself; the opaque kernel would only split its graph.
+        with precision_context(cfg.precision, device), (first_order() if cfg.compile is None else nullcontext()):
             if accum == 1:
                 grads, losses = grads_of(batch, dims, per_chain)
             else:  # the gradient of the mean micro-batch loss
@@ -214,20 +216,46 @@ class BatchedPasses:
 
     def _guarded(self, eager: Callable) -> Callable:
         compiled = torch.compile(eager, mode=self.mode)
+        checked = [False]
 
         def run(*args):
             if self.compiled:
                 try:
-                    return compiled(*args)
+                    out = compiled(*args)
                 except Exception as exc:  # Dynamo and Inductor raise many types
-                    self.compiled = False
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    warnings.warn(f"llcfast: torch.compile could not compile this model's batched pass "
-                                  f"({type(exc).__name__}: {first[:200]}); continuing without compiling",
-                                  RuntimeWarning, stacklevel=2)
+                    self._give_up(f"torch.compile could not compile this model's batched pass "
+                                  f"({type(exc).__name__}: {_first_line(exc)[:200]})")
+                    return eager(*args)
+                if checked[0]:
+                    return out
+                # The first compiled pass is checked against an eager one:
+                # Inductor's CPU code for bf16 autocast (torch 2.14) gave NaN
+                # gradients to half the chains of the LR model.
+                checked[0] = True
+                want = eager(*args)
+                if not _finite_where(out, want):
+                    self._give_up("torch.compile's code for this model's batched pass gave non-finite losses or "
+                                  "gradients where the eager pass gave finite ones, on the first step")
+                    return want
+                return out
             return eager(*args)
 
         return run
+
+    def _give_up(self, why: str) -> None:
+        self.compiled = False
+        warnings.warn(f"llcfast: {why}; continuing without compiling", RuntimeWarning, stacklevel=3)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _finite_where(got, want) -> bool:
+    """Whether every tensor in ``got`` is finite wherever its twin in ``want`` is."""
+    from torch.utils._pytree import tree_leaves
+    return all(bool(torch.isfinite(a)[torch.isfinite(b)].all()) for a, b in zip(tree_leaves(got), tree_leaves(want)))
 
 
 def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, device) -> str:

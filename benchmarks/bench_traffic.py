@@ -1,0 +1,193 @@
+"""What one fast-engine step of the paper's models asks of a GPU, counted
+without one: every ATen kernel of the batched loss-and-gradient pass and the
+fused SGLD update, with its bytes read and written and its matmul FLOPs,
+traced on fake tensors (no memory, no arithmetic) as CUDA would run them.
+
+    python benchmarks/bench_traffic.py            # JSON into benchmarks/results/
+    python benchmarks/bench_traffic.py --quick    # the small models
+
+bf16 follows CUDA autocast's policy (matmuls in bf16; softmax, log_softmax,
+layer norm and the reductions it lists in fp32), applied at the torch-function
+level because CPU autocast has another list. The fused loss is counted as it
+runs on CUDA (its kernel), and as log_softmax + gather for comparison. The
+floor is a roofline: each kernel costs the larger of its bytes over the
+datasheet bandwidth and its FLOPs over the datasheet peak. It leaves out
+launch gaps and kernels slower than the roofline, so measured times sit above
+it; it is a model, not a measurement. attention="sdpa" is traced through
+torch's CPU flash kernel, which vmap runs chain by chain both ways (on CUDA
+the forward is batched): its bytes stand in for the CUDA kernels', which
+likewise never write the T x T scores.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import llcfast  # noqa: E402
+from llcfast import fused_loss, models, ops  # noqa: E402
+from llcfast.engine.functional import chain_loss, vmapped_grads  # noqa: E402
+from bench_llc import PEAK_TFLOPS, lm_case, lr_case  # noqa: E402
+from results_io import save_report  # noqa: E402
+
+HBM_GBPS = {"H100": 3350.0}  # H100 SXM datasheet
+# Ops that move no data: views, metadata, allocation.
+FREE = {"view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
+        "select", "slice", "alias", "unbind", "split", "split_with_sizes", "detach", "lift_fresh", "_reshape_alias",
+        "diagonal", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "unfold", "sym_size",
+        "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size"}
+_LOW = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.mm, torch.baddbmm,
+        torch.addmm, torch.Tensor.bmm, torch.Tensor.mm}
+_FP32 = {"softmax", "log_softmax", "layer_norm", "sum", "exp", "log", "logsumexp", "pow", "mse_loss",
+         "cross_entropy", "nll_loss", "cumsum", "norm", "rsqrt", "reciprocal"}
+
+
+class CudaAutocastBf16(TorchFunctionMode):
+    """CUDA autocast's bf16 policy at the torch-function level."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LOW:
+            src, dst = torch.float32, torch.bfloat16
+        elif getattr(func, "__name__", "") in _FP32:
+            src, dst = torch.bfloat16, torch.float32
+        else:
+            return func(*args, **kwargs)
+
+        def cast(t):
+            return t.to(dst) if isinstance(t, torch.Tensor) and t.dtype == src else t
+
+        return func(*tree_map(cast, args), **tree_map(cast, kwargs))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    # An expanded (stride-0) operand is read once, not once per broadcast copy.
+    return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+
+class KernelLog(TorchDispatchMode):
+    """(op, FLOPs, bytes) of every kernel that reaches the backend."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in FREE or func.namespace == "prim":
+            return out
+        ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        written = outs
+        if name.endswith("_") and not name.startswith("_"):  # in place: writes its first argument
+            written = [t for t in tree_flatten(args[0])[0] if isinstance(t, torch.Tensor)]
+        flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) \
+            if func.overloadpacket in flop_registry else _cpu_attention_flops(name, args)
+        self.rows.append((name, int(flops), sum(map(_nbytes, ins)) + sum(map(_nbytes, written))))
+        return out
+
+
+def _cpu_attention_flops(name: str, args) -> int:
+    # torch's FLOP table covers the CUDA attention kernels only; the CPU
+    # kernel standing in for them does the same matmuls.
+    if name == "_scaled_dot_product_flash_attention_for_cpu":
+        return sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape)
+    if name == "_scaled_dot_product_flash_attention_for_cpu_backward":
+        return sdpa_backward_flop_count(args[0].shape, args[1].shape, args[2].shape, args[3].shape)
+    return 0
+
+
+def trace_step(case: dict, precision: str, fused: bool):
+    """The kernels of one step of the fast engine on ``case`` (bench_llc's)."""
+    model, chains = case["model"], case["chains"]
+    batch = next(iter(case["loader"]))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    loss = chain_loss(model, case["loss_fn"], names)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    saved = fused_loss.KERNEL_DEVICES
+    fused_loss.KERNEL_DEVICES = {"cpu", "cuda"} if fused else set()
+    log = KernelLog()
+    try:
+        with FakeTensorMode():
+            params = [torch.empty((chains,) + s) for s in shapes]
+            centers = [torch.empty(s) for s in shapes]
+            fake_batch = tuple(torch.zeros((chains,) + tuple(b.shape), dtype=b.dtype) for b in batch)
+            cast = CudaAutocastBf16() if precision == "bf16" else contextlib.nullcontext()
+            with log, cast, fused_loss.first_order():
+                grads, _ = vmapped_grads(loss, 0)(tuple(params), fake_batch)
+            with log:
+                ops.sgld_step_(params, [g.contiguous() for g in grads], centers, eps=case["epsilon"],
+                               nbeta=case["nbeta"], gamma=case["gamma"], seed=0, step=0)
+    finally:
+        fused_loss.KERNEL_DEVICES = saved
+    return log.rows
+
+
+def summarize(rows, chains: int, precision: str, gpu: str = "H100", top: int = 6) -> dict:
+    bw, peak = HBM_GBPS[gpu] * 1e9, PEAK_TFLOPS[gpu]["fp32" if precision == "fp32" else precision] * 1e12
+    families = collections.defaultdict(lambda: [0, 0])
+    for name, flops, nbytes in rows:
+        families[name][0] += 1
+        families[name][1] += nbytes
+    floor_s = sum(max(b / bw, f / peak) for _, f, b in rows)
+    return {
+        "kernels": len(rows),
+        "matmul_GFLOP": sum(f for _, f, _ in rows) / 1e9,
+        "matmul_GB": sum(b for _, f, b in rows if f) / 1e9,
+        "other_GB": sum(b for _, f, b in rows if not f) / 1e9,
+        "floor_ms_per_chain_step": 1e3 * floor_s / chains,
+        "largest": {k: {"kernels": n, "GB": b / 1e9}
+                    for k, (n, b) in sorted(families.items(), key=lambda kv: -kv[1][1])[:top]},
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the small models (a smoke run)")
+    p.add_argument("--device", default="cpu", help="ignored: the trace needs no device (accepted for the suite)")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/traffic_<date>.json)")
+    args = p.parse_args(argv)
+    cases = [lr_case(8, "cpu", args.quick), lr_case(32, "cpu", args.quick), lm_case(8, "cpu", args.quick)]
+    rows = []
+    for case in cases:
+        lm = case["name"].startswith("lm")
+        # (attention, fused loss): as the engine runs now, then the alternatives.
+        variants = [("matmul", True), ("matmul", False), ("sdpa", True)] if lm else [("matmul", True), ("sdpa", True)]
+        for precision in ("fp32", "bf16"):
+            for attention, fused in variants:
+                models.set_attention(case["model"], attention)
+                s = summarize(trace_step(case, precision, fused), case["chains"], precision)
+                models.set_attention(case["model"], "matmul")
+                row = {"case": case["name"], "chains": case["chains"], "precision": precision,
+                       "attention": attention,
+                       "loss": ("fused kernel" if fused else "log_softmax + gather") if lm else "mse"}
+                row.update(s)
+                rows.append(row)
+                print(f"{row['case']:8s} {precision} {attention:6s} {row['loss']:22s} kernels {s['kernels']:4d}  "
+                      f"matmul {s['matmul_GFLOP']:7.1f} GFLOP {s['matmul_GB']:6.2f} GB  other {s['other_GB']:6.2f} GB"
+                      f"  floor {s['floor_ms_per_chain_step']:.3f} ms/chain-step", flush=True)
+    report = {"benchmark": "traffic", "device": "H100 model", "torch": torch.__version__,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
+              "llcfast": llcfast.__version__ if hasattr(llcfast, "__version__") else None,
+              "bandwidth_GBps": HBM_GBPS["H100"], "peak_tflops": PEAK_TFLOPS["H100"], "rows": rows}
+    save_report(report, args.out, "traffic")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
