@@ -47,12 +47,12 @@ for s in "${steps[@]}"; do
     tests)
       step tests 300 python3 -m pytest -q -p no:cacheprovider --timeout 240 \
         tests/test_cuda.py tests/test_engine_cuda.py tests/test_hessian.py tests/test_sampler_kernels.py tests/test_opcheck.py tests/test_lanczos_step.py \
-        tests/test_planner.py tests/test_distributed.py ;;
+        tests/test_planner.py tests/test_distributed.py tests/test_token_nll.py tests/test_paper_models.py tests/test_compile.py ;;
     llc)
-      step llc 420 python3 benchmarks/bench_llc.py --slow-steps 30 --ref-steps 10 --precisions fp32,tf32,bf16 --profile --out "$OUT/llc.json" ;;
+      step llc 420 python3 benchmarks/bench_llc.py --slow-steps 30 --ref-steps 10 --precisions fp32,tf32,bf16,fp32+sdpa,bf16+sdpa --profile --out "$OUT/llc.json" ;;
     compiled)  # the fast engine with compile=True, next to plain fp32 and bf16
       step compiled 480 python3 benchmarks/bench_llc.py --skip-devinterp --ref-steps 2 \
-        --precisions fp32,bf16,fp32+compile,bf16+compile,fp32+autotune --out "$OUT/llc_compiled.json" ;;
+        --precisions fp32,bf16,fp32+compile,bf16+compile,bf16+compile+sdpa,fp32+autotune --out "$OUT/llc_compiled.json" ;;
     large)
       step large 540 python3 benchmarks/bench_large.py ${LARGE_ARGS:-} --out "$OUT/large.json" ;;
     hessian)
