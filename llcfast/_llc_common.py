@@ -232,6 +232,12 @@ def warn_if_cycled(loader, steps: int, per_step: int = 1) -> None:
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
+def first_line(exc: BaseException, default: str = "") -> str:
+    """The first line of an exception's message (torch's run to pages), or ``default`` if it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else default
+
+
 def check_precision(precision, name: str = "precision") -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"{name} must be one of {PRECISIONS}, got {precision!r}")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .._llc_common import checked_loss
+from .._llc_common import checked_loss, first_line
 
 
 class _LossOf(nn.Module):
@@ -74,6 +74,5 @@ def vmap_failure(loss: Callable, params: Sequence[torch.Tensor], batch, batch_di
     try:
         vmapped_grads(loss, batch_dims, chain_chunk)(tuple(params), batch)
     except Exception as exc:  # vmap raises many types for unsupported models
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"{type(exc).__name__}: {first}"
+        return f"{type(exc).__name__}: {first_line(exc)}"
     return None

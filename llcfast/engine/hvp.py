@@ -16,7 +16,7 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._llc_common import map_tensors, precision_context, to_device
+from .._llc_common import first_line, map_tensors, precision_context, to_device
 from .functional import chain_loss
 
 
@@ -61,7 +61,7 @@ class HVP:
                 if current <= 1:
                     raise MemoryError(
                         "one Hessian-vector product at a time does not fit in device memory "
-                        f"({str(exc).strip().splitlines()[0] if str(exc).strip() else 'out of memory'}); "
+                        f"({first_line(exc, 'out of memory')}); "
                         "use fewer or smaller batches, restrict= to fewer parameters, or a larger device") from exc
                 self.rows_per_pass = max(1, current // 2)
                 if torch.cuda.is_available():
@@ -167,6 +167,6 @@ def finite_difference_gap(hvp: "HVP", vector: List[torch.Tensor]) -> float:
 
 def _not_twice_differentiable(exc: Exception) -> ValueError:
     return ValueError(f"the loss is not twice differentiable here, so Hessian-vector products fail "
-                      f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}). "
+                      f"({type(exc).__name__}: {first_line(exc)}). "
                       "Common causes: in-place ops on tensors autograd needs (use out-of-place ops), .detach() or "
                       "non-differentiable ops (argmax, integer casts) on the path from parameters to loss.")

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .._llc_common import first_line
+
 GiB = 2**30
 HEADROOM = 0.85  # of the free memory: allocator fragmentation, library workspaces
 
@@ -71,7 +73,7 @@ def measure_activation_bytes(one_chain_grad: Callable[[], object], device: torch
 
 
 def out_of_memory_message(exc: BaseException, plan: Optional[MemoryPlan], num_chains: int) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+    first = first_line(exc, "out of memory")
     if plan is None:
         need = "set chain_group (chains stacked at once) or chain_chunk (chains per batched pass) lower"
     else:

@@ -12,9 +12,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 
 from .. import ops
-from .._llc_common import precision_context, progress_bar, restriction_masks, trainable
+from .._llc_common import first_line, precision_context, progress_bar, restriction_masks, trainable
 from ..fused_loss import first_order
 from ..samplers import Stepper
 from .batches import ChainBatches
@@ -121,8 +122,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         return grad_buf, sequential_grads(loss, params, per_chain, grad_buf)
 
     def step(batch, dims, per_chain=None) -> None:
-        # Under torch.compile Inductor fuses the loss itself; the opaque kernel would only split its graph.
-        with precision_context(cfg.precision, device), (first_order() if cfg.compile is None else nullcontext()):
+        with precision_context(cfg.precision, device), loss_context(cfg):
             if accum == 1:
                 grads, losses = grads_of(batch, dims, per_chain)
             else:  # the gradient of the mean micro-batch loss
@@ -224,7 +224,7 @@ class BatchedPasses:
                     out = compiled(*args)
                 except Exception as exc:  # Dynamo and Inductor raise many types
                     self._give_up(f"torch.compile could not compile this model's batched pass "
-                                  f"({type(exc).__name__}: {_first_line(exc)[:200]})")
+                                  f"({type(exc).__name__}: {first_line(exc)[:200]})")
                     return eager(*args)
                 if checked[0]:
                     return out
@@ -247,15 +247,17 @@ class BatchedPasses:
         warnings.warn(f"llcfast: {why}; continuing without compiling", RuntimeWarning, stacklevel=3)
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
 def _finite_where(got, want) -> bool:
     """Whether every tensor in ``got`` is finite wherever its twin in ``want`` is."""
-    from torch.utils._pytree import tree_leaves
     return all(bool(torch.isfinite(a)[torch.isfinite(b)].all()) for a, b in zip(tree_leaves(got), tree_leaves(want)))
+
+
+def loss_context(cfg: SamplerConfig):
+    """Where the step's losses may take first-order-only kernels (fused_loss):
+    everywhere but under torch.compile, where Inductor fuses the loss itself
+    and the opaque kernel would only split its graph. The vmap probe enters
+    the same context, so it probes the pass the steps run."""
+    return first_order() if cfg.compile is None else nullcontext()
 
 
 def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, device) -> str:
@@ -263,7 +265,7 @@ def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, de
         return "sequential"
     batch, dims, per_chain = first
     probe, probe_dims = (batch, dims) if batch is not None else (per_chain[0], None)
-    with precision_context(cfg.precision, device), first_order():
+    with precision_context(cfg.precision, device), loss_context(cfg):
         reason = vmap_failure(loss, params, probe, probe_dims, cfg.chain_chunk)
     if reason is None:
         return "vmap"
@@ -282,7 +284,7 @@ def _capture(step: Callable, batch, dims) -> Optional[GraphStep]:
         return GraphStep(step, batch, dims)
     except Exception as exc:  # capture rejects host syncs and some ops; eager steps still work
         warnings.warn(f"llcfast: could not capture the SGLD step as a CUDA graph ({type(exc).__name__}: "
-                      f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); continuing without graphs "
+                      f"{first_line(exc)}); continuing without graphs "
                       "(slower). Pass cuda_graphs=False to skip the attempt.", RuntimeWarning, stacklevel=4)
         torch.cuda.synchronize()
         return None
