@@ -198,6 +198,7 @@ def measure(case, device, probes, max_iter, precisions=()):
                 "llcfast_peak_fraction": peak_fraction(device, "fp32", fast_flops / fast_s / 1e12),
                 "loop_peak_fraction": peak_fraction(device, "fp32", loop_flops / loop_s / 1e12),
                 "llcfast_estimate": float(fast.trace[0]), "llcfast_se": float(fast.std_error[0]),
+                "llcfast_probes_per_pass": fast.config["probes_per_pass"],
                 "loop_estimate": loop, "loop_se": loop_se,
                 "curvlinops_s": cl_s, "curvlinops_estimate": cl,
                 "speedup_vs_curvlinops": None if cl_s is None else cl_s / fast_s,

@@ -19,6 +19,7 @@ from ._checks import check_int, group_offsets_for_sizes
 from ._llc_common import check_precision, checked_loss, default_loss, restriction_masks, to_device, trainable
 from .engine.hvp import HVP, finite_difference_gap
 from .engine.lanczos import lanczos, ritz
+from .engine.planner import free_device_bytes, items_per_pass, measure_activation_bytes
 
 
 # A central difference in float32 agrees with H v to ~1e-3 on smooth losses;
@@ -156,6 +157,42 @@ class _Problem:
 
 
 CPU_PROBES_PER_PASS = 4
+PLAN_STREAM = 2**62 + 1  # the measuring passes' probes: a stream no statistic draws from
+
+
+def _pass_peak_bytes(prob: _Problem, probes: int) -> Optional[int]:
+    """Device memory one trace pass of ``probes`` probes per point takes
+    above what is allocated before it (CUDA); None where it is not measured."""
+    if prob.device.type != "cuda":
+        return None
+    vecs = prob.probes(probes * prob.num_points, 0, stream=PLAN_STREAM)
+    counted = prob.hvp.count
+    try:
+        return measure_activation_bytes(lambda: prob.hvp(vecs, prob.points), prob.device)
+    finally:
+        prob.hvp.count = counted  # measuring is not the caller's work
+
+
+def _plan_probes(prob: _Problem, num_probes: int):
+    """(probes per pass, the plan or None). On a GPU, two measured passes
+    (1 and 2 probes per point) split a pass's memory into what every probe
+    adds and what the pass shares (the primal forward and backward), and
+    the pass takes as many probes as fit: trying all of them and halving on
+    out-of-memory would repeat the work each failed pass had done. Elsewhere
+    CPU_PROBES_PER_PASS."""
+    one = _pass_peak_bytes(prob, 1) if num_probes > 1 else None
+    if one is None:
+        return min(num_probes, CPU_PROBES_PER_PASS) if prob.device.type == "cpu" else num_probes, None
+    two = _pass_peak_bytes(prob, 2)
+    added = max(two - one, 0)
+    # The trace loop also holds each probe, and its copy stacked by point.
+    per_probe = added + 2 * 4 * prob.numel * prob.num_points
+    shared = max(one - added, 0)
+    free = free_device_bytes(prob.device)
+    n = items_per_pass(num_probes, shared, per_probe, free, item="Hutchinson probe", what=str(prob.device),
+                       lower="use fewer or smaller batches, precision='bf16', restrict= to fewer parameters, or "
+                             "fewer points")
+    return n, dict(probes_per_pass=n, bytes_per_probe=per_probe, shared_bytes=shared, free_bytes=free)
 
 
 def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, num_probes: int = 100,
@@ -167,9 +204,10 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
     estimate, its standard error (std of v^T H v / sqrt(num_probes)) and the
     per-probe values. ``restrict`` limits H to the selected parameters.
     ``probes_per_pass``: probes whose HVPs share one batched pass; default
-    all of them on GPUs, and CPU_PROBES_PER_PASS on CPUs, where big passes
-    overflow the caches (32 probes of the 5e4-parameter LR transformer took
-    16.7 s in one pass, 6.0 s in passes of 4). ``precision``: "fp32",
+    on GPUs as many as the free memory holds (measured; config["memory_plan"]
+    records it), and CPU_PROBES_PER_PASS on CPUs, where big passes overflow
+    the caches (32 probes of the 5e4-parameter LR transformer took 16.7 s
+    in one pass, 6.0 s in passes of 4). ``precision``: "fp32",
     "tf32" (TF32 matmuls on CUDA) or "bf16" (the passes under bf16
     autocast), as in estimate_llc; probes, products and sums stay fp32 or
     float64. Its rounding moves each v^T H v by about 1e-3 relative, far
@@ -181,7 +219,10 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
     started = time.perf_counter()
     prob = _Problem(model, loss_fn, batches, points, restrict, device, precision)
     c = prob.num_points
-    per_pass = probes_per_pass or (CPU_PROBES_PER_PASS if prob.device.type == "cpu" else num_probes)
+    plan = None
+    per_pass = probes_per_pass
+    if per_pass is None:
+        per_pass, plan = _plan_probes(prob, num_probes)
     values = torch.zeros(c, num_probes, dtype=torch.float64, device=prob.device)
     for start in range(0, num_probes, per_pass):
         count = min(per_pass, num_probes - start)
@@ -197,7 +238,8 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
     se = per_probe.std(axis=1, ddof=1) / math.sqrt(num_probes) if num_probes > 1 else np.full(c, np.nan)
     return HessianTrace(per_probe.mean(axis=1), se, per_probe, prob.hvp.count,
                         config=dict(num_probes=num_probes, seed=seed, hvp_mode=prob.hvp.mode,
-                                    parameters=prob.free, points=c, precision=precision),
+                                    parameters=prob.free, points=c, precision=precision,
+                                    probes_per_pass=per_pass, memory_plan=plan),
                         timings={"total_s": time.perf_counter() - started})
 
 

@@ -20,7 +20,8 @@ from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.sampler import check_compile
 from .engine.functional import chain_loss
-from .engine.planner import measure_activation_bytes, out_of_memory_message, plan_memory, state_bytes
+from .engine.planner import (free_device_bytes, measure_activation_bytes, out_of_memory_message, plan_memory,
+                             state_bytes)
 from .result import LLCResult
 
 BACKENDS = ("auto", "fast", "reference")
@@ -214,9 +215,9 @@ def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):
                 return torch.autograd.grad(loss(mine, batch), mine, allow_unused=True)
             return grad(lambda p: loss(p, batch))(point)
 
-    free, _ = torch.cuda.mem_get_info(device)
+    activations = measure_activation_bytes(one_chain, device)
     return plan_memory(cfg.num_chains, state_bytes(sum(p.numel() for p in point), cfg.sampler, cfg.mala),
-                       measure_activation_bytes(one_chain, device), free,
+                       activations, free_device_bytes(device),
                        1 if cfg.sequential else cfg.chain_chunk, what=str(device))
 
 

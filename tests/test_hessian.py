@@ -232,6 +232,44 @@ def test_out_of_memory_shrinks_the_pass_and_is_never_called_a_differentiability_
         HVP(model, loss_fn, batches, names, centers)(vecs)
 
 
+def test_trace_passes_are_planned_from_measured_memory(monkeypatch):
+    """Where device memory is measured, a pass holds as many probes as fit:
+    the measured pass of 1 and 2 probes split into what each probe adds and
+    what the pass shares; the per-probe values are those of unplanned passes,
+    and a probe that cannot fit is a MemoryError saying what to lower."""
+    import llcfast.hessian as hessian_module
+    model, loss_fn, batches = small_cases()["transformer"]
+    numel = sum(p.numel() for p in model.parameters())
+    measured = []
+
+    def pass_bytes(prob, probes):  # stands in for the CUDA measurement; runs the pass it measures
+        measured.append(probes)
+        vecs = prob.probes(probes, 0, stream=hessian_module.PLAN_STREAM)
+        counted = prob.hvp.count
+        prob.hvp(vecs)
+        prob.hvp.count = counted
+        return 1000 * GiB_ // 1000 + probes * (GiB_ // 8)
+
+    GiB_ = 2**30
+    monkeypatch.setattr(hessian_module, "_pass_peak_bytes", pass_bytes)
+    monkeypatch.setattr(hessian_module, "free_device_bytes", lambda device: 2 * GiB_)
+    planned = llcfast.hessian_trace(model, loss_fn, batches, num_probes=40, seed=3)
+    per_probe = GiB_ // 8 + 2 * 4 * numel
+    expected = (int(2 * GiB_ * 0.85) - GiB_) // per_probe
+    assert measured == [1, 2] and 1 < expected < 40
+    assert planned.config["probes_per_pass"] == expected
+    assert planned.config["memory_plan"] == dict(probes_per_pass=expected, bytes_per_probe=per_probe,
+                                                 shared_bytes=GiB_, free_bytes=2 * GiB_)
+    assert planned.num_hvps == 40  # the measuring passes are not counted
+    whole = llcfast.hessian_trace(model, loss_fn, batches, num_probes=40, seed=3, probes_per_pass=40)
+    np.testing.assert_allclose(planned.per_probe, whole.per_probe, rtol=1e-5, atol=1e-6)
+
+    monkeypatch.setattr(hessian_module, "free_device_bytes", lambda device: GiB_)
+    with pytest.raises(MemoryError, match=r"one Hutchinson probe needs about 1.1\d GiB .* but 1.00 GiB is free; "
+                                          r"use fewer or smaller batches"):
+        llcfast.hessian_trace(model, loss_fn, batches, num_probes=40)
+
+
 class _OnceDifferentiable(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -430,6 +468,27 @@ def test_cuda_statistics_match_cpu():
     t_gpu = llcfast.hessian_trace(model, loss_fn, [tuple(t.cuda() for t in b) for b in batches], num_probes=64)
     np.testing.assert_allclose(gpu.values, cpu.values, rtol=1e-4)
     np.testing.assert_allclose(t_gpu.per_probe, t_cpu.per_probe, rtol=1e-4, atol=1e-5)  # same probe bits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_trace_plan_measures_real_memory_and_keeps_the_values(monkeypatch):
+    """On a GPU the two measuring passes see real allocations: a probe of the
+    tiny transformer adds its activations' tangents, and a free memory that
+    holds only a few probes gives passes of that many, with unchanged values."""
+    import llcfast.hessian as hessian_module
+    model, loss_fn, batches = small_cases()["transformer"]
+    model = model.cuda()
+    batches = [tuple(t.cuda() for t in b) for b in batches]
+    whole = llcfast.hessian_trace(model, loss_fn, batches, num_probes=24, seed=1, probes_per_pass=24)
+    free = llcfast.hessian_trace(model, loss_fn, batches, num_probes=24, seed=1)
+    plan = free.config["memory_plan"]
+    assert plan is not None and plan["bytes_per_probe"] > 2 * 4 * sum(p.numel() for p in model.parameters())
+    assert free.config["probes_per_pass"] == 24  # a tiny model: all fit
+    tight = (plan["shared_bytes"] + 5 * plan["bytes_per_probe"]) / 0.85 + 1
+    monkeypatch.setattr(hessian_module, "free_device_bytes", lambda device: int(tight))
+    few = llcfast.hessian_trace(model, loss_fn, batches, num_probes=24, seed=1)
+    assert 3 <= few.config["probes_per_pass"] <= 6  # the measurement moves by an allocator block or so
+    np.testing.assert_allclose(few.per_probe, whole.per_probe, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -7,7 +7,7 @@ import torch
 
 import llcfast
 import llcfast.llc as llc_module
-from llcfast.engine.planner import GiB, HEADROOM, plan_memory, state_bytes
+from llcfast.engine.planner import GiB, HEADROOM, items_per_pass, plan_memory, state_bytes
 from llc_models import mlp, mse, regression_loader
 
 
@@ -70,3 +70,16 @@ def test_out_of_memory_becomes_a_memory_error_naming_the_settings(monkeypatch):
         llcfast.estimate_llc(mlp(), regression_loader(), mse, num_draws=2, progress=False)
     with pytest.raises(ValueError, match=r"chain_group must be in \[1, "):
         llcfast.estimate_llc(mlp(), regression_loader(), mse, chain_group=0, progress=False)
+
+
+def test_items_per_pass_fills_the_budget_and_caps_at_what_is_wanted():
+    budget = int(10 * GiB * HEADROOM)
+    n = items_per_pass(1000, GiB, GiB // 4, 10 * GiB, item="probe")
+    assert n == (budget - GiB) // (GiB // 4) and GiB + n * (GiB // 4) <= budget
+    assert items_per_pass(3, GiB, GiB // 4, 10 * GiB, item="probe") == 3
+
+
+def test_items_per_pass_says_what_one_needs_when_none_fits():
+    with pytest.raises(MemoryError, match=r"one probe needs about 5.00 GiB on cuda:0 \(2.00 GiB shared by the "
+                                          r"pass, 3.00 GiB its own\) but 4.00 GiB is free; use fewer batches"):
+        items_per_pass(10, 2 * GiB, 3 * GiB, 4 * GiB, item="probe", what="cuda:0", lower="use fewer batches")

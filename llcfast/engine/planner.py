@@ -57,6 +57,28 @@ def plan_memory(num_chains: int, state_per_chain: int, activation_per_chain: int
     return MemoryPlan(group, None if chunk >= group else chunk, S, A, free_bytes)
 
 
+def items_per_pass(wanted: int, shared_bytes: int, bytes_per_item: int, free_bytes: int, *, item: str,
+                   what: str = "the device", lower: str = "") -> int:
+    """How many of ``wanted`` items (probes, rows) one pass can hold when it
+    needs shared_bytes + n x bytes_per_item within HEADROOM x free_bytes; a
+    MemoryError naming the need and what to lower when not even one fits."""
+    budget = int(free_bytes * HEADROOM)
+    fits = (budget - shared_bytes) // max(bytes_per_item, 1)
+    if fits < 1:
+        raise MemoryError(
+            f"one {item} needs about {(shared_bytes + bytes_per_item) / GiB:.2f} GiB on {what} "
+            f"({shared_bytes / GiB:.2f} GiB shared by the pass, {bytes_per_item / GiB:.2f} GiB its own) but "
+            f"{free_bytes / GiB:.2f} GiB is free" + (f"; {lower}" if lower else ""))
+    return int(min(wanted, fits))
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device, counting what torch's caching allocator
+    holds but does not use (a measuring pass leaves its peak reserved)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 def measure_activation_bytes(one_chain_grad: Callable[[], object], device: torch.device) -> int:
     """Peak memory above the current allocation while one chain's loss and
     gradient are computed (CUDA); 0 elsewhere."""
