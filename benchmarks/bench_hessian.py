@@ -1,8 +1,8 @@
-"""Hessian statistics side by side, in one run: llcfast's batched
-forward-over-reverse HVPs vs a PyHessian-style loop (one double-backward HVP
-at a time, power iteration for the top eigenvalue) and, where it is
-installed, curvlinops' Hutchinson trace and hessian-eigenthings' Hutchinson
-trace and Lanczos, same model, same batch.
+"""Hessian statistics side by side, in one run: llcfast's batched HVPs vs
+a PyHessian-style loop (one double-backward HVP at a time, power iteration
+for the top eigenvalue) and, where it is installed, curvlinops' Hutchinson
+trace and hessian-eigenthings' Hutchinson trace and Lanczos, same model,
+same batch.
 
     python benchmarks/bench_hessian.py                       # GPU, JSON into benchmarks/results/
     python benchmarks/bench_hessian.py --quick --device cpu  # a small smoke run
@@ -11,8 +11,10 @@ Reported per case: trace with P Rademacher probes (seconds, HVPs per second,
 the two estimates), and the top eigenvalue: how many HVPs each method needed
 to get within 1e-3 relative of a tight reference value (Lanczos at tol 1e-8).
 llcfast's trace is also timed at each of --precisions (TF32 matmuls, bf16
-autocast) with the same probes: its speed-up over the fp32 loop, and how far
-its estimate moved from llcfast's fp32 one in units of the standard error.
+autocast, +compile: the passes through torch.compile, compiled in the
+warm-up call, +forward: forward-over-reverse HVPs instead of the default
+reverse-over-reverse) with the same probes: its speed-up over the fp32 loop, and how
+far its estimate moved from llcfast's fp32 one in units of the standard error.
 """
 from __future__ import annotations
 
@@ -158,15 +160,17 @@ def low_precision_traces(model, loss_fn, batch, probes, device, precisions, fast
     (same probes) and the fp32 loop's time. ``flops``: the fp32 run's
     count, which precision does not change (the same matmuls run)."""
     out = {}
-    for precision in precisions:
+    for variant in precisions:
+        precision, *extras = variant.split("+")
+        mode = "forward-over-reverse" if "forward" in extras else "reverse-over-reverse"
         run = lambda: llcfast.hessian_trace(model, loss_fn, [batch], num_probes=probes,  # noqa: E731
-                                            precision=precision)
-        run()  # warm-up
+                                            precision=precision, compile="compile" in extras, hvp_mode=mode)
+        run()  # warm-up (and torch.compile's compilation, which later calls reuse)
         seconds, res = timed(device, run)
-        out[precision] = {"s": seconds, "speedup_vs_loop": loop_s / seconds, "hvps_per_s": probes / seconds,
+        out[variant] = {"s": seconds, "speedup_vs_loop": loop_s / seconds, "hvps_per_s": probes / seconds,
                           "tflops": flops / seconds / 1e12,
                           "peak_fraction": peak_fraction(device, precision, flops / seconds / 1e12),
-                          "estimate": float(res.trace[0]),
+                          "estimate": float(res.trace[0]), "compiled": res.config.get("compile", False),
                           "shift_in_se": float((res.trace[0] - fast.trace[0]) / fast.std_error[0])}
     return out
 
@@ -217,14 +221,16 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small models, few probes")
     p.add_argument("--probes", type=int, default=None, help="Hutchinson probes (default 100; quick: 8)")
-    p.add_argument("--precisions", default="tf32,bf16",
-                   help="comma-separated tf32, bf16: llcfast's trace also timed at these (empty: none)")
+    p.add_argument("--precisions", default="fp32+forward,tf32,bf16,fp32+compile,bf16+compile",
+                   help="comma-separated fp32, tf32, bf16, each optionally +compile (torch.compile'd passes) and "
+                        "+forward (forward-over-reverse HVPs): llcfast's trace also timed at these (empty: none)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/hessian_<gpu>_<date>.json)")
     args = p.parse_args(argv)
     precisions = [x for x in args.precisions.split(",") if x]
     for x in precisions:
-        if x not in ("tf32", "bf16"):
-            p.error(f"--precisions: {x!r} is not one of tf32, bf16")
+        precision, *extras = x.split("+")
+        if precision not in ("fp32", "tf32", "bf16") or not set(extras) <= {"compile", "forward"}:
+            p.error(f"--precisions: {x!r} is not fp32, tf32 or bf16, optionally followed by +compile, +forward")
     device = torch.device(args.device)
     probes = args.probes or (8 if args.quick else 100)
     max_iter = 40 if args.quick else 100

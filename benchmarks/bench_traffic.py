@@ -6,6 +6,10 @@ traced on fake tensors (no memory, no arithmetic) as CUDA would run them.
     python benchmarks/bench_traffic.py            # JSON into benchmarks/results/
     python benchmarks/bench_traffic.py --quick    # the small models
 
+It also counts the Hessian passes of bench_hessian.py: what each probe adds
+to a vmapped forward-over-reverse pass, what the pass shares, and one HVP of
+the PyHessian-style loop (a double backward through the gradient's graph).
+
 bf16 follows CUDA autocast's policy (matmuls in bf16; softmax, log_softmax,
 layer norm and the reductions it lists in fp32), applied at the torch-function
 level because CPU autocast has another list. The fused loss is counted as it
@@ -24,6 +28,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import itertools
 import os
 import sys
 
@@ -40,6 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
 from llcfast import fused_loss, models, ops  # noqa: E402
 from llcfast.engine.functional import chain_loss, vmapped_grads  # noqa: E402
+from llcfast.engine.hvp import HVP, HVP_MODES  # noqa: E402
 from bench_llc import PEAK_TFLOPS, lm_case, lr_case  # noqa: E402
 from results_io import save_report  # noqa: E402
 
@@ -138,6 +144,76 @@ def trace_step(case: dict, precision: str, fused: bool):
     return log.rows
 
 
+def trace_hvp(case: dict, precision: str, probes: int, mode: str = "reverse-over-reverse"):
+    """The kernels of one llcfast Hessian pass on ``case``'s model at its
+    weights: ``probes`` HVPs in ``mode`` vmapped over the probes, as
+    hessian_trace runs them (the primal forward and backward once)."""
+    model, batch = case["model"], next(iter(case["loader"]))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    log = KernelLog()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        centers = [torch.empty(p.shape) for _, p in named]
+        fake_batch = tuple(torch.zeros(tuple(b.shape), dtype=b.dtype) for b in batch)
+        hvp = HVP(model, case["loss_fn"], [fake_batch], [n for n, _ in named], centers)
+        vecs = [torch.empty((probes,) + tuple(p.shape)) for _, p in named]
+        cast = CudaAutocastBf16() if precision == "bf16" else contextlib.nullcontext()
+        with log, cast:
+            hvp._run(vecs, None, probes, hvp._batches[0], mode, eager=True)
+    return log.rows
+
+
+def trace_loop_hvp(case: dict, precision: str):
+    """The kernels of one HVP of a PyHessian-style loop (bench_hessian's):
+    a double backward through the retained graph of the gradient."""
+    from torch.func import functional_call
+    model, loss_fn, batch = case["model"], case["loss_fn"], next(iter(case["loader"]))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    log = KernelLog()
+    cast = CudaAutocastBf16() if precision == "bf16" else contextlib.nullcontext()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        params = {n: torch.empty(p.shape, requires_grad=True) for n, p in named}
+        fake_batch = tuple(torch.zeros(tuple(b.shape), dtype=b.dtype) for b in batch)
+
+        class Swapped:  # loss_fn(model, batch) with the fake parameters
+            def __call__(self, *args, **kwargs):
+                return functional_call(model, params, args, kwargs)
+
+        with cast:
+            loss = loss_fn(Swapped(), fake_batch)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        v = [torch.empty(p.shape) for p in params.values()]
+        with log:
+            torch.autograd.grad(grads, list(params.values()), grad_outputs=v, retain_graph=True)
+    return log.rows
+
+
+def _floor_s(rows, precision: str, gpu: str = "H100") -> float:
+    bw, peak = HBM_GBPS[gpu] * 1e9, PEAK_TFLOPS[gpu]["fp32" if precision == "fp32" else precision] * 1e12
+    return sum(max(b / bw, f / peak) for _, f, b in rows)
+
+
+def summarize_hessian(case: dict, precision: str, mode: str, probes=(3, 7), per_pass: int = 100) -> dict:
+    """Per probe: what a pass of probes[1] adds over one of probes[0]
+    (bytes, matmul FLOPs, roofline time; passes of 1 or 2 take other matmul
+    and copy kernels, from 3 on the growth is linear); what every pass shares
+    (the primal); the loop's HVP; and the modelled rate at ``per_pass``."""
+    small, large = (trace_hvp(case, precision, p, mode) for p in probes)
+    loop = trace_loop_hvp(case, precision)
+    total = lambda rows, i: sum(r[i] for r in rows)  # noqa: E731
+    k = probes[1] - probes[0]
+    probe_gb = (total(large, 2) - total(small, 2)) / k / 1e9
+    probe_gflop = (total(large, 1) - total(small, 1)) / k / 1e9
+    probe_ms = 1e3 * (_floor_s(large, precision) - _floor_s(small, precision)) / k
+    shared_ms = 1e3 * _floor_s(small, precision) - probes[0] * probe_ms
+    loop_ms = 1e3 * _floor_s(loop, precision)
+    llcfast_ms = probe_ms + shared_ms / per_pass
+    return {"probe_GB": probe_gb, "probe_GFLOP": probe_gflop, "probe_floor_ms": probe_ms,
+            "shared_GB": total(small, 2) / 1e9 - probes[0] * probe_gb, "shared_floor_ms": shared_ms,
+            "loop_GB": total(loop, 2) / 1e9, "loop_GFLOP": total(loop, 1) / 1e9, "loop_floor_ms": loop_ms,
+            "probes_per_pass": per_pass, "floor_ms_per_hvp": llcfast_ms, "max_hvps_per_s": 1e3 / llcfast_ms,
+            "loop_max_hvps_per_s": 1e3 / loop_ms}
+
+
 def summarize(rows, chains: int, precision: str, gpu: str = "H100", top: int = 6) -> dict:
     bw, peak = HBM_GBPS[gpu] * 1e9, PEAK_TFLOPS[gpu]["fp32" if precision == "fp32" else precision] * 1e12
     families = collections.defaultdict(lambda: [0, 0])
@@ -181,11 +257,25 @@ def main(argv=None) -> int:
                 print(f"{row['case']:8s} {precision} {attention:6s} {row['loss']:22s} kernels {s['kernels']:4d}  "
                       f"matmul {s['matmul_GFLOP']:7.1f} GFLOP {s['matmul_GB']:6.2f} GB  other {s['other_GB']:6.2f} GB"
                       f"  floor {s['floor_ms_per_chain_step']:.3f} ms/chain-step", flush=True)
-    report = {"benchmark": "traffic", "device": "H100 model", "torch": torch.__version__,
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
-              "llcfast": llcfast.__version__ if hasattr(llcfast, "__version__") else None,
-              "bandwidth_GBps": HBM_GBPS["H100"], "peak_tflops": PEAK_TFLOPS["H100"], "rows": rows}
-    save_report(report, args.out, "traffic")
+    head = {"device": "H100 model", "torch": torch.__version__,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
+            "llcfast": llcfast.__version__ if hasattr(llcfast, "__version__") else None,
+            "bandwidth_GBps": HBM_GBPS["H100"], "peak_tflops": PEAK_TFLOPS["H100"]}
+    save_report({"benchmark": "traffic", **head, "rows": rows}, args.out, "traffic")
+    hessian_rows = []
+    for make in (lr_case, lm_case):  # bench_hessian's cases
+        case = make(1, "cpu", args.quick)
+        for precision, mode in itertools.product(("fp32", "bf16"), HVP_MODES):
+            row = {"case": case["name"].split("-")[0], "precision": precision, "hvp_mode": mode}
+            row.update(summarize_hessian(case, precision, mode))
+            hessian_rows.append(row)
+            print(f"hessian {row['case']:3s} {precision} {mode:21s} per probe {row['probe_GB']:6.2f} GB "
+                  f"{row['probe_GFLOP']:6.1f} GFLOP floor {row['probe_floor_ms']:.3f} ms; shared "
+                  f"{row['shared_floor_ms']:.3f} ms; loop HVP {row['loop_GB']:6.2f} GB floor {row['loop_floor_ms']:.3f} ms"
+                  f"  -> at most {row['max_hvps_per_s']:.0f} HVP/s vs the loop's {row['loop_max_hvps_per_s']:.0f}",
+                  flush=True)
+    out = None if args.out is None else args.out.replace(".json", "") + "_hessian.json"
+    save_report({"benchmark": "traffic_hessian", **head, "rows": hessian_rows}, out, "traffic_hessian")
     return 0
 
 

@@ -56,7 +56,7 @@ for s in "${steps[@]}"; do
     large)
       step large 540 python3 benchmarks/bench_large.py ${LARGE_ARGS:-} --out "$OUT/large.json" ;;
     hessian)
-      step hessian 240 python3 benchmarks/bench_hessian.py ${HESSIAN_ARGS:-} --out "$OUT/hessian.json" ;;
+      step hessian 540 python3 benchmarks/bench_hessian.py ${HESSIAN_ARGS:-} --out "$OUT/hessian.json" ;;
     demo)
       step demo 240 python3 -m llcfast.cli demo --device cuda --quiet --out /tmp/demo-cuda
       cp /tmp/demo-cuda/report.png "$OUT/demo_cuda_report.png" 2>/dev/null ;;

@@ -66,6 +66,9 @@ COLUMNS: Dict[str, List[Column]] = {
                 ("tf32 vs loop", "trace.precisions.tf32.speedup_vs_loop", _times),
                 ("bf16 vs loop", "trace.precisions.bf16.speedup_vs_loop", _times),
                 ("bf16 shift (SE)", "trace.precisions.bf16.shift_in_se", _num("+.2f")),
+                ("forward-over-reverse vs loop", "trace.precisions.fp32+forward.speedup_vs_loop", _times),
+                ("fp32+compile vs loop", "trace.precisions.fp32+compile.speedup_vs_loop", _times),
+                ("bf16+compile vs loop", "trace.precisions.bf16+compile.speedup_vs_loop", _times),
                 ("top eig HVPs: Lanczos", "top_eig.lanczos_hvps", _plain),
                 ("power", "top_eig.power_hvps", _plain)],
     "large": [("model", "size", _plain), ("params", "parameters", _sci), ("chains", "chains", _plain),
@@ -80,15 +83,23 @@ COLUMNS: Dict[str, List[Column]] = {
                 ("matmul GFLOP", "matmul_GFLOP", _num(".0f")), ("matmul GB", "matmul_GB", _num(".2f")),
                 ("other GB", "other_GB", _num(".2f")),
                 ("floor (ms per chain-step)", "floor_ms_per_chain_step", _num(".3f"))],
+    "traffic_hessian": [("case", "case", _plain), ("precision", "precision", _plain),
+                        ("llcfast HVPs", "hvp_mode", _plain),
+                        ("GB per probe", "probe_GB", _num(".2f")), ("GFLOP per probe", "probe_GFLOP", _num(".1f")),
+                        ("floor per probe (ms)", "probe_floor_ms", _num(".3f")),
+                        ("pass shares (ms)", "shared_floor_ms", _num(".3f")),
+                        ("loop: GB per HVP", "loop_GB", _num(".2f")), ("floor (ms)", "loop_floor_ms", _num(".3f")),
+                        ("HVP/s at most, 100 a pass", "max_hvps_per_s", _num(".0f")),
+                        ("loop's", "loop_max_hvps_per_s", _num(".0f"))],
 }
 # Device figures a report measures for itself, named in the table's heading.
 MEASURED = [("copy bandwidth", "copy_bandwidth_GBps", lambda v: f"{v:.0f} GB/s"),
             ("bf16 matmul rate", "bf16_matmul_tflops", lambda v: f"{v:.0f} TFLOP/s")]
 KEYS = {"sgld_step": ("params_per_chain", "chains", "tensors"), "samplers": ("sampler", "params_per_chain", "chains"),
         "llc": ("case",), "hessian": ("case",), "large": ("size", "precision", "checkpointing"),
-        "traffic": ("case", "precision", "attention", "loss")}
+        "traffic": ("case", "precision", "attention", "loss"), "traffic_hessian": ("case", "precision", "hvp_mode")}
 ROW_LISTS = {"sgld_step": "rows", "samplers": "rows", "llc": "cases", "hessian": "cases", "large": "rows",
-             "traffic": "rows"}
+             "traffic": "rows", "traffic_hessian": "rows"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -17,7 +17,8 @@ import torch
 from . import ops
 from ._checks import check_int, group_offsets_for_sizes
 from ._llc_common import check_precision, checked_loss, default_loss, restriction_masks, to_device, trainable
-from .engine.hvp import HVP, finite_difference_gap
+from .engine.compiled import check_compile
+from .engine.hvp import HVP, check_hvp_mode, finite_difference_gap
 from .engine.lanczos import lanczos, ritz
 from .engine.planner import free_device_bytes, items_per_pass, measure_activation_bytes
 
@@ -88,8 +89,11 @@ class HessianSpectrum:
 class _Problem:
     """The model's parameters as flat [R, N] rows and back, with the HVP."""
 
-    def __init__(self, model, loss_fn, batches, points, restrict, device, precision):
+    def __init__(self, model, loss_fn, batches, points, restrict, device, precision, compile=False,
+                 hvp_mode="reverse-over-reverse"):
         check_precision(precision)
+        check_hvp_mode(hvp_mode)
+        self.compile_mode = check_compile(compile)
         if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
             raise TypeError(f"batches must be a list (or iterable) of batches, got {type(batches).__name__}")
         batches = list(batches)
@@ -120,7 +124,8 @@ class _Problem:
                 if tuple(p.shape) != (c,) + s:
                     raise ValueError(f"points[{n!r}] has shape {tuple(p.shape)}; expected {(c,) + s}")
         self.num_points = 1 if self.points is None else self.points[0].shape[0]
-        self.hvp = HVP(model, loss_fn, batches, self.names, centers, precision=precision)
+        self.hvp = HVP(model, loss_fn, batches, self.names, centers, precision=precision, compile=self.compile_mode,
+                       mode=hvp_mode)
         gap = finite_difference_gap(self.hvp, self.probes(1, 0, stream=2**62))
         if gap > FD_GAP_WARN:
             warnings.warn(f"llcfast: Hessian-vector products disagree with a finite difference of gradients "
@@ -168,7 +173,7 @@ def _pass_peak_bytes(prob: _Problem, probes: int) -> Optional[int]:
     vecs = prob.probes(probes * prob.num_points, 0, stream=PLAN_STREAM)
     counted = prob.hvp.count
     try:
-        return measure_activation_bytes(lambda: prob.hvp(vecs, prob.points), prob.device)
+        return measure_activation_bytes(lambda: prob.hvp(vecs, prob.points, eager=True), prob.device)
     finally:
         prob.hvp.count = counted  # measuring is not the caller's work
 
@@ -195,9 +200,15 @@ def _plan_probes(prob: _Problem, num_probes: int):
     return n, dict(probes_per_pass=n, bytes_per_probe=per_probe, shared_bytes=shared, free_bytes=free)
 
 
+def _compiled(prob: _Problem) -> dict:
+    """config["compile"]: whether the passes ran compiled to the end, where asked for."""
+    return {} if prob.compile_mode is None else {"compile": prob.hvp.compiled}
+
+
 def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, num_probes: int = 100,
                   probes_per_pass: Optional[int] = None, points: Optional[Dict[str, torch.Tensor]] = None,
-                  restrict=None, seed: int = 0, device=None, precision: str = "fp32") -> HessianTrace:
+                  restrict=None, seed: int = 0, device=None, precision: str = "fp32",
+                  compile=False, hvp_mode: str = "reverse-over-reverse") -> HessianTrace:
     """Hutchinson's estimate tr(H) = E[v^T H v] over Rademacher probes v, of
     the Hessian of the mean loss over ``batches`` at the model's weights, or
     at each of the stacked ``points`` ({name: [C, *shape]}). Returns the
@@ -211,42 +222,55 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
     "tf32" (TF32 matmuls on CUDA) or "bf16" (the passes under bf16
     autocast), as in estimate_llc; probes, products and sums stay fp32 or
     float64. Its rounding moves each v^T H v by about 1e-3 relative, far
-    below the probes' own spread (README, Hessian statistics)."""
+    below the probes' own spread (README, Hessian statistics).
+    ``compile``: True (or a torch.compile mode) runs the passes through
+    torch.compile, which fuses the elementwise work of the tangents; it pays
+    its compilation once per call, so it suits many probes. Every pass then
+    has the same number of probes (the last is filled up with probes whose
+    values are dropped), so one compilation serves them all. ``hvp_mode``:
+    "reverse-over-reverse" (a backward through the gradient's graph per
+    probe) or "forward-over-reverse" (a tangent forward-and-backward per
+    probe), the other taken, with a warning, where an op lacks the first's
+    derivative; config["hvp_mode"] records which ran."""
     check_int("num_probes", num_probes, minimum=1)
     if probes_per_pass is not None:
         check_int("probes_per_pass", probes_per_pass, minimum=1)
     check_int("seed", seed)
     started = time.perf_counter()
-    prob = _Problem(model, loss_fn, batches, points, restrict, device, precision)
+    prob = _Problem(model, loss_fn, batches, points, restrict, device, precision, compile, hvp_mode)
     c = prob.num_points
     plan = None
     per_pass = probes_per_pass
     if per_pass is None:
         per_pass, plan = _plan_probes(prob, num_probes)
     values = torch.zeros(c, num_probes, dtype=torch.float64, device=prob.device)
+    counted = prob.hvp.count
     for start in range(0, num_probes, per_pass):
         count = min(per_pass, num_probes - start)
-        # Point p draws probe stream p, rows start..start+count-1 of it.
-        per_point = [prob.probes(count, seed, stream=p, row_offset=start) for p in range(c)]
-        vecs = [torch.stack([pp[i] for pp in per_point]).reshape((c * count,) + s) if c > 1 else per_point[0][i]
+        drawn = per_pass if prob.hvp.compiled else count
+        # Point p draws probe stream p, rows start..start+drawn-1 of it.
+        per_point = [prob.probes(drawn, seed, stream=p, row_offset=start) for p in range(c)]
+        vecs = [torch.stack([pp[i] for pp in per_point]).reshape((c * drawn,) + s) if c > 1 else per_point[0][i]
                 for i, s in enumerate(prob.shapes)]
         hv = prob.hvp(vecs, prob.points)
-        out = torch.zeros(c * count, dtype=torch.float64, device=prob.device)
+        out = torch.zeros(c * drawn, dtype=torch.float64, device=prob.device)
         ops.multi_dot_(out, [v.contiguous() for v in vecs], [h.contiguous() for h in hv])
-        values[:, start:start + count] = out.view(c, count)
+        values[:, start:start + count] = out.view(c, drawn)[:, :count]
+    prob.hvp.count = counted + c * num_probes  # the filling probes are not the caller's work
     per_probe = values.cpu().numpy()
     se = per_probe.std(axis=1, ddof=1) / math.sqrt(num_probes) if num_probes > 1 else np.full(c, np.nan)
     return HessianTrace(per_probe.mean(axis=1), se, per_probe, prob.hvp.count,
                         config=dict(num_probes=num_probes, seed=seed, hvp_mode=prob.hvp.mode,
                                     parameters=prob.free, points=c, precision=precision,
-                                    probes_per_pass=per_pass, memory_plan=plan),
+                                    probes_per_pass=per_pass, memory_plan=plan, **_compiled(prob)),
                         timings={"total_s": time.perf_counter() - started})
 
 
 def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, k: int = 1,
                  which: str = "largest", method: str = "lanczos", tol: float = 1e-6, max_iter: int = 100,
                  return_vectors: bool = False, points: Optional[Dict[str, torch.Tensor]] = None, restrict=None,
-                 seed: int = 0, device=None, precision: str = "fp32") -> HessianEigs:
+                 seed: int = 0, device=None, precision: str = "fp32", compile=False,
+                 hvp_mode: str = "reverse-over-reverse") -> HessianEigs:
     """The k largest (``which="largest"``) or smallest eigenvalues of the
     Hessian, by Lanczos with full reorthogonalization (default) or by power
     iteration with deflation (``method="power"``, largest magnitude, for
@@ -254,7 +278,8 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
     is below ``tol`` times the largest |Ritz value|, or after ``max_iter``
     steps (Lanczos) / iterations per eigenvalue (power). ``precision`` as
     in hessian_trace: under "bf16" each product carries rounding of about
-    1e-3 relative, so a ``tol`` below that may not be reached."""
+    1e-3 relative, so a ``tol`` below that may not be reached. ``compile``
+    and ``hvp_mode`` as in hessian_trace."""
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if method not in ("lanczos", "power"):
@@ -263,7 +288,7 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
     check_int("max_iter", max_iter, minimum=1)
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
-    prob = _Problem(model, loss_fn, batches, points, restrict, device, precision)
+    prob = _Problem(model, loss_fn, batches, points, restrict, device, precision, compile, hvp_mode)
     if k > prob.free:
         raise ValueError(f"k = {k} exceeds the {prob.free} parameters the Hessian acts on; k must be <= {prob.free}")
     start = torch.cat([v.reshape(prob.num_points, -1) for v in prob.probes(prob.num_points, seed, 1)], dim=1)
@@ -294,7 +319,7 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
             flat[c].split(prob.sizes, dim=1), prob.shapes)))) for c in range(flat.shape[0])]
     return HessianEigs(values[:, idx].cpu().numpy(), vectors, resid.cpu().numpy(), prob.hvp.count,
                        config=dict(method="lanczos", which=which, steps=run.steps, tol=tol, hvp_mode=prob.hvp.mode,
-                                   parameters=prob.free, precision=precision))
+                                   parameters=prob.free, precision=precision, **_compiled(prob)))
 
 
 def _power(prob, start, k, which, tol, max_iter, return_vectors):
@@ -326,19 +351,21 @@ def _power(prob, start, k, which, tol, max_iter, return_vectors):
             flat[c].split(prob.sizes, dim=1), prob.shapes)))) for c in range(flat.shape[0])]
     return HessianEigs(values.cpu().numpy(), vectors, np.full(tuple(values.shape), np.nan), prob.hvp.count,
                        config=dict(method="power", which=which, tol=tol, hvp_mode=prob.hvp.mode,
-                                   parameters=prob.free, precision=prob.hvp.precision))
+                                   parameters=prob.free, precision=prob.hvp.precision, **_compiled(prob)))
 
 
 def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, num_runs: int = 4,
                      num_steps: int = 80, points: Optional[Dict[str, torch.Tensor]] = None, restrict=None,
-                     seed: int = 0, device=None, precision: str = "fp32") -> HessianSpectrum:
+                     seed: int = 0, device=None, precision: str = "fp32", compile=False,
+                     hvp_mode: str = "reverse-over-reverse") -> HessianSpectrum:
     """Spectral density by stochastic Lanczos quadrature: ``num_runs``
     Lanczos runs of ``num_steps`` steps from Rademacher starts, all in one
     batched pass per step; Ritz values are the nodes, squared first
-    eigenvector components the weights. ``precision`` as in hessian_trace."""
+    eigenvector components the weights. ``precision``, ``compile`` and
+    ``hvp_mode`` as in hessian_trace."""
     check_int("num_runs", num_runs, minimum=1)
     check_int("num_steps", num_steps, minimum=1)
-    prob = _Problem(model, loss_fn, batches, points, restrict, device, precision)
+    prob = _Problem(model, loss_fn, batches, points, restrict, device, precision, compile, hvp_mode)
     c = prob.num_points
     starts = torch.cat([v.reshape(num_runs, -1) for v in prob.probes(num_runs, seed, 2)], dim=1)
     start = starts.repeat(c, 1)  # rows grouped by point: point p holds rows p*V .. p*V + V-1
@@ -347,4 +374,5 @@ def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batche
     weights = vecs[:, 0, :] ** 2
     return HessianSpectrum(values.view(c, num_runs, -1).cpu().numpy(), weights.view(c, num_runs, -1).cpu().numpy(),
                            prob.hvp.count, config=dict(num_runs=num_runs, steps=run.steps, seed=seed,
-                                                       parameters=prob.free, precision=precision))
+                                                       parameters=prob.free, precision=precision,
+                                                       **_compiled(prob)))

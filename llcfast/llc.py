@@ -18,7 +18,7 @@ from ._llc_common import (check_llc_args, check_mala, check_precision, check_sam
                           precision_context, to_device, trainable, warn_if_cycled)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
-from .engine.sampler import check_compile
+from .engine.compiled import check_compile
 from .engine.functional import chain_loss
 from .engine.planner import (free_device_bytes, measure_activation_bytes, out_of_memory_message, plan_memory,
                              state_bytes)

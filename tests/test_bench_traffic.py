@@ -44,3 +44,21 @@ def test_fused_loss_and_bf16_show_in_the_counts():
     assert fused["matmul_GFLOP"] == pytest.approx(unfused["matmul_GFLOP"])
     assert bf16["matmul_GB"] == pytest.approx(fused["matmul_GB"] / 2, rel=0.05)  # same matmuls, 2-byte operands
     assert bf16["kernels"] > fused["kernels"]  # autocast's casts
+
+
+@pytest.mark.filterwarnings("ignore:the loader holds")
+def test_hessian_pass_counts_grow_by_a_constant_per_probe_and_the_modes_differ():
+    """From 3 probes on, a probe adds the same traffic whatever the pass
+    size (the primal runs once), and the same matmul FLOPs in either HVP
+    mode; the loop's HVP is counted from a real double backward."""
+    case = lm_case(1, "cpu", quick=True)
+    total = lambda rows, i: sum(r[i] for r in rows)  # noqa: E731
+    sizes = {p: bench_traffic.trace_hvp(case, "fp32", p) for p in (3, 5, 7)}
+    step_35 = total(sizes[5], 2) - total(sizes[3], 2)
+    step_57 = total(sizes[7], 2) - total(sizes[5], 2)
+    assert step_35 > 0 and step_57 == pytest.approx(step_35, rel=1e-6)
+    rr = bench_traffic.summarize_hessian(case, "fp32", "reverse-over-reverse")
+    fr = bench_traffic.summarize_hessian(case, "fp32", "forward-over-reverse")
+    assert rr["probe_GFLOP"] == pytest.approx(fr["probe_GFLOP"], rel=0.02)
+    assert rr["probe_GB"] != pytest.approx(fr["probe_GB"], rel=0.01)
+    assert rr["loop_GB"] > 0 and rr["loop_GFLOP"] == pytest.approx(rr["probe_GFLOP"], rel=0.1)

@@ -47,7 +47,7 @@ def test_compiled_code_giving_nan_gradients_is_dropped_for_the_eager_pass(monkey
 
     monkeypatch.setattr(torch, "compile", wrong)
     eager = llcfast.estimate_llc(mlp(), regression_loader(), mse, **KW)
-    with pytest.warns(RuntimeWarning, match="non-finite losses or gradients where the eager pass gave finite"):
+    with pytest.warns(RuntimeWarning, match="non-finite values where the eager code gave finite"):
         res = llcfast.estimate_llc(mlp(), regression_loader(), mse, compile=True, **KW)
     assert res.config["compile"] is False and not res.diagnostics.get("diverged_chains")
     np.testing.assert_allclose(res.loss_trace, eager.loss_trace)
@@ -69,3 +69,78 @@ def test_autotuned_mode_walks_the_eager_trajectory():
 def test_the_sequential_path_is_not_reported_compiled():
     res = llcfast.estimate_llc(mlp(), regression_loader(), mse, compile=True, activation_checkpointing=["0"], **KW)
     assert res.config["backend"] == "fast-sequential" and res.config["compile"] is False
+
+
+def _hessian_case():
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    return mlp(), mse, [(x[:32], torch.sin(x[:32].sum(-1))), (x[32:], torch.sin(x[32:].sum(-1)))]
+
+
+def test_compiled_hessian_passes_give_the_eager_values():
+    """One compilation serves every pass of the trace: the last pass is
+    filled up to the others' size and its extra probes dropped, so the
+    values and the HVP count are the eager run's."""
+    model, loss_fn, batches = _hessian_case()
+    kw = dict(num_probes=10, probes_per_pass=4, seed=5)
+    eager = llcfast.hessian_trace(model, loss_fn, batches, **kw)
+    compiled = llcfast.hessian_trace(model, loss_fn, batches, compile=True, **kw)
+    assert compiled.config["compile"] is True and "compile" not in eager.config
+    assert compiled.num_hvps == eager.num_hvps == 10
+    np.testing.assert_allclose(compiled.per_probe, eager.per_probe, rtol=1e-5, atol=1e-6)
+    eigs = llcfast.hessian_eigs(model, loss_fn, batches, k=2, tol=1e-7, compile=True)
+    assert eigs.config["compile"] is True
+    np.testing.assert_allclose(eigs.values, llcfast.hessian_eigs(model, loss_fn, batches, k=2, tol=1e-7).values,
+                               rtol=1e-4)
+
+
+def test_hessian_passes_torch_compile_fails_on_run_eagerly_with_a_warning(monkeypatch):
+    model, loss_fn, batches = _hessian_case()
+    eager = llcfast.hessian_trace(model, loss_fn, batches, num_probes=6, seed=1)
+
+    def broken(fn, *args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("backend compiler failed\nlong traceback")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="torch.compile could not compile the Hessian-vector products of this "
+                                            "loss .*backend compiler failed"):
+        res = llcfast.hessian_trace(model, loss_fn, batches, num_probes=6, seed=1, compile=True)
+    assert res.config["compile"] is False
+    np.testing.assert_allclose(res.per_probe, eager.per_probe, rtol=1e-6)
+
+    def nan_products(fn, *args, **kwargs):
+        def run(*a, **k):
+            out = [o.clone() for o in fn(*a, **k)]
+            out[0].fill_(float("nan"))
+            return out
+        return run
+
+    monkeypatch.setattr(torch, "compile", nan_products)
+    with pytest.warns(RuntimeWarning, match="non-finite values where the eager code gave finite"):
+        res = llcfast.hessian_spectrum(model, loss_fn, batches, num_runs=2, num_steps=5, compile=True)
+    assert res.config["compile"] is False and np.isfinite(res.nodes).all()
+
+
+def test_every_compiled_trace_pass_has_the_same_rows(monkeypatch):
+    model, loss_fn, batches = _hessian_case()
+    rows = []
+
+    def spy(fn, *args, **kwargs):
+        def run(params, vecs, batch):
+            rows.append(vecs[0].shape[0])
+            return fn(params, vecs, batch)
+        return run
+
+    monkeypatch.setattr(torch, "compile", spy)
+    res = llcfast.hessian_trace(model, loss_fn, batches, num_probes=10, probes_per_pass=4, compile=True)
+    assert res.config["compile"] is True and res.per_probe.shape == (1, 10)
+    assert rows == [4] * 6  # 3 passes x 2 batches, the last pass filled from 2 probes to 4
+
+
+@pytest.mark.parametrize("bad", ["yes", "reduce-overhead"])
+def test_hessian_compile_is_checked(bad):
+    model, loss_fn, batches = _hessian_case()
+    with pytest.raises(ValueError, match=f"compile must be True, False or one of .* got {bad!r}"):
+        llcfast.hessian_trace(model, loss_fn, batches, compile=bad)

@@ -211,11 +211,11 @@ def test_out_of_memory_shrinks_the_pass_and_is_never_called_a_differentiability_
     real_run = HVP._run
     seen = []
 
-    def run_fitting_two_rows(self, vectors, points, per_point, batch, mode):
+    def run_fitting_two_rows(self, vectors, points, per_point, batch, mode, eager=False):
         seen.append(self.rows_per_pass)
         if self.rows_per_pass is None or self.rows_per_pass > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.60 GiB.")
-        return real_run(self, vectors, points, per_point, batch, mode)
+        return real_run(self, vectors, points, per_point, batch, mode, eager)
 
     monkeypatch.setattr(HVP, "_run", run_fitting_two_rows)
     hvp = HVP(model, loss_fn, batches, names, centers)
@@ -286,6 +286,95 @@ class _OnceDifferentiable(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         return 2 * x * g
+
+
+class _CubeNoDoubleBackward(torch.autograd.Function):
+    """x^3 whose gradient op has a forward-mode derivative but no backward."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        return _CubeGrad.apply(ctx.saved_tensors[0], g)
+
+    @staticmethod
+    def jvp(ctx, x_dot):
+        return 3 * ctx.saved_tensors[0] ** 2 * x_dot
+
+
+class _CubeGrad(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, g):
+        return 3 * x ** 2 * g
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("the derivative for _CubeGrad is not implemented")
+
+    @staticmethod
+    def jvp(ctx, x_dot, g_dot):
+        x, g = ctx.saved_tensors
+        out = 6 * x * x_dot * g
+        return out if g_dot is None else out + 3 * x ** 2 * g_dot
+
+
+class _SquareNoForwardMode(torch.autograd.Function):
+    """x^2, twice differentiable in reverse mode, with no jvp."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x ** 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * ctx.saved_tensors[0] * g
+
+
+@pytest.mark.parametrize("fn, power, lacking", [(_CubeNoDoubleBackward, 3, "reverse-over-reverse"),
+                                                (_SquareNoForwardMode, 2, "forward-over-reverse")])
+def test_an_op_lacking_one_modes_derivative_gets_the_other_mode(fn, power, lacking):
+    """Each mode falls back to the other, with a warning naming the op's
+    failure, and the statistics are the exact ones."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    batches = [(torch.randn(16, 3), torch.randn(16))]
+    loss = lambda m, b: fn.apply(m(b[0]).squeeze(-1) - b[1]).mean()  # noqa: E731
+    with pytest.warns(RuntimeWarning, match=f"{lacking} Hessian-vector products fail on an op of this loss"):
+        e = llcfast.hessian_eigs(model, loss, batches, k=2, tol=1e-8, hvp_mode=lacking)
+    assert e.config["hvp_mode"] != lacking
+    plain = lambda m, b: ((m(b[0]).squeeze(-1) - b[1]) ** power).mean()  # noqa: E731
+    exact = torch.linalg.eigvalsh(exact_hessian(model, plain, batches))
+    np.testing.assert_allclose(e.values[0], exact.flip(0)[:2].numpy(), rtol=1e-4)
+
+
+def test_hvp_modes_give_the_same_products():
+    model, loss_fn, batches, names, centers, vecs = transformer_hvp_case(4)
+    rr = HVP(model, loss_fn, batches, names, centers, mode="reverse-over-reverse")(vecs)
+    fr = HVP(model, loss_fn, batches, names, centers, mode="forward-over-reverse")(vecs)
+    for a, b in zip(rr, fr):
+        assert float((a - b).abs().max()) <= 64 * torch.finfo(torch.float32).eps * (float(b.abs().max()) + 1e-12)
+    with pytest.raises(ValueError, match="hvp_mode must be one of .*got 'double-backward'"):
+        llcfast.hessian_trace(model, loss_fn, batches, hvp_mode="double-backward")
 
 
 def test_a_loss_without_second_derivatives_is_explained():
@@ -378,7 +467,8 @@ class SdpaLM(nn.Module):
         return self.unembed(h + a.transpose(1, 2).reshape(b, t, d))
 
 
-def test_models_with_fused_attention_get_their_exact_hessian():
+@pytest.mark.parametrize("hvp_mode", ["reverse-over-reverse", "forward-over-reverse"])
+def test_models_with_fused_attention_get_their_exact_hessian(hvp_mode):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     torch.manual_seed(0)
     model = SdpaLM()
@@ -386,10 +476,10 @@ def test_models_with_fused_attention_get_their_exact_hessian():
     with sdpa_kernel(SDPBackend.MATH):  # the exact Hessian needs double backward too
         h = exact_hessian(model, token_loss, batches)
     exact = torch.linalg.eigvalsh(h)
-    e = llcfast.hessian_eigs(model, token_loss, batches, k=2, tol=1e-7, max_iter=200)
-    assert e.config["hvp_mode"] == "forward-over-reverse"
+    e = llcfast.hessian_eigs(model, token_loss, batches, k=2, tol=1e-7, max_iter=200, hvp_mode=hvp_mode)
+    assert e.config["hvp_mode"] == hvp_mode  # no fallback to the other mode
     np.testing.assert_allclose(e.values[0], exact.flip(0)[:2].numpy(), rtol=1e-4)
-    t = llcfast.hessian_trace(model, token_loss, batches, num_probes=200, seed=1)
+    t = llcfast.hessian_trace(model, token_loss, batches, num_probes=200, seed=1, hvp_mode=hvp_mode)
     assert abs(t.trace[0] - float(h.trace())) < 4 * t.std_error[0]
 
 
@@ -402,8 +492,8 @@ def test_hugging_face_gpt2_with_its_default_attention():
     eager.config._attn_implementation = "eager"
     batches = gpt2_batches(n_batches=1)
     a = llcfast.hessian_trace(sdpa, None, batches, num_probes=8)
-    b = llcfast.hessian_trace(eager, None, batches, num_probes=8)
-    assert a.config["hvp_mode"] == "forward-over-reverse"
+    b = llcfast.hessian_trace(eager, None, batches, num_probes=8, hvp_mode="forward-over-reverse")
+    assert a.config["hvp_mode"] == "reverse-over-reverse" and b.config["hvp_mode"] == "forward-over-reverse"
     np.testing.assert_allclose(a.per_probe, b.per_probe, rtol=1e-4, atol=1e-4 * np.abs(b.per_probe).max())
     with pytest.raises(ValueError, match="draws random numbers .* call model.eval"):
         llcfast.hessian_trace(tiny_gpt2().train(), None, batches, num_probes=2)

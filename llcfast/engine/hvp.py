@@ -1,6 +1,7 @@
 """Batched Hessian-vector products: many vectors (probes) at one or many
-points (e.g. SGLD chain positions) per pass, forward-over-reverse
-(torch.func.jvp of grad) vmapped over the vectors, and over the points.
+points (e.g. SGLD chain positions) per pass, reverse-over-reverse
+(torch.func.vjp of grad) or forward-over-reverse (jvp of grad), vmapped
+over the vectors, and over the points.
 
 Vectors and points are lists of tensors in the model's parameter order:
 vectors [R, *shape] with R = points x vectors-per-point (rows grouped by
@@ -17,26 +18,66 @@ from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._llc_common import first_line, map_tensors, precision_context, to_device
+from .compiled import GuardedCompile
 from .functional import chain_loss
+
+
+# Under vmap over vectors, the primal forward and backward run once per pass
+# in either mode, and per vector either a backward through the gradient's
+# graph (reverse-over-reverse) or a tangent forward-and-backward (forward-
+# over-reverse). On the paper's LM the first moves 6.7 GB a vector against
+# 8.9 GB and holds 0.48 against 0.72 GB (bench_traffic; CPU peak memory);
+# on 2 CPU cores, 4 vectors took 0.41 against 0.61 s (LR transformer) and
+# 8.8 against 9.9 s (LM).
+HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
+OTHER_MODE = {HVP_MODES[0]: HVP_MODES[1], HVP_MODES[1]: HVP_MODES[0]}
+
+
+def check_hvp_mode(mode: str) -> str:
+    if mode not in HVP_MODES:
+        raise ValueError(f"hvp_mode must be one of {HVP_MODES}, got {mode!r}")
+    return mode
+
+
+def _lacks_a_derivative(exc: BaseException) -> bool:
+    """Whether ``exc`` says an op has no forward-mode or second derivative
+    (rather than the loss failing for some other reason)."""
+    text = str(exc)
+    return any(k in text for k in ("forward AD", "jvp", "not implemented", "derivative for"))
 
 
 class HVP:
     """hvp(vectors, points=None) -> H(point) @ vector for every row, the
     Hessian of the mean loss over ``batches``. ``precision`` as in
     estimate_llc: the passes run with full fp32 matmuls, TF32 matmuls, or
-    under bf16 autocast; parameters, vectors and products stay fp32."""
+    under bf16 autocast; parameters, vectors and products stay fp32.
+    ``compile``: a torch.compile mode for the passes (Inductor fuses the
+    elementwise tangent work around the matmuls), or None. ``mode``: one
+    of HVP_MODES, the other taken where an op lacks the first's derivative."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, batches: Sequence, names: Sequence[str],
-                 centers: Sequence[torch.Tensor], *, rows_per_pass: Optional[int] = None, precision: str = "fp32"):
+                 centers: Sequence[torch.Tensor], *, rows_per_pass: Optional[int] = None, precision: str = "fp32",
+                 compile: Optional[str] = None, mode: str = "reverse-over-reverse"):
         self._loss = chain_loss(model, loss_fn, names)
         self._batches = [to_device(b, centers[0].device) for b in batches]
         self._centers = tuple(centers)
         self.rows_per_pass = rows_per_pass
         self.precision = precision
-        self.mode = "forward-over-reverse"
+        self.mode = check_hvp_mode(mode)
+        self._switched = False  # to the other mode, once, where an op lacks this one's derivative
         self.count = 0  # HVPs computed (rows x batches count once per row)
+        self._compile = GuardedCompile(compile, "the Hessian-vector products of this loss")
+        self._fns = {}
 
-    def __call__(self, vectors: List[torch.Tensor], points: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+    @property
+    def compiled(self) -> bool:
+        """Whether the passes run compiled (True until torch.compile gave up)."""
+        return self._compile.active
+
+    def __call__(self, vectors: List[torch.Tensor], points: Optional[List[torch.Tensor]] = None, *,
+                 eager: bool = False) -> List[torch.Tensor]:
+        """``eager``: skip torch.compile for this call (checks and memory
+        measurements, whose shapes would each cost a compilation)."""
         rows = vectors[0].shape[0]
         per_point = rows if points is None else rows // points[0].shape[0]
         total = None
@@ -45,17 +86,17 @@ class HVP:
         # same attention from differentiable ops.
         with precision_context(self.precision, self._centers[0].device), sdpa_kernel(SDPBackend.MATH):
             for batch in self._batches:
-                out = self._adaptive(vectors, points, per_point, batch)
+                out = self._adaptive(vectors, points, per_point, batch, eager)
                 total = out if total is None else [t + o for t, o in zip(total, out)]
         self.count += rows
         scale = 1.0 / len(self._batches)
         return [t * scale for t in total] if len(self._batches) > 1 else total
 
-    def _adaptive(self, vectors, points, per_point, batch):
+    def _adaptive(self, vectors, points, per_point, batch, eager):
         """Halves the rows per pass on out-of-memory until a pass fits."""
         while True:
             try:
-                return self._one_batch(vectors, points, per_point, batch)
+                return self._one_batch(vectors, points, per_point, batch, eager)
             except torch.OutOfMemoryError as exc:
                 current = self.rows_per_pass or per_point
                 if current <= 1:
@@ -67,9 +108,9 @@ class HVP:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
 
-    def _one_batch(self, vectors, points, per_point, batch):
+    def _one_batch(self, vectors, points, per_point, batch, eager):
         try:
-            return self._run(vectors, points, per_point, batch, self.mode)
+            return self._run(vectors, points, per_point, batch, self.mode, eager)
         except torch.OutOfMemoryError:
             raise  # OutOfMemoryError is a RuntimeError; _adaptive shrinks the pass instead
         except (NotImplementedError, RuntimeError) as exc:
@@ -77,38 +118,53 @@ class HVP:
                 raise ValueError("the loss draws random numbers (dropout in a model left in train mode, for "
                                  "instance), so it has no Hessian to measure; call model.eval() first, or make "
                                  "the loss deterministic") from exc
-            if self.mode != "forward-over-reverse" or "forward AD" not in str(exc) and "jvp" not in str(exc):
+            if self._switched or not _lacks_a_derivative(exc):
                 raise _not_twice_differentiable(exc) from exc
-            warnings.warn(f"llcfast: forward-mode AD is not available for an op in this loss ({str(exc).splitlines()[0]}); "
-                          "using reverse-over-reverse Hessian-vector products (slower)", RuntimeWarning, stacklevel=4)
-            self.mode = "reverse-over-reverse"
+            other = OTHER_MODE[self.mode]
+            warnings.warn(f"llcfast: {self.mode} Hessian-vector products fail on an op of this loss "
+                          f"({first_line(exc)}); using {other} ones", RuntimeWarning, stacklevel=4)
+            self.mode, self._switched = other, True
             try:
-                return self._run(vectors, points, per_point, batch, self.mode)
+                return self._run(vectors, points, per_point, batch, self.mode, eager)
             except torch.OutOfMemoryError:
                 raise
             except (NotImplementedError, RuntimeError) as exc2:
                 raise _not_twice_differentiable(exc2) from exc2
 
-    def _run(self, vectors, points, per_point, batch, mode):
-        loss = self._loss
+    def _run(self, vectors, points, per_point, batch, mode, eager=False):
+        key = (mode, self.rows_per_pass, points is None)
+        if key not in self._fns:
+            fn = _pass(self._loss, mode, self.rows_per_pass, points is None)
+            self._fns[key] = (fn, self._compile.wrap(fn))
+        fn = self._fns[key][0 if eager else 1]
+        return fn(self._centers if points is None else tuple(points), tuple(vectors), batch)
 
-        def grad_at(params):
-            return grad(lambda p: loss(p, batch))(params)
 
-        def one(params, vec):
-            if mode == "forward-over-reverse":
-                return jvp(grad_at, (params,), (vec,))[1]
-            return vjp(grad_at, params)[1](vec)[0]
+def _pass(loss: Callable, mode: str, chunk: Optional[int], at_centers: bool) -> Callable:
+    """(params, vectors, batch) -> [H(params) v for each row v]: at one set
+    of params ([*shape] each), or at C stacked points ([C, *shape]) with the
+    rows grouped by point. Everything it reads comes in as an argument, so
+    torch.compile can reuse its code from batch to batch."""
 
-        vecs = tuple(vectors)
-        chunk = self.rows_per_pass
-        if points is None:
-            return list(vmap(one, in_dims=(None, 0), chunk_size=chunk)(self._centers, vecs))
+    def one(params, vec, batch):
+        def grad_at(p):
+            return grad(lambda q: loss(q, batch))(p)
+
+        if mode == "forward-over-reverse":
+            return jvp(grad_at, (params,), (vec,))[1]
+        return vjp(grad_at, params)[1](vec)[0]
+
+    inner = vmap(one, in_dims=(None, 0, None), chunk_size=chunk)
+    if at_centers:
+        return lambda params, vecs, batch: list(inner(params, vecs, batch))
+
+    def at_points(points, vecs, batch):
         c = points[0].shape[0]
-        grouped = tuple(v.view((c, per_point) + tuple(v.shape[1:])) for v in vecs)
-        inner = vmap(one, in_dims=(None, 0), chunk_size=chunk)
-        out = vmap(inner, in_dims=(0, 0))(tuple(points), grouped)
+        grouped = tuple(v.view((c, v.shape[0] // c) + tuple(v.shape[1:])) for v in vecs)
+        out = vmap(inner, in_dims=(0, 0, None))(points, grouped, batch)
         return [o.reshape(v.shape) for o, v in zip(out, vecs)]
+
+    return at_points
 
 
 # Step sizes relative to |w|/|v| by precision: float64 gradients allow steps
@@ -129,7 +185,7 @@ def finite_difference_gap(hvp: "HVP", vector: List[torch.Tensor]) -> float:
     since the check is of the derivative, not of rounding."""
     precision, hvp.precision = hvp.precision, "fp32"
     try:
-        exact = [o[0].double() for o in hvp(vector)]
+        exact = [o[0].double() for o in hvp(vector, eager=True)]
     finally:
         hvp.precision = precision
     hvp.count -= 1  # the check is not the caller's work

@@ -12,13 +12,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_leaves
 
 from .. import ops
 from .._llc_common import first_line, precision_context, progress_bar, restriction_masks, trainable
 from ..fused_loss import first_order
 from ..samplers import Stepper
 from .batches import ChainBatches
+from .compiled import GuardedCompile
 from .functional import chain_loss, sequential_grads, vmap_failure, vmapped_grads
 from .graphs import GraphStep, side_stream
 from .mala import MalaTracker
@@ -179,23 +179,6 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
                       compiled=passes.compiled and mode == "vmap")  # the sequential path is not compiled
 
 
-# Modes whose compiled code the whole-step CUDA-graph capture can hold; the
-# others ("reduce-overhead", "max-autotune") bring Inductor's own CUDA graphs.
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-
-
-def check_compile(compile) -> Optional[str]:
-    """estimate_llc's ``compile`` argument as a torch.compile mode, or None."""
-    if compile is False or compile is None:
-        return None
-    if compile is True:
-        return "default"
-    if compile in COMPILE_MODES:
-        return compile
-    raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r} (modes with "
-                     "Inductor's own CUDA graphs clash with llcfast's capture of the whole step)")
-
-
 class BatchedPasses:
     """The vmapped loss-and-gradient function for each batch layout, built
     once; with ``compile`` it goes through torch.compile (Inductor fuses the
@@ -204,52 +187,18 @@ class BatchedPasses:
 
     def __init__(self, loss: Callable, chain_chunk: Optional[int], mode: Optional[str]):
         self.loss, self.chain_chunk, self.mode = loss, chain_chunk, mode
-        self.compiled = mode is not None
+        self._compile = GuardedCompile(mode, "this model's batched pass")
         self._fns: Dict[str, Callable] = {}
+
+    @property
+    def compiled(self) -> bool:
+        return self._compile.active
 
     def __call__(self, dims) -> Callable:
         key = repr(dims)
         if key not in self._fns:
-            fn = vmapped_grads(self.loss, dims, self.chain_chunk)
-            self._fns[key] = self._guarded(fn) if self.mode is not None else fn
+            self._fns[key] = self._compile.wrap(vmapped_grads(self.loss, dims, self.chain_chunk))
         return self._fns[key]
-
-    def _guarded(self, eager: Callable) -> Callable:
-        compiled = torch.compile(eager, mode=self.mode)
-        checked = [False]
-
-        def run(*args):
-            if self.compiled:
-                try:
-                    out = compiled(*args)
-                except Exception as exc:  # Dynamo and Inductor raise many types
-                    self._give_up(f"torch.compile could not compile this model's batched pass "
-                                  f"({type(exc).__name__}: {first_line(exc)[:200]})")
-                    return eager(*args)
-                if checked[0]:
-                    return out
-                # The first compiled pass is checked against an eager one:
-                # Inductor's CPU code for bf16 autocast (torch 2.14) gave NaN
-                # gradients to half the chains of the LR model.
-                checked[0] = True
-                want = eager(*args)
-                if not _finite_where(out, want):
-                    self._give_up("torch.compile's code for this model's batched pass gave non-finite losses or "
-                                  "gradients where the eager pass gave finite ones, on the first step")
-                    return want
-                return out
-            return eager(*args)
-
-        return run
-
-    def _give_up(self, why: str) -> None:
-        self.compiled = False
-        warnings.warn(f"llcfast: {why}; continuing without compiling", RuntimeWarning, stacklevel=3)
-
-
-def _finite_where(got, want) -> bool:
-    """Whether every tensor in ``got`` is finite wherever its twin in ``want`` is."""
-    return all(bool(torch.isfinite(a)[torch.isfinite(b)].all()) for a, b in zip(tree_leaves(got), tree_leaves(want)))
 
 
 def loss_context(cfg: SamplerConfig):
