@@ -144,3 +144,23 @@ def test_hessian_compile_is_checked(bad):
     model, loss_fn, batches = _hessian_case()
     with pytest.raises(ValueError, match=f"compile must be True, False or one of .* got {bad!r}"):
         llcfast.hessian_trace(model, loss_fn, batches, compile=bad)
+
+
+def test_the_eager_check_runs_only_when_the_compiled_result_has_a_non_finite_value(monkeypatch):
+    from llcfast.engine.compiled import GuardedCompile
+    calls = []
+
+    def eager(x):
+        calls.append("eager")
+        return [x * 2]
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda x: [x * 2.0]))
+    guard = GuardedCompile("default", "a test pass")
+    run = guard.wrap(eager)
+    assert torch.equal(run(torch.ones(3))[0], torch.full((3,), 2.0)) and calls == []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda x: [x / 0.0 - x / 0.0]))  # NaN everywhere
+    guard = GuardedCompile("default", "a test pass")
+    run = guard.wrap(eager)
+    with pytest.warns(RuntimeWarning, match="non-finite values"):
+        out = run(torch.ones(3))
+    assert calls == ["eager"] and torch.equal(out[0], torch.full((3,), 2.0)) and not guard.active

@@ -152,3 +152,20 @@ def test_sweeps_take_a_sampler_and_keep_older_keys(run_dir, tmp_path):
     with pytest.raises(ValueError, match="sweep: sampler_kwargs: 'alpha' is not a hyperparameter of 'sgnht'"):
         RunConfig.from_dict(dict(cfg.to_dict(), sweep=dict(asdict(cfg.sweep), sampler="sgnht",
                                                            sampler_kwargs={"alpha": 0.9})))
+
+
+def test_sweep_compile_reaches_the_hessian_passes_and_changes_no_number(run_dir, tmp_path, monkeypatch):
+    plain = sweep(run_dir, progress=False, out=str(tmp_path / "plain.jsonl"))
+    wrapped = []
+
+    def spy(fn, *args, **kwargs):  # stands in for torch.compile: records what it was given, runs it as is
+        wrapped.append(fn.__qualname__)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", spy)
+    compiled = sweep(run_dir, progress=False, out=str(tmp_path / "compiled.jsonl"), engine={"compile": True})
+    assert any(name.startswith("_pass.") for name in wrapped)  # the Hessian's passes
+    assert any(not name.startswith("_pass.") for name in wrapped)  # the LLC's
+    for a, b in zip(plain, compiled):
+        assert a["llc_mean"] == b["llc_mean"] and a["hessian_top_eig"] == pytest.approx(b["hessian_top_eig"])
+        assert a["hessian_trace"] == pytest.approx(b["hessian_trace"])

@@ -32,6 +32,7 @@ class GuardedCompile:
     """Wraps eager functions in torch.compile(mode). ``active`` turns False,
     for every function it wrapped, the first time one cannot be compiled or
     its first compiled result is non-finite where the eager one is finite
+    (the eager one runs only when the compiled one has a non-finite value)
     (Inductor's CPU code for bf16 autocast, torch 2.14, gave NaN gradients to
     half the chains of the paper's LR model). Out-of-memory propagates: the
     callers shrink their passes on it."""
@@ -64,6 +65,8 @@ class GuardedCompile:
             if checked[0]:
                 return out
             checked[0] = True
+            if _all_finite(out):  # finite wherever the eager result could be: no eager pass needed
+                return out
             want = eager(*args)
             if not finite_where(out, want):
                 self.give_up(f"torch.compile's code for {self.what} gave non-finite values where the eager "
@@ -76,6 +79,11 @@ class GuardedCompile:
     def give_up(self, why: str) -> None:
         self.active = False
         warnings.warn(f"llcfast: {why}; continuing without compiling", RuntimeWarning, stacklevel=4)
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tree_leaves(tree)
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def finite_where(got, want) -> bool:

@@ -63,8 +63,8 @@ def _sweep_overrides(parser) -> None:
     g.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
                    help="matmul precision of the LLC's and the Hessian's passes (default fp32)")
     e = parser.add_argument_group("engine options (they do not change the estimate)")
-    e.add_argument("--compile", action="store_true", help="torch.compile each checkpoint's batched pass "
-                                                          "(compiled once, reused across checkpoints)")
+    e.add_argument("--compile", action="store_true", help="torch.compile the LLC's and the Hessian's batched "
+                                                          "passes (compiled once, reused across checkpoints)")
     e.add_argument("--mala", action="store_true", help="record the mean MALA acceptance per checkpoint")
     h = parser.add_mutually_exclusive_group()
     h.add_argument("--hessian", dest="hessian", action="store_true", default=None,
