@@ -270,7 +270,8 @@ def test_trace_passes_are_planned_from_measured_memory(monkeypatch):
         llcfast.hessian_trace(model, loss_fn, batches, num_probes=40)
 
 
-class _OnceDifferentiable(torch.autograd.Function):
+class _SquareNoForwardMode(torch.autograd.Function):
+    """x^2, twice differentiable in reverse mode, with no jvp."""
     generate_vmap_rule = True
 
     @staticmethod
@@ -281,6 +282,12 @@ class _OnceDifferentiable(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
 
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * ctx.saved_tensors[0] * g
+
+
+class _OnceDifferentiable(_SquareNoForwardMode):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
@@ -331,23 +338,6 @@ class _CubeGrad(torch.autograd.Function):
         x, g = ctx.saved_tensors
         out = 6 * x * x_dot * g
         return out if g_dot is None else out + 3 * x ** 2 * g_dot
-
-
-class _SquareNoForwardMode(torch.autograd.Function):
-    """x^2, twice differentiable in reverse mode, with no jvp."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x ** 2
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        return 2 * ctx.saved_tensors[0] * g
 
 
 @pytest.mark.parametrize("fn, power, lacking", [(_CubeNoDoubleBackward, 3, "reverse-over-reverse"),
