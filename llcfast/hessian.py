@@ -308,7 +308,9 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
         values, vecs = ritz(run)
         return bool((residuals(run, values, vecs) <= tol * values.abs().amax(1, keepdim=True)).all())
 
-    run = lanczos(prob.matvec, start, max(max_iter, k + 1), converged=converged)
+    run = lanczos(prob.matvec, start, max(max_iter, k + 1), converged=converged,
+                  lower="lower max_iter (the top few eigenvalues usually converge within 30-50 steps), restrict= "
+                        "fewer parameters, or use method='power', which keeps no basis")
     values, vecs = ritz(run)
     idx = wanted(values).to(values.device)
     resid = residuals(run, values, vecs)
@@ -369,7 +371,9 @@ def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batche
     c = prob.num_points
     starts = torch.cat([v.reshape(num_runs, -1) for v in prob.probes(num_runs, seed, 2)], dim=1)
     start = starts.repeat(c, 1)  # rows grouped by point: point p holds rows p*V .. p*V + V-1
-    run = lanczos(prob.matvec, start, num_steps)
+    run = lanczos(prob.matvec, start, num_steps, reserve_all=True,
+                  lower="lower num_steps, or num_runs (average the densities of several calls with different "
+                        "seeds), or restrict= fewer parameters")
     values, vecs = ritz(run)
     weights = vecs[:, 0, :] ** 2
     return HessianSpectrum(values.view(c, num_runs, -1).cpu().numpy(), weights.view(c, num_runs, -1).cpu().numpy(),

@@ -585,3 +585,41 @@ def test_cuda_low_precision_trace_within_the_probes_spread(precision):
     assert torch.backends.cuda.matmul.allow_tf32 == flag
     assert np.abs(low.per_probe - full.per_probe).max() < 8 * 2.0 ** -8 * np.abs(full.per_probe).mean()
     assert abs(low.trace[0] - full.trace[0]) < 0.25 * full.std_error[0]
+
+
+def _symmetric_matvec(n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    a = ((q * torch.linspace(-1.0, 3.0, n, dtype=torch.float64)) @ q.T).float()
+    return (lambda x: x @ a), torch.randn(2, n, generator=g)
+
+
+def test_lanczos_basis_grows_with_the_steps_and_gives_the_numbers_of_a_full_one():
+    from llcfast.engine.lanczos import FIRST_BLOCK, lanczos
+    matvec, start = _symmetric_matvec()
+    grown = lanczos(matvec, start, 100)
+    full = lanczos(matvec, start, 100, reserve_all=True)
+    assert grown.steps == full.steps == 100 > 2 * FIRST_BLOCK
+    torch.testing.assert_close(grown.alphas, full.alphas, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grown.betas, full.betas, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grown.basis, full.basis, rtol=1e-6, atol=1e-7)
+
+
+def test_a_lanczos_basis_that_does_not_fit_is_a_memory_error_saying_what_to_lower(monkeypatch):
+    from llcfast.engine.lanczos import FIRST_BLOCK, lanczos
+    matvec, start = _symmetric_matvec()
+    real_empty = torch.empty
+
+    def empty(*shape, **kwargs):  # the device holds FIRST_BLOCK basis vectors per row, no more
+        if len(shape) == 3 and shape[1] > FIRST_BLOCK and kwargs.get("dtype") == torch.float32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    assert lanczos(matvec, start, FIRST_BLOCK).steps == FIRST_BLOCK  # fits: never grows
+    with pytest.raises(MemoryError, match=rf"2 run\(s\) x {2 * FIRST_BLOCK} steps x 200 parameters = .* GiB "
+                                          r"\(of up to 100 steps\) .*9.00 GiB\); lower max_iter"):
+        lanczos(matvec, start, 100, lower="lower max_iter")
+    model = Quadratic(np.linspace(0.5, 2.0, 64))
+    with pytest.raises(MemoryError, match="lower num_steps, or num_runs"):
+        llcfast.hessian_spectrum(model, quad_loss, [None], num_runs=2, num_steps=40)
