@@ -75,7 +75,7 @@ def lanczos_hvps_to(model, loss_fn, batch, target, max_iter):
     """The fewest Lanczos iterations (HVPs) whose top Ritz value is within
     1e-3 relative of ``target``."""
     for it in range(2, max_iter + 1):
-        res = llcfast.hessian_eigs(model, loss_fn, [batch], k=1, tol=1e-12, max_iter=it)
+        res = llcfast.hessian_eigs(model, loss_fn, [batch], k=1, tol=1e-12, max_iter=it, progress=False)
         if abs(res.values[0, 0] - target) <= 1e-3 * abs(target):
             return res.num_hvps, float(res.values[0, 0])
     return max_iter, float(res.values[0, 0])
@@ -164,7 +164,8 @@ def low_precision_traces(model, loss_fn, batch, probes, device, precisions, fast
         precision, *extras = variant.split("+")
         mode = "forward-over-reverse" if "forward" in extras else "reverse-over-reverse"
         run = lambda: llcfast.hessian_trace(model, loss_fn, [batch], num_probes=probes,  # noqa: E731
-                                            precision=precision, compile="compile" in extras, hvp_mode=mode)
+                                            precision=precision, compile="compile" in extras, hvp_mode=mode,
+                                            progress=False)
         run()  # warm-up (and torch.compile's compilation, which later calls reuse)
         seconds, res = timed(device, run)
         out[variant] = {"s": seconds, "speedup_vs_loop": loop_s / seconds, "hvps_per_s": probes / seconds,
@@ -178,14 +179,14 @@ def low_precision_traces(model, loss_fn, batch, probes, device, precisions, fast
 def measure(case, device, probes, max_iter, precisions=()):
     model, loss_fn = case["model"], case["loss_fn"]
     batch = next(iter(case["loader"]))
-    llcfast.hessian_trace(model, loss_fn, [batch], num_probes=2)  # warm-up (allocations, libraries)
-    fast_s, fast = timed(device, lambda: llcfast.hessian_trace(model, loss_fn, [batch], num_probes=probes))
+    llcfast.hessian_trace(model, loss_fn, [batch], num_probes=2, progress=False)  # warm-up (allocations, libraries)
+    fast_s, fast = timed(device, lambda: llcfast.hessian_trace(model, loss_fn, [batch], num_probes=probes, progress=False))
     loop_s, (loop, loop_se) = timed(device, lambda: loop_trace(model, loss_fn, batch, probes, seed=0))
     cl_s, cl = optional(device, lambda: curvlinops_trace(model, loss_fn, batch, probes))
     he_s, he_value = optional(device, lambda: eigenthings_trace(model, loss_fn, batch, probes))
-    fast_flops = counted_flops(lambda: llcfast.hessian_trace(model, loss_fn, [batch], num_probes=probes))
+    fast_flops = counted_flops(lambda: llcfast.hessian_trace(model, loss_fn, [batch], num_probes=probes, progress=False))
     loop_flops = counted_flops(lambda: loop_trace(model, loss_fn, batch, probes, seed=0))
-    ref = llcfast.hessian_eigs(model, loss_fn, [batch], k=1, tol=1e-8, max_iter=max_iter)
+    ref = llcfast.hessian_eigs(model, loss_fn, [batch], k=1, tol=1e-8, max_iter=max_iter, progress=False)
     target = float(ref.values[0, 0])
     lz_hvps, lz_value = lanczos_hvps_to(model, loss_fn, batch, target, max_iter)
     pw_hvps, pw_value = loop_power(model, loss_fn, batch, target, 10 * max_iter, seed=0)

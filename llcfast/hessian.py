@@ -16,7 +16,8 @@ import torch
 
 from . import ops
 from ._checks import check_int, group_offsets_for_sizes
-from ._llc_common import check_precision, checked_loss, default_loss, restriction_masks, to_device, trainable
+from ._llc_common import (check_precision, checked_loss, default_loss, progress_bar, restriction_masks, to_device,
+                          trainable)
 from .engine.compiled import check_compile
 from .engine.hvp import HVP, check_hvp_mode, finite_difference_gap
 from .engine.lanczos import lanczos, ritz
@@ -208,7 +209,7 @@ def _compiled(prob: _Problem) -> dict:
 def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, num_probes: int = 100,
                   probes_per_pass: Optional[int] = None, points: Optional[Dict[str, torch.Tensor]] = None,
                   restrict=None, seed: int = 0, device=None, precision: str = "fp32",
-                  compile=False, hvp_mode: str = "reverse-over-reverse") -> HessianTrace:
+                  compile=False, hvp_mode: str = "reverse-over-reverse", progress: bool = True) -> HessianTrace:
     """Hutchinson's estimate tr(H) = E[v^T H v] over Rademacher probes v, of
     the Hessian of the mean loss over ``batches`` at the model's weights, or
     at each of the stacked ``points`` ({name: [C, *shape]}). Returns the
@@ -231,7 +232,8 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
     "reverse-over-reverse" (a backward through the gradient's graph per
     probe) or "forward-over-reverse" (a tangent forward-and-backward per
     probe), the other taken, with a warning, where an op lacks the first's
-    derivative; config["hvp_mode"] records which ran."""
+    derivative; config["hvp_mode"] records which ran. ``progress``: a
+    progress bar over the probes (tqdm; gone when done)."""
     check_int("num_probes", num_probes, minimum=1)
     if probes_per_pass is not None:
         check_int("probes_per_pass", probes_per_pass, minimum=1)
@@ -245,6 +247,7 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
         per_pass, plan = _plan_probes(prob, num_probes)
     values = torch.zeros(c, num_probes, dtype=torch.float64, device=prob.device)
     counted = prob.hvp.count
+    bar = progress_bar(progress, num_probes, "Hessian trace", unit="probe")
     for start in range(0, num_probes, per_pass):
         count = min(per_pass, num_probes - start)
         drawn = per_pass if prob.hvp.compiled else count
@@ -256,6 +259,10 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
         out = torch.zeros(c * drawn, dtype=torch.float64, device=prob.device)
         ops.multi_dot_(out, [v.contiguous() for v in vecs], [h.contiguous() for h in hv])
         values[:, start:start + count] = out.view(c, drawn)[:, :count]
+        if bar is not None:
+            bar.update(count)
+    if bar is not None:
+        bar.close()
     prob.hvp.count = counted + c * num_probes  # the filling probes are not the caller's work
     per_probe = values.cpu().numpy()
     se = per_probe.std(axis=1, ddof=1) / math.sqrt(num_probes) if num_probes > 1 else np.full(c, np.nan)
@@ -270,7 +277,7 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
                  which: str = "largest", method: str = "lanczos", tol: float = 1e-6, max_iter: int = 100,
                  return_vectors: bool = False, points: Optional[Dict[str, torch.Tensor]] = None, restrict=None,
                  seed: int = 0, device=None, precision: str = "fp32", compile=False,
-                 hvp_mode: str = "reverse-over-reverse") -> HessianEigs:
+                 hvp_mode: str = "reverse-over-reverse", progress: bool = True) -> HessianEigs:
     """The k largest (``which="largest"``) or smallest eigenvalues of the
     Hessian, by Lanczos with full reorthogonalization (default) or by power
     iteration with deflation (``method="power"``, largest magnitude, for
@@ -278,8 +285,9 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
     is below ``tol`` times the largest |Ritz value|, or after ``max_iter``
     steps (Lanczos) / iterations per eigenvalue (power). ``precision`` as
     in hessian_trace: under "bf16" each product carries rounding of about
-    1e-3 relative, so a ``tol`` below that may not be reached. ``compile``
-    and ``hvp_mode`` as in hessian_trace."""
+    1e-3 relative, so a ``tol`` below that may not be reached. ``compile``,
+    ``hvp_mode`` and ``progress`` (over the steps, to at most max_iter) as in
+    hessian_trace."""
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if method not in ("lanczos", "power"):
@@ -293,7 +301,12 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
         raise ValueError(f"k = {k} exceeds the {prob.free} parameters the Hessian acts on; k must be <= {prob.free}")
     start = torch.cat([v.reshape(prob.num_points, -1) for v in prob.probes(prob.num_points, seed, 1)], dim=1)
     if method == "power":
-        return _power(prob, start, k, which, tol, max_iter, return_vectors)
+        bar = progress_bar(progress, k * max_iter, "Hessian eigenvalues (power)", unit="HVP step")
+        try:
+            return _power(prob, start, k, which, tol, max_iter, return_vectors, bar)
+        finally:
+            if bar is not None:
+                bar.close()
     sign = 1.0 if which == "largest" else -1.0
 
     def wanted(values):  # [R, m] ascending -> indices of the k wanted
@@ -308,9 +321,14 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
         values, vecs = ritz(run)
         return bool((residuals(run, values, vecs) <= tol * values.abs().amax(1, keepdim=True)).all())
 
-    run = lanczos(prob.matvec, start, max(max_iter, k + 1), converged=converged,
-                  lower="lower max_iter (the top few eigenvalues usually converge within 30-50 steps), restrict= "
-                        "fewer parameters, or use method='power', which keeps no basis")
+    bar = progress_bar(progress, max(max_iter, k + 1), "Hessian eigenvalues (Lanczos)", unit="HVP step")
+    try:
+        run = lanczos(prob.matvec, start, max(max_iter, k + 1), converged=converged, bar=bar,
+                      lower="lower max_iter (the top few eigenvalues usually converge within 30-50 steps), "
+                            "restrict= fewer parameters, or use method='power', which keeps no basis")
+    finally:
+        if bar is not None:
+            bar.close()
     values, vecs = ritz(run)
     idx = wanted(values).to(values.device)
     resid = residuals(run, values, vecs)
@@ -324,7 +342,7 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
                                    parameters=prob.free, precision=precision, **_compiled(prob)))
 
 
-def _power(prob, start, k, which, tol, max_iter, return_vectors):
+def _power(prob, start, k, which, tol, max_iter, return_vectors, bar=None):
     """Power iteration with deflation (PyHessian's method): largest |eigenvalue|."""
     if which != "largest":
         raise ValueError("method='power' finds the largest-magnitude eigenvalues only; use method='lanczos'")
@@ -337,6 +355,8 @@ def _power(prob, start, k, which, tol, max_iter, return_vectors):
                 v = v - (v * u).sum(1, keepdim=True) * u
             v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
             w = prob.matvec(v)
+            if bar is not None:
+                bar.update(1)
             new = (w.double() * v.double()).sum(1)
             done = bool(((new - lam).abs() <= tol * new.abs().clamp_min(1e-30)).all())
             lam, v = new, w
@@ -359,21 +379,26 @@ def _power(prob, start, k, which, tol, max_iter, return_vectors):
 def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, num_runs: int = 4,
                      num_steps: int = 80, points: Optional[Dict[str, torch.Tensor]] = None, restrict=None,
                      seed: int = 0, device=None, precision: str = "fp32", compile=False,
-                     hvp_mode: str = "reverse-over-reverse") -> HessianSpectrum:
+                     hvp_mode: str = "reverse-over-reverse", progress: bool = True) -> HessianSpectrum:
     """Spectral density by stochastic Lanczos quadrature: ``num_runs``
     Lanczos runs of ``num_steps`` steps from Rademacher starts, all in one
     batched pass per step; Ritz values are the nodes, squared first
-    eigenvector components the weights. ``precision``, ``compile`` and
-    ``hvp_mode`` as in hessian_trace."""
+    eigenvector components the weights. ``precision``, ``compile``,
+    ``hvp_mode`` and ``progress`` (over the steps) as in hessian_trace."""
     check_int("num_runs", num_runs, minimum=1)
     check_int("num_steps", num_steps, minimum=1)
     prob = _Problem(model, loss_fn, batches, points, restrict, device, precision, compile, hvp_mode)
     c = prob.num_points
     starts = torch.cat([v.reshape(num_runs, -1) for v in prob.probes(num_runs, seed, 2)], dim=1)
     start = starts.repeat(c, 1)  # rows grouped by point: point p holds rows p*V .. p*V + V-1
-    run = lanczos(prob.matvec, start, num_steps, reserve_all=True,
-                  lower="lower num_steps, or num_runs (average the densities of several calls with different "
-                        "seeds), or restrict= fewer parameters")
+    bar = progress_bar(progress, num_steps, "Hessian spectrum", unit="HVP step")
+    try:
+        run = lanczos(prob.matvec, start, num_steps, reserve_all=True, bar=bar,
+                      lower="lower num_steps, or num_runs (average the densities of several calls with different "
+                            "seeds), or restrict= fewer parameters")
+    finally:
+        if bar is not None:
+            bar.close()
     values, vecs = ritz(run)
     weights = vecs[:, 0, :] ** 2
     return HessianSpectrum(values.view(c, num_runs, -1).cpu().numpy(), weights.view(c, num_runs, -1).cpu().numpy(),

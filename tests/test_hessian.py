@@ -623,3 +623,16 @@ def test_a_lanczos_basis_that_does_not_fit_is_a_memory_error_saying_what_to_lowe
     model = Quadratic(np.linspace(0.5, 2.0, 64))
     with pytest.raises(MemoryError, match="lower num_steps, or num_runs"):
         llcfast.hessian_spectrum(model, quad_loss, [None], num_runs=2, num_steps=40)
+
+
+def test_long_hessian_work_shows_progress_and_can_be_quiet(capsys):
+    model, loss_fn, batches = small_cases()["mlp"]
+    llcfast.hessian_trace(model, loss_fn, batches, num_probes=8)
+    llcfast.hessian_eigs(model, loss_fn, batches, k=1)
+    llcfast.hessian_spectrum(model, loss_fn, batches, num_runs=2, num_steps=6)
+    err = capsys.readouterr().err
+    assert "Hessian trace" in err and "/8 " in err and "Hessian eigenvalues (Lanczos)" in err
+    assert "Hessian spectrum" in err and "/6 " in err
+    llcfast.hessian_trace(model, loss_fn, batches, num_probes=8, progress=False)
+    llcfast.hessian_eigs(model, loss_fn, batches, k=1, method="power", progress=False)
+    assert capsys.readouterr().err == ""

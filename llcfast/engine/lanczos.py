@@ -36,13 +36,14 @@ FIRST_BLOCK = 32
 
 def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, steps: int, *,
             converged: Optional[Callable[[LanczosRun], bool]] = None, check_every: int = 5,
-            reserve_all: bool = False, lower: str = "") -> LanczosRun:
+            reserve_all: bool = False, lower: str = "", bar=None) -> LanczosRun:
     """``matvec``: [R, N] -> [R, N] (a symmetric operator per row);
     ``start``: [R, N]. Stops after ``steps`` steps, at an invariant subspace
     (every row's residual ~ 0), or when ``converged(run)`` says so. The
     basis grows with the steps taken, or holds all ``steps`` from the start
     with ``reserve_all`` (a run that always takes them); where it does not
-    fit, a MemoryError says how much it needs and, in ``lower``, what to lower."""
+    fit, a MemoryError says how much it needs and, in ``lower``, what to
+    lower. ``bar``: a progress bar, advanced once per step."""
     rows, n = start.shape
     steps = min(steps, n)
     basis = _basis(rows, steps if reserve_all else min(steps, FIRST_BLOCK), n, start.device, steps, lower)
@@ -62,6 +63,8 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor,
         # enough", and it also removes the alpha and beta terms), beta, and
         # the next basis vector.
         ops.lanczos_step_(basis, w, j, ab)
+        if bar is not None:
+            bar.update(1)
         alphas[:, j] = ab[:, 0]
         beta = ab[:, 1].clone()
         scale = alphas[:, : j + 1].abs().amax(1).clamp_min(1e-30)

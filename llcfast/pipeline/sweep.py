@@ -125,8 +125,9 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
         batch = [tuple(t[:s.hessian_batch] for t in eval_set)]
         compiled = bool((engine or {}).get("compile"))
         tr = hessian_trace(model, loss_fn, batch, num_probes=s.hessian_probes, seed=s.seed, precision=s.precision,
-                           compile=compiled)
-        eig = hessian_eigs(model, loss_fn, batch, k=1, tol=1e-3, precision=s.precision, compile=compiled)
+                           compile=compiled, progress=progress)
+        eig = hessian_eigs(model, loss_fn, batch, k=1, tol=1e-3, precision=s.precision, compile=compiled,
+                           progress=progress)
         rec.update(hessian_trace=float(tr.trace[0]), hessian_trace_se=float(tr.std_error[0]),
                    hessian_top_eig=float(eig.values[0, 0]))
     rec["seconds"] = time.perf_counter() - started
