@@ -222,7 +222,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small models, few probes")
     p.add_argument("--probes", type=int, default=None, help="Hutchinson probes (default 100; quick: 8)")
-    p.add_argument("--precisions", default="fp32+forward,tf32,bf16,fp32+compile,bf16+compile",
+    p.add_argument("--precisions", default="fp32+forward,tf32,bf16,bf16+compile",
                    help="comma-separated fp32, tf32, bf16, each optionally +compile (torch.compile'd passes) and "
                         "+forward (forward-over-reverse HVPs): llcfast's trace also timed at these (empty: none)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/hessian_<gpu>_<date>.json)")

@@ -6,6 +6,13 @@
 #
 #   bash benchmarks/gpu_session.sh build tests llc compiled large hessian demo
 #
+# A device call runs at most 600 s and a session has 1800 s of device time,
+# machine start included, so split the steps over calls, most wanted first:
+#   1. build tests   (limits 300 + 300; the CUDA kernels' first run)
+#   2. llc           (420: the issue's speed table, against devinterp)
+#   3. hessian       (540: HVP modes, precisions, compiled trace, planner)
+#   4. compiled, then large, as time remains
+#
 # Missing Python packages (devinterp, curvlinops, ...) travel as wheels in
 # .whl/ (see README, "Benchmarks"); a prebuilt llcfast/_C*.so is reused when
 # its build matches this torch.
