@@ -636,3 +636,22 @@ def test_long_hessian_work_shows_progress_and_can_be_quiet(capsys):
     llcfast.hessian_trace(model, loss_fn, batches, num_probes=8, progress=False)
     llcfast.hessian_eigs(model, loss_fn, batches, k=1, method="power", progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_the_finite_difference_check_stops_at_the_first_step_that_agrees():
+    from llcfast.engine.hvp import finite_difference_gap
+    model, loss_fn, batches = small_cases()["mlp"]
+    calls = []
+
+    def counted(m, b):
+        calls.append(1)
+        return loss_fn(m, b)
+
+    names = [n for n, _ in model.named_parameters()]
+    centers = [p.detach().clone() for p in model.parameters()]
+    vector = [torch.randn((1,) + c.shape, generator=torch.Generator().manual_seed(0)) for c in centers]
+    full = finite_difference_gap(HVP(model, counted, batches[:1], names, centers), vector)
+    assert len(calls) == 1 + 3 * 2  # the HVP, then two gradients at each of three steps
+    calls.clear()
+    early = finite_difference_gap(HVP(model, counted, batches[:1], names, centers), vector, enough=5e-3)
+    assert len(calls) == 1 + 2 and early <= 5e-3 and full <= early
