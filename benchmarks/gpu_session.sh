@@ -14,8 +14,9 @@
 #   4. compiled, then large, as time remains
 #
 # Missing Python packages (devinterp, curvlinops, ...) travel as wheels in
-# .whl/ (see README, "Benchmarks"); a prebuilt llcfast/_C*.so is reused when
-# its build matches this torch.
+# .whl/ (bash benchmarks/fetch_peer_wheels.sh makes it; name .whl in the
+# call's carry); a prebuilt llcfast/_C*.so is reused when its build matches
+# this torch.
 #
 # Back on the development machine: copy the JSON into benchmarks/results/
 # (names as results_io.save_report gives them), then
