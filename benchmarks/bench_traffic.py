@@ -7,7 +7,7 @@ traced on fake tensors (no memory, no arithmetic) as CUDA would run them.
     python benchmarks/bench_traffic.py --quick    # the small models
 
 It also counts the Hessian passes of bench_hessian.py: what each probe adds
-to a vmapped forward-over-reverse pass, what the pass shares, and one HVP of
+to a vmapped pass in either HVP mode, what the pass shares, and one HVP of
 the PyHessian-style loop (a double backward through the gradient's graph).
 
 bf16 follows CUDA autocast's policy (matmuls in bf16; softmax, log_softmax,

@@ -7,203 +7,19 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
 
 from . import ops
-from ._checks import check_int, group_offsets_for_sizes
-from ._llc_common import (check_precision, checked_loss, default_loss, progress_bar, restriction_masks, to_device,
-                          trainable)
-from .engine.compiled import check_compile
-from .engine.hvp import HVP, check_hvp_mode, finite_difference_gap
+from ._checks import check_int
+from ._llc_common import progress_bar
+from .engine.hessian_problem import Problem, compiled_config, plan_probes
 from .engine.lanczos import lanczos, ritz
-from .engine.planner import free_device_bytes, items_per_pass, measure_activation_bytes
+from .hessian_results import HessianEigs, HessianSpectrum, HessianTrace
 
-
-# A central difference in float32 agrees with H v to ~1e-3 on smooth losses;
-# a wrong second derivative is off by order one.
-FD_GAP_WARN = 0.05
-
-
-@dataclass
-class HessianTrace:
-    trace: np.ndarray  # [C] (C = 1 at the model's own weights)
-    std_error: np.ndarray  # [C]
-    per_probe: np.ndarray  # [C, P]: v^T H v for each Rademacher probe v
-    num_hvps: int
-    config: Dict = field(default_factory=dict)
-    timings: Dict = field(default_factory=dict)
-
-
-@dataclass
-class HessianEigs:
-    values: np.ndarray  # [C, k], largest first (or smallest first for which="smallest")
-    vectors: Optional[List[Dict[str, torch.Tensor]]]  # per point: {name: [k, *shape]}, when asked for
-    residuals: np.ndarray  # [C, k] Ritz residual norms |beta * s_last|
-    num_hvps: int
-    config: Dict = field(default_factory=dict)
-
-
-@dataclass
-class HessianSpectrum:
-    nodes: np.ndarray  # [C, V, m] Ritz values of each start vector's Lanczos run
-    weights: np.ndarray  # [C, V, m] squared first components; each run's sum to 1
-    num_hvps: int
-    config: Dict = field(default_factory=dict)
-
-    def density(self, grid, sigma: Optional[float] = None, point: int = 0) -> np.ndarray:
-        """Gaussian-smoothed spectral density on ``grid`` (integrates to 1),
-        averaged over the start vectors: PyHessian's density."""
-        grid = np.asarray(grid, dtype=np.float64)
-        nodes, weights = self.nodes[point], self.weights[point]
-        if sigma is None:
-            sigma = 0.01 * max(float(nodes.max() - nodes.min()), 1e-12)
-        z = (grid[None, None, :] - nodes[..., None]) / sigma
-        dens = (weights[..., None] * np.exp(-0.5 * z ** 2)).sum(1) / (sigma * math.sqrt(2 * math.pi))
-        return dens.mean(0)
-
-    def plot(self, path: Optional[str] = None, ax=None, sigma: Optional[float] = None, point: int = 0):
-        """The density on a log scale, as PyHessian draws it."""
-        import matplotlib
-        if ax is None and path is not None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-        lo, hi = float(self.nodes[point].min()), float(self.nodes[point].max())
-        pad = 0.05 * max(hi - lo, 1e-12)
-        grid = np.linspace(lo - pad, hi + pad, 1000)
-        fig = None
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(7, 4))
-        ax.semilogy(grid, self.density(grid, sigma, point) + 1e-12)
-        ax.set(xlabel="eigenvalue", ylabel="density", title=f"Hessian spectral density ({self.nodes.shape[1]} runs "
-                                                              f"x {self.nodes.shape[2]} Lanczos steps)")
-        fig = fig or ax.figure
-        if path is not None:
-            fig.savefig(path, dpi=120, bbox_inches="tight")
-        return fig
-
-
-class _Problem:
-    """The model's parameters as flat [R, N] rows and back, with the HVP."""
-
-    def __init__(self, model, loss_fn, batches, points, restrict, device, precision, compile=False,
-                 hvp_mode="reverse-over-reverse"):
-        check_precision(precision)
-        check_hvp_mode(hvp_mode)
-        self.compile_mode = check_compile(compile)
-        if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
-            raise TypeError(f"batches must be a list (or iterable) of batches, got {type(batches).__name__}")
-        batches = list(batches)
-        if not batches:
-            raise ValueError("batches is empty; pass at least one batch")
-        loss_fn = loss_fn or default_loss
-        device = torch.device(device) if device is not None else next(model.parameters()).device
-        model = model.to(device)
-        named = trainable(model)
-        if not named:
-            raise ValueError("the model has no trainable parameters (requires_grad=True)")
-        self.names = [n for n, _ in named]
-        self.shapes = [tuple(p.shape) for _, p in named]
-        self.sizes = [p.numel() for _, p in named]
-        self.numel = sum(self.sizes)
-        self.device = device
-        centers = [p.detach().float().contiguous() for _, p in named]
-        masks = restriction_masks(named, restrict)
-        self.mask_flat = None if masks is None else torch.cat([m.reshape(-1) for m in masks]).float()
-        self.free = self.numel if masks is None else int(self.mask_flat.sum())
-        with torch.no_grad():
-            checked_loss(loss_fn(model, to_device(batches[0], device)), "at the given weights")
-        self.points = None
-        if points is not None:
-            self.points = [torch.as_tensor(points[n]).to(device, torch.float32).contiguous() for n in self.names]
-            c = self.points[0].shape[0]
-            for n, p, s in zip(self.names, self.points, self.shapes):
-                if tuple(p.shape) != (c,) + s:
-                    raise ValueError(f"points[{n!r}] has shape {tuple(p.shape)}; expected {(c,) + s}")
-        self.num_points = 1 if self.points is None else self.points[0].shape[0]
-        self.hvp = HVP(model, loss_fn, batches, self.names, centers, precision=precision, compile=self.compile_mode,
-                       mode=hvp_mode)
-        gap = finite_difference_gap(self.hvp, self.probes(1, 0, stream=2**62), enough=FD_GAP_WARN / 10)
-        if gap > FD_GAP_WARN:
-            warnings.warn(f"llcfast: Hessian-vector products disagree with a finite difference of gradients "
-                          f"(relative gap {gap:.2g}); the loss may not be twice differentiable (a custom "
-                          "autograd.Function marked once_differentiable, or ops whose second derivative is "
-                          "not defined), so these statistics may be wrong", RuntimeWarning, stacklevel=3)
-
-    def unflatten(self, flat: torch.Tensor) -> List[torch.Tensor]:  # [R, N] -> [R, *shape] views
-        out, off = [], 0
-        for s, n in zip(self.shapes, self.sizes):
-            out.append(flat[:, off:off + n].view((flat.shape[0],) + s))
-            off += n
-        return out
-
-    def matvec(self, flat: torch.Tensor) -> torch.Tensor:  # [R, N] -> [R, N], rows grouped by point
-        if self.mask_flat is not None:
-            flat = flat * self.mask_flat
-        out = self.hvp(self.unflatten(flat), self.points)
-        result = torch.cat([o.reshape(flat.shape[0], -1) for o in out], dim=1)
-        return result * self.mask_flat if self.mask_flat is not None else result
-
-    def probes(self, rows: int, seed: int, stream: int, row_offset: int = 0) -> List[torch.Tensor]:
-        """Rademacher probes row_offset.. of ``stream``, as [R, *shape] tensors (masked)."""
-        offsets = group_offsets_for_sizes(self.sizes)
-        out = []
-        for i, (s, n) in enumerate(zip(self.shapes, self.sizes)):
-            v = ops.rademacher(rows, n, seed=seed, stream=stream, row_offset=row_offset, group_offset=offsets[i],
-                               device=self.device)
-            out.append(v.view((rows,) + s))
-        if self.mask_flat is not None:
-            masks = self.unflatten(self.mask_flat[None])
-            out = [v * m for v, m in zip(out, masks)]
-        return out
-
-
-CPU_PROBES_PER_PASS = 4
-PLAN_STREAM = 2**62 + 1  # the measuring passes' probes: a stream no statistic draws from
-
-
-def _pass_peak_bytes(prob: _Problem, probes: int) -> Optional[int]:
-    """Device memory one trace pass of ``probes`` probes per point takes
-    above what is allocated before it (CUDA); None where it is not measured."""
-    if prob.device.type != "cuda":
-        return None
-    vecs = prob.probes(probes * prob.num_points, 0, stream=PLAN_STREAM)
-    counted = prob.hvp.count
-    try:
-        return measure_activation_bytes(lambda: prob.hvp(vecs, prob.points, eager=True), prob.device)
-    finally:
-        prob.hvp.count = counted  # measuring is not the caller's work
-
-
-def _plan_probes(prob: _Problem, num_probes: int):
-    """(probes per pass, the plan or None). On a GPU, two measured passes
-    (1 and 2 probes per point) split a pass's memory into what every probe
-    adds and what the pass shares (the primal forward and backward), and
-    the pass takes as many probes as fit: trying all of them and halving on
-    out-of-memory would repeat the work each failed pass had done. Elsewhere
-    CPU_PROBES_PER_PASS."""
-    one = _pass_peak_bytes(prob, 1) if num_probes > 1 else None
-    if one is None:
-        return min(num_probes, CPU_PROBES_PER_PASS) if prob.device.type == "cpu" else num_probes, None
-    two = _pass_peak_bytes(prob, 2)
-    added = max(two - one, 0)
-    # The trace loop also holds each probe, and its copy stacked by point.
-    per_probe = added + 2 * 4 * prob.numel * prob.num_points
-    shared = max(one - added, 0)
-    free = free_device_bytes(prob.device)
-    n = items_per_pass(num_probes, shared, per_probe, free, item="Hutchinson probe", what=str(prob.device),
-                       lower="use fewer or smaller batches, precision='bf16', restrict= to fewer parameters, or "
-                             "fewer points")
-    return n, dict(probes_per_pass=n, bytes_per_probe=per_probe, shared_bytes=shared, free_bytes=free)
-
-
-def _compiled(prob: _Problem) -> dict:
-    """config["compile"]: whether the passes ran compiled to the end, where asked for."""
-    return {} if prob.compile_mode is None else {"compile": prob.hvp.compiled}
+__all__ = ["HessianEigs", "HessianSpectrum", "HessianTrace", "hessian_eigs", "hessian_spectrum", "hessian_trace"]
 
 
 def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, num_probes: int = 100,
@@ -239,12 +55,12 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
         check_int("probes_per_pass", probes_per_pass, minimum=1)
     check_int("seed", seed)
     started = time.perf_counter()
-    prob = _Problem(model, loss_fn, batches, points, restrict, device, precision, compile, hvp_mode)
+    prob = Problem(model, loss_fn, batches, points, restrict, device, precision, compile, hvp_mode)
     c = prob.num_points
     plan = None
     per_pass = probes_per_pass
     if per_pass is None:
-        per_pass, plan = _plan_probes(prob, num_probes)
+        per_pass, plan = plan_probes(prob, num_probes)
     values = torch.zeros(c, num_probes, dtype=torch.float64, device=prob.device)
     counted = prob.hvp.count
     bar = progress_bar(progress, num_probes, "Hessian trace", unit="probe")
@@ -269,7 +85,7 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
     return HessianTrace(per_probe.mean(axis=1), se, per_probe, prob.hvp.count,
                         config=dict(num_probes=num_probes, seed=seed, hvp_mode=prob.hvp.mode,
                                     parameters=prob.free, points=c, precision=precision,
-                                    probes_per_pass=per_pass, memory_plan=plan, **_compiled(prob)),
+                                    probes_per_pass=per_pass, memory_plan=plan, **compiled_config(prob)),
                         timings={"total_s": time.perf_counter() - started})
 
 
@@ -296,7 +112,7 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
     check_int("max_iter", max_iter, minimum=1)
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
-    prob = _Problem(model, loss_fn, batches, points, restrict, device, precision, compile, hvp_mode)
+    prob = Problem(model, loss_fn, batches, points, restrict, device, precision, compile, hvp_mode)
     if k > prob.free:
         raise ValueError(f"k = {k} exceeds the {prob.free} parameters the Hessian acts on; k must be <= {prob.free}")
     start = torch.cat([v.reshape(prob.num_points, -1) for v in prob.probes(prob.num_points, seed, 1)], dim=1)
@@ -339,7 +155,7 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
             flat[c].split(prob.sizes, dim=1), prob.shapes)))) for c in range(flat.shape[0])]
     return HessianEigs(values[:, idx].cpu().numpy(), vectors, resid.cpu().numpy(), prob.hvp.count,
                        config=dict(method="lanczos", which=which, steps=run.steps, tol=tol, hvp_mode=prob.hvp.mode,
-                                   parameters=prob.free, precision=precision, **_compiled(prob)))
+                                   parameters=prob.free, precision=precision, **compiled_config(prob)))
 
 
 def _power(prob, start, k, which, tol, max_iter, return_vectors, bar=None):
@@ -373,7 +189,7 @@ def _power(prob, start, k, which, tol, max_iter, return_vectors, bar=None):
             flat[c].split(prob.sizes, dim=1), prob.shapes)))) for c in range(flat.shape[0])]
     return HessianEigs(values.cpu().numpy(), vectors, np.full(tuple(values.shape), np.nan), prob.hvp.count,
                        config=dict(method="power", which=which, tol=tol, hvp_mode=prob.hvp.mode,
-                                   parameters=prob.free, precision=prob.hvp.precision, **_compiled(prob)))
+                                   parameters=prob.free, precision=prob.hvp.precision, **compiled_config(prob)))
 
 
 def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, num_runs: int = 4,
@@ -387,7 +203,7 @@ def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batche
     ``hvp_mode`` and ``progress`` (over the steps) as in hessian_trace."""
     check_int("num_runs", num_runs, minimum=1)
     check_int("num_steps", num_steps, minimum=1)
-    prob = _Problem(model, loss_fn, batches, points, restrict, device, precision, compile, hvp_mode)
+    prob = Problem(model, loss_fn, batches, points, restrict, device, precision, compile, hvp_mode)
     c = prob.num_points
     starts = torch.cat([v.reshape(num_runs, -1) for v in prob.probes(num_runs, seed, 2)], dim=1)
     start = starts.repeat(c, 1)  # rows grouped by point: point p holds rows p*V .. p*V + V-1
@@ -404,4 +220,4 @@ def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batche
     return HessianSpectrum(values.view(c, num_runs, -1).cpu().numpy(), weights.view(c, num_runs, -1).cpu().numpy(),
                            prob.hvp.count, config=dict(num_runs=num_runs, steps=run.steps, seed=seed,
                                                        parameters=prob.free, precision=precision,
-                                                       **_compiled(prob)))
+                                                       **compiled_config(prob)))

@@ -237,7 +237,7 @@ def test_trace_passes_are_planned_from_measured_memory(monkeypatch):
     the measured pass of 1 and 2 probes split into what each probe adds and
     what the pass shares; the per-probe values are those of unplanned passes,
     and a probe that cannot fit is a MemoryError saying what to lower."""
-    import llcfast.hessian as hessian_module
+    import llcfast.engine.hessian_problem as hessian_module
     model, loss_fn, batches = small_cases()["transformer"]
     numel = sum(p.numel() for p in model.parameters())
     measured = []
@@ -251,7 +251,7 @@ def test_trace_passes_are_planned_from_measured_memory(monkeypatch):
         return 1000 * GiB_ // 1000 + probes * (GiB_ // 8)
 
     GiB_ = 2**30
-    monkeypatch.setattr(hessian_module, "_pass_peak_bytes", pass_bytes)
+    monkeypatch.setattr(hessian_module, "pass_peak_bytes", pass_bytes)
     monkeypatch.setattr(hessian_module, "free_device_bytes", lambda device: 2 * GiB_)
     planned = llcfast.hessian_trace(model, loss_fn, batches, num_probes=40, seed=3)
     per_probe = GiB_ // 8 + 2 * 4 * numel
@@ -555,7 +555,7 @@ def test_cuda_trace_plan_measures_real_memory_and_keeps_the_values(monkeypatch):
     """On a GPU the two measuring passes see real allocations: a probe of the
     tiny transformer adds its activations' tangents, and a free memory that
     holds only a few probes gives passes of that many, with unchanged values."""
-    import llcfast.hessian as hessian_module
+    import llcfast.engine.hessian_problem as hessian_module
     model, loss_fn, batches = small_cases()["transformer"]
     model = model.cuda()
     batches = [tuple(t.cuda() for t in b) for b in batches]
