@@ -139,6 +139,29 @@ def test_every_compiled_trace_pass_has_the_same_rows(monkeypatch):
     assert rows == [4] * 6  # 3 passes x 2 batches, the last pass filled from 2 probes to 4
 
 
+def test_compiled_trace_at_stacked_points_keeps_each_points_values(monkeypatch):
+    """At C points the filled-up last pass holds C x probes-per-pass rows
+    grouped by point; each point keeps its own first values."""
+    model, loss_fn, batches = _hessian_case()
+    g = torch.Generator().manual_seed(4)
+    points = {n: p.detach() + 0.3 * torch.randn((3,) + tuple(p.shape), generator=g)
+              for n, p in model.named_parameters()}
+    kw = dict(num_probes=7, probes_per_pass=3, points=points, seed=2)
+    eager = llcfast.hessian_trace(model, loss_fn, batches, **kw)
+    rows = []
+
+    def spy(fn, *args, **kwargs):
+        def run(pts, vecs, batch):
+            rows.append(vecs[0].shape[0])
+            return fn(pts, vecs, batch)
+        return run
+
+    monkeypatch.setattr(torch, "compile", spy)
+    compiled = llcfast.hessian_trace(model, loss_fn, batches, compile=True, **kw)
+    assert set(rows) == {3 * 3} and compiled.num_hvps == eager.num_hvps == 21
+    np.testing.assert_allclose(compiled.per_probe, eager.per_probe, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", ["yes", "reduce-overhead"])
 def test_hessian_compile_is_checked(bad):
     model, loss_fn, batches = _hessian_case()

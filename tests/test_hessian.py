@@ -228,8 +228,13 @@ def test_out_of_memory_shrinks_the_pass_and_is_never_called_a_differentiability_
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.60 GiB.")
 
     monkeypatch.setattr(HVP, "_run", never_fits)
-    with pytest.raises(MemoryError, match="does not fit in device memory.*12.60 GiB"):
+    with pytest.raises(MemoryError, match="one Hessian-vector product at a time does not fit in device memory"
+                                          ".*12.60 GiB"):
         HVP(model, loss_fn, batches, names, centers)(vecs)
+    points = [c.unsqueeze(0).repeat((2,) + (1,) * c.dim()) for c in centers]  # 2 points x 4 rows each
+    with pytest.raises(MemoryError, match=r"one Hessian-vector product per point at a time \(2 points\) does not "
+                                          r"fit .*; use fewer points, fewer or smaller batches"):
+        HVP(model, loss_fn, batches, names, centers)(vecs, points)
 
 
 def test_trace_passes_are_planned_from_measured_memory(monkeypatch):

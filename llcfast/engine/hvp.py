@@ -100,10 +100,13 @@ class HVP:
             except torch.OutOfMemoryError as exc:
                 current = self.rows_per_pass or per_point
                 if current <= 1:
+                    # At C stacked points a pass holds at least one product per point.
+                    what, fewer = (("one Hessian-vector product at a time", "") if points is None else
+                                   (f"one Hessian-vector product per point at a time ({points[0].shape[0]} "
+                                    "points)", "fewer points, "))
                     raise MemoryError(
-                        "one Hessian-vector product at a time does not fit in device memory "
-                        f"({first_line(exc, 'out of memory')}); "
-                        "use fewer or smaller batches, restrict= to fewer parameters, or a larger device") from exc
+                        f"{what} does not fit in device memory ({first_line(exc, 'out of memory')}); use "
+                        f"{fewer}fewer or smaller batches, restrict= to fewer parameters, or a larger device") from exc
                 self.rows_per_pass = max(1, current // 2)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
