@@ -26,7 +26,7 @@ from .functional import chain_loss
 # in either mode, and per vector either a backward through the gradient's
 # graph (reverse-over-reverse) or a tangent forward-and-backward (forward-
 # over-reverse). On the paper's LM the first moves 6.7 GB a vector against
-# 8.9 GB and holds 0.48 against 0.72 GB (bench_traffic; CPU peak memory);
+# 8.9 GB and holds 0.47 against 0.72 GB (bench_traffic; CPU peak memory);
 # on 2 CPU cores, 4 vectors took 0.41 against 0.61 s (LR transformer) and
 # 8.8 against 9.9 s (LM).
 HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
