@@ -288,12 +288,23 @@ def finish(trace, l0: float, nbeta: float, stats: np.ndarray, steps_run: np.ndar
     return result
 
 
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
 def progress_bar(enabled: bool, total: int, desc: str, *, unit: str = "step", initial: int = 0,
                  leave: bool = False):
-    if not enabled:
-        return None
+    """A tqdm bar, or (disabled, or tqdm missing) one whose update, set_postfix
+    and close do nothing, so callers need no guards."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave)
+        return _NoBar()
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, disable=not enabled)

@@ -75,10 +75,8 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
         out = torch.zeros(c * drawn, dtype=torch.float64, device=prob.device)
         ops.multi_dot_(out, [v.contiguous() for v in vecs], [h.contiguous() for h in hv])
         values[:, start:start + count] = out.view(c, drawn)[:, :count]
-        if bar is not None:
-            bar.update(count)
-    if bar is not None:
-        bar.close()
+        bar.update(count)
+    bar.close()
     prob.hvp.count = counted + c * num_probes  # the filling probes are not the caller's work
     per_probe = values.cpu().numpy()
     se = per_probe.std(axis=1, ddof=1) / math.sqrt(num_probes) if num_probes > 1 else np.full(c, np.nan)
@@ -121,8 +119,7 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
         try:
             return _power(prob, start, k, which, tol, max_iter, return_vectors, bar)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
     sign = 1.0 if which == "largest" else -1.0
 
     def wanted(values):  # [R, m] ascending -> indices of the k wanted
@@ -143,8 +140,7 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
                       lower="lower max_iter (the top few eigenvalues usually converge within 30-50 steps), "
                             "restrict= fewer parameters, or use method='power', which keeps no basis")
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     values, vecs = ritz(run)
     idx = wanted(values).to(values.device)
     resid = residuals(run, values, vecs)
@@ -158,7 +154,7 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
                                    parameters=prob.free, precision=precision, **compiled_config(prob)))
 
 
-def _power(prob, start, k, which, tol, max_iter, return_vectors, bar=None):
+def _power(prob, start, k, which, tol, max_iter, return_vectors, bar):
     """Power iteration with deflation (PyHessian's method): largest |eigenvalue|."""
     if which != "largest":
         raise ValueError("method='power' finds the largest-magnitude eigenvalues only; use method='lanczos'")
@@ -171,8 +167,7 @@ def _power(prob, start, k, which, tol, max_iter, return_vectors, bar=None):
                 v = v - (v * u).sum(1, keepdim=True) * u
             v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
             w = prob.matvec(v)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             new = (w.double() * v.double()).sum(1)
             done = bool(((new - lam).abs() <= tol * new.abs().clamp_min(1e-30)).all())
             lam, v = new, w
@@ -213,8 +208,7 @@ def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batche
                       lower="lower num_steps, or num_runs (average the densities of several calls with different "
                             "seeds), or restrict= fewer parameters")
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     values, vecs = ritz(run)
     weights = vecs[:, 0, :] ** 2
     return HessianSpectrum(values.view(c, num_runs, -1).cpu().numpy(), weights.view(c, num_runs, -1).cpu().numpy(),

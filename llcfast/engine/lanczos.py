@@ -63,7 +63,7 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor,
         # enough", and it also removes the alpha and beta terms), beta, and
         # the next basis vector.
         ops.lanczos_step_(basis, w, j, ab)
-        if bar is not None:
+        if bar is not None:  # callers without a bar
             bar.update(1)
         alphas[:, j] = ab[:, 0]
         beta = ab[:, 1].clone()

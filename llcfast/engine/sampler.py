@@ -165,11 +165,9 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
                 step(batch, dims, per_chain)
         for cb in callbacks:
             cb(step=t, chains=range(cfg.chain_offset, cfg.chain_offset + cfg.num_chains), loss=trace[t], params=views)
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
     losses = trace.t().double().cpu().numpy()  # the one host sync
-    if bar is not None:
-        bar.close()
+    bar.close()
     now = time.perf_counter()
     sampling_s = now - sampling_started - capture_s
     timings = {"setup_s": sampling_started - started, "capture_s": capture_s, "sampling_s": sampling_s,

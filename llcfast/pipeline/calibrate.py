@@ -193,10 +193,8 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
                      "llc_se": res.llc_std / math.sqrt(max(int(good.sum()), 1)),
                      "rhat": rhat, "trend_t": t, "flags": flags})
         traces[(label, gamma, nb, eps)] = res.loss_trace
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     best, reason = _recommend(rows)
     return CalibrationResult(rows, traces, init, best, reason)
 

@@ -172,11 +172,9 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
                     record["warnings"] = notes
                     warnings.warn(f"step {step}: " + " | ".join(notes), RuntimeWarning, stacklevel=2)
                 append_record(out, {**base, **record})
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     out = final_out
     if world > 1:
         torch.distributed.barrier()

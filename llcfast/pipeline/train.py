@@ -102,17 +102,15 @@ def train(cfg: RunConfig, out_dir: str, *, device="cpu", progress: bool = True,
             opt.step()
             recent = (recent + [float(loss.detach())])[-50:]
             step += 1
-            if bar is not None:
-                bar.update(1)
-                if step % 50 == 0:
-                    bar.set_postfix(loss=f"{recent[-1]:.4g}")
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{recent[-1]:.4g}")
     except KeyboardInterrupt:
         save_resume(step)
         print(f"\ninterrupted at step {step}; the state is saved: rerun the same command to resume")
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if step >= t.steps:
         manifest["complete"] = True
         manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")

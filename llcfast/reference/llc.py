@@ -98,12 +98,10 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                 views = {n: p.detach()[None] for n, p in named}
                 for cb in callbacks:
                     cb(step=t, chains=range(c, c + 1), loss=loss.detach().reshape(1), params=views)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         if tracker is not None:
             accept[c, :len(tracker.values)] = tracker.values
-    if bar is not None:
-        bar.close()
+    bar.close()
     now = time.perf_counter()
     config = dict(backend="reference", num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                   steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
