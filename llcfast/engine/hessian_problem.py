@@ -106,11 +106,7 @@ def pass_peak_bytes(prob: Problem, probes: int) -> Optional[int]:
     if prob.device.type != "cuda":
         return None
     vecs = prob.probes(probes * prob.num_points, 0, stream=PLAN_STREAM)
-    counted = prob.hvp.count
-    try:
-        return measure_activation_bytes(lambda: prob.hvp(vecs, prob.points, eager=True), prob.device)
-    finally:
-        prob.hvp.count = counted  # measuring is not the caller's work
+    return measure_activation_bytes(lambda: prob.hvp(vecs, prob.points, eager=True), prob.device)
 
 
 def plan_probes(prob: Problem, num_probes: int):

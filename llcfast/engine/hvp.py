@@ -76,8 +76,9 @@ class HVP:
 
     def __call__(self, vectors: List[torch.Tensor], points: Optional[List[torch.Tensor]] = None, *,
                  eager: bool = False) -> List[torch.Tensor]:
-        """``eager``: skip torch.compile for this call (checks and memory
-        measurements, whose shapes would each cost a compilation)."""
+        """``eager``: skip torch.compile for this call, and leave it out of
+        ``count`` (checks and memory measurements: not the caller's work, and
+        their shapes would each cost a compilation)."""
         rows = vectors[0].shape[0]
         per_point = rows if points is None else rows // points[0].shape[0]
         total = None
@@ -88,7 +89,8 @@ class HVP:
             for batch in self._batches:
                 out = self._adaptive(vectors, points, per_point, batch, eager)
                 total = out if total is None else [t + o for t, o in zip(total, out)]
-        self.count += rows
+        if not eager:
+            self.count += rows
         scale = 1.0 / len(self._batches)
         return [t * scale for t in total] if len(self._batches) > 1 else total
 
@@ -193,7 +195,6 @@ def finite_difference_gap(hvp: "HVP", vector: List[torch.Tensor], enough: float 
         exact = [o[0].double() for o in hvp(vector, eager=True)]
     finally:
         hvp.precision = precision
-    hvp.count -= 1  # the check is not the caller's work
     scale_exact = math.sqrt(sum(float((b ** 2).sum()) for b in exact))
     norm_w = math.sqrt(sum(float((c.double() ** 2).sum()) for c in hvp._centers))
     norm_v = math.sqrt(sum(float((v.double() ** 2).sum()) for v in vector))
