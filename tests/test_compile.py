@@ -123,8 +123,9 @@ def test_hessian_passes_torch_compile_fails_on_run_eagerly_with_a_warning(monkey
     assert res.config["compile"] is False and np.isfinite(res.nodes).all()
 
 
-def test_every_compiled_trace_pass_has_the_same_rows(monkeypatch):
-    model, loss_fn, batches = _hessian_case()
+def _spy_on_pass_rows(monkeypatch) -> list:
+    """Stands in for torch.compile on the Hessian passes: runs them as they
+    are and records the rows of each call."""
     rows = []
 
     def spy(fn, *args, **kwargs):
@@ -134,6 +135,12 @@ def test_every_compiled_trace_pass_has_the_same_rows(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", spy)
+    return rows
+
+
+def test_every_compiled_trace_pass_has_the_same_rows(monkeypatch):
+    model, loss_fn, batches = _hessian_case()
+    rows = _spy_on_pass_rows(monkeypatch)
     res = llcfast.hessian_trace(model, loss_fn, batches, num_probes=10, probes_per_pass=4, compile=True)
     assert res.config["compile"] is True and res.per_probe.shape == (1, 10)
     assert rows == [4] * 6  # 3 passes x 2 batches, the last pass filled from 2 probes to 4
@@ -148,15 +155,7 @@ def test_compiled_trace_at_stacked_points_keeps_each_points_values(monkeypatch):
               for n, p in model.named_parameters()}
     kw = dict(num_probes=7, probes_per_pass=3, points=points, seed=2)
     eager = llcfast.hessian_trace(model, loss_fn, batches, **kw)
-    rows = []
-
-    def spy(fn, *args, **kwargs):
-        def run(pts, vecs, batch):
-            rows.append(vecs[0].shape[0])
-            return fn(pts, vecs, batch)
-        return run
-
-    monkeypatch.setattr(torch, "compile", spy)
+    rows = _spy_on_pass_rows(monkeypatch)
     compiled = llcfast.hessian_trace(model, loss_fn, batches, compile=True, **kw)
     assert set(rows) == {3 * 3} and compiled.num_hvps == eager.num_hvps == 21
     np.testing.assert_allclose(compiled.per_probe, eager.per_probe, rtol=1e-5, atol=1e-6)

@@ -31,11 +31,11 @@ def check_compile(compile) -> Optional[str]:
 class GuardedCompile:
     """Wraps eager functions in torch.compile(mode). ``active`` turns False,
     for every function it wrapped, the first time one cannot be compiled or
-    its first compiled result is non-finite where the eager one is finite
-    (the eager one runs only when the compiled one has a non-finite value)
-    (Inductor's CPU code for bf16 autocast, torch 2.14, gave NaN gradients to
-    half the chains of the paper's LR model). Out-of-memory propagates: the
-    callers shrink their passes on it."""
+    its first compiled result is non-finite where the eager one is finite;
+    Inductor's CPU code for bf16 autocast (torch 2.14) gave NaN gradients to
+    half the chains of the paper's LR model. The eager pass runs for that
+    check only when the compiled result has a non-finite value. Out-of-memory
+    propagates: the callers shrink their passes on it."""
 
     def __init__(self, mode: Optional[str], what: str):
         self.mode, self.what = mode, what
