@@ -51,10 +51,11 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     float32 (float64 for float64 logits). A target outside [0, V) gives NaN
     from the kernel (a check on the GPU would stall it) and an error from the
     twin."""
-    targets = check_token_nll_args(logits, targets)
-    if _first_order_depth and logits.device.type in KERNEL_DEVICES and _ext.kernels_for(logits.device):
+    if (_first_order_depth and isinstance(logits, torch.Tensor) and logits.device.type in KERNEL_DEVICES
+            and _ext.kernels_for(logits.device)):
+        targets = check_token_nll_args(logits, targets)
         return _TokenNLL.apply(logits.contiguous(), targets.contiguous())
-    return reference.token_nll(logits, targets)
+    return reference.token_nll(logits, targets)  # which checks its arguments itself
 
 
 class _TokenNLL(torch.autograd.Function):
