@@ -28,7 +28,6 @@ import argparse
 import collections
 import contextlib
 import datetime
-import itertools
 import os
 import sys
 
@@ -132,9 +131,8 @@ def trace_step(case: dict, precision: str, fused: bool):
         with FakeTensorMode():
             params = [torch.empty((chains,) + s) for s in shapes]
             centers = [torch.empty(s) for s in shapes]
-            fake_batch = tuple(torch.zeros((chains,) + tuple(b.shape), dtype=b.dtype) for b in batch)
-            cast = CudaAutocastBf16() if precision == "bf16" else contextlib.nullcontext()
-            with log, cast, fused_loss.first_order():
+            fake_batch = _fake_batch(batch, (chains,))
+            with log, _autocast(precision), fused_loss.first_order():
                 grads, _ = vmapped_grads(loss, 0)(tuple(params), fake_batch)
             with log:
                 ops.sgld_step_(params, [g.contiguous() for g in grads], centers, eps=case["epsilon"],
@@ -153,11 +151,9 @@ def trace_hvp(case: dict, precision: str, probes: int, mode: str = "reverse-over
     log = KernelLog()
     with FakeTensorMode(allow_non_fake_inputs=True):
         centers = [torch.empty(p.shape) for _, p in named]
-        fake_batch = tuple(torch.zeros(tuple(b.shape), dtype=b.dtype) for b in batch)
-        hvp = HVP(model, case["loss_fn"], [fake_batch], [n for n, _ in named], centers)
+        hvp = HVP(model, case["loss_fn"], [_fake_batch(batch)], [n for n, _ in named], centers)
         vecs = [torch.empty((probes,) + tuple(p.shape)) for _, p in named]
-        cast = CudaAutocastBf16() if precision == "bf16" else contextlib.nullcontext()
-        with log, cast:
+        with log, _autocast(precision):
             hvp._run(vecs, None, probes, hvp._batches[0], mode, eager=True)
     return log.rows
 
@@ -169,17 +165,15 @@ def trace_loop_hvp(case: dict, precision: str):
     model, loss_fn, batch = case["model"], case["loss_fn"], next(iter(case["loader"]))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     log = KernelLog()
-    cast = CudaAutocastBf16() if precision == "bf16" else contextlib.nullcontext()
     with FakeTensorMode(allow_non_fake_inputs=True):
         params = {n: torch.empty(p.shape, requires_grad=True) for n, p in named}
-        fake_batch = tuple(torch.zeros(tuple(b.shape), dtype=b.dtype) for b in batch)
 
         class Swapped:  # loss_fn(model, batch) with the fake parameters
             def __call__(self, *args, **kwargs):
                 return functional_call(model, params, args, kwargs)
 
-        with cast:
-            loss = loss_fn(Swapped(), fake_batch)
+        with _autocast(precision):
+            loss = loss_fn(Swapped(), _fake_batch(batch))
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         v = [torch.empty(p.shape) for p in params.values()]
         with log:
@@ -187,18 +181,29 @@ def trace_loop_hvp(case: dict, precision: str):
     return log.rows
 
 
+def _autocast(precision: str):
+    return CudaAutocastBf16() if precision == "bf16" else contextlib.nullcontext()
+
+
+def _fake_batch(batch, lead: tuple = ()):
+    """Zeros shaped like ``batch``'s tensors, with ``lead`` dimensions first."""
+    return tuple(torch.zeros(lead + tuple(b.shape), dtype=b.dtype) for b in batch)
+
+
 def _floor_s(rows, precision: str, gpu: str = "H100") -> float:
     bw, peak = HBM_GBPS[gpu] * 1e9, PEAK_TFLOPS[gpu]["fp32" if precision == "fp32" else precision] * 1e12
     return sum(max(b / bw, f / peak) for _, f, b in rows)
 
 
-def summarize_hessian(case: dict, precision: str, mode: str, probes=(3, 7), per_pass: int = 100) -> dict:
+def summarize_hessian(case: dict, precision: str, mode: str, probes=(3, 7), per_pass: int = 100,
+                      loop=None) -> dict:
     """Per probe: what a pass of probes[1] adds over one of probes[0]
     (bytes, matmul FLOPs, roofline time; passes of 1 or 2 take other matmul
     and copy kernels, from 3 on the growth is linear); what every pass shares
-    (the primal); the loop's HVP; and the modelled rate at ``per_pass``."""
+    (the primal); the loop's HVP (``loop``: its trace_loop_hvp rows, which
+    no mode changes); and the modelled rate at ``per_pass``."""
     small, large = (trace_hvp(case, precision, p, mode) for p in probes)
-    loop = trace_loop_hvp(case, precision)
+    loop = loop if loop is not None else trace_loop_hvp(case, precision)
     total = lambda rows, i: sum(r[i] for r in rows)  # noqa: E731
     k = probes[1] - probes[0]
     probe_gb = (total(large, 2) - total(small, 2)) / k / 1e9
@@ -215,12 +220,11 @@ def summarize_hessian(case: dict, precision: str, mode: str, probes=(3, 7), per_
 
 
 def summarize(rows, chains: int, precision: str, gpu: str = "H100", top: int = 6) -> dict:
-    bw, peak = HBM_GBPS[gpu] * 1e9, PEAK_TFLOPS[gpu]["fp32" if precision == "fp32" else precision] * 1e12
     families = collections.defaultdict(lambda: [0, 0])
     for name, flops, nbytes in rows:
         families[name][0] += 1
         families[name][1] += nbytes
-    floor_s = sum(max(b / bw, f / peak) for _, f, b in rows)
+    floor_s = _floor_s(rows, precision, gpu)
     return {
         "kernels": len(rows),
         "matmul_GFLOP": sum(f for _, f, _ in rows) / 1e9,
@@ -265,15 +269,17 @@ def main(argv=None) -> int:
     hessian_rows = []
     for make in (lr_case, lm_case):  # bench_hessian's cases
         case = make(1, "cpu", args.quick)
-        for precision, mode in itertools.product(("fp32", "bf16"), HVP_MODES):
-            row = {"case": case["name"].split("-")[0], "precision": precision, "hvp_mode": mode}
-            row.update(summarize_hessian(case, precision, mode))
-            hessian_rows.append(row)
-            print(f"hessian {row['case']:3s} {precision} {mode:21s} per probe {row['probe_GB']:6.2f} GB "
-                  f"{row['probe_GFLOP']:6.1f} GFLOP floor {row['probe_floor_ms']:.3f} ms; shared "
-                  f"{row['shared_floor_ms']:.3f} ms; loop HVP {row['loop_GB']:6.2f} GB floor {row['loop_floor_ms']:.3f} ms"
-                  f"  -> at most {row['max_hvps_per_s']:.0f} HVP/s vs the loop's {row['loop_max_hvps_per_s']:.0f}",
-                  flush=True)
+        for precision in ("fp32", "bf16"):
+            loop = trace_loop_hvp(case, precision)
+            for mode in HVP_MODES:
+                row = {"case": case["name"].split("-")[0], "precision": precision, "hvp_mode": mode}
+                row.update(summarize_hessian(case, precision, mode, loop=loop))
+                hessian_rows.append(row)
+                print(f"hessian {row['case']:3s} {precision} {mode:21s} per probe {row['probe_GB']:6.2f} GB "
+                      f"{row['probe_GFLOP']:6.1f} GFLOP floor {row['probe_floor_ms']:.3f} ms; shared "
+                      f"{row['shared_floor_ms']:.3f} ms; loop HVP {row['loop_GB']:6.2f} GB floor "
+                      f"{row['loop_floor_ms']:.3f} ms  -> at most {row['max_hvps_per_s']:.0f} HVP/s vs the loop's "
+                      f"{row['loop_max_hvps_per_s']:.0f}", flush=True)
     out = None if args.out is None else args.out.replace(".json", "") + "_hessian.json"
     save_report({"benchmark": "traffic_hessian", **head, "rows": hessian_rows}, out, "traffic_hessian")
     return 0
