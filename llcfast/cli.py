@@ -14,6 +14,18 @@ EPILOG = """examples:
 """
 
 
+# What each command can lower from the command line, after a message that
+# names the Python API's settings.
+_SWEEP_HINT = ("--precision bf16 (half the activations), or --no-hessian where the Hessian statistics ran out; "
+               "the batch sizes are the run config's sweep.llc_batch_size and sweep.hessian_batch, which "
+               "llcfast.pipeline.sweep(run_dir, settings=...) can lower")
+MEMORY_HINTS = {
+    "sweep": "\n  from this command: " + _SWEEP_HINT,
+    "calibrate": "\n  from this command: fewer --chains, or a smaller sweep.llc_batch_size in the run's config",
+    "demo": "\n  from this command: --no-hessian, or --device cpu",
+}
+
+
 def _info(args) -> int:
     from . import build_info
     info = build_info()
@@ -65,6 +77,18 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: say what, not where in our code
         print(f"llcfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, FloatingPointError) as exc:  # the run cannot go on as set up: which setting to change
+        hint = MEMORY_HINTS.get(args.command, "") if isinstance(exc, MemoryError) else ""
+        print(f"llcfast {args.command}: error: {exc}{hint}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        import torch
+        if not isinstance(exc, torch.OutOfMemoryError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+        print(f"llcfast {args.command}: error: out of device memory ({first}){MEMORY_HINTS.get(args.command, '')}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"llcfast {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

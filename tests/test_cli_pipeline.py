@@ -80,3 +80,30 @@ def test_demo_pipeline_writes_the_report(tmp_path):
     summary = json.load(open(paths["summary"]))
     assert summary["checkpoints"] == len(json.load(open(os.path.join(out, "manifest.json")))["checkpoints"])
     assert "train" in summary["seconds"] and summary["stages"]
+
+
+def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
+    run = str(tmp_path / "run")
+    cfg_path = tmp_path / "run.json"
+    cfg_path.write_text(json.dumps(tiny().to_dict()))
+    assert main(["train", "--config", str(cfg_path), "--out", run, "--quiet"]) == 0
+    import torch
+    from llcfast.pipeline import sweep as sweep_module
+
+    def planner_refuses(*a, **k):
+        raise MemoryError("one chain needs 9.0 GiB but 4.0 GiB are free; lower the batch size")
+
+    monkeypatch.setattr(sweep_module, "estimate_llc", planner_refuses)
+    assert main(["sweep", run, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llcfast sweep: error: one chain needs 9.0 GiB") and "--precision bf16" in err
+    assert "Traceback" not in err
+
+    def torch_runs_out(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB\nmore detail")
+
+    monkeypatch.setattr(sweep_module, "estimate_llc", torch_runs_out)
+    assert main(["sweep", run, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "error: out of device memory (CUDA out of memory. Tried to allocate 1.00 GiB)" in err
+    assert "more detail" not in err and "--no-hessian" in err

@@ -107,3 +107,34 @@ def test_config_errors_name_the_bad_value(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_config(str(path))
+
+
+def test_out_of_memory_names_the_batch_size_and_the_run_resumes(tmp_path, monkeypatch):
+    cfg = tiny()
+    train(cfg, str(tmp_path / "whole"), progress=False)
+    from llcfast import tasks
+    original = tasks.RegressionTask.train_batch
+
+    def out_of_memory_at_20(self, step, *a, **k):
+        if step == 20:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, step, *a, **k)
+
+    monkeypatch.setattr(tasks.RegressionTask, "train_batch", out_of_memory_at_20)
+    with pytest.raises(MemoryError) as info:
+        train(cfg, str(tmp_path / "split"), progress=False)
+    message = str(info.value)
+    assert "ran out of cpu memory at step 20 (CUDA out of memory. Tried to allocate 2.00 GiB)" in message
+    assert "train.batch_size = 16" in message and "resumes from step 13" in message
+    # The last checkpoint's state, not the failed step's, is what a rerun continues from.
+    assert torch.load(tmp_path / "split" / "resume.pt", weights_only=True)["step"] == 13
+    monkeypatch.setattr(tasks.RegressionTask, "train_batch", original)
+    train(cfg, str(tmp_path / "split"), progress=False)
+    w1, w2 = _final(tmp_path / "whole")[1], _final(tmp_path / "split")[1]
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_a_non_finite_loss_stops_the_run_and_names_the_learning_rate(tmp_path):
+    cfg = RunConfig.from_dict({**tiny().to_dict(), "train": {**tiny().to_dict()["train"], "lr": 1e30}})
+    with pytest.raises(FloatingPointError, match=r"training loss became (nan|inf) at step \d+; lower train.lr"):
+        train(cfg, str(tmp_path), progress=False)

@@ -16,9 +16,11 @@ from typing import Optional
 
 import torch
 
-from .._llc_common import progress_bar
+from .._llc_common import first_line, progress_bar
 from .checkpoints import MANIFEST, RESUME, atomic_json, atomic_save, checkpoint_steps, read_manifest
 from .config import RunConfig
+
+GiB = 2 ** 30
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
@@ -29,6 +31,31 @@ def learning_rate(cfg: RunConfig, step: int) -> float:
     if step < half:
         return t.lr * (step + 1) / half
     return t.lr * max(t.steps - step, 0) / max(t.steps - half, 1)
+
+
+def _train_step(model, opt, loss_fn, batch) -> float:
+    """One AdamW step; returns the loss. A non-finite loss takes no step."""
+    loss = loss_fn(model, batch)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return value
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return value
+
+
+def _out_of_memory(exc: BaseException, model, batch_size: int, device, step: int, saved: Optional[int]) -> str:
+    params = sum(p.numel() for p in model.parameters())
+    free = ""
+    if device.type == "cuda":
+        free_b, total_b = torch.cuda.mem_get_info(device)
+        free = f", {free_b / GiB:.2f} of {total_b / GiB:.2f} GiB free now"
+    resume = (f"; the same command on such a device resumes from step {saved}" if saved is not None else "")
+    return (f"training ran out of {device} memory at step {step} ({first_line(exc, 'out of memory')}{free}); "
+            f"each step holds the {params:,}-parameter model, its AdamW state and the activations of "
+            f"train.batch_size = {batch_size} sequences: lower train.batch_size or the model's size (model_args), "
+            f"in a new run directory since the config changes, or use a device with more memory{resume}")
 
 
 def _ckpt_name(step: int) -> str:
@@ -74,8 +101,11 @@ def train(cfg: RunConfig, out_dir: str, *, device="cpu", progress: bool = True,
     bar = progress_bar(progress, t.steps, "train", initial=start)
     recent = []
 
+    saved = [start] if os.path.exists(resume_path) else []  # the step the resume state holds
+
     def save_resume(step: int) -> None:
         atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict()}, resume_path)
+        saved[:] = [step]
 
     step = start
     try:
@@ -92,15 +122,17 @@ def train(cfg: RunConfig, out_dir: str, *, device="cpu", progress: bool = True,
                 break
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            batch = task.train_batch(step, t.batch_size, device)
-            loss = loss_fn(model, batch)
-            if not math.isfinite(float(loss.detach())):
+            try:
+                loss = _train_step(model, opt, loss_fn, task.train_batch(step, t.batch_size, device))
+            except torch.OutOfMemoryError as exc:
+                # The state of the last checkpoint stays the resume point: an
+                # optimizer step cut short may have moved some weights.
+                raise MemoryError(_out_of_memory(exc, model, t.batch_size, device, step,
+                                                 saved[0] if saved else None)) from exc
+            if not math.isfinite(loss):
                 save_resume(step)
-                raise FloatingPointError(f"training loss became {float(loss.detach())} at step {step}; lower train.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            recent = (recent + [float(loss.detach())])[-50:]
+                raise FloatingPointError(f"training loss became {loss} at step {step}; lower train.lr")
+            recent = (recent + [loss])[-50:]
             step += 1
             bar.update(1)
             if step % 50 == 0:
