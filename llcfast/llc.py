@@ -63,11 +63,12 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         alternative matmul kernels (split-K among them) for each shape. A
         model it cannot compile runs eagerly after a warning.
         ``config["compile"]`` says whether it was used.
-    chain_chunk: how many chains each batched pass holds (default: all).
-        Lower it when all chains' activations do not fit in GPU memory, or on
-        a CPU when one chain's activations already fill the cache: there,
-        passes of 1-4 chains of a 5e4-parameter transformer ran 3x faster
-        than all 32 at once (README: Choosing hyperparameters).
+    chain_chunk: how many chains each batched pass holds. Default: on CUDA
+        as many as fit in the free memory (``config["memory_plan"]``), on a
+        CPU as many as keep the largest activation under 16 MiB, since
+        larger tensors are page-faulted in afresh at every step: passes of
+        4 chains of a 5e4-parameter transformer ran 3-4x faster than all 32
+        at once (``config["pass_plan"]``).
     sampler: "sgld" (DESIGN.md's update), "rmsprop_sgld" (gradient and prior
         terms scaled per element by G = 1/(sqrt(V) + rms_eps), the noise by
         sqrt(G), V the running mean of g^2; sampler_kwargs alpha=0.99,
@@ -179,7 +180,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     draws = losses[:, num_burnin::steps_between_draws][:, :num_draws]
     config = dict(args, backend="fast" if run.mode == "vmap" else "fast-sequential", nbeta=nbeta,
                   num_init_batches=num_init_batches or num_chains, device=str(device), precision=precision,
-                  cuda_graphs=all(r.cuda_graphs for r in runs), chain_chunk=cfg.chain_chunk, chain_group=group,
+                  cuda_graphs=all(r.cuda_graphs for r in runs),
+                  chain_chunk=run.pass_plan["chain_chunk"] if run.pass_plan else cfg.chain_chunk, chain_group=group,
                   **sampling)
     if checkpointed:
         config["activation_checkpointing"] = checkpointed
@@ -187,6 +189,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         config["compile"] = all(r.compiled for r in runs)
     if plan is not None:
         config["memory_plan"] = plan.to_dict()
+    if run.pass_plan is not None:
+        config["pass_plan"] = run.pass_plan
     timings = dict(run.timings, total_s=time.perf_counter() - started)
     for key in ("capture_s", "sampling_s"):
         timings[key] = sum(r.timings.get(key, 0.0) for r in runs)

@@ -83,3 +83,57 @@ def test_items_per_pass_says_what_one_needs_when_none_fits():
     with pytest.raises(MemoryError, match=r"one probe needs about 5.00 GiB on cuda:0 \(2.00 GiB shared by the "
                                           r"pass, 3.00 GiB its own\) but 4.00 GiB is free; use fewer batches"):
         items_per_pass(10, 2 * GiB, 3 * GiB, 4 * GiB, item="probe", what="cuda:0", lower="use fewer batches")
+
+
+def test_cpu_passes_keep_the_largest_activation_under_the_limit_in_even_passes():
+    from llcfast.engine.planner import CPU_TENSOR_BYTES, MiB, cpu_chain_chunk
+    assert cpu_chain_chunk(4, MiB) is None  # 4 chains of 1 MiB: one pass
+    assert cpu_chain_chunk(32, 4 * MiB) == CPU_TENSOR_BYTES // (4 * MiB) == 4
+    assert cpu_chain_chunk(8, CPU_TENSOR_BYTES // 7) == 4  # room for 7 a pass: two passes of 4, not 7 + 1
+    assert cpu_chain_chunk(10, CPU_TENSOR_BYTES // 4) == 4  # three passes are needed either way
+    assert cpu_chain_chunk(3, 10 * CPU_TENSOR_BYTES) == 1  # one chain is over the limit alone
+    for chains in range(1, 40):
+        for largest in (MiB // 2, 3 * MiB, 5 * MiB, 17 * MiB):
+            chunk = cpu_chain_chunk(chains, largest) or chains
+            assert chunk == 1 or chunk * largest <= CPU_TENSOR_BYTES
+            passes = -(-chains // chunk)
+            assert passes == max(1, -(-chains // max(1, CPU_TENSOR_BYTES // largest)))  # the fewest passes
+
+
+def test_saved_activations_are_measured_once_per_storage():
+    from llcfast.engine.planner import measure_saved_tensors
+    x = torch.randn(1000, requires_grad=True)
+    w = torch.randn(1000, 50, requires_grad=True)
+
+    def forward():
+        y = x * x  # saves x (twice, one storage)
+        return torch.tanh(y @ w)  # saves y and w, and tanh its output
+
+    total, largest = measure_saved_tensors(forward)
+    assert largest == 1000 * 50 * 4
+    assert total == 4 * (1000 + 1000 + 1000 * 50 + 50)
+
+
+def test_cpu_passes_are_planned_from_one_chains_activations(monkeypatch):
+    import llcfast.engine.planner as planner
+    from torch.utils.data import DataLoader
+
+    def run(**extra):
+        # A loader shuffled from the global generator: a pass more over it (to plan) would move every batch.
+        torch.manual_seed(0)
+        loader = DataLoader(regression_loader().dataset, batch_size=16, shuffle=True)
+        return llcfast.estimate_llc(mlp(), loader, mse, num_chains=5, num_draws=10, epsilon=1e-3, nbeta=10.0,
+                                    seed=4, progress=False, **extra)
+
+    whole = run()
+    assert whole.config["chain_chunk"] is None and whole.config["pass_plan"]["chain_chunk"] is None
+    largest = whole.config["pass_plan"]["largest_activation_bytes"]
+    assert 0 < largest <= whole.config["pass_plan"]["activation_bytes_per_chain"]
+    # Room for two chains' largest activation a pass: passes of 2, 2 and 1, the same as the user's chunk
+    # of 2 (no batch spent on planning), and the whole pass's trajectory to rounding.
+    monkeypatch.setattr(planner, "CPU_TENSOR_BYTES", 2 * largest)
+    planned, chosen = run(), run(chain_chunk=2)
+    assert planned.config["chain_chunk"] == 2 and planned.config["pass_plan"]["chain_chunk"] == 2
+    assert "pass_plan" not in chosen.config
+    np.testing.assert_array_equal(planned.loss_trace, chosen.loss_trace)
+    np.testing.assert_allclose(planned.loss_trace, whole.loss_trace, rtol=1e-5)

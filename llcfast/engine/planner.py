@@ -8,14 +8,24 @@ chain groups of G run one after another when all chains do not fit."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from .._llc_common import first_line
 
 GiB = 2**30
+MiB = 2**20
 HEADROOM = 0.85  # of the free memory: allocator fragmentation, library workspaces
+
+# On CPUs the size of a batched pass matters for speed, not memory: glibc
+# serves blocks over 32 MiB from fresh pages, so a pass whose tensors grow
+# past that faults every activation in again at every step. On 2 cores, 32
+# chains of the LR transformer in one pass page-faulted 25-35 GiB in 3 steps
+# and took 147-226 ms per chain-step; in passes of 4, 1.5-3 GiB and 54-68 ms.
+# Passes keep their largest saved activation at half that size, since the
+# passing tensors (stacked gradients of a fused projection) run larger.
+CPU_TENSOR_BYTES = 16 * MiB
 
 
 @dataclass
@@ -55,6 +65,33 @@ def plan_memory(num_chains: int, state_per_chain: int, activation_per_chain: int
     if chain_chunk is not None:
         chunk = min(chunk, chain_chunk)
     return MemoryPlan(group, None if chunk >= group else chunk, S, A, free_bytes)
+
+
+def cpu_chain_chunk(num_chains: int, largest_per_chain: int) -> Optional[int]:
+    """Chains per batched pass on a CPU (None: all in one): as many as keep
+    the largest saved activation within CPU_TENSOR_BYTES, at least one,
+    spread evenly over the fewest passes (8 chains with room for 7 a pass:
+    two passes of 4, not 7 and 1)."""
+    most = max(1, CPU_TENSOR_BYTES // max(largest_per_chain, 1))
+    if most >= num_chains:
+        return None
+    passes = -(-num_chains // most)
+    return -(-num_chains // passes)
+
+
+def measure_saved_tensors(forward: Callable[[], object]) -> Tuple[int, int]:
+    """(total, largest) bytes of the distinct tensors autograd saves for the
+    backward pass while ``forward`` runs: one chain's activations."""
+    sizes = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(sizes.values()), max(sizes.values(), default=0)
 
 
 def items_per_pass(wanted: int, shared_bytes: int, bytes_per_item: int, free_bytes: int, *, item: str,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -22,6 +22,7 @@ from .compiled import GuardedCompile
 from .functional import chain_loss, sequential_grads, vmap_failure, vmapped_grads
 from .graphs import GraphStep, side_stream
 from .mala import MalaTracker
+from .planner import cpu_chain_chunk, measure_saved_tensors
 
 # Eager steps before capture: the first allocates and sets up the libraries,
 # the second checks the steady state; both are real steps of the chains.
@@ -37,6 +38,7 @@ class SamplerRun:
     timings: Dict[str, float] = field(default_factory=dict)
     mala: Optional[np.ndarray] = None  # [C, steps - 1] MALA acceptance probabilities, when asked for
     compiled: bool = False  # whether the batched pass ran through torch.compile to the end
+    pass_plan: Optional[dict] = None  # on CPUs, the chains per batched pass chosen from one chain's activations
 
 
 @dataclass
@@ -100,6 +102,10 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     first = next_batches()
     probe = first if accum == 1 else (first[0][0] if first[0] is not None else None,
                                       first[1][0] if first[1] is not None else None, first[2][0])
+    pass_plan = None
+    if device.type == "cpu" and cfg.chain_chunk is None and not cfg.sequential and cfg.num_chains > 1:
+        pass_plan = _cpu_pass_plan(loss, params, probe[2][0], cfg)
+        cfg = replace(cfg, chain_chunk=pass_plan["chain_chunk"])
     mode = _choose_mode(loss, params, probe, cfg, device)
     use_graphs = cfg.cuda_graphs and device.type == "cuda" and mode == "vmap"
     grad_buf: List[torch.Tensor] = []  # filled on first use: steps whose batches cannot be stacked need it too
@@ -174,7 +180,8 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
                "ms_per_chain_step": 1e3 * sampling_s / (cfg.num_chains * cfg.steps)}
     return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
                       mala.result() if mala is not None else None,
-                      compiled=passes.compiled and mode == "vmap")  # the sequential path is not compiled
+                      compiled=passes.compiled and mode == "vmap",  # the sequential path is not compiled
+                      pass_plan=pass_plan if mode == "vmap" else None)
 
 
 class BatchedPasses:
@@ -197,6 +204,16 @@ class BatchedPasses:
         if key not in self._fns:
             self._fns[key] = self._compile.wrap(vmapped_grads(self.loss, dims, self.chain_chunk))
         return self._fns[key]
+
+
+def _cpu_pass_plan(loss: Callable, params: List[torch.Tensor], batch, cfg: SamplerConfig) -> dict:
+    """The chains per batched pass on a CPU (planner.cpu_chain_chunk), from
+    the activations chain 0's forward pass saves on its first batch."""
+    point = tuple(p[0].detach().clone().requires_grad_() for p in params)
+    with precision_context(cfg.precision, torch.device("cpu")), loss_context(cfg):
+        total, largest = measure_saved_tensors(lambda: loss(point, batch))
+    return dict(chain_chunk=cpu_chain_chunk(cfg.num_chains, largest), activation_bytes_per_chain=total,
+                largest_activation_bytes=largest)
 
 
 def loss_context(cfg: SamplerConfig):
