@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
 from bench_llc import flops_per_chain_step, lm_case, lr_case, peak_fraction, sync  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-from results_io import save_report  # noqa: E402
+from results_io import device_name, save_report  # noqa: E402
 
 
 def loop_trace(model, loss_fn, batch, probes, seed):
@@ -254,7 +254,7 @@ def main(argv=None):
         for precision, r in t["precisions"].items():
             print(f"  {precision}: trace {r['estimate']:.4g} in {r['s']:.3f} s -> {r['speedup_vs_loop']:.1f}x the fp32 "
                   f"loop, {r['shift_in_se']:+.2f} SE from fp32")
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = device_name(device)
     report = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
               "date": datetime.date.today().isoformat(), "quick": args.quick, "cases": results}
     save_report(report, args.out, "hessian_quick" if args.quick else "hessian")

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from results_io import save_report  # noqa: E402
+from results_io import device_name, save_report  # noqa: E402
 
 SIZES = {  # GPT-2 family shapes
     "tiny": dict(n_embd=64, n_layer=2, n_head=4),
@@ -152,7 +152,7 @@ def main(argv=None):
         del row
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     save_report({"benchmark": "large_model", "device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
                  "date": datetime.date.today().isoformat(), "bf16_matmul_tflops": peak, "rows": rows},
                 args.out, "large")

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
 from llcfast import models, tasks  # noqa: E402
-from results_io import save_report  # noqa: E402
+from results_io import device_name, save_report  # noqa: E402
 
 # Dense matmul peaks (TFLOP/s) of the GPUs these benchmarks run on, from the
 # vendor's datasheets (SXM parts; sparsity excluded). fp32 means CUDA cores.
@@ -327,7 +327,7 @@ def main(argv=None):
             d = res["bf16_vs_fp32"]
             print(f"{res['case']:8s} bf16 - fp32 LLC: {d['difference']:+.3f} (fp32 standard error {d['fp32_standard_error']:.3f}"
                   f"{', within' if d['within'] else ', NOT within'})")
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = device_name(device)
     report = {"benchmark": "estimate_llc", "device": gpu, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "quick": args.quick, "build": llcfast.build_info(),
               "devinterp": None if args.skip_devinterp else __import__("devinterp").__version__

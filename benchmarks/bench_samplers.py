@@ -23,7 +23,7 @@ import llcfast  # noqa: E402
 from llcfast import ops, reference  # noqa: E402
 from llcfast.samplers import Stepper  # noqa: E402
 from bench_sgld_step import copy_bandwidth, split_sizes, timer  # noqa: E402
-from results_io import save_report  # noqa: E402
+from results_io import device_name, save_report  # noqa: E402
 
 
 def bench(sampler, n, chains, device, run, reps, with_twin):
@@ -73,7 +73,7 @@ def main(argv=None):
                       f"{r['fused_GBps']:7.0f} GB/s ({100 * r['fraction_of_copy']:.0f}% of copy)"
                       + (f"   twin {r['twin_ms']:8.2f} ms ({r['twin_over_fused']:.1f}x)" if "twin_ms" in r else ""),
                       flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     report = {"benchmark": "sampler_steps", "device": name, "torch": torch.__version__,
               "cuda": torch.version.cuda, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "copy_bandwidth_GBps": bw / 1e9, "build": llcfast.build_info(), "rows": rows}

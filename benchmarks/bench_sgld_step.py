@@ -16,7 +16,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,9 @@ import torch
 
 import llcfast
 from llcfast import ops, reference
+
+sys.path.insert(0, os.path.dirname(__file__))
+from results_io import device_name, file_tag  # noqa: E402
 
 FRACTIONS = [0.31, 0.22, 0.17, 0.11, 0.08, 0.05, 0.03, 0.02, 0.01]  # a model-like mix of tensor sizes
 
@@ -152,13 +154,12 @@ def main(argv=None):
     result = {
         "benchmark": "sgld_step",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "torch": torch.__version__, "cuda": torch.version.cuda, "llcfast_build": info,
         "copy_bandwidth_GBps": copy_bw / 1e9, "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)
-    tag = result["device"].replace(" ", "_").replace("/", "_")
-    path = os.path.join(args.out, f"sgld_step_{tag}_{dt.date.today().isoformat()}.json")
+    path = os.path.join(args.out, f"sgld_step_{file_tag(result['device'])}_{dt.date.today().isoformat()}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\n{'params':>10} {'chains':>6} {'fused ms':>9} {'GB/s':>7} {'%copy':>6} {'noise-in %copy':>14} "

@@ -64,11 +64,13 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         model it cannot compile runs eagerly after a warning.
         ``config["compile"]`` says whether it was used.
     chain_chunk: how many chains each batched pass holds. Default: on CUDA
-        as many as fit in the free memory (``config["memory_plan"]``), on a
-        CPU as many as keep the largest activation under 16 MiB, since
-        larger tensors are page-faulted in afresh at every step: passes of
-        4 chains of a 5e4-parameter transformer ran 3-4x faster than all 32
-        at once (``config["pass_plan"]``).
+        as many as fit in the free memory (``config["memory_plan"]``). On a
+        CPU, from the activations one chain's forward pass saves
+        (``config["pass_plan"]``): chain by chain with plain autograd where
+        the largest reaches 1 MiB (one chain's ops already use every core,
+        and batching only adds vmap's costs), else stacked in passes whose
+        largest activation stays under 16 MiB (bigger tensors are
+        page-faulted in afresh at every step).
     sampler: "sgld" (DESIGN.md's update), "rmsprop_sgld" (gradient and prior
         terms scaled per element by G = 1/(sqrt(V) + rms_eps), the noise by
         sqrt(G), V the running mean of g^2; sampler_kwargs alpha=0.99,

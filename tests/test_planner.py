@@ -127,6 +127,7 @@ def test_cpu_passes_are_planned_from_one_chains_activations(monkeypatch):
 
     whole = run()
     assert whole.config["chain_chunk"] is None and whole.config["pass_plan"]["chain_chunk"] is None
+    assert whole.config["backend"] == "fast" and not whole.config["pass_plan"]["sequential"]
     largest = whole.config["pass_plan"]["largest_activation_bytes"]
     assert 0 < largest <= whole.config["pass_plan"]["activation_bytes_per_chain"]
     # Room for two chains' largest activation a pass: passes of 2, 2 and 1, the same as the user's chunk
@@ -137,3 +138,23 @@ def test_cpu_passes_are_planned_from_one_chains_activations(monkeypatch):
     assert "pass_plan" not in chosen.config
     np.testing.assert_array_equal(planned.loss_trace, chosen.loss_trace)
     np.testing.assert_allclose(planned.loss_trace, whole.loss_trace, rtol=1e-5)
+
+
+def test_cpu_runs_chains_one_by_one_where_one_chain_fills_the_cores(monkeypatch):
+    import llcfast.engine.planner as planner
+    from llcfast.engine.planner import MiB, cpu_pass_plan
+    assert cpu_pass_plan(8, 40 * MiB, 4 * MiB) == dict(sequential=True, chain_chunk=1, activation_bytes_per_chain=40 * MiB,
+                                                       largest_activation_bytes=4 * MiB)
+    assert cpu_pass_plan(8, 40 * MiB, 4 * MiB, stack=True)["chain_chunk"] == 4  # compiled passes stay stacked
+    assert cpu_pass_plan(8, MiB, MiB // 8) == dict(sequential=False, chain_chunk=None, activation_bytes_per_chain=MiB,
+                                                  largest_activation_bytes=MiB // 8)
+    kw = dict(num_chains=3, num_draws=8, epsilon=1e-3, nbeta=10.0, seed=2, progress=False)
+    stacked = llcfast.estimate_llc(mlp(), regression_loader(), mse, **kw)
+    monkeypatch.setattr(planner, "CPU_SEQUENTIAL_BYTES", 1)
+    one_by_one = llcfast.estimate_llc(mlp(), regression_loader(), mse, **kw)
+    assert one_by_one.config["backend"] == "fast-sequential" and one_by_one.config["chain_chunk"] == 1
+    assert one_by_one.config["pass_plan"]["sequential"] and stacked.config["backend"] == "fast"
+    np.testing.assert_allclose(one_by_one.loss_trace, stacked.loss_trace, rtol=1e-5)
+    # A chunk the user sets is kept, and so is a compiled pass's batching (checked on the plan above).
+    chosen = llcfast.estimate_llc(mlp(), regression_loader(), mse, chain_chunk=2, **kw)
+    assert chosen.config["backend"] == "fast" and chosen.config["chain_chunk"] == 2

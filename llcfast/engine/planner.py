@@ -26,6 +26,14 @@ HEADROOM = 0.85  # of the free memory: allocator fragmentation, library workspac
 # Passes keep their largest saved activation at half that size, since the
 # passing tensors (stacked gradients of a fused projection) run larger.
 CPU_TENSOR_BYTES = 16 * MiB
+# A chain whose activations reach 1 MiB (256k floats, eight of torch's 32k-element
+# grains) spreads over the cores alone, and stacking chains adds only vmap's
+# costs (batched matmuls for plain ones, bias adds, gradient copies): on 2
+# cores plain autograd chain by chain ran 36-39 against 47-58 ms per
+# chain-step (LR transformer, 8 chains) and 638-693 against 902-1004 ms (the
+# LM). Smaller models tied on 2 cores and stay stacked, for CPUs with more
+# cores than one chain's ops can use.
+CPU_SEQUENTIAL_BYTES = MiB
 
 
 @dataclass
@@ -77,6 +85,16 @@ def cpu_chain_chunk(num_chains: int, largest_per_chain: int) -> Optional[int]:
         return None
     passes = -(-num_chains // most)
     return -(-num_chains // passes)
+
+
+def cpu_pass_plan(num_chains: int, total: int, largest: int, stack: bool = False) -> dict:
+    """How a CPU runs the chains' loss-and-gradient passes, from one chain's
+    saved activations (``total`` and ``largest`` bytes): chain by chain with
+    plain autograd where one chain fills the cores (unless ``stack``), else
+    stacked in passes of cpu_chain_chunk."""
+    sequential = largest >= CPU_SEQUENTIAL_BYTES and not stack
+    return dict(sequential=sequential, chain_chunk=1 if sequential else cpu_chain_chunk(num_chains, largest),
+                activation_bytes_per_chain=total, largest_activation_bytes=largest)
 
 
 def measure_saved_tensors(forward: Callable[[], object]) -> Tuple[int, int]:

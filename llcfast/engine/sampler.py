@@ -22,7 +22,7 @@ from .compiled import GuardedCompile
 from .functional import chain_loss, sequential_grads, vmap_failure, vmapped_grads
 from .graphs import GraphStep, side_stream
 from .mala import MalaTracker
-from .planner import cpu_chain_chunk, measure_saved_tensors
+from .planner import cpu_pass_plan, measure_saved_tensors
 
 # Eager steps before capture: the first allocates and sets up the libraries,
 # the second checks the steady state; both are real steps of the chains.
@@ -38,7 +38,7 @@ class SamplerRun:
     timings: Dict[str, float] = field(default_factory=dict)
     mala: Optional[np.ndarray] = None  # [C, steps - 1] MALA acceptance probabilities, when asked for
     compiled: bool = False  # whether the batched pass ran through torch.compile to the end
-    pass_plan: Optional[dict] = None  # on CPUs, the chains per batched pass chosen from one chain's activations
+    pass_plan: Optional[dict] = None  # on CPUs: stacked passes (how many chains each) or chain by chain
 
 
 @dataclass
@@ -103,9 +103,9 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     probe = first if accum == 1 else (first[0][0] if first[0] is not None else None,
                                       first[1][0] if first[1] is not None else None, first[2][0])
     pass_plan = None
-    if device.type == "cpu" and cfg.chain_chunk is None and not cfg.sequential and cfg.num_chains > 1:
+    if device.type == "cpu" and cfg.chain_chunk is None and not cfg.sequential:
         pass_plan = _cpu_pass_plan(loss, params, probe[2][0], cfg)
-        cfg = replace(cfg, chain_chunk=pass_plan["chain_chunk"])
+        cfg = replace(cfg, chain_chunk=pass_plan["chain_chunk"], sequential=pass_plan["sequential"])
     mode = _choose_mode(loss, params, probe, cfg, device)
     use_graphs = cfg.cuda_graphs and device.type == "cuda" and mode == "vmap"
     grad_buf: List[torch.Tensor] = []  # filled on first use: steps whose batches cannot be stacked need it too
@@ -181,7 +181,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
                       mala.result() if mala is not None else None,
                       compiled=passes.compiled and mode == "vmap",  # the sequential path is not compiled
-                      pass_plan=pass_plan if mode == "vmap" else None)
+                      pass_plan=pass_plan)
 
 
 class BatchedPasses:
@@ -207,13 +207,13 @@ class BatchedPasses:
 
 
 def _cpu_pass_plan(loss: Callable, params: List[torch.Tensor], batch, cfg: SamplerConfig) -> dict:
-    """The chains per batched pass on a CPU (planner.cpu_chain_chunk), from
-    the activations chain 0's forward pass saves on its first batch."""
+    """How a CPU runs the passes (planner.cpu_pass_plan), from the activations
+    chain 0's forward pass saves on its first batch. A compiled pass stays
+    stacked: compiling it is what was asked for."""
     point = tuple(p[0].detach().clone().requires_grad_() for p in params)
     with precision_context(cfg.precision, torch.device("cpu")), loss_context(cfg):
         total, largest = measure_saved_tensors(lambda: loss(point, batch))
-    return dict(chain_chunk=cpu_chain_chunk(cfg.num_chains, largest), activation_bytes_per_chain=total,
-                largest_activation_bytes=largest)
+    return cpu_pass_plan(cfg.num_chains, total, largest, stack=cfg.compile is not None)
 
 
 def loss_context(cfg: SamplerConfig):
