@@ -118,13 +118,17 @@ def _llc_columns(cases: Sequence[dict]) -> List[Column]:
     runs: List[str] = []
     for case in cases:
         runs += [run for run in case.get("runs", {}) if run not in runs]
-    cols = [("chains", "chains", _plain)] + [(f"{run.replace('llcfast-', '')} (ms)", f"runs.{run}.ms_per_chain_step",
-                                              _num(".3g")) for run in runs]
+    cols = [("chains", "chains", _plain), ("fp32 passes", "runs.llcfast-fp32.backend", _passes)]
+    cols += [(f"{run.replace('llcfast-', '')} (ms)", f"runs.{run}.ms_per_chain_step", _num(".3g")) for run in runs]
     return cols + [("fastest vs devinterp", "fastest_vs_devinterp", _times),
                    ("fp32 of matmul peak", "runs.llcfast-fp32.peak_fraction", _pct),
                    ("bf16 - fp32 (SE)", "bf16_shift_in_se", _num("+.2f")),
                    ("z vs devinterp, same steps", "same_steps_as_devinterp.z", _num("+.2f")),
                    ("note", "devinterp_error", _plain)]
+
+
+def _passes(backend: str) -> str:
+    return {"fast": "stacked", "fast-sequential": "chain by chain"}.get(backend, str(backend))
 
 
 def _llc_derived(row: dict) -> dict:
@@ -172,7 +176,10 @@ def render(kind: str, reports: Sequence[Tuple[str, dict]]) -> str:
     for path, r in reports:
         if str(r["date"])[:10] == newest:
             groups.setdefault(r["device"], []).append((path, r))
-    return "\n\n".join(_table(kind, device, newest, group) for device, group in sorted(groups.items()))
+    # GPUs first: the prose around each table speaks of them first; CPU reports
+    # name their threads (results_io.device_name).
+    order = sorted(groups.items(), key=lambda kv: (kv[0] == "cpu" or kv[0].endswith(" threads"), kv[0]))
+    return "\n\n".join(_table(kind, device, newest, group) for device, group in order)
 
 
 def _table(kind, device, date, group) -> str:
