@@ -62,21 +62,30 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(w1[k], w2[k]), k
 
 
-def test_ctrl_c_saves_the_state_and_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure,at,raised,resume_step", [
+    (KeyboardInterrupt(), 17, KeyboardInterrupt, 17),  # Ctrl-C saves the state where it stopped
+    # Out of memory: the last checkpoint's state stays the resume point, not the failed step's.
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 20, MemoryError, 13),
+], ids=["ctrl-c", "out-of-memory"])
+def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch, failure, at, raised, resume_step):
     cfg = tiny()
     train(cfg, str(tmp_path / "whole"), progress=False)
     from llcfast import tasks
     original = tasks.RegressionTask.train_batch
 
-    def interrupt_at_17(self, step, *a, **k):
-        if step == 17:
-            raise KeyboardInterrupt
+    def fail_at(self, step, *a, **k):
+        if step == at:
+            raise failure
         return original(self, step, *a, **k)
 
-    monkeypatch.setattr(tasks.RegressionTask, "train_batch", interrupt_at_17)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(tasks.RegressionTask, "train_batch", fail_at)
+    with pytest.raises(raised) as info:
         train(cfg, str(tmp_path / "split"), progress=False)
-    assert torch.load(tmp_path / "split" / "resume.pt", weights_only=True)["step"] == 17
+    if raised is MemoryError:
+        message = str(info.value)
+        assert "ran out of cpu memory at step 20 (CUDA out of memory. Tried to allocate 2.00 GiB)" in message
+        assert "train.batch_size = 16" in message and "resumes from step 13" in message
+    assert torch.load(tmp_path / "split" / "resume.pt", weights_only=True)["step"] == resume_step
     monkeypatch.setattr(tasks.RegressionTask, "train_batch", original)
     train(cfg, str(tmp_path / "split"), progress=False)
     w1, w2 = _final(tmp_path / "whole")[1], _final(tmp_path / "split")[1]
@@ -107,31 +116,6 @@ def test_config_errors_name_the_bad_value(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_config(str(path))
-
-
-def test_out_of_memory_names_the_batch_size_and_the_run_resumes(tmp_path, monkeypatch):
-    cfg = tiny()
-    train(cfg, str(tmp_path / "whole"), progress=False)
-    from llcfast import tasks
-    original = tasks.RegressionTask.train_batch
-
-    def out_of_memory_at_20(self, step, *a, **k):
-        if step == 20:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(self, step, *a, **k)
-
-    monkeypatch.setattr(tasks.RegressionTask, "train_batch", out_of_memory_at_20)
-    with pytest.raises(MemoryError) as info:
-        train(cfg, str(tmp_path / "split"), progress=False)
-    message = str(info.value)
-    assert "ran out of cpu memory at step 20 (CUDA out of memory. Tried to allocate 2.00 GiB)" in message
-    assert "train.batch_size = 16" in message and "resumes from step 13" in message
-    # The last checkpoint's state, not the failed step's, is what a rerun continues from.
-    assert torch.load(tmp_path / "split" / "resume.pt", weights_only=True)["step"] == 13
-    monkeypatch.setattr(tasks.RegressionTask, "train_batch", original)
-    train(cfg, str(tmp_path / "split"), progress=False)
-    w1, w2 = _final(tmp_path / "whole")[1], _final(tmp_path / "split")[1]
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
 def test_a_non_finite_loss_stops_the_run_and_names_the_learning_rate(tmp_path):
