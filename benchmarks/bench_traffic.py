@@ -151,7 +151,8 @@ def trace_hvp(case: dict, precision: str, probes: int, mode: str = "reverse-over
     log = KernelLog()
     with FakeTensorMode(allow_non_fake_inputs=True):
         centers = [torch.empty(p.shape) for _, p in named]
-        hvp = HVP(model, case["loss_fn"], [_fake_batch(batch)], [n for n, _ in named], centers)
+        hvp = HVP(model, case["loss_fn"], [_fake_batch(batch)], [n for n, _ in named], centers,
+                  retain_graph=False)  # the vmapped passes a GPU runs, not a CPU's retained graph
         vecs = [torch.empty((probes,) + tuple(p.shape)) for _, p in named]
         with log, _autocast(precision):
             hvp._run(vecs, None, probes, hvp._batches[0], mode, eager=True)

@@ -35,7 +35,10 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
     on GPUs as many as the free memory holds (measured; config["memory_plan"]
     records it), and CPU_PROBES_PER_PASS on CPUs, where big passes overflow
     the caches (32 probes of the 5e4-parameter LR transformer took 16.7 s
-    in one pass, 6.0 s in passes of 4). ``precision``: "fp32",
+    in one pass, 6.0 s in passes of 4). On CPUs the default reverse-over-
+    reverse products, uncompiled, go one at a time through the gradient's
+    retained graph instead (engine/hvp.py), and a pass only groups them.
+    ``precision``: "fp32",
     "tf32" (TF32 matmuls on CUDA) or "bf16" (the passes under bf16
     autocast), as in estimate_llc; probes, products and sums stay fp32 or
     float64. Its rounding moves each v^T H v by about 1e-3 relative, far

@@ -193,14 +193,36 @@ def transformer_hvp_case(rows):
 
 def test_batched_hvp_equals_one_at_a_time():
     model, loss_fn, batches, names, centers, vecs = transformer_hvp_case(6)
-    batched = HVP(model, loss_fn, batches, names, centers)(vecs)
-    chunked = HVP(model, loss_fn, batches, names, centers, rows_per_pass=4)(vecs)
+    vmapped = dict(retain_graph=False)  # the vmapped passes GPUs run
+    batched = HVP(model, loss_fn, batches, names, centers, **vmapped)(vecs)
+    chunked = HVP(model, loss_fn, batches, names, centers, rows_per_pass=4, **vmapped)(vecs)
     for r in range(6):
-        one = HVP(model, loss_fn, batches, names, centers)([v[r:r + 1] for v in vecs])
+        one = HVP(model, loss_fn, batches, names, centers, **vmapped)([v[r:r + 1] for v in vecs])
         for b, c1, o in zip(batched, chunked, one):
             scale = float(o.abs().max()) + 1e-12
             assert float((b[r] - o[0]).abs().max()) <= 64 * torch.finfo(torch.float32).eps * scale
             assert float((c1[r] - o[0]).abs().max()) <= 64 * torch.finfo(torch.float32).eps * scale
+
+
+@pytest.mark.parametrize("n_batches", [1, 2])
+def test_the_retained_graph_gives_the_vmapped_products(n_batches):
+    """CPUs take H v one vector at a time through the gradient's retained
+    graph; it equals the vmapped passes, at the weights (the graph kept from
+    call to call with one batch) and at stacked points."""
+    model, loss_fn, batches, names, centers, vecs = transformer_hvp_case(4)
+    if n_batches > 1:  # a second batch: the same sequences reversed
+        batches = [batches[0], tuple(t.flip(-1) for t in batches[0])]
+    retained = HVP(model, loss_fn, batches, names, centers)
+    vmapped = HVP(model, loss_fn, batches, names, centers, retain_graph=False)
+    g = torch.Generator().manual_seed(1)
+    points = [c + 0.05 * torch.randn((2,) + tuple(c.shape), generator=g) for c in centers]
+    for call in range(2):  # the second call at the weights reuses the graph where one batch is kept
+        rows = [v[2 * call:2 * call + 2] for v in vecs]
+        for a, b in zip(retained(rows), vmapped(rows)):
+            assert float((a - b).abs().max()) <= 64 * torch.finfo(torch.float32).eps * (float(b.abs().max()) + 1e-12)
+    assert (retained._graph is not None) == (n_batches == 1)
+    for a, b in zip(retained(vecs, points), vmapped(vecs, points)):
+        assert float((a - b).abs().max()) <= 64 * torch.finfo(torch.float32).eps * (float(b.abs().max()) + 1e-12)
 
 
 def test_out_of_memory_shrinks_the_pass_and_is_never_called_a_differentiability_problem(monkeypatch):
@@ -654,7 +676,9 @@ def test_the_finite_difference_check_stops_at_the_first_step_that_agrees():
     centers = [p.detach().clone() for p in model.parameters()]
     vector = [torch.randn((1,) + c.shape, generator=torch.Generator().manual_seed(0)) for c in centers]
     full = finite_difference_gap(HVP(model, counted, batches[:1], names, centers), vector)
-    assert len(calls) == 1 + 3 * 2  # the HVP, then two gradients at each of three steps
+    # The HVP's retained graph (its loss, and a second evaluation that checks for randomness), then
+    # two gradients at each of three steps.
+    assert len(calls) == 2 + 3 * 2
     calls.clear()
     early = finite_difference_gap(HVP(model, counted, batches[:1], names, centers), vector, enough=5e-3)
-    assert len(calls) == 1 + 2 and early <= 5e-3 and full <= early
+    assert len(calls) == 2 + 2 and early <= 5e-3 and full <= early
