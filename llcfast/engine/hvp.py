@@ -153,7 +153,6 @@ class HVP:
         fn = self._fns[key][0 if eager else 1]
         return fn(self._centers if points is None else tuple(points), tuple(vectors), batch)
 
-
     def _retained(self, vectors, points, batch) -> List[torch.Tensor]:
         """H v row by row through the retained graph of the gradient at each
         point; at the model's weights with one batch the graph is kept from
@@ -175,18 +174,19 @@ class HVP:
 class RetainedGraph:
     """The gradient at ``params`` computed once with create_graph=True; each
     product H v is then one backward through it (PyHessian's way). Under
-    vmap the primal forward and backward run again in every pass; on a CPU,
-    where batching probes gains little, this is the cheaper order: on 2
-    cores, 16 probes of the LR transformer's trace took 1.32-1.55 s this
-    way against 2.27-2.95 s in vmapped passes (8 probes of the LM: 9.2-10.3
-    against 17.4-22.7 s)."""
+    vmap the primal forward and backward run again in every pass, which on
+    a CPU costs more than batching probes saves: on 2 cores a PyHessian-style
+    loop took 1.32-1.74 s for a 16-probe trace of the LR transformer against
+    2.27-3.45 s in vmapped passes (LM, 8 probes: 9.2-11.7 against 17.4-24.8 s).
+    Through this class, with llcfast's derivative check, 2.13-2.35 s."""
 
     def __init__(self, loss: Callable, params, batch):
         self.leaves = tuple(p.detach().clone().requires_grad_() for p in params)
         value = loss(self.leaves, batch)
-        with torch.no_grad():  # under vmap randomness="error" says this; here a second draw must match
-            again = loss(tuple(p.detach() for p in self.leaves), batch)
-        if not torch.equal(again, value.detach()):
+        # Where vmap's randomness="error" would say it, a second evaluation must
+        # match the first; with grad on, as the first, so that modules with a
+        # no-grad fast path (nn.MultiheadAttention) take the same one.
+        if not torch.equal(loss(self.leaves, batch).detach(), value.detach()):
             raise RuntimeError("the loss uses randomness: two evaluations at the same weights differ")
         grads = torch.autograd.grad(value, self.leaves, create_graph=True, allow_unused=True)
         # Gradients that do not depend on the parameters (a loss linear in them) have zero products.
