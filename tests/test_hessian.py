@@ -682,3 +682,20 @@ def test_the_finite_difference_check_stops_at_the_first_step_that_agrees():
     calls.clear()
     early = finite_difference_gap(HVP(model, counted, batches[:1], names, centers), vector, enough=5e-3)
     assert len(calls) == 2 + 2 and early <= 5e-3 and full <= early
+
+
+def test_retained_products_of_a_torch_transformer_layer_equal_the_vmapped_ones():
+    """A deterministic torch layer (nn.TransformerEncoderLayer in eval mode,
+    which has a no-grad fast path) passes the retained graph's randomness
+    check, and its products equal the vmapped passes'."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    batches = [(torch.randn(8, 5, 16), torch.randn(8, 5, 16))]
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    names = [n for n, _ in layer.named_parameters()]
+    centers = [p.detach() for p in layer.parameters()]
+    vecs = [torch.randn((3,) + tuple(c.shape), generator=torch.Generator().manual_seed(2)) for c in centers]
+    retained = HVP(layer, loss, batches, names, centers)(vecs)
+    vmapped = HVP(layer, loss, batches, names, centers, retain_graph=False)(vecs)
+    for a, b in zip(retained, vmapped):
+        assert float((a - b).abs().max()) <= 64 * torch.finfo(torch.float32).eps * (float(b.abs().max()) + 1e-12)
