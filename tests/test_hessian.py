@@ -225,6 +225,20 @@ def test_the_retained_graph_gives_the_vmapped_products(n_batches):
         assert float((a - b).abs().max()) <= 64 * torch.finfo(torch.float32).eps * (float(b.abs().max()) + 1e-12)
 
 
+def test_a_kept_graph_serves_only_its_own_precision():
+    """The derivative check asks for an fp32 product first; a bf16 statistic
+    must then get bf16 products, not the fp32 graph kept from that call."""
+    model, loss_fn, batches, names, centers, vecs = transformer_hvp_case(2)
+    fresh = HVP(model, loss_fn, batches, names, centers, precision="bf16")(vecs)
+    hvp = HVP(model, loss_fn, batches, names, centers, precision="fp32")
+    fp32 = hvp(vecs)
+    hvp.precision = "bf16"
+    again = hvp(vecs)
+    for a, b in zip(again, fresh):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(f, b) for f, b in zip(fp32, fresh))
+
+
 def test_out_of_memory_shrinks_the_pass_and_is_never_called_a_differentiability_problem(monkeypatch):
     """A pass that does not fit is retried with half the rows (the result is
     unchanged); at one row the error is about memory, not about the loss."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
@@ -74,7 +74,7 @@ class HVP:
         # ``retain_graph`` says otherwise (the tests hold the two ways together).
         self._retain = (self._centers[0].device.type == "cpu" and compile is None) if retain_graph is None \
             else retain_graph
-        self._graph: Optional["RetainedGraph"] = None
+        self._graph: Optional[Tuple[str, "RetainedGraph"]] = None  # (precision, graph) kept at the weights
 
     @property
     def compiled(self) -> bool:
@@ -156,15 +156,20 @@ class HVP:
     def _retained(self, vectors, points, batch) -> List[torch.Tensor]:
         """H v row by row through the retained graph of the gradient at each
         point; at the model's weights with one batch the graph is kept from
-        call to call (Lanczos and power iteration ask for one product a step)."""
+        call to call (Lanczos and power iteration ask for one product a step),
+        for the precision it was built under (the derivative check runs in
+        fp32 whatever the statistic's precision)."""
         keep = points is None and len(self._batches) == 1
         at = [self._centers] if points is None else [tuple(p[c] for p in points) for c in range(points[0].shape[0])]
         per_point = vectors[0].shape[0] // len(at)
         out = [torch.empty_like(v) for v in vectors]
         for c, params in enumerate(at):
-            graph = self._graph if keep and self._graph is not None else RetainedGraph(self._loss, params, batch)
-            if keep:
-                self._graph = graph
+            if keep and self._graph is not None and self._graph[0] == self.precision:
+                graph = self._graph[1]
+            else:
+                graph = RetainedGraph(self._loss, params, batch)
+                if keep:
+                    self._graph = (self.precision, graph)
             for r in range(c * per_point, (c + 1) * per_point):
                 for o, h in zip(out, graph.hvp([v[r] for v in vectors])):
                     o[r].copy_(h)
