@@ -83,11 +83,11 @@ def main(argv=None) -> int:
         return 1
     except RuntimeError as exc:
         import torch
+        from ._llc_common import first_line
         if not isinstance(exc, torch.OutOfMemoryError):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
-        print(f"llcfast {args.command}: error: out of device memory ({first}){MEMORY_HINTS.get(args.command, '')}",
-              file=sys.stderr)
+        print(f"llcfast {args.command}: error: out of device memory ({first_line(exc, 'out of memory')})"
+              f"{MEMORY_HINTS.get(args.command, '')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"llcfast {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -17,10 +17,9 @@ from typing import Optional
 import torch
 
 from .._llc_common import first_line, progress_bar
+from ..engine.planner import GiB
 from .checkpoints import MANIFEST, RESUME, atomic_json, atomic_save, checkpoint_steps, read_manifest
 from .config import RunConfig
-
-GiB = 2 ** 30
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
@@ -101,11 +100,12 @@ def train(cfg: RunConfig, out_dir: str, *, device="cpu", progress: bool = True,
     bar = progress_bar(progress, t.steps, "train", initial=start)
     recent = []
 
-    saved = [start] if os.path.exists(resume_path) else []  # the step the resume state holds
+    saved: Optional[int] = start if os.path.exists(resume_path) else None  # the step the resume state holds
 
     def save_resume(step: int) -> None:
+        nonlocal saved
         atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict()}, resume_path)
-        saved[:] = [step]
+        saved = step
 
     step = start
     try:
@@ -127,8 +127,7 @@ def train(cfg: RunConfig, out_dir: str, *, device="cpu", progress: bool = True,
             except torch.OutOfMemoryError as exc:
                 # The state of the last checkpoint stays the resume point: an
                 # optimizer step cut short may have moved some weights.
-                raise MemoryError(_out_of_memory(exc, model, t.batch_size, device, step,
-                                                 saved[0] if saved else None)) from exc
+                raise MemoryError(_out_of_memory(exc, model, t.batch_size, device, step, saved)) from exc
             if not math.isfinite(loss):
                 save_resume(step)
                 raise FloatingPointError(f"training loss became {loss} at step {step}; lower train.lr")
