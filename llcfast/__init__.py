@@ -3,6 +3,7 @@ fused C++/CUDA kernels and a pure-torch reference (llcfast.reference)."""
 from ._ext import build_info, extension_available
 from . import ops, reference
 from .result import LLCResult
+from .interrupt import LLCInterrupted
 from .llc import estimate_llc, estimate_wbic
 from .samplers import SAMPLERS
 from .stages import Stage, StageFit, detect_stages
@@ -10,5 +11,5 @@ from .hessian import HessianEigs, HessianSpectrum, HessianTrace, hessian_eigs, h
 
 __version__ = "0.1.0"
 
-__all__ = ["Stage", "StageFit", "detect_stages", "HessianEigs", "HessianSpectrum", "HessianTrace", "LLCResult", "SAMPLERS", "estimate_llc", "estimate_wbic", "hessian_eigs",
+__all__ = ["Stage", "StageFit", "detect_stages", "HessianEigs", "HessianSpectrum", "HessianTrace", "LLCInterrupted", "LLCResult", "SAMPLERS", "estimate_llc", "estimate_wbic", "hessian_eigs",
            "hessian_spectrum", "hessian_trace", "build_info", "extension_available", "ops", "reference", "__version__"]

@@ -20,6 +20,7 @@ from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
 from .engine.functional import chain_loss
+from .interrupt import ChainsInterrupted, LLCInterrupted, draws_within, interrupted_config, partial_choice, raise_interrupted
 from .engine.planner import (free_device_bytes, measure_activation_bytes, out_of_memory_message, plan_memory,
                              state_bytes)
 from .result import LLCResult
@@ -127,11 +128,16 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         if split is not None:
             raise ValueError("backend='reference' runs its chains in one process; inside a torch.distributed job "
                              "use backend='auto' or 'fast', which split the chains across ranks")
-        with precision_context(precision, device):
-            result = reference.estimate_llc(model, loader, loss_fn, restrict=restrict, device=device,
-                                            progress=progress, callbacks=callbacks,
-                                            activation_checkpointing=activation_checkpointing, mala=mala, **args,
-                                            **sampling)
+        try:
+            with precision_context(precision, device):
+                result = reference.estimate_llc(model, loader, loss_fn, restrict=restrict, device=device,
+                                                progress=progress, callbacks=callbacks,
+                                                activation_checkpointing=activation_checkpointing, mala=mala,
+                                                **args, **sampling)
+        except LLCInterrupted as stop:
+            if stop.result is not None:
+                stop.result.config["precision"] = precision
+            raise
         result.config["precision"] = precision
         return result
 
@@ -160,22 +166,32 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     runs = []
+    interrupted = None
     try:
         for first in range(0, local_chains, group):
             part = replace(cfg, num_chains=min(group, local_chains - first), chain_offset=offset + first)
             runs.append(run_chains(base, loader, loss_fn, part, restrict=restrict, callbacks=callbacks))
     except torch.OutOfMemoryError as exc:
         raise MemoryError(out_of_memory_message(exc, plan, num_chains)) from exc
+    except ChainsInterrupted as stop:
+        if split is not None:  # the other ranks cannot be gathered from: stop plainly
+            raise KeyboardInterrupt from None
+        runs, steps, interrupted = _partial_runs(runs, stop, steps, num_burnin, steps_between_draws, num_draws)
+        if not runs:
+            raise_interrupted(None, "estimate_llc")
     run = runs[-1]
 
-    losses = np.concatenate([r.losses for r in runs])
+    losses = np.concatenate([r.losses[:, :steps] for r in runs])
     stats = np.concatenate([r.stats for r in runs])
-    accept = np.concatenate([r.mala for r in runs]) if mala else None
+    accept = np.concatenate([r.mala[:, :max(steps - 1, 0)] for r in runs]) if mala else None
     if split is not None:  # every rank gets all chains, in global order
         losses, stats = gather_rows(split, losses), gather_rows(split, stats)
         accept = gather_rows(split, accept) if mala else None
     diverged_at = first_nonfinite(losses)
-    steps_run = np.full(num_chains, steps)
+    # The steps each chain ran (its stats sum over them); more than `steps` for
+    # chains that finished when an interrupted estimate keeps fewer.
+    steps_run = np.full(num_chains, steps) if split is not None else \
+        np.concatenate([np.full(len(r.losses), r.losses.shape[1]) for r in runs])
     for c, t in diverged_at.items():
         losses[c, t:] = np.nan  # a diverged chain stops counting where its loss first went non-finite
         steps_run[c] = t
@@ -196,14 +212,34 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     timings = dict(run.timings, total_s=time.perf_counter() - started)
     for key in ("capture_s", "sampling_s"):
         timings[key] = sum(r.timings.get(key, 0.0) for r in runs)
-    timings["ms_per_chain_step"] = 1e3 * timings["sampling_s"] / (local_chains * steps)
+    timings["ms_per_chain_step"] = 1e3 * timings["sampling_s"] / max(sum(r.losses.size for r in runs), 1)
     if device.type == "cuda":
         timings["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     if split is not None:
         config["world_size"] = split.world_size
-    return finish(draws, l0, nbeta, stats, steps_run, config=config, timings=timings,
-                  diagnostics={**init_loss_diagnostics(l0_spread, nbeta), **mala_diagnostics(accept, diverged_at)},
-                  stacklevel=3)
+    if interrupted is not None:
+        config["interrupted"] = interrupted
+    result = finish(draws, l0, nbeta, stats, steps_run, config=config, timings=timings,
+                    diagnostics={**init_loss_diagnostics(l0_spread, nbeta), **mala_diagnostics(accept, diverged_at)},
+                    stacklevel=3)
+    if interrupted is not None:
+        raise_interrupted(result, "estimate_llc")
+    return result
+
+
+def _partial_runs(runs, stop: ChainsInterrupted, steps: int, num_burnin: int, every: int, num_draws: int):
+    """After Ctrl-C in the last of ``runs`` + [stop.run]: the runs and the
+    step count the partial estimate uses, and its config["interrupted"]."""
+    finished = sum(len(r.losses) for r in runs)
+    started = finished + len(stop.run.losses)
+    reached = draws_within(stop.steps_done, num_burnin, every, num_draws)
+    choice = partial_choice(finished, started, reached, num_draws)
+    if choice is None:
+        return [], 0, None
+    total = num_burnin + num_draws * every
+    if choice == "finished":
+        return runs, steps, interrupted_config(choice, finished, num_draws, stop.steps_done, total)
+    return runs + [stop.run], stop.steps_done, interrupted_config(choice, started, reached, stop.steps_done, total)
 
 
 def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):

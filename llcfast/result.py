@@ -80,6 +80,10 @@ class LLCResult:
         message) for each check the result's diagnostics allow. passed is
         None where the check only reports a number."""
         d, out = self.diagnostics, []
+        stop = self.config.get("interrupted")
+        if stop:
+            out.append(("interrupted", False, f"interrupted after {stop['steps_done']} of {stop['steps']} steps: "
+                        f"{stop['chains']} chains x {stop['draws']} draws ({stop['kept']})"))
         bad = d.get("diverged_chains") or []
         out.append(("divergence", not bad, f"chains {bad} diverged and were left out: lower epsilon or raise gamma"
                     if bad else "no chain diverged"))

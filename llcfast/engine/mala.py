@@ -63,9 +63,10 @@ class MalaTracker:
         self.trace.index_copy_(0, step_tensor, log_a.clamp(max=0.0).exp().to(torch.float32).reshape(1, -1))
         self.prev_u.copy_(u)
 
-    def result(self):
-        """[C, steps - 1] acceptance probabilities on the host."""
-        return self.trace[1:].t().double().cpu().numpy()
+    def result(self, steps: Optional[int] = None):
+        """[C, steps - 1] acceptance probabilities on the host (of the first
+        ``steps`` steps; default all)."""
+        return self.trace[1:steps].t().double().cpu().numpy()
 
 
 def _per_chain_sq(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from .. import ops
 from .._llc_common import first_line, precision_context, progress_bar, restriction_masks, trainable
 from ..fused_loss import first_order
+from ..interrupt import ChainsInterrupted
 from ..samplers import Stepper
 from .batches import ChainBatches
 from .compiled import GuardedCompile
@@ -157,31 +158,42 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     capture_s = 0.0
     bar = progress_bar(cfg.progress, cfg.steps, f"SGLD ({cfg.num_chains} chains, {mode})")
     sampling_started = time.perf_counter()
-    for t in range(cfg.steps):
-        batch, dims, per_chain = first if t == 0 else next_batches()
-        if use_graphs and graph is None and t >= WARMUP_STEPS and batch is not None:
-            capture_started = time.perf_counter()
-            graph = _capture(step, batch, dims)
-            capture_s += time.perf_counter() - capture_started
-            use_graphs = graph is not None
-        if graph is not None and graph.accepts(batch, dims):
-            graph.replay(batch)
-        else:
-            with side_stream(use_graphs and graph is None):
-                step(batch, dims, per_chain)
-        for cb in callbacks:
-            cb(step=t, chains=range(cfg.chain_offset, cfg.chain_offset + cfg.num_chains), loss=trace[t], params=views)
-        bar.update(1)
-    losses = trace.t().double().cpu().numpy()  # the one host sync
-    bar.close()
-    now = time.perf_counter()
-    sampling_s = now - sampling_started - capture_s
-    timings = {"setup_s": sampling_started - started, "capture_s": capture_s, "sampling_s": sampling_s,
-               "ms_per_chain_step": 1e3 * sampling_s / (cfg.num_chains * cfg.steps)}
-    return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
-                      mala.result() if mala is not None else None,
-                      compiled=passes.compiled and mode == "vmap",  # the sequential path is not compiled
-                      pass_plan=pass_plan)
+
+    def result(done: int) -> SamplerRun:
+        losses = trace[:done].t().double().cpu().numpy()  # the one host sync
+        bar.close()
+        now = time.perf_counter()
+        sampling_s = now - sampling_started - capture_s
+        timings = {"setup_s": sampling_started - started, "capture_s": capture_s, "sampling_s": sampling_s,
+                   "ms_per_chain_step": 1e3 * sampling_s / (cfg.num_chains * max(done, 1))}
+        return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
+                          mala.result(done) if mala is not None else None,
+                          compiled=passes.compiled and mode == "vmap",  # the sequential path is not compiled
+                          pass_plan=pass_plan)
+
+    done = 0  # steps finished, callbacks included
+    try:
+        for t in range(cfg.steps):
+            batch, dims, per_chain = first if t == 0 else next_batches()
+            if use_graphs and graph is None and t >= WARMUP_STEPS and batch is not None:
+                capture_started = time.perf_counter()
+                graph = _capture(step, batch, dims)
+                capture_s += time.perf_counter() - capture_started
+                use_graphs = graph is not None
+            if graph is not None and graph.accepts(batch, dims):
+                graph.replay(batch)
+            else:
+                with side_stream(use_graphs and graph is None):
+                    step(batch, dims, per_chain)
+            for cb in callbacks:
+                cb(step=t, chains=range(cfg.chain_offset, cfg.chain_offset + cfg.num_chains), loss=trace[t],
+                   params=views)
+            bar.update(1)
+            done = t + 1
+    except KeyboardInterrupt:
+        # The step under way may be half applied; the steps before it are whole.
+        raise ChainsInterrupted(result(done), done) from None
+    return result(cfg.steps)
 
 
 class BatchedPasses:

@@ -18,6 +18,7 @@ from .._llc_common import (check_llc_args, check_mala, check_sampler_args, check
                            default_loss, default_nbeta, finish, init_loss, init_loss_diagnostics, mala_diagnostics,
                            progress_bar, restriction_masks, to_device, trainable, warn_if_cycled)
 from ..engine import checkpointing
+from ..interrupt import draws_within, interrupted_config, partial_choice, raise_interrupted
 from ..result import LLCResult
 from ..samplers import Stepper
 from .mala import ChainMala
@@ -61,46 +62,57 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     accept = np.full((num_chains, max(total_steps - 1, 0)), np.nan) if mala else None
     bar = progress_bar(progress, num_chains * total_steps, "SGLD (reference)")
     sampling_started = time.perf_counter()
-    for c in range(num_chains):
-        chain_model = copy.deepcopy(base)
-        named = trainable(chain_model)
-        params = [p for _, p in named]
-        centers = [p.detach().clone() for p in params]
-        stacked = [p.detach().view((1,) + tuple(p.shape)) for p in params]
-        stepper = Stepper(ref_ops, sampler, sampler_kwargs, box, stacked, epsilon=epsilon, seed=seed,
-                          chain_offset=c)
-        batches = cycle_batches(loader)
-        tracker = ChainMala(centers, masks, eps=epsilon, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay,
-                            noise_scale=noise_scale) if mala else None
-        for t in range(total_steps):
-            chain_model.zero_grad(set_to_none=True)
-            where = f"(chain {c}, step {t})"
-            loss = checked_loss(loss_fn(chain_model, to_device(next(batches), device)), where)
-            for _ in range(grad_accum_steps - 1):  # the mean over the step's micro-batches
-                loss = loss + checked_loss(loss_fn(chain_model, to_device(next(batches), device)), where)
-            if grad_accum_steps > 1:
-                loss = loss / grad_accum_steps
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                steps_run[c] = t
-                break
-            loss.backward()
-            if t >= num_burnin and (t - num_burnin) % steps_between_draws == 0:
-                trace[c, (t - num_burnin) // steps_between_draws] = value
-            with torch.no_grad():
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                if tracker is not None:
-                    tracker.observe(params, grads, value)
-                stepper.step(stacked, [g.view((1,) + tuple(g.shape)) for g in grads], centers, eps=epsilon,
-                             nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale, seed=seed,
-                             step=t, chain_offset=c, masks=masks, stats=stats[c:c + 1])
-            if callbacks:
-                views = {n: p.detach()[None] for n, p in named}
-                for cb in callbacks:
-                    cb(step=t, chains=range(c, c + 1), loss=loss.detach().reshape(1), params=views)
-            bar.update(1)
+    c, step_now, tracker = 0, 0, None  # the chain under way and the steps it finished
+    try:
+        for c in range(num_chains):
+            step_now, tracker = 0, None
+            chain_model = copy.deepcopy(base)
+            named = trainable(chain_model)
+            params = [p for _, p in named]
+            centers = [p.detach().clone() for p in params]
+            stacked = [p.detach().view((1,) + tuple(p.shape)) for p in params]
+            stepper = Stepper(ref_ops, sampler, sampler_kwargs, box, stacked, epsilon=epsilon, seed=seed,
+                              chain_offset=c)
+            batches = cycle_batches(loader)
+            tracker = ChainMala(centers, masks, eps=epsilon, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay,
+                                noise_scale=noise_scale) if mala else None
+            for t in range(total_steps):
+                chain_model.zero_grad(set_to_none=True)
+                where = f"(chain {c}, step {t})"
+                loss = checked_loss(loss_fn(chain_model, to_device(next(batches), device)), where)
+                for _ in range(grad_accum_steps - 1):  # the mean over the step's micro-batches
+                    loss = loss + checked_loss(loss_fn(chain_model, to_device(next(batches), device)), where)
+                if grad_accum_steps > 1:
+                    loss = loss / grad_accum_steps
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    steps_run[c] = t
+                    break
+                loss.backward()
+                if t >= num_burnin and (t - num_burnin) % steps_between_draws == 0:
+                    trace[c, (t - num_burnin) // steps_between_draws] = value
+                with torch.no_grad():
+                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                    if tracker is not None:
+                        tracker.observe(params, grads, value)
+                    stepper.step(stacked, [g.view((1,) + tuple(g.shape)) for g in grads], centers, eps=epsilon,
+                                 nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale,
+                                 seed=seed, step=t, chain_offset=c, masks=masks, stats=stats[c:c + 1])
+                if callbacks:
+                    views = {n: p.detach()[None] for n, p in named}
+                    for cb in callbacks:
+                        cb(step=t, chains=range(c, c + 1), loss=loss.detach().reshape(1), params=views)
+                bar.update(1)
+                step_now = t + 1
+            if tracker is not None:
+                accept[c, :len(tracker.values)] = tracker.values
+    except KeyboardInterrupt:
+        # The step under way may be half applied; the steps before it are whole.
         if tracker is not None:
             accept[c, :len(tracker.values)] = tracker.values
+        keep = _partial(c, step_now, num_burnin, steps_between_draws, num_draws)
+    else:
+        keep = None
     bar.close()
     now = time.perf_counter()
     config = dict(backend="reference", num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
@@ -110,9 +122,38 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                   bounding_box=box or None, grad_accum_steps=grad_accum_steps)
     if checkpointed:
         config["activation_checkpointing"] = checkpointed
+    chain_steps = num_chains * total_steps
+    used = total_steps  # the steps of each kept chain the estimate uses
+    stats = stats.cpu().numpy()
+    if keep is not None:
+        if keep["chains"] == 0:
+            raise_interrupted(None, "estimate_llc")
+        chains, used = keep["chains"], keep["used"]
+        steps_run[c] = min(steps_run[c], step_now)
+        chain_steps = int(steps_run[:c + 1].sum())
+        trace, stats, steps_run = trace[:chains, :keep["draws"]], stats[:chains], steps_run[:chains]
+        accept = accept[:chains, :max(used - 1, 0)] if mala else None
+        config["interrupted"] = keep["config"]
     timings = {"total_s": now - started, "sampling_s": now - sampling_started,
-               "ms_per_chain_step": 1e3 * (now - sampling_started) / (num_chains * total_steps)}
-    return finish(trace, l0, nbeta, stats.cpu().numpy(), steps_run, config=config, timings=timings,
-                  diagnostics={**init_loss_diagnostics(l0_spread, nbeta),
-                               **mala_diagnostics(accept, {c: int(t) for c, t in enumerate(steps_run)
-                                                           if t < total_steps})})
+               "ms_per_chain_step": 1e3 * (now - sampling_started) / max(chain_steps, 1)}
+    result = finish(trace, l0, nbeta, stats, steps_run, config=config, timings=timings,
+                    diagnostics={**init_loss_diagnostics(l0_spread, nbeta),
+                                 **mala_diagnostics(accept, {c: int(t) for c, t in enumerate(steps_run) if t < used})})
+    if keep is not None:
+        raise_interrupted(result, "estimate_llc")
+    return result
+
+
+def _partial(chain: int, steps_done: int, num_burnin: int, every: int, num_draws: int) -> dict:
+    """After Ctrl-C in ``chain`` at ``steps_done`` steps: how many chains and
+    draws the partial estimate keeps, and the steps it uses of each."""
+    reached = draws_within(steps_done, num_burnin, every, num_draws)
+    choice = partial_choice(chain, chain + 1, reached, num_draws)
+    total = num_burnin + num_draws * every
+    if choice is None:
+        return {"chains": 0}
+    if choice == "finished":
+        return {"chains": chain, "draws": num_draws, "used": total,
+                "config": interrupted_config(choice, chain, num_draws, steps_done, total)}
+    return {"chains": chain + 1, "draws": reached, "used": steps_done,
+            "config": interrupted_config(choice, chain + 1, reached, steps_done, total)}
