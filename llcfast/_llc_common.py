@@ -6,7 +6,7 @@ import contextlib
 import fnmatch
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator as OneShot, Mapping
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -102,6 +102,42 @@ def map_tensors(batch, fn: Callable):
     if isinstance(batch, (tuple, list)):
         return type(batch)(map_tensors(v, fn) for v in batch)
     return batch
+
+
+def check_loader(loader) -> None:
+    """Each chain makes its own passes over the loader, so it must be
+    iterable again and again (a one-shot iterator would run dry after the
+    init loss)."""
+    if isinstance(loader, torch.Tensor):
+        raise TypeError(f"loader is a tensor of shape {tuple(loader.shape)}; pass a list of batches "
+                        "(e.g. [(x, y)] for one full batch) or a DataLoader")
+    if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
+        raise TypeError(f"loader must be an iterable of batches (a DataLoader, a list of batches), "
+                        f"got {type(loader).__name__}")
+    if isinstance(loader, OneShot):
+        raise TypeError(f"loader is a one-shot iterator ({type(loader).__name__}), but each chain makes its own "
+                        "passes over the loader; pass a list of batches (list(loader)) or a DataLoader")
+
+
+def resolve_device(device, model: torch.nn.Module) -> torch.device:
+    """``device`` as a torch.device (default: where the model's parameters
+    are), with a message that says what to pass where it cannot be used."""
+    if device is None:
+        first = next(model.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a device torch knows ({first_line(exc)}); "
+                         "pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(resolved)!r}, but torch sees no CUDA GPU here "
+                             "(torch.cuda.is_available() is False); pass device='cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(resolved)!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s); "
+                             f"pass cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return resolved
 
 
 def to_device(batch, device: torch.device):

@@ -13,14 +13,15 @@ from torch.func import grad
 
 from . import reference
 from ._checks import check_int
-from ._llc_common import (check_llc_args, check_mala, check_precision, check_sampler_args, default_loss,
+from ._llc_common import (check_llc_args, check_loader, check_mala, check_precision, check_sampler_args, default_loss,
                           default_nbeta, finish, first_nonfinite, init_loss, init_loss_diagnostics, mala_diagnostics,
-                          precision_context, to_device, trainable, warn_if_cycled)
+                          precision_context, resolve_device, to_device, trainable, warn_if_cycled)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
 from .engine.functional import chain_loss
-from .interrupt import ChainsInterrupted, LLCInterrupted, draws_within, interrupted_config, partial_choice, raise_interrupted
+from .interrupt import (ChainsInterrupted, LLCInterrupted, draws_within, interrupted_config, partial_choice,
+                        raise_interrupted)
 from .engine.planner import (free_device_bytes, measure_activation_bytes, out_of_memory_message, plan_memory,
                              state_bytes)
 from .result import LLCResult
@@ -119,10 +120,11 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                 weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
                 grad_accum_steps=grad_accum_steps)
     check_llc_args(**args)
+    check_loader(loader)
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     check_mala(mala, sampler, box, noise_scale)
     sampling = dict(sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box or None)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = resolve_device(device, model)
     split = current_split(num_chains) if split_chains else None
     if backend == "reference":
         if split is not None:

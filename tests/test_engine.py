@@ -47,10 +47,38 @@ def test_bad_loader_and_loss():
         llcfast.estimate_llc(model, loader, nbeta=1.0, progress=False)
 
 
+@pytest.mark.parametrize("estimate", [llcfast.estimate_llc, reference.estimate_llc], ids=["fast", "reference"])
+def test_loaders_that_cannot_be_passed_over_again_are_refused(estimate):
+    model, loader, _ = linear_problem(2)
+    batches = list(loader)
+    for one_shot, kind in [((b for b in batches), "generator"), (iter(batches), "list_iterator")]:
+        with pytest.raises(TypeError, match=rf"loader is a one-shot iterator \({kind}\).*list\(loader\)"):
+            estimate(model, one_shot, mse, nbeta=1.0, progress=False)
+    with pytest.raises(TypeError, match=r"loader is a tensor of shape \(4, 2\)"):
+        estimate(model, torch.zeros(4, 2), mse, nbeta=1.0, progress=False)
+    with pytest.raises(TypeError, match="loader must be an iterable of batches.*got int"):
+        estimate(model, 3, mse, nbeta=1.0, progress=False)
+
+
+@pytest.mark.parametrize("device,match", [
+    ("gpu", r"device='gpu' is not a device torch knows"),
+    pytest.param("cuda", r"device='cuda', but torch sees no CUDA GPU", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a CUDA GPU is visible")),
+    pytest.param("cuda:64", r"device='cuda:64', but torch sees \d+ CUDA GPU", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a visible CUDA GPU")),
+])
+def test_unusable_devices_are_named(device, match):
+    model, loader, _ = linear_problem(2)
+    with pytest.raises(ValueError, match=match):
+        llcfast.estimate_llc(model, loader, mse, nbeta=1.0, progress=False, device=device)
+    with pytest.raises(ValueError, match=match):
+        llcfast.hessian_trace(model, mse, list(loader), num_probes=2, progress=False, device=device)
+
+
 def test_non_float32_parameters_are_refused_by_name():
     model, loader, _ = linear_problem(2)
     model = model.double()
-    with pytest.raises(TypeError, match="parameter 'weight' is torch.float64"):
+    with pytest.raises(TypeError, match=r"parameter 'weight' is torch.float64.*call model.float\(\) first"):
         llcfast.estimate_llc(model, [(x.double(), y.double()) for x, y in loader], mse, nbeta=1.0, progress=False)
 
 

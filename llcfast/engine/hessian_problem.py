@@ -10,7 +10,8 @@ import torch
 
 from .. import ops
 from .._checks import group_offsets_for_sizes
-from .._llc_common import check_precision, checked_loss, default_loss, restriction_masks, to_device, trainable
+from .._llc_common import (check_precision, checked_loss, default_loss, resolve_device, restriction_masks, to_device,
+                           trainable)
 from .compiled import check_compile
 from .hvp import HVP, check_hvp_mode, finite_difference_gap
 from .planner import free_device_bytes, items_per_pass, measure_activation_bytes
@@ -35,7 +36,7 @@ class Problem:
         if not batches:
             raise ValueError("batches is empty; pass at least one batch")
         loss_fn = loss_fn or default_loss
-        device = torch.device(device) if device is not None else next(model.parameters()).device
+        device = resolve_device(device, model)
         model = model.to(device)
         named = trainable(model)
         if not named:

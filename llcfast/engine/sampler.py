@@ -79,7 +79,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     for n, p in named:
         if p.dtype != torch.float32:
             raise TypeError(f"parameter {n!r} is {p.dtype}; the sampler keeps parameters in torch.float32 "
-                            "(use precision='bf16' for low-precision forward passes)")
+                            "(call model.float() first; precision='bf16' runs the forward passes in bf16)")
     device = named[0][1].device
     names = [n for n, _ in named]
     centers = [p.detach().contiguous() for _, p in named]

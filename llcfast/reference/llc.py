@@ -14,9 +14,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .._llc_common import (check_llc_args, check_mala, check_sampler_args, checked_loss, cycle_batches,
+from .._llc_common import (check_llc_args, check_loader, check_mala, check_sampler_args, checked_loss, cycle_batches,
                            default_loss, default_nbeta, finish, init_loss, init_loss_diagnostics, mala_diagnostics,
-                           progress_bar, restriction_masks, to_device, trainable, warn_if_cycled)
+                           progress_bar, resolve_device, restriction_masks, to_device, trainable,
+                           warn_if_cycled)
 from ..engine import checkpointing
 from ..interrupt import draws_within, interrupted_config, partial_choice, raise_interrupted
 from ..result import LLCResult
@@ -46,8 +47,9 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                    grad_accum_steps=grad_accum_steps)
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     check_mala(mala, sampler, box, noise_scale)
+    check_loader(loader)
     loss_fn = loss_fn or default_loss
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = resolve_device(device, model)
     started = time.perf_counter()
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
