@@ -156,7 +156,7 @@ def cmd_report(args) -> int:
               "(choose with --settings)")
     latest = {r["step"]: r for r in records if r.get("settings") == chosen}  # a re-measured step: its last record
     paths = write_report(list(latest.values()), args.out or args.run_dir, plateau=args.plateau)
-    print("\n".join(stage_table(paths["fit"])))
+    print("\n".join(stage_table(paths["fit"], paths["curvature"])))
     print(f"report: {os.path.abspath(paths['png'])}")
     return 0
 

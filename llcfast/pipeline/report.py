@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..stages import StageFit, detect_stages
 from .checkpoints import atomic_json
+from .curvature import boundary_matches, curvature_fits, match_table
 
 STAGE_COLORS = {"A": "#4c72b0", "B": "#dd8452"}
 
@@ -33,7 +34,10 @@ def _frame(records: Sequence[dict]):
     return pd.DataFrame(rows).sort_values("step").reset_index(drop=True)
 
 
-def plot_report(records: Sequence[dict], fit: StageFit, path: Optional[str] = None, title: str = ""):
+def plot_report(records: Sequence[dict], fit: StageFit, path: Optional[str] = None, title: str = "",
+                curvature: Optional[Dict[str, StageFit]] = None):
+    """``curvature``: the stage fits of the Hessian statistics
+    (curvature.curvature_fits), whose boundaries are drawn on their panel."""
     import matplotlib
     if path is not None:
         matplotlib.use("Agg", force=False)
@@ -66,6 +70,13 @@ def plot_report(records: Sequence[dict], fit: StageFit, path: Optional[str] = No
         twin = ax_h.twinx()
         twin.plot(steps, col("hessian_top_eig"), "^-", ms=3, lw=1, color="C4", label="top eigenvalue")
         twin.set_ylabel("top eigenvalue", color="C4")
+        for key, ax, color, style in (("hessian_trace", ax_h, "C3", "--"), ("hessian_top_eig", twin, "C4", "-.")):
+            own = (curvature or {}).get(key)
+            for b in own.boundaries if own is not None else []:
+                ax.axvline(b, color=color, lw=1.0, ls=style, alpha=0.8)
+        if curvature:
+            ax_h.text(0.01, 0.95, "dashed: boundaries of the trace's and the top eigenvalue's own stage fits",
+                      transform=ax_h.transAxes, fontsize=6, va="top", color="0.3")
     for s in fit.stages:
         for ax in axes[:-1]:
             ax.axvspan(max(s.start, 0), s.end, color=STAGE_COLORS[s.kind], alpha=0.08, lw=0)
@@ -99,9 +110,10 @@ def write_report(records: Sequence[dict], out_dir: str, *, title: str = "", extr
         raise ValueError("no finished checkpoints to report; run the sweep first")
     os.makedirs(out_dir, exist_ok=True)
     fit = stage_fit(records, **stage_kwargs)
+    curvature = curvature_fits(records, **stage_kwargs)
     paths = {k: os.path.join(out_dir, v) for k, v in
              (("png", "report.png"), ("svg", "report.svg"), ("summary", "summary.json"), ("csv", "results.csv"))}
-    fig = plot_report(records, fit, title=title)
+    fig = plot_report(records, fit, title=title, curvature=curvature)
     fig.savefig(paths["png"], dpi=130, bbox_inches="tight")
     fig.savefig(paths["svg"], bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -111,14 +123,21 @@ def write_report(records: Sequence[dict], out_dir: str, *, title: str = "", extr
     summary = {"checkpoints": len(records), "steps": [records[0]["step"], records[-1]["step"]],
                "llc_range": [min(llc), max(llc)] if llc else None, **fit.to_dict(),
                "warnings": sum(1 for r in records if r.get("warnings")), **(extra or {})}
+    if curvature:
+        summary["curvature"] = {k: {"boundaries": f.boundaries, "flat": f.flat} for k, f in curvature.items()}
+        summary["llc_boundaries_vs_curvature"] = boundary_matches(fit, curvature)
     atomic_json(summary, paths["summary"])
-    paths["fit"] = fit
+    paths["fit"], paths["curvature"] = fit, curvature
     return paths
 
 
-def stage_table(fit: StageFit) -> List[str]:
+def stage_table(fit: StageFit, curvature: Optional[Dict[str, StageFit]] = None) -> List[str]:
+    """The stages, then (with ``curvature``) which LLC boundaries the
+    Hessian statistics' own fits also have."""
     lines = [f"{'stage':>6} {'type':>4} {'start':>10} {'end':>10} {'LLC change':>11}"]
     for s in fit.stages:
         lines.append(f"{s.index + 1:>6} {s.kind:>4} {s.start:>10.0f} {s.end:>10.0f} {s.delta:>+11.1f}")
+    if curvature and fit.boundaries:
+        lines += [""] + match_table(boundary_matches(fit, curvature), curvature)
     return lines
 
