@@ -6,8 +6,8 @@ import contextlib
 import fnmatch
 import math
 import warnings
-from collections.abc import Iterator as OneShot, Mapping
-from typing import Callable, Iterator, List, Optional, Tuple
+from collections.abc import Iterator, Mapping
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ def check_loader(loader) -> None:
     if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
         raise TypeError(f"loader must be an iterable of batches (a DataLoader, a list of batches), "
                         f"got {type(loader).__name__}")
-    if isinstance(loader, OneShot):
+    if isinstance(loader, Iterator):
         raise TypeError(f"loader is a one-shot iterator ({type(loader).__name__}), but each chain makes its own "
                         "passes over the loader; pass a list of batches (list(loader)) or a DataLoader")
 

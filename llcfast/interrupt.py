@@ -4,6 +4,7 @@ LLCInterrupted, still a KeyboardInterrupt (a script stops as before), whose
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 
@@ -26,26 +27,34 @@ class ChainsInterrupted(KeyboardInterrupt):
         self.run, self.steps_done = run, steps_done
 
 
-def draws_within(steps_done: int, num_burnin: int, steps_between_draws: int, num_draws: int) -> int:
-    """Draws among the first ``steps_done`` steps (a draw is taken at steps
-    num_burnin, num_burnin + steps_between_draws, ...)."""
-    return max(0, min(num_draws, math.ceil((steps_done - num_burnin) / steps_between_draws)))
+@dataclass
+class PartialPlan:
+    """What an interrupted estimate keeps: the first ``chains`` chains, the
+    first ``draws`` draws of each, from their first ``steps`` steps."""
+    chains: int
+    draws: int
+    steps: int
+    config: dict  # config["interrupted"]
 
 
-def partial_choice(finished: int, started: int, draws_done: int, num_draws: int) -> Optional[str]:
-    """Which draws the partial estimate uses: "finished" (the chains that ran
-    every step, all their draws) or "started" (every chain that started,
-    truncated to the draws the last one reached), whichever holds more
-    chain-draws; None when neither holds any."""
-    whole, cut = finished * num_draws, started * draws_done
+def partial_plan(finished: int, started: int, steps_done: int, num_burnin: int, steps_between_draws: int,
+                 num_draws: int) -> Optional[PartialPlan]:
+    """After Ctrl-C with ``finished`` chains done and the others of the
+    ``started`` ones at ``steps_done`` steps: the finished chains with all
+    their draws, or every started chain cut to the draws it reached (a draw
+    is taken at steps num_burnin, num_burnin + steps_between_draws, ...),
+    whichever holds more chain-draws; None when neither holds any."""
+    reached = max(0, min(num_draws, math.ceil((steps_done - num_burnin) / steps_between_draws)))
+    whole, cut = finished * num_draws, started * reached
     if max(whole, cut) == 0:
         return None
-    return "finished" if whole >= cut else "started"
-
-
-def interrupted_config(choice: str, chains: int, draws: int, steps_done: int, steps: int) -> dict:
-    return {"chains": chains, "draws": draws, "steps_done": steps_done, "steps": steps,
-            "kept": "chains that finished" if choice == "finished" else "draws every started chain reached"}
+    total = num_burnin + num_draws * steps_between_draws
+    if whole >= cut:
+        chains, draws, steps, kept = finished, num_draws, total, "chains that finished"
+    else:
+        chains, draws, steps, kept = started, reached, steps_done, "draws every started chain reached"
+    return PartialPlan(chains, draws, steps, {"chains": chains, "draws": draws, "steps_done": steps_done,
+                                              "steps": total, "kept": kept})
 
 
 def raise_interrupted(result, where: str):

@@ -13,17 +13,16 @@ from torch.func import grad
 
 from . import reference
 from ._checks import check_int
-from ._llc_common import (check_llc_args, check_loader, check_mala, check_precision, check_sampler_args, default_loss,
-                          default_nbeta, finish, first_nonfinite, init_loss, init_loss_diagnostics, mala_diagnostics,
-                          precision_context, resolve_device, to_device, trainable, warn_if_cycled)
+from ._llc_common import (check_llc_args, check_loader, check_mala, check_precision, check_sampler_args,
+                          default_loss, default_nbeta, finish, first_nonfinite, init_loss, init_loss_diagnostics,
+                          mala_diagnostics, precision_context, resolve_device, to_device, trainable, warn_if_cycled)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
 from .engine.functional import chain_loss
-from .interrupt import (ChainsInterrupted, LLCInterrupted, draws_within, interrupted_config, partial_choice,
-                        raise_interrupted)
 from .engine.planner import (free_device_bytes, measure_activation_bytes, out_of_memory_message, plan_memory,
                              state_bytes)
+from .interrupt import ChainsInterrupted, LLCInterrupted, partial_plan, raise_interrupted
 from .result import LLCResult
 
 BACKENDS = ("auto", "fast", "reference")
@@ -178,9 +177,14 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     except ChainsInterrupted as stop:
         if split is not None:  # the other ranks cannot be gathered from: stop plainly
             raise KeyboardInterrupt from None
-        runs, steps, interrupted = _partial_runs(runs, stop, steps, num_burnin, steps_between_draws, num_draws)
-        if not runs:
+        finished = sum(len(r.losses) for r in runs)
+        keep = partial_plan(finished, finished + len(stop.run.losses), stop.steps_done, num_burnin,
+                            steps_between_draws, num_draws)
+        if keep is None:
             raise_interrupted(None, "estimate_llc")
+        if keep.chains > finished:  # every started chain, cut to the draws it reached
+            runs = runs + [stop.run]
+        steps, interrupted = keep.steps, keep.config
     run = runs[-1]
 
     losses = np.concatenate([r.losses[:, :steps] for r in runs])
@@ -227,21 +231,6 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     if interrupted is not None:
         raise_interrupted(result, "estimate_llc")
     return result
-
-
-def _partial_runs(runs, stop: ChainsInterrupted, steps: int, num_burnin: int, every: int, num_draws: int):
-    """After Ctrl-C in the last of ``runs`` + [stop.run]: the runs and the
-    step count the partial estimate uses, and its config["interrupted"]."""
-    finished = sum(len(r.losses) for r in runs)
-    started = finished + len(stop.run.losses)
-    reached = draws_within(stop.steps_done, num_burnin, every, num_draws)
-    choice = partial_choice(finished, started, reached, num_draws)
-    if choice is None:
-        return [], 0, None
-    total = num_burnin + num_draws * every
-    if choice == "finished":
-        return runs, steps, interrupted_config(choice, finished, num_draws, stop.steps_done, total)
-    return runs + [stop.run], stop.steps_done, interrupted_config(choice, started, reached, stop.steps_done, total)
 
 
 def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):

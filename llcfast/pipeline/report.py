@@ -132,8 +132,8 @@ def write_report(records: Sequence[dict], out_dir: str, *, title: str = "", extr
 
 
 def stage_table(fit: StageFit, curvature: Optional[Dict[str, StageFit]] = None) -> List[str]:
-    """The stages, then (with ``curvature``) which LLC boundaries the
-    Hessian statistics' own fits also have."""
+    """The stages, then (with ``curvature``) each LLC boundary beside the
+    nearest boundaries of the Hessian statistics' own fits."""
     lines = [f"{'stage':>6} {'type':>4} {'start':>10} {'end':>10} {'LLC change':>11}"]
     for s in fit.stages:
         lines.append(f"{s.index + 1:>6} {s.kind:>4} {s.start:>10.0f} {s.end:>10.0f} {s.delta:>+11.1f}")

@@ -19,7 +19,7 @@ from .._llc_common import (check_llc_args, check_loader, check_mala, check_sampl
                            progress_bar, resolve_device, restriction_masks, to_device, trainable,
                            warn_if_cycled)
 from ..engine import checkpointing
-from ..interrupt import draws_within, interrupted_config, partial_choice, raise_interrupted
+from ..interrupt import partial_plan, raise_interrupted
 from ..result import LLCResult
 from ..samplers import Stepper
 from .mala import ChainMala
@@ -112,9 +112,9 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         # The step under way may be half applied; the steps before it are whole.
         if tracker is not None:
             accept[c, :len(tracker.values)] = tracker.values
-        keep = _partial(c, step_now, num_burnin, steps_between_draws, num_draws)
+        stopped, keep = True, partial_plan(c, c + 1, step_now, num_burnin, steps_between_draws, num_draws)
     else:
-        keep = None
+        stopped, keep = False, None
     bar.close()
     now = time.perf_counter()
     config = dict(backend="reference", num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
@@ -127,35 +127,21 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     chain_steps = num_chains * total_steps
     used = total_steps  # the steps of each kept chain the estimate uses
     stats = stats.cpu().numpy()
-    if keep is not None:
-        if keep["chains"] == 0:
+    if stopped:
+        if keep is None:
             raise_interrupted(None, "estimate_llc")
-        chains, used = keep["chains"], keep["used"]
+        chains, used = keep.chains, keep.steps
         steps_run[c] = min(steps_run[c], step_now)
         chain_steps = int(steps_run[:c + 1].sum())
-        trace, stats, steps_run = trace[:chains, :keep["draws"]], stats[:chains], steps_run[:chains]
+        trace, stats, steps_run = trace[:chains, :keep.draws], stats[:chains], steps_run[:chains]
         accept = accept[:chains, :max(used - 1, 0)] if mala else None
-        config["interrupted"] = keep["config"]
+        config["interrupted"] = keep.config
     timings = {"total_s": now - started, "sampling_s": now - sampling_started,
                "ms_per_chain_step": 1e3 * (now - sampling_started) / max(chain_steps, 1)}
     result = finish(trace, l0, nbeta, stats, steps_run, config=config, timings=timings,
                     diagnostics={**init_loss_diagnostics(l0_spread, nbeta),
                                  **mala_diagnostics(accept, {c: int(t) for c, t in enumerate(steps_run) if t < used})})
-    if keep is not None:
+    if stopped:
         raise_interrupted(result, "estimate_llc")
     return result
 
-
-def _partial(chain: int, steps_done: int, num_burnin: int, every: int, num_draws: int) -> dict:
-    """After Ctrl-C in ``chain`` at ``steps_done`` steps: how many chains and
-    draws the partial estimate keeps, and the steps it uses of each."""
-    reached = draws_within(steps_done, num_burnin, every, num_draws)
-    choice = partial_choice(chain, chain + 1, reached, num_draws)
-    total = num_burnin + num_draws * every
-    if choice is None:
-        return {"chains": 0}
-    if choice == "finished":
-        return {"chains": chain, "draws": num_draws, "used": total,
-                "config": interrupted_config(choice, chain, num_draws, steps_done, total)}
-    return {"chains": chain + 1, "draws": reached, "used": steps_done,
-            "config": interrupted_config(choice, chain + 1, reached, steps_done, total)}
