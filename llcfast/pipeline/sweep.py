@@ -25,7 +25,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._llc_common import progress_bar
+from .._llc_common import progress_bar, warnings_above_bars
 from ..llc import estimate_llc
 from ..samplers import check_sampler
 from .checkpoints import load_checkpoint, read_manifest
@@ -151,28 +151,30 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
     if world > 1:
         torch.distributed.barrier()  # every rank has read the files before any writes
         todo, out = todo[rank::world], _part(final_out, rank)
-    bar = progress_bar(progress and bool(todo) and rank == 0, len(todo), "checkpoints", unit="ckpt", leave=True)
+    shown = progress and bool(todo) and rank == 0
+    bar = progress_bar(shown, len(todo), "checkpoints", unit="ckpt", leave=True)
     try:
-        for step, path in todo:
-            base = {"step": int(step), "checkpoint": path, "settings": key}
-            try:
-                model = load(path)
-            except Exception as exc:  # report, record, go on: one bad file must not end a long sweep
-                msg = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"checkpoint {path} (step {step}) could not be loaded and was skipped: {msg}",
-                              RuntimeWarning, stacklevel=2)
-                append_record(out, {**base, "error": msg})
-            else:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    record = measure(model, loss_fn, llc_batches, eval_set, settings, device=device,
-                                     progress=progress, engine=engine)
-                notes = sorted({str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)})
-                if notes:  # kept with the record, and shown once per checkpoint
-                    record["warnings"] = notes
-                    warnings.warn(f"step {step}: " + " | ".join(notes), RuntimeWarning, stacklevel=2)
-                append_record(out, {**base, **record})
-            bar.update(1)
+        with warnings_above_bars(shown):
+            for step, path in todo:
+                base = {"step": int(step), "checkpoint": path, "settings": key}
+                try:
+                    model = load(path)
+                except Exception as exc:  # report, record, go on: one bad file must not end a long sweep
+                    msg = f"{type(exc).__name__}: {exc}"
+                    warnings.warn(f"checkpoint {path} (step {step}) could not be loaded and was skipped: {msg}",
+                                  RuntimeWarning, stacklevel=2)
+                    append_record(out, {**base, "error": msg})
+                else:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        record = measure(model, loss_fn, llc_batches, eval_set, settings, device=device,
+                                         progress=progress, engine=engine)
+                    notes = sorted({str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)})
+                    if notes:  # kept with the record, and shown once per checkpoint
+                        record["warnings"] = notes
+                        warnings.warn(f"step {step}: " + " | ".join(notes), RuntimeWarning, stacklevel=2)
+                    append_record(out, {**base, **record})
+                bar.update(1)
     finally:
         bar.close()
     out = final_out
