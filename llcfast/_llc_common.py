@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import itertools
 import math
 import warnings
 from collections.abc import Iterator, Mapping
@@ -33,6 +34,23 @@ def check_llc_args(*, num_chains, num_draws, num_burnin, steps_between_draws, ep
     if num_init_batches is not None:
         check_int("num_init_batches", num_init_batches, minimum=1)
     check_int("seed", seed)
+
+
+def check_callbacks(callbacks) -> tuple:
+    """The callbacks as a tuple; one function alone, or None, is accepted."""
+    if callbacks is None:
+        return ()
+    if callable(callbacks):
+        return (callbacks,)
+    try:
+        found = tuple(callbacks)
+    except TypeError:
+        raise TypeError(f"callbacks must be a list of functions, got {type(callbacks).__name__}") from None
+    for i, cb in enumerate(found):
+        if not callable(cb):
+            raise TypeError(f"callbacks[{i}] is {cb!r}, which is not callable; each callback is a function called "
+                            "after every step as cb(step=..., chains=..., loss=..., params=...)")
+    return found
 
 
 def check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale):
@@ -190,22 +208,32 @@ def checked_loss(loss, where: str) -> torch.Tensor:
     return loss.reshape(())
 
 
-def init_loss(model, loader, loss_fn: Callable, num_batches: int, device) -> Tuple[float, dict]:
+def init_loss(model, loader, loss_fn: Callable, num_batches: int, device, *, requested: bool = False
+              ) -> Tuple[float, dict]:
     """Mean minibatch loss at w* over the loader's first ``num_batches``
-    batches (cycling if it has fewer), and its spread as diagnostics. The
+    batches, each once: a loader with fewer gives all it holds, as in
+    devinterp 1.x (repeating a batch would weight it twice and shrink the
+    spread below). ``requested``: the user asked for ``num_batches`` and is
+    told when fewer were there. Its spread goes into the diagnostics: the
     init loss is subtracted from every chain alike, so its sampling error
     moves the LLC by nbeta times that error and never shows in the spread
-    across chains: ``llc_se_from_init_loss`` says how large it is (NaN
-    from a single batch)."""
-    values, it = [], cycle_batches(loader)
+    across chains; ``llc_se_from_init_loss`` says how large it is (NaN from
+    a single batch)."""
+    values = []
     with torch.no_grad():
-        for _ in range(num_batches):
-            value = float(checked_loss(loss_fn(model, to_device(next(it), device)), "at w*"))
+        for batch in itertools.islice(loader, num_batches):
+            value = float(checked_loss(loss_fn(model, to_device(batch, device)), "at w*"))
             if not math.isfinite(value):
                 raise ValueError(f"the loss at w* is {value}; the estimate needs a finite loss at the checkpoint")
             values.append(value)
-    mean = sum(values) / num_batches
-    se = (float(np.std(values, ddof=1)) / math.sqrt(num_batches)) if num_batches > 1 else math.nan
+    if not values:
+        raise ValueError("the loader yielded no batches; pass a non-empty loader")
+    n = len(values)
+    if requested and n < num_batches:
+        warnings.warn(f"num_init_batches={num_batches}, but the loader holds {n} batches; the init loss averages "
+                      f"those {n}", UserWarning, stacklevel=3)
+    mean = sum(values) / n
+    se = (float(np.std(values, ddof=1)) / math.sqrt(n)) if n > 1 else math.nan
     return mean, {"init_loss_per_batch": values, "init_loss_se": se}
 
 
@@ -239,15 +267,25 @@ def restriction_masks(named, restrict) -> Optional[List[torch.Tensor]]:
                 raise ValueError(f"restrict[{n!r}] must be a bool mask of shape {tuple(p.shape)}, "
                                  f"got {m.dtype} {tuple(m.shape)}")
             masks.append(m.contiguous())
-        return masks
+        return _some_element_moves(masks, restrict)
     patterns = list(restrict)
     for pat in patterns:
         if not isinstance(pat, str):
             raise TypeError(f"restrict must be globs or a dict of masks, got {pat!r}")
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
             raise ValueError(f"restrict pattern {pat!r} matches no parameter; parameters: {names}")
-    return [torch.full(p.shape, any(fnmatch.fnmatchcase(n, pat) for pat in patterns), dtype=torch.bool,
-                       device=p.device) for n, p in named]
+    return _some_element_moves([torch.full(p.shape, any(fnmatch.fnmatchcase(n, pat) for pat in patterns),
+                                           dtype=torch.bool, device=p.device) for n, p in named], restrict)
+
+
+def _some_element_moves(masks: List[torch.Tensor], restrict) -> List[torch.Tensor]:
+    # A restriction that frees nothing would return an "LLC" of pure batch noise.
+    if not any(bool(m.any()) for m in masks):
+        shown = (f"restrict's masks for {sorted(restrict)}" if restrict else "restrict={}") \
+            if isinstance(restrict, Mapping) else f"restrict={restrict!r}"
+        raise ValueError(f"{shown} frees no parameter element, so nothing would move; name at least one "
+                         "parameter (a glob) or give a mask with a True element (None frees all)")
+    return masks
 
 
 def warn_if_cycled(loader, steps: int, per_step: int = 1) -> None:

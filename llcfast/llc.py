@@ -13,9 +13,10 @@ from torch.func import grad
 
 from . import reference
 from ._checks import check_int
-from ._llc_common import (check_llc_args, check_loader, check_mala, check_precision, check_sampler_args,
-                          default_loss, default_nbeta, finish, first_nonfinite, init_loss, init_loss_diagnostics,
-                          mala_diagnostics, precision_context, resolve_device, to_device, trainable, warn_if_cycled)
+from ._llc_common import (check_callbacks, check_llc_args, check_loader, check_mala, check_precision,
+                          check_sampler_args, default_loss, default_nbeta, finish, first_nonfinite, init_loss,
+                          init_loss_diagnostics, mala_diagnostics, precision_context, resolve_device, to_device,
+                          trainable, warn_if_cycled)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
@@ -119,6 +120,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                 weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
                 grad_accum_steps=grad_accum_steps)
     check_llc_args(**args)
+    callbacks = check_callbacks(callbacks)
     check_loader(loader)
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     check_mala(mala, sampler, box, noise_scale)
@@ -148,7 +150,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     base = copy.deepcopy(model).to(device)
     checkpointed = checkpointing.apply(base, activation_checkpointing)
     with precision_context(precision, device):
-        l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
+        l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device,
+                                  requested=num_init_batches is not None)
     steps = num_burnin + num_draws * steps_between_draws
     warn_if_cycled(loader, steps, grad_accum_steps)
     local_chains, offset = (num_chains, 0) if split is None else (split.count, split.start)
@@ -203,7 +206,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         steps_run[c] = t
     draws = losses[:, num_burnin::steps_between_draws][:, :num_draws]
     config = dict(args, backend="fast" if run.mode == "vmap" else "fast-sequential", nbeta=nbeta,
-                  num_init_batches=num_init_batches or num_chains, device=str(device), precision=precision,
+                  num_init_batches=len(l0_spread["init_loss_per_batch"]), device=str(device), precision=precision,
                   cuda_graphs=all(r.cuda_graphs for r in runs),
                   chain_chunk=run.pass_plan["chain_chunk"] if run.pass_plan else cfg.chain_chunk, chain_group=group,
                   **sampling)

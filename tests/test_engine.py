@@ -60,6 +60,24 @@ def test_loaders_that_cannot_be_passed_over_again_are_refused(estimate):
         estimate(model, 3, mse, nbeta=1.0, progress=False)
 
 
+@pytest.mark.parametrize("estimate", [llcfast.estimate_llc, reference.estimate_llc], ids=["fast", "reference"])
+def test_a_restriction_that_frees_nothing_and_uncallable_callbacks_are_refused(estimate):
+    model, loader, _ = linear_problem(2)
+    names = [n for n, _ in model.named_parameters()]
+    nothing = {names[0]: torch.zeros_like(model.get_parameter(names[0]), dtype=torch.bool)}
+    for restrict, shown in [({}, r"restrict=\{\}"), ([], r"restrict=\[\]"), (nothing, rf"masks for \['{names[0]}'\]")]:
+        with pytest.raises(ValueError, match=shown + " frees no parameter element"):
+            estimate(model, loader, mse, nbeta=1.0, restrict=restrict, progress=False)
+    with pytest.raises(TypeError, match=r"callbacks\[1\] is 'log', which is not callable"):
+        estimate(model, loader, mse, nbeta=1.0, callbacks=[print, "log"], progress=False)
+    with pytest.raises(TypeError, match="callbacks must be a list of functions, got int"):
+        estimate(model, loader, mse, nbeta=1.0, callbacks=3, progress=False)
+    steps = []
+    estimate(model, loader, mse, nbeta=1.0, num_chains=1, num_draws=3, progress=False,
+             callbacks=lambda step, **_: steps.append(step))  # one function alone is taken as the list
+    assert steps == [0, 1, 2]
+
+
 @pytest.mark.parametrize("device,match", [
     ("gpu", r"device='gpu' is not a device torch knows"),
     pytest.param("cuda", r"device='cuda', but torch sees no CUDA GPU", marks=pytest.mark.skipif(

@@ -48,3 +48,22 @@ def test_the_init_loss_error_moves_every_chain_alike():
     shift = 30.0 * (a.init_loss - b.init_loss)
     assert abs(shift) > 10 * a.llc_std / math.sqrt(2)  # far beyond what the chains' spread shows
     np.testing.assert_allclose(a.llc_per_chain - b.llc_per_chain, -shift, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_a_loader_shorter_than_the_init_batches_gives_each_batch_once(backend, recwarn):
+    """As devinterp 1.x: the first min(num_init_batches, len(loader)) batches.
+    Cycling would weight the first batches twice and shrink the reported
+    spread by counting repeats as independent."""
+    model, loader = mlp(), regression_loader(n=64, batch_size=16)  # 4 batches
+    with torch.no_grad():
+        per_batch = [float(mse(model, b)) for b in loader]
+    with pytest.warns(UserWarning, match="num_init_batches=6, but the loader holds 4 batches"):
+        asked = llcfast.estimate_llc(model, loader, mse, num_init_batches=6, backend=backend, **KW)
+    default = llcfast.estimate_llc(model, loader, mse, backend=backend, **dict(KW, num_chains=5))
+    assert not [w for w in recwarn if "num_init_batches" in str(w.message)]  # the default (num_chains) is not news
+    for res in (asked, default):
+        np.testing.assert_allclose(res.diagnostics["init_loss_per_batch"], per_batch, rtol=1e-6)
+        assert res.init_loss == pytest.approx(np.mean(per_batch), rel=1e-6)
+        assert res.diagnostics["init_loss_se"] == pytest.approx(np.std(per_batch, ddof=1) / 2.0, rel=1e-6)
+        assert res.config["num_init_batches"] == 4

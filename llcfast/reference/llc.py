@@ -14,9 +14,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .._llc_common import (check_llc_args, check_loader, check_mala, check_sampler_args, checked_loss, cycle_batches,
-                           default_loss, default_nbeta, finish, init_loss, init_loss_diagnostics, mala_diagnostics,
-                           progress_bar, resolve_device, restriction_masks, to_device, trainable,
+from .._llc_common import (check_callbacks, check_llc_args, check_loader, check_mala, check_sampler_args, checked_loss,
+                           cycle_batches, default_loss, default_nbeta, finish, init_loss, init_loss_diagnostics,
+                           mala_diagnostics, progress_bar, resolve_device, restriction_masks, to_device, trainable,
                            warn_if_cycled)
 from ..engine import checkpointing
 from ..interrupt import partial_plan, raise_interrupted
@@ -47,6 +47,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                    grad_accum_steps=grad_accum_steps)
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     check_mala(mala, sampler, box, noise_scale)
+    callbacks = check_callbacks(callbacks)
     check_loader(loader)
     loss_fn = loss_fn or default_loss
     device = resolve_device(device, model)
@@ -54,7 +55,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
     checkpointed = checkpointing.apply(base, activation_checkpointing)
-    l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device)
+    l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device,
+                              requested=num_init_batches is not None)
     masks = restriction_masks(trainable(base), restrict)
     total_steps = num_burnin + num_draws * steps_between_draws
     warn_if_cycled(loader, total_steps, grad_accum_steps)
@@ -119,7 +121,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     now = time.perf_counter()
     config = dict(backend="reference", num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                   steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
-                  weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches or num_chains,
+                  weight_decay=weight_decay, noise_scale=noise_scale,
+                  num_init_batches=len(l0_spread["init_loss_per_batch"]),
                   seed=seed, device=str(device), sampler=sampler, sampler_kwargs=sampler_kwargs,
                   bounding_box=box or None, grad_accum_steps=grad_accum_steps)
     if checkpointed:
