@@ -122,19 +122,19 @@ def map_tensors(batch, fn: Callable):
     return batch
 
 
-def check_loader(loader) -> None:
+def check_loader(loader, name: str = "loader", *, one_shot: bool = False) -> None:
     """Each chain makes its own passes over the loader, so it must be
     iterable again and again (a one-shot iterator would run dry after the
-    init loss)."""
+    init loss); ``one_shot`` allows one for callers that read it once."""
     if isinstance(loader, torch.Tensor):
-        raise TypeError(f"loader is a tensor of shape {tuple(loader.shape)}; pass a list of batches "
-                        "(e.g. [(x, y)] for one full batch) or a DataLoader")
+        raise TypeError(f"{name} is a tensor of shape {tuple(loader.shape)}; pass a list of batches "
+                        "(e.g. [(x, y)] for one full batch)" + ("" if one_shot else " or a DataLoader"))
     if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
-        raise TypeError(f"loader must be an iterable of batches (a DataLoader, a list of batches), "
+        raise TypeError(f"{name} must be an iterable of batches (a DataLoader, a list of batches), "
                         f"got {type(loader).__name__}")
-    if isinstance(loader, Iterator):
-        raise TypeError(f"loader is a one-shot iterator ({type(loader).__name__}), but each chain makes its own "
-                        "passes over the loader; pass a list of batches (list(loader)) or a DataLoader")
+    if isinstance(loader, Iterator) and not one_shot:
+        raise TypeError(f"{name} is a one-shot iterator ({type(loader).__name__}), but each chain makes its own "
+                        f"passes over the {name}; pass a list of batches (list({name})) or a DataLoader")
 
 
 def resolve_device(device, model: torch.nn.Module) -> torch.device:
@@ -279,12 +279,12 @@ def restriction_masks(named, restrict) -> Optional[List[torch.Tensor]]:
 
 
 def _some_element_moves(masks: List[torch.Tensor], restrict) -> List[torch.Tensor]:
-    # A restriction that frees nothing would return an "LLC" of pure batch noise.
+    # Selecting nothing would give an "LLC" of pure batch noise, or an empty Hessian.
     if not any(bool(m.any()) for m in masks):
         shown = (f"restrict's masks for {sorted(restrict)}" if restrict else "restrict={}") \
             if isinstance(restrict, Mapping) else f"restrict={restrict!r}"
-        raise ValueError(f"{shown} frees no parameter element, so nothing would move; name at least one "
-                         "parameter (a glob) or give a mask with a True element (None frees all)")
+        raise ValueError(f"{shown} selects no parameter element; name at least one parameter (a glob) or give "
+                         "a mask with a True element (None selects all)")
     return masks
 
 

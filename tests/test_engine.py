@@ -61,12 +61,12 @@ def test_loaders_that_cannot_be_passed_over_again_are_refused(estimate):
 
 
 @pytest.mark.parametrize("estimate", [llcfast.estimate_llc, reference.estimate_llc], ids=["fast", "reference"])
-def test_a_restriction_that_frees_nothing_and_uncallable_callbacks_are_refused(estimate):
+def test_a_restriction_that_selects_nothing_and_uncallable_callbacks_are_refused(estimate):
     model, loader, _ = linear_problem(2)
     names = [n for n, _ in model.named_parameters()]
     nothing = {names[0]: torch.zeros_like(model.get_parameter(names[0]), dtype=torch.bool)}
     for restrict, shown in [({}, r"restrict=\{\}"), ([], r"restrict=\[\]"), (nothing, rf"masks for \['{names[0]}'\]")]:
-        with pytest.raises(ValueError, match=shown + " frees no parameter element"):
+        with pytest.raises(ValueError, match=shown + " selects no parameter element"):
             estimate(model, loader, mse, nbeta=1.0, restrict=restrict, progress=False)
     with pytest.raises(TypeError, match=r"callbacks\[1\] is 'log', which is not callable"):
         estimate(model, loader, mse, nbeta=1.0, callbacks=[print, "log"], progress=False)

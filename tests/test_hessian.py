@@ -454,6 +454,13 @@ def test_bad_input_is_explained():
 
     with pytest.raises(ValueError, match="precision must be one of .*'fp16'"):
         llcfast.hessian_trace(model, loss_fn, batches, precision="fp16")
+    with pytest.raises(TypeError, match=r"batches is a tensor of shape \(4, 3\); pass a list of batches"):
+        llcfast.hessian_trace(model, loss_fn, torch.zeros(4, 3))
+    with pytest.raises(ValueError, match=r"restrict=\[\] selects no parameter element"):
+        llcfast.hessian_trace(model, loss_fn, batches, restrict=[])
+    one_shot = llcfast.hessian_trace(model, loss_fn, (b for b in batches), num_probes=4, progress=False)
+    listed = llcfast.hessian_trace(model, loss_fn, list(batches), num_probes=4, progress=False)
+    np.testing.assert_array_equal(one_shot.per_probe, listed.per_probe)  # a generator is read once, whole
 
 
 @pytest.mark.parametrize("case", ["mlp", "transformer"])

@@ -10,8 +10,8 @@ import torch
 
 from .. import ops
 from .._checks import group_offsets_for_sizes
-from .._llc_common import (check_precision, checked_loss, default_loss, resolve_device, restriction_masks, to_device,
-                           trainable)
+from .._llc_common import (check_loader, check_precision, checked_loss, default_loss, resolve_device,
+                           restriction_masks, to_device, trainable)
 from .compiled import check_compile
 from .hvp import HVP, check_hvp_mode, finite_difference_gap
 from .planner import free_device_bytes, items_per_pass, measure_activation_bytes
@@ -30,8 +30,7 @@ class Problem:
         check_precision(precision)
         check_hvp_mode(hvp_mode)
         self.compile_mode = check_compile(compile)
-        if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
-            raise TypeError(f"batches must be a list (or iterable) of batches, got {type(batches).__name__}")
+        check_loader(batches, "batches", one_shot=True)  # read once, here
         batches = list(batches)
         if not batches:
             raise ValueError("batches is empty; pass at least one batch")
