@@ -77,6 +77,10 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: say what, not where in our code
         print(f"llcfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused (not a directory, no permission, disk full)
+        print(f"llcfast {args.command}: error: {exc}; choose a path you can write to (or free space), then rerun: "
+              "what was finished is kept", file=sys.stderr)
+        return 1
     except (MemoryError, FloatingPointError) as exc:  # the run cannot go on as set up: which setting to change
         hint = MEMORY_HINTS.get(args.command, "") if isinstance(exc, MemoryError) else ""
         print(f"llcfast {args.command}: error: {exc}{hint}", file=sys.stderr)

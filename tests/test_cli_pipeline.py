@@ -29,6 +29,11 @@ def test_errors_say_what_is_wrong(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", str(tmp_path), "--chains", "0"])
     assert "must be > 0, got 0" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["train", "--preset", "demo", "--out", str(blocker / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llcfast train: error: [Errno") and "a_file/run" in err and "Traceback" not in err
 
 
 def test_train_sweep_report_calibrate_from_the_command_line(tmp_path, capsys):
@@ -45,6 +50,8 @@ def test_train_sweep_report_calibrate_from_the_command_line(tmp_path, capsys):
     assert 0.0 <= engine_records[0]["mala_acceptance"] <= 1.0
     assert main(["sweep", run, "--quiet", "--sampler", "hmc"]) == 2
     assert "sampler must be one of" in capsys.readouterr().err
+    assert main(["sweep", run, "--quiet", "--sampler", "sgnht:diffusion=x"]) == 2
+    assert "--sampler 'sgnht:diffusion=x': expected NAME" in capsys.readouterr().err
     assert main(["report", run]) == 0
     out = capsys.readouterr().out
     assert "stage" in out and "report.png" in out

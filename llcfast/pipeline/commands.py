@@ -77,7 +77,7 @@ def _settings(base, args):
                   gamma=args.gamma, nbeta=args.nbeta, hessian=args.hessian, bounding_box=args.bounding_box,
                   precision=args.precision)
     if args.sampler:
-        (fields["sampler"], fields["sampler_kwargs"]), = _parse_samplers([args.sampler])
+        (fields["sampler"], fields["sampler_kwargs"]), = _parse_samplers([args.sampler], "--sampler")
     return replace(base, **{k: v for k, v in fields.items() if v is not None})
 
 
@@ -161,7 +161,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _parse_samplers(specs):
+def _parse_samplers(specs, option: str = "--samplers"):
     """'rmsprop_sgld:alpha=0.9999,rms_eps=0.1' -> ("rmsprop_sgld", {...})."""
     if not specs:
         return None
@@ -176,7 +176,7 @@ def _parse_samplers(specs):
             except ValueError:
                 eq = ""
             if not eq:
-                raise ValueError(f"--samplers {spec!r}: expected NAME or NAME:KEY=NUMBER[,KEY=NUMBER...], "
+                raise ValueError(f"{option} {spec!r}: expected NAME or NAME:KEY=NUMBER[,KEY=NUMBER...], "
                                  f"got {item!r}")
         out.append((name, kwargs))
     return out
