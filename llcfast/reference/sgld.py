@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._checks import check_float, check_sgld_args, noise_group_offsets
-from .philox import philox_normal
+from .philox import philox_normal_list
 
 
 def fold_coefficients(eps: float, nbeta: float, gamma: float, weight_decay: float, noise_scale: float):
@@ -80,15 +80,29 @@ def walk(params, grads, centers, masks, noise, seed, step, chain_offset, step_te
     the Philox draw the kernels make, moves the broadcast mask or None."""
     if step_tensor is not None:
         step = step + int(step_tensor.item())
-    offsets = noise_group_offsets(params)
-    chains = params[0].shape[0]
+    if noise is None:
+        noise = philox_noise(params, seed, step, chain_offset)
     for i, p in enumerate(params):
         if p.numel() == 0:
             continue
-        xi = noise[i] if noise is not None else philox_normal(
-            chains, p[0].numel(), seed=seed, step=step, chain_offset=chain_offset, group_offset=offsets[i],
-            device=p.device).view_as(p)
-        yield i, p, grads[i], centers[i], xi, None if masks is None else masks[i].expand_as(p)
+        yield i, p, grads[i], centers[i], noise[i], None if masks is None else masks[i].expand_as(p)
+
+
+def philox_noise(params, seed: int, step: int, chain_offset: int) -> list:
+    """The Philox draw the kernels make for each tensor (None for empty ones),
+    in one pass per device."""
+    offsets = noise_group_offsets(params)
+    chains = params[0].shape[0]
+    noise = [None] * len(params)
+    for device in {p.device for p in params}:
+        idx = [i for i, p in enumerate(params) if p.device == device and p.numel()]
+        if not idx:
+            continue
+        draws = philox_normal_list(chains, [params[i][0].numel() for i in idx], [offsets[i] for i in idx],
+                                   seed=seed, step=step, chain_offset=chain_offset, device=device)
+        for i, xi in zip(idx, draws):
+            noise[i] = xi.reshape(params[i].shape)
+    return noise
 
 
 def add_stats(stats, p, g, c, added, moves) -> None:
