@@ -208,6 +208,14 @@ def checked_loss(loss, where: str) -> torch.Tensor:
     return loss.reshape(())
 
 
+def draw_slice(num_burnin: int, steps_between_draws: int) -> slice:
+    """The steps whose losses are the draws: the last step of each interval
+    of steps_between_draws after burn-in, as in devinterp 1.x (draw j is
+    step num_burnin + (j + 1) * steps_between_draws - 1), so a run ends on a
+    draw and no step is wasted."""
+    return slice(num_burnin + steps_between_draws - 1, None, steps_between_draws)
+
+
 def init_loss(model, loader, loss_fn: Callable, num_batches: int, device, *, requested: bool = False
               ) -> Tuple[float, dict]:
     """Mean minibatch loss at w* over the loader's first ``num_batches``

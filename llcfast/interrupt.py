@@ -3,7 +3,6 @@ LLCInterrupted, still a KeyboardInterrupt (a script stops as before), whose
 ``result`` is the estimate from those draws."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,10 +40,10 @@ def partial_plan(finished: int, started: int, steps_done: int, num_burnin: int, 
                  num_draws: int) -> Optional[PartialPlan]:
     """After Ctrl-C with ``finished`` chains done and the others of the
     ``started`` ones at ``steps_done`` steps: the finished chains with all
-    their draws, or every started chain cut to the draws it reached (a draw
-    is taken at steps num_burnin, num_burnin + steps_between_draws, ...),
-    whichever holds more chain-draws; None when neither holds any."""
-    reached = max(0, min(num_draws, math.ceil((steps_done - num_burnin) / steps_between_draws)))
+    their draws, or every started chain cut to the draws it reached (see
+    _llc_common.draw_slice), whichever holds more chain-draws; None when neither holds
+    any."""
+    reached = max(0, min(num_draws, (steps_done - num_burnin) // steps_between_draws))
     whole, cut = finished * num_draws, started * reached
     if max(whole, cut) == 0:
         return None

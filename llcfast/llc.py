@@ -14,9 +14,9 @@ from torch.func import grad
 from . import reference
 from ._checks import check_int
 from ._llc_common import (check_callbacks, check_llc_args, check_loader, check_mala, check_precision,
-                          check_sampler_args, default_loss, default_nbeta, finish, first_nonfinite, init_loss,
-                          init_loss_diagnostics, mala_diagnostics, precision_context, resolve_device, to_device,
-                          trainable, warn_if_cycled)
+                          check_sampler_args, default_loss, default_nbeta, draw_slice, finish, first_nonfinite,
+                          init_loss, init_loss_diagnostics, mala_diagnostics, precision_context, resolve_device,
+                          to_device, trainable, warn_if_cycled)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
@@ -44,6 +44,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
     steps_between_draws`` steps from w* (DESIGN.md's update) and returns
     ``nbeta * (mean draw loss - loss at w*)`` per chain, with diagnostics.
+    A draw is the loss of the last step of each interval of
+    ``steps_between_draws`` after burn-in, as in devinterp 1.x.
     ``model`` is not changed.
 
     loader: any re-iterable of batches (a DataLoader, a list); each chain makes
@@ -204,7 +206,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     for c, t in diverged_at.items():
         losses[c, t:] = np.nan  # a diverged chain stops counting where its loss first went non-finite
         steps_run[c] = t
-    draws = losses[:, num_burnin::steps_between_draws][:, :num_draws]
+    draws = losses[:, draw_slice(num_burnin, steps_between_draws)][:, :num_draws]
     config = dict(args, backend="fast" if run.mode == "vmap" else "fast-sequential", nbeta=nbeta,
                   num_init_batches=len(l0_spread["init_loss_per_batch"]), device=str(device), precision=precision,
                   cuda_graphs=all(r.cuda_graphs for r in runs),

@@ -78,6 +78,21 @@ def test_a_restriction_that_selects_nothing_and_uncallable_callbacks_are_refused
     assert steps == [0, 1, 2]
 
 
+@pytest.mark.parametrize("estimate", [llcfast.estimate_llc, reference.estimate_llc], ids=["fast", "reference"])
+def test_a_draw_is_the_loss_of_the_last_step_of_each_interval(estimate):
+    """devinterp 1.x's convention: burn-in 3, every 2 steps -> steps 4, 6, 8
+    (3, 5, 7 would average other batches, and bias the LLC another way)."""
+    model, loader = mlp(), regression_loader(n=64, batch_size=16)
+    seen = {}
+
+    def record(step, chains, loss, params):
+        seen.setdefault(step, []).extend(loss.tolist() if loss.dim() else [loss.item()])
+    res = estimate(model, loader, mse, num_chains=2, num_draws=3, num_burnin=3, steps_between_draws=2, nbeta=2.0,
+                   progress=False, callbacks=[record])
+    assert sorted(seen) == list(range(9))
+    np.testing.assert_allclose(res.loss_trace, np.array([seen[t] for t in (4, 6, 8)]).T, rtol=1e-6)
+
+
 @pytest.mark.parametrize("device,match", [
     ("gpu", r"device='gpu' is not a device torch knows"),
     pytest.param("cuda", r"device='cuda', but torch sees no CUDA GPU", marks=pytest.mark.skipif(

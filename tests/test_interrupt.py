@@ -26,8 +26,8 @@ def interrupt_at(chain, at):
     return cb
 
 
-def draws_in(steps):  # draws are taken at steps 3, 5, 7, ...
-    return -(-(steps - KW["num_burnin"]) // KW["steps_between_draws"])
+def draws_in(steps):  # draws are the losses of steps 4, 6, 8, ... (the last of each interval, as devinterp)
+    return max(0, (steps - KW["num_burnin"]) // KW["steps_between_draws"])
 
 
 BACKENDS = {
@@ -44,9 +44,9 @@ def whole():
 @pytest.mark.parametrize("backend", ["fast", "reference"])
 def test_partial_estimate_is_the_first_draws_of_the_whole_run(backend, whole):
     # The fast engine runs all chains together: cut at step 14, every chain
-    # keeps its 6 draws among steps 0..13. The reference runs them one by one:
-    # cut in chain 2 at step 22, 3 chains x 10 draws hold more than the 2
-    # finished chains' 2 x 12, so all three are kept, cut to 10 draws.
+    # keeps its 5 draws among steps 0..13. The reference runs them one by one:
+    # cut in chain 2 at step 22, 3 chains x 9 draws hold more than the 2
+    # finished chains' 2 x 12, so all three are kept, cut to 9 draws.
     chain, step = (0, 14) if backend == "fast" else (2, 22)
     with pytest.raises(LLCInterrupted) as info:
         BACKENDS[backend](mlp(), callbacks=[interrupt_at(chain, step)], **KW)
@@ -68,10 +68,10 @@ def test_partial_estimate_is_the_first_draws_of_the_whole_run(backend, whole):
 
 
 def test_reference_keeps_the_finished_chains_when_they_hold_more_draws(whole):
-    # Cut in chain 3 at step 4 (1 draw reached): 3 finished chains x 12 draws
+    # Cut in chain 3 at step 6 (1 draw reached): 3 finished chains x 12 draws
     # hold more than 4 chains x 1 draw.
     with pytest.raises(LLCInterrupted) as info:
-        reference.estimate_llc(mlp(), regression_loader(), mse, callbacks=[interrupt_at(3, 4)], **KW)
+        reference.estimate_llc(mlp(), regression_loader(), mse, callbacks=[interrupt_at(3, 6)], **KW)
     part, full = info.value.result, whole["reference"]
     np.testing.assert_array_equal(part.loss_trace, full.loss_trace[:3])
     np.testing.assert_array_equal(part.llc_per_chain, full.llc_per_chain[:3])
@@ -81,11 +81,11 @@ def test_reference_keeps_the_finished_chains_when_they_hold_more_draws(whole):
 
 
 def test_chain_groups_keep_the_finished_group(whole):
-    # Groups of 2: Ctrl-C in the second group after 5 steps (1 draw) keeps the
+    # Groups of 2: Ctrl-C in the second group after 6 steps (1 draw) keeps the
     # first group's 2 chains x 12 draws, the same as in the whole run.
     with pytest.raises(LLCInterrupted) as info:
         llcfast.estimate_llc(mlp(), regression_loader(), mse, backend="fast", chain_group=2,
-                             callbacks=[interrupt_at(2, 4)], **KW)
+                             callbacks=[interrupt_at(2, 6)], **KW)
     part, full = info.value.result, whole["fast"]
     np.testing.assert_allclose(part.loss_trace, full.loss_trace[:2], rtol=1e-6)
     assert part.config["interrupted"]["chains"] == 2

@@ -93,7 +93,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                     steps_run[c] = t
                     break
                 loss.backward()
-                if t >= num_burnin and (t - num_burnin) % steps_between_draws == 0:
+                if t >= num_burnin and (t + 1 - num_burnin) % steps_between_draws == 0:  # draw_slice
                     trace[c, (t - num_burnin) // steps_between_draws] = value
                 with torch.no_grad():
                     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
