@@ -7,8 +7,9 @@ per-chain LLCs of each are independent draws of one distribution, and the
 two means must agree within their combined standard error. So must the MALA
 acceptance rates, and the first draw (the loss at w* on the first batch) and
 the init loss must agree to fp32 rounding. Settings: SGLD plain, with burn-in
-and thinning, restricted, with weight decay, in a bounding box; RMSprop-SGLD;
-SGNHT (devinterp's SGNHT class, without localization).
+and thinning, with gradient accumulation, restricted, with weight decay, in
+a bounding box; RMSprop-SGLD; SGNHT (devinterp's SGNHT class, without
+localization).
 """
 import warnings
 
@@ -39,7 +40,7 @@ def trained():
 
 
 def devinterp_llc(model, loader, *, method, epsilon, nbeta, gamma=0.0, weight_decay=0.0, num_burnin=0,
-                  steps_between_draws=1, masks=None, mala=False, **method_kwargs):
+                  steps_between_draws=1, grad_accum_steps=1, masks=None, mala=False, **method_kwargs):
     from devinterp.optim import SGLD, SGMCMC
     from devinterp.optim.sgnht import SGNHT  # the class: SGMCMC.sgnht in 1.3.2 is another update
     from devinterp.slt.mala import MalaAcceptanceRate
@@ -57,6 +58,7 @@ def devinterp_llc(model, loader, *, method, epsilon, nbeta, gamma=0.0, weight_de
             model, loader, evaluate=mse, sampling_method=cls,
             optimizer_kwargs=dict(lr=epsilon, nbeta=nbeta, **kw, **method_kwargs), num_chains=CHAINS,
             num_draws=DRAWS, num_burnin_steps=num_burnin, num_steps_bw_draws=steps_between_draws,
+            grad_accum_steps=grad_accum_steps,
             seed=list(range(CHAINS)), optimize_over_per_model_param=masks, callbacks=callbacks, verbose=False)
     return r
 
@@ -67,6 +69,9 @@ SETTINGS = {
     "plain": (SGLD_KW, dict(method="sgld", **SGLD_KW)),
     "burn-in, thinning": (dict(SGLD_KW, epsilon=3e-4, num_burnin=50, steps_between_draws=2),
                           dict(method="sgld", **dict(SGLD_KW, epsilon=3e-4, num_burnin=50, steps_between_draws=2))),
+    "gradient accumulation": (dict(SGLD_KW, grad_accum_steps=2, num_burnin=10, steps_between_draws=3),
+                              dict(method="sgld", **dict(SGLD_KW, grad_accum_steps=2, num_burnin=10,
+                                                         steps_between_draws=3))),
     "restricted": (dict(SGLD_KW, restrict=True), dict(method="sgld", **SGLD_KW, masks=True)),
     "weight decay": (dict(SGLD_KW, weight_decay=1.0), dict(method="sgld", **SGLD_KW, weight_decay=1.0)),
     "bounding box": (dict(SGLD_KW, gamma=10.0, bounding_box=0.01),
