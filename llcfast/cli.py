@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 EPILOG = """examples:
   llcfast demo            train a small model, sweep its LLC, detect stages, write ./llcfast-demo/report.png
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    shown = warnings.formatwarning
+    warnings.formatwarning = _command_line_warning
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: say what, not where in our code
@@ -96,6 +99,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"llcfast {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = shown
+
+
+def _command_line_warning(message, category, filename, lineno, line=None) -> str:
+    # From the command line the message is what matters; where in llcfast it was raised is not.
+    return f"llcfast: {category.__name__}: {message}\n"
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ train -> sweep -> report -> calibrate chain on a tiny run (the full demo is
 the README's main job)."""
 import json
 import os
+import sys
+import warnings
 
 import pytest
 
@@ -114,3 +116,19 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert "error: out of device memory (CUDA out of memory. Tried to allocate 1.00 GiB)" in err
     assert "more detail" not in err and "--no-hessian" in err
+
+
+def test_warnings_from_the_command_line_are_one_line_without_our_source(capsys, monkeypatch):
+    def printing(message, category, filename, lineno, file=None, line=None):  # as Python prints outside pytest
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    def warns(args):
+        warnings.warn("step 0: the LLC estimate is negative", RuntimeWarning)
+        return 0
+    monkeypatch.setattr(warnings, "showwarning", printing)
+    monkeypatch.setattr("llcfast.cli._info", warns)
+    before = warnings.formatwarning
+    assert main(["info"]) == 0
+    assert capsys.readouterr().err == "llcfast: RuntimeWarning: step 0: the LLC estimate is negative\n"
+    assert warnings.formatwarning is before
+
