@@ -103,7 +103,9 @@ class LLCResult:
         if from_l0 is not None and math.isfinite(from_l0) and math.isfinite(se):
             small = from_l0 <= se
             out.append(("init_loss", small, f"init loss error ± {from_l0:.3g} in LLC" + (
-                "" if small else f" exceeds the chains' standard error {se:.3g}: raise num_init_batches")))
+                "" if small else f" exceeds the chains' standard error {se:.3g}: raise num_init_batches"
+                + (f" (it used {self.config['num_init_batches']}; a loader with more batches allows more)"
+                   if self.config.get("num_init_batches") else ""))))
         if d.get("mala_acceptance") is not None and math.isfinite(d["mala_acceptance"]):
             out.append(("mala", None, f"MALA acceptance {d['mala_acceptance']:.3f}"))
         if math.isfinite(self.llc_mean) and self.llc_mean < 0:
