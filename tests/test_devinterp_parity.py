@@ -119,3 +119,11 @@ def assert_same_mean(ours, theirs, what):
     z = (np.mean(ours) - np.mean(theirs)) / se
     assert abs(z) < Z_MAX, f"{what}: llcfast {np.mean(ours):.4f} vs devinterp {np.mean(theirs):.4f} (SE {se:.4f})"
     assert Z_MAX * se < 0.25 * abs(np.mean(theirs))  # tight enough to catch a 25% disagreement
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_default_nbeta_is_devinterps(trained, accum):
+    from devinterp.utils import default_nbeta
+    model, loader = trained
+    ours = llcfast.estimate_llc(model, loader, mse, num_chains=1, num_draws=1, grad_accum_steps=accum, progress=False)
+    assert ours.config["nbeta"] == pytest.approx(float(default_nbeta(loader, grad_accum_steps=accum)), rel=1e-12)
