@@ -174,11 +174,61 @@ def cycle_batches(loader) -> Iterator:
             raise ValueError("the loader yielded no batches; pass a non-empty loader")
 
 
+def loader_batches(loader, seed: int, chain: Optional[int] = None, *, endless: bool = True) -> Iterator:
+    """The loader's batches (cycled when ``endless``, else one pass) fetched
+    on their own random streams, keyed by (seed, chain); chain None is the
+    stream of the init loss. Swapped in around each fetch: torch's global
+    CPU generator and the loader's own (DataLoader(generator=...), its
+    sampler's). A shuffling DataLoader, or a dataset with random transforms,
+    then gives each chain the same batches for the same seed, in either
+    backend and any split across processes, and the caller's generators are
+    left as they were. Lists and tuples draw no random numbers and are
+    passed over directly."""
+    batches = cycle_batches(loader) if endless else _one_pass(loader)
+    if isinstance(loader, (list, tuple)):
+        return batches
+    key = [seed, 0] if chain is None else [seed, 1, chain]
+    owned = {id(g): g for g in (getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None),
+                                                                              "generator", None))
+             if isinstance(g, torch.Generator) and g.device.type == "cpu"}
+    starts = np.random.SeedSequence(key).generate_state(1 + len(owned), np.uint64) >> np.uint64(1)
+    states = [torch.Generator().manual_seed(int(v)).get_state() for v in starts]
+    return _on_own_rng(batches, [None, *owned.values()], states)
+
+
+def _one_pass(loader) -> Iterator:
+    yield from loader  # a generator function, so iter(loader) runs at the first next(), on the batches' streams
+
+
+def _on_own_rng(batches: Iterator, generators: list, states: list) -> Iterator:
+    """``batches`` with each generator (None: torch's global one) set to its
+    state in ``states`` during each fetch, and restored after."""
+    def get(g):
+        return torch.get_rng_state() if g is None else g.get_state()
+
+    def put(g, state):
+        torch.set_rng_state(state) if g is None else g.set_state(state)
+
+    while True:
+        outer = [get(g) for g in generators]
+        for g, state in zip(generators, states):
+            put(g, state)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            states = [get(g) for g in generators]
+            for g, state in zip(generators, outer):
+                put(g, state)
+        yield batch
+
+
 def batch_size_of(loader) -> int:
     size = getattr(loader, "batch_size", None)
     if isinstance(size, int) and size > 0:
         return size
-    first = next(iter(loader), None)
+    first = next(loader_batches(loader, 0, endless=False), None)
     if first is None:
         raise ValueError("the loader yielded no batches; pass a non-empty loader")
     leaf = first
@@ -216,20 +266,21 @@ def draw_slice(num_burnin: int, steps_between_draws: int) -> slice:
     return slice(num_burnin + steps_between_draws - 1, None, steps_between_draws)
 
 
-def init_loss(model, loader, loss_fn: Callable, num_batches: int, device, *, requested: bool = False
-              ) -> Tuple[float, dict]:
+def init_loss(model, loader, loss_fn: Callable, num_batches: int, device, *, seed: int = 0,
+              requested: bool = False) -> Tuple[float, dict]:
     """Mean minibatch loss at w* over the loader's first ``num_batches``
-    batches, each once: a loader with fewer gives all it holds, as in
-    devinterp 1.x (repeating a batch would weight it twice and shrink the
-    spread below). ``requested``: the user asked for ``num_batches`` and is
-    told when fewer were there. Its spread goes into the diagnostics: the
+    batches (fetched on the init stream of loader_batches), each once: a
+    loader with fewer gives all it holds, as in devinterp 1.x (repeating a
+    batch would weight it twice and shrink the spread below). ``requested``:
+    the user asked for ``num_batches`` and is told when fewer were there.
+    Its spread goes into the diagnostics: the
     init loss is subtracted from every chain alike, so its sampling error
     moves the LLC by nbeta times that error and never shows in the spread
     across chains; ``llc_se_from_init_loss`` says how large it is (NaN from
     a single batch)."""
     values = []
     with torch.no_grad():
-        for batch in itertools.islice(loader, num_batches):
+        for batch in itertools.islice(loader_batches(loader, seed, endless=False), num_batches):
             value = float(checked_loss(loss_fn(model, to_device(batch, device)), "at w*"))
             if not math.isfinite(value):
                 raise ValueError(f"the loss at w* is {value}; the estimate needs a finite loss at the checkpoint")

@@ -15,8 +15,8 @@ from . import reference
 from ._checks import check_int
 from ._llc_common import (check_callbacks, check_llc_args, check_loader, check_mala, check_precision,
                           check_sampler_args, default_loss, default_nbeta, draw_slice, finish, first_nonfinite,
-                          init_loss, init_loss_diagnostics, mala_diagnostics, precision_context, resolve_device,
-                          to_device, trainable, warn_if_cycled)
+                          init_loss, init_loss_diagnostics, loader_batches, mala_diagnostics, precision_context,
+                          resolve_device, to_device, trainable, warn_if_cycled)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
@@ -152,7 +152,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     base = copy.deepcopy(model).to(device)
     checkpointed = checkpointing.apply(base, activation_checkpointing)
     with precision_context(precision, device):
-        l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device,
+        l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device, seed=seed,
                                   requested=num_init_batches is not None)
     steps = num_burnin + num_draws * steps_between_draws
     warn_if_cycled(loader, steps, grad_accum_steps)
@@ -244,7 +244,7 @@ def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):
     named = trainable(base)
     loss = chain_loss(base, loss_fn, [n for n, _ in named])
     point = tuple(p.detach() for _, p in named)
-    batch = to_device(next(iter(loader)), device)
+    batch = to_device(next(loader_batches(loader, cfg.seed, endless=False)), device)
 
     def one_chain():
         with precision_context(cfg.precision, device):

@@ -1,6 +1,7 @@
 """estimate_llc under torch.distributed: 2 CPU processes on gloo split the
 chains (3 + 2 of 5) and must give exactly the numbers of one process with the
-same seed, every sampler, since noise is keyed by the global chain index."""
+same seed, every sampler and a shuffling loader too, since noise and each
+chain's batch stream are keyed by the global chain index."""
 import os
 import pickle
 import socket
@@ -16,7 +17,15 @@ from llc_models import mlp, mse, regression_loader
 
 KW = dict(num_chains=5, num_draws=12, num_burnin=4, epsilon=1e-3, nbeta=20.0, gamma=50.0, seed=11, progress=False,
           backend="fast")
-SAMPLERS = [("sgld", {}), ("rmsprop_sgld", {"alpha": 0.9}), ("sgnht", {})]
+SAMPLERS = [("sgld", {}, False), ("rmsprop_sgld", {"alpha": 0.9}, False), ("sgnht", {}, False),
+            ("sgld", {}, True)]  # (sampler, its kwargs, shuffling loader)
+
+
+def _loader(shuffle: bool):
+    if not shuffle:
+        return regression_loader()
+    from torch.utils.data import DataLoader
+    return DataLoader(regression_loader().dataset, batch_size=16, shuffle=True)
 
 
 def _free_port() -> int:
@@ -30,8 +39,8 @@ def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = [llcfast.estimate_llc(mlp(), regression_loader(), mse, sampler=s, sampler_kwargs=k, **KW)
-                   for s, k in SAMPLERS]
+        results = [llcfast.estimate_llc(mlp(), _loader(shuffle), mse, sampler=s, sampler_kwargs=k, **KW)
+                   for s, k, shuffle in SAMPLERS]
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump([r.to_dict() for r in results], f)
     finally:
@@ -43,15 +52,16 @@ def test_two_gloo_ranks_give_the_one_process_numbers(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks run single-threaded too: same CPU kernels, same summation order
     try:
-        single = [llcfast.estimate_llc(mlp(), regression_loader(), mse, sampler=s, sampler_kwargs=k, **KW).to_dict()
-                  for s, k in SAMPLERS]
+        single = [llcfast.estimate_llc(mlp(), _loader(shuffle), mse, sampler=s, sampler_kwargs=k, **KW).to_dict()
+                  for s, k, shuffle in SAMPLERS]
     finally:
         torch.set_num_threads(threads)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
             ranked = pickle.load(f)
-        for one, two, (sampler, _) in zip(single, ranked, SAMPLERS):
+        for one, two, (sampler, _, shuffle) in zip(single, ranked, SAMPLERS):
+            sampler += " shuffled" if shuffle else ""
             assert two["config"]["world_size"] == 2
             for key in ("llc_per_chain", "loss_trace", "llc_trace"):
                 np.testing.assert_array_equal(np.array(two[key], dtype=float), np.array(one[key], dtype=float),

@@ -14,12 +14,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._llc_common import cycle_batches, to_device
+from .._llc_common import loader_batches, to_device
 
 
 class ChainBatches:
-    def __init__(self, loader, num_chains: int, device: torch.device):
-        self._iters = [cycle_batches(loader) for _ in range(num_chains)]
+    def __init__(self, loader, num_chains: int, device: torch.device, seed: int = 0, chain_offset: int = 0):
+        # Keyed by the global chain index, as the reference's chains are.
+        self._iters = [loader_batches(loader, seed, chain_offset + c) for c in range(num_chains)]
         self._device = device
 
     def next_stacked(self):

@@ -86,7 +86,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     params = [c.unsqueeze(0).repeat((cfg.num_chains,) + (1,) * c.dim()) for c in centers]
     masks = restriction_masks(named, restrict)
     loss = chain_loss(model, loss_fn, names)
-    feed = ChainBatches(loader, cfg.num_chains, device)
+    feed = ChainBatches(loader, cfg.num_chains, device, cfg.seed, cfg.chain_offset)
     accum = cfg.grad_accum_steps
 
     def next_batches():

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .._llc_common import (check_callbacks, check_llc_args, check_loader, check_mala, check_sampler_args, checked_loss,
-                           cycle_batches, default_loss, default_nbeta, finish, init_loss, init_loss_diagnostics,
+                           default_loss, default_nbeta, finish, init_loss, init_loss_diagnostics, loader_batches,
                            mala_diagnostics, progress_bar, resolve_device, restriction_masks, to_device, trainable,
                            warn_if_cycled)
 from ..engine import checkpointing
@@ -55,7 +55,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
     checkpointed = checkpointing.apply(base, activation_checkpointing)
-    l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device,
+    l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device, seed=seed,
                               requested=num_init_batches is not None)
     masks = restriction_masks(trainable(base), restrict)
     total_steps = num_burnin + num_draws * steps_between_draws
@@ -77,7 +77,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
             stacked = [p.detach().view((1,) + tuple(p.shape)) for p in params]
             stepper = Stepper(ref_ops, sampler, sampler_kwargs, box, stacked, epsilon=epsilon, seed=seed,
                               chain_offset=c)
-            batches = cycle_batches(loader)
+            batches = loader_batches(loader, seed, c)
             tracker = ChainMala(centers, masks, eps=epsilon, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay,
                                 noise_scale=noise_scale) if mala else None
             for t in range(total_steps):
