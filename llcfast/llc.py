@@ -16,7 +16,7 @@ from ._checks import check_int
 from ._llc_common import (check_callbacks, check_llc_args, check_loader, check_mala, check_precision,
                           check_sampler_args, default_loss, default_nbeta, draw_slice, finish, first_nonfinite,
                           init_loss, init_loss_diagnostics, loader_batches, mala_diagnostics, precision_context,
-                          resolve_device, to_device, trainable, warn_if_cycled)
+                          resolve_device, to_device, trainable, warn_if_cycled, warn_if_dropout)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
@@ -146,6 +146,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         result.config["precision"] = precision
         return result
 
+    warn_if_dropout(model)
     started = time.perf_counter()
     loss_fn = loss_fn or default_loss
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)

@@ -93,6 +93,18 @@ def test_a_draw_is_the_loss_of_the_last_step_of_each_interval(estimate):
     np.testing.assert_allclose(res.loss_trace, np.array([seen[t] for t in (4, 6, 8)]).T, rtol=1e-6)
 
 
+@pytest.mark.parametrize("estimate", [llcfast.estimate_llc, reference.estimate_llc], ids=["fast", "reference"])
+def test_active_dropout_is_named_in_a_warning_and_eval_mode_is_quiet(estimate, recwarn):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Dropout(0.1), nn.Tanh(), nn.Linear(12, 1))
+    loader = regression_loader(n=64, batch_size=16)
+    with pytest.warns(UserWarning, match=r"dropout is active \(1: the model is in train mode\).*model.eval\(\)"):
+        estimate(model, loader, mse, nbeta=1.0, num_chains=1, num_draws=2, progress=False)
+    recwarn.clear()
+    estimate(model.eval(), loader, mse, nbeta=1.0, num_chains=1, num_draws=2, progress=False)
+    assert not [w for w in recwarn if "dropout" in str(w.message)]
+
+
 @pytest.mark.parametrize("device,match", [
     ("gpu", r"device='gpu' is not a device torch knows"),
     pytest.param("cuda", r"device='cuda', but torch sees no CUDA GPU", marks=pytest.mark.skipif(

@@ -17,7 +17,7 @@ import torch
 from .._llc_common import (check_callbacks, check_llc_args, check_loader, check_mala, check_sampler_args, checked_loss,
                            default_loss, default_nbeta, finish, init_loss, init_loss_diagnostics, loader_batches,
                            mala_diagnostics, progress_bar, resolve_device, restriction_masks, to_device, trainable,
-                           warn_if_cycled)
+                           warn_if_cycled, warn_if_dropout)
 from ..engine import checkpointing
 from ..interrupt import partial_plan, raise_interrupted
 from ..result import LLCResult
@@ -49,6 +49,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     check_mala(mala, sampler, box, noise_scale)
     callbacks = check_callbacks(callbacks)
     check_loader(loader)
+    warn_if_dropout(model)
     loss_fn = loss_fn or default_loss
     device = resolve_device(device, model)
     started = time.perf_counter()
