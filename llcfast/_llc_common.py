@@ -3,6 +3,7 @@ convention, batches, the nbeta default, the loss at w*, and restriction masks.""
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import itertools
 import math
@@ -184,6 +185,7 @@ def loader_batches(loader, seed: int, chain: Optional[int] = None, *, endless: b
     backend and any split across processes, and the caller's generators are
     left as they were. Lists and tuples draw no random numbers and are
     passed over directly."""
+    loader = _own_workers(loader)
     batches = cycle_batches(loader) if endless else _one_pass(loader)
     if isinstance(loader, (list, tuple)):
         return batches
@@ -194,6 +196,17 @@ def loader_batches(loader, seed: int, chain: Optional[int] = None, *, endless: b
     starts = np.random.SeedSequence(key).generate_state(1 + len(owned), np.uint64) >> np.uint64(1)
     states = [torch.Generator().manual_seed(int(v)).get_state() for v in starts]
     return _on_own_rng(batches, [None, *owned.values()], states)
+
+
+def _own_workers(loader):
+    """A DataLoader with persistent workers keeps one iterator and restarts
+    it on every iter(), so chains passing over it at once would steal each
+    other's batches; each stream gets a copy with its own workers."""
+    from torch.utils.data import DataLoader
+    if isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0:
+        loader = copy.copy(loader)
+        loader._iterator = None  # the copy starts its own workers on its first pass
+    return loader
 
 
 def _one_pass(loader) -> Iterator:

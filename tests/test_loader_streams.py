@@ -59,3 +59,17 @@ def test_lists_pass_through_and_a_single_pass_stops():
     it = loader_batches(batches, 0, 0)
     assert [next(it)[0] is b[0] for b in batches * 2] == [True] * 4  # cycled, the very same objects
     assert len(list(loader_batches(shuffling(), 0, endless=False))) == 6
+
+
+def test_persistent_workers_give_each_chain_its_own_pass():
+    """A persistent-worker DataLoader restarts its one iterator on every
+    iter(): chains sharing it would steal each other's batches."""
+    x = torch.randn(96, 5, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x, torch.sin(x.sum(-1))), batch_size=16, shuffle=True, num_workers=1,
+                        persistent_workers=True)
+    kw = dict(KW, num_chains=2, num_draws=8, num_burnin=0, seed=4)
+    first, again = (llcfast.estimate_llc(mlp(), loader, mse, backend="fast", **kw) for _ in range(2))
+    ref = llcfast.estimate_llc(mlp(), loader, mse, backend="reference", **kw)
+    np.testing.assert_array_equal(first.loss_trace, again.loss_trace)
+    np.testing.assert_allclose(first.loss_trace, ref.loss_trace, rtol=1e-5)
+    assert loader._iterator is None  # the caller's loader started no workers
