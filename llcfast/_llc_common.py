@@ -133,9 +133,27 @@ def check_loader(loader, name: str = "loader", *, one_shot: bool = False) -> Non
     if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
         raise TypeError(f"{name} must be an iterable of batches (a DataLoader, a list of batches), "
                         f"got {type(loader).__name__}")
+    if _looks_like_one_batch(loader):
+        shapes = ", ".join(str(tuple(t.shape)) for t in loader)
+        raise TypeError(f"{name} is a {type(loader).__name__} of tensors of shapes {shapes}, which looks like one "
+                        f"batch (x, y) rather than a sequence of batches; pass [(x, y)] for one full batch, or a "
+                        "list of batches")
     if isinstance(loader, Iterator) and not one_shot:
         raise TypeError(f"{name} is a one-shot iterator ({type(loader).__name__}), but each chain makes its own "
                         f"passes over the {name}; pass a list of batches (list({name})) or a DataLoader")
+
+
+def _looks_like_one_batch(loader) -> bool:
+    # A loader's batches share their structure, so tensors of different ranks
+    # (or a tuple of equally long tensors of different shapes) are the parts
+    # of one batch, not batches.
+    if not isinstance(loader, (list, tuple)) or len(loader) < 2 \
+            or not all(isinstance(t, torch.Tensor) and t.dim() for t in loader):
+        return False
+    if len({t.dim() for t in loader}) > 1:
+        return True
+    return isinstance(loader, tuple) and len({t.shape[0] for t in loader}) == 1 \
+        and len({tuple(t.shape[1:]) for t in loader}) > 1
 
 
 def resolve_device(device, model: torch.nn.Module) -> torch.device:

@@ -58,6 +58,10 @@ def test_loaders_that_cannot_be_passed_over_again_are_refused(estimate):
         estimate(model, torch.zeros(4, 2), mse, nbeta=1.0, progress=False)
     with pytest.raises(TypeError, match="loader must be an iterable of batches.*got int"):
         estimate(model, 3, mse, nbeta=1.0, progress=False)
+    x, y = torch.zeros(4, 2), torch.zeros(4)
+    for one_batch in [(x, y), [x, y], (x, torch.zeros(4, 1))]:
+        with pytest.raises(TypeError, match=r"tensors of shapes \(4, 2\), \(4.*looks like one batch.*\[\(x, y\)\]"):
+            estimate(model, one_batch, mse, nbeta=1.0, progress=False)
 
 
 @pytest.mark.parametrize("estimate", [llcfast.estimate_llc, reference.estimate_llc], ids=["fast", "reference"])
