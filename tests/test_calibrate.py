@@ -75,3 +75,37 @@ def test_samplers_and_their_hyperparameters_are_grid_axes(tmp_path):
     assert "sgnht(diffusion=0.01)" in res.describe()
     with pytest.raises(ValueError, match="'alpha' is not a hyperparameter of 'sgnht'"):
         calibrate(model, loader, mse, epsilons=[1e-3], gammas=[1.0], samplers=[("sgnht", {"alpha": 0.9})])
+
+
+def test_an_interrupted_grid_resumes_from_its_record(tmp_path, monkeypatch):
+    """Each finished setting is appended to the record (NaNs of a diverged
+    setting included); a rerun reads those back and runs only the rest."""
+    import llcfast.pipeline.calibrate as cal
+    model, loader, _ = linear_problem(3, n=128, seed=1)
+    kw = dict(epsilons=[1e-3, 0.5, 3e-3], gammas=[1.0], nbetas=[50.0], num_chains=3, num_draws=40, progress=False)
+    whole = calibrate(model, loader, mse, **kw)
+    assert whole.rows[1]["flags"] == ["diverged"] and np.isnan(whole.traces[("sgld", 1.0, 50.0, 0.5)]).any()
+    record = str(tmp_path / "settings.jsonl")
+    real, calls, stop = cal.estimate_llc, [], [3]
+
+    def stops_at_the_third(*args, **kwargs):
+        calls.append(kwargs["epsilon"])
+        if len(calls) == stop[0]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cal, "estimate_llc", stops_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, loader, mse, record=record, **kw)
+    assert len(open(record).read().splitlines()) == 2  # 1e-3 and the diverged 0.5
+    calls.clear()
+    stop[0] = None
+    resumed = calibrate(model, loader, mse, record=record, **kw)
+    assert calls == [3e-3]
+    for a, b in zip(resumed.rows, whole.rows):
+        assert a["flags"] == b["flags"] and a["epsilon"] == b["epsilon"]
+        np.testing.assert_array_equal([a["llc_mean"], a["rhat"]], [b["llc_mean"], b["rhat"]])
+    for k, trace in whole.traces.items():
+        np.testing.assert_array_equal(resumed.traces[k], trace)  # NaNs of the diverged chains too
+    assert resumed.recommended == whole.recommended
+    calibrate(model, loader, mse, record=record, **dict(kw, num_draws=41))  # other settings: measured anew
+    assert calls[1:] == [1e-3, 0.5, 3e-3]

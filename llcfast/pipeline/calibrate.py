@@ -19,6 +19,7 @@ from .._llc_common import progress_bar
 from ..llc import estimate_llc
 from ..diagnostics import TREND_T
 from ..samplers import check_sampler
+from .sweep import append_record, read_results
 
 RHAT_MAX = 1.1
 PLATEAU_REL = 0.1  # neighbouring epsilons agree within this fraction (or 2 SE)
@@ -152,7 +153,7 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
               nbetas: Sequence[Optional[float]] = (None,), samplers: Sequence = ("sgld",), num_chains: int = 4,
               num_draws: int = 200,
               num_burnin: int = 0, seed: int = 0, device=None, progress: bool = True,
-              **llc_kwargs) -> CalibrationResult:
+              record: Optional[str] = None, **llc_kwargs) -> CalibrationResult:
     """Runs estimate_llc at every (sampler, epsilon, gamma, nbeta) of the grid
     (``samplers``: names, or (name, sampler_kwargs) pairs; sampler_grid()
     spans a sampler's hyperparameters) and
@@ -160,7 +161,10 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
     "not equilibrated" (the loss trace still trends: |t| > 3 across chains,
     or R-hat > 1.1), "negative LLC". Recommends the largest healthy epsilon
     at which the LLC agrees (within 2 SE or 10%) with every smaller healthy
-    epsilon's: the estimate has stopped changing with the step size."""
+    epsilon's: the estimate has stopped changing with the step size.
+    ``record``: a JSON-lines file each finished setting is appended to (one
+    fsync'd line); settings already there, measured the same way, are read
+    back instead of run again, so an interrupted grid resumes."""
     for name, grid in (("epsilons", epsilons), ("gammas", gammas)):
         if not grid or any(not isinstance(v, (int, float)) or not v > 0 for v in grid):
             raise ValueError(f"{name} must be a non-empty list of numbers > 0, got {grid!r}")
@@ -168,7 +172,15 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
     configs = _sampler_configs(samplers)
     settings = [(cfg, float(e), float(g), nb) for cfg in configs for nb in nbetas for g in gammas for e in epsilons]
     bar = progress_bar(progress, len(settings), "calibration grid", unit="setting", leave=True)
+    done = {r["key"]: r for r in read_results(record)} if record else {}
     for (label, sampler, sampler_kwargs), eps, gamma, nbeta in settings:
+        key = repr((label, eps, gamma, nbeta, num_chains, num_draws, num_burnin, seed, sorted(llc_kwargs.items())))
+        if key in done:
+            row, trace, init = _from_record(done[key])
+            rows.append(row)
+            traces[(label, gamma, row["nbeta"], eps)] = trace
+            bar.update(1)
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # flagged in the table instead
             warnings.filterwarnings("ignore", message="the loader holds", category=UserWarning)
@@ -193,10 +205,30 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
                      "llc_se": res.llc_std / math.sqrt(max(int(good.sum()), 1)),
                      "rhat": rhat, "trend_t": t, "flags": flags})
         traces[(label, gamma, nb, eps)] = res.loss_trace
+        if record:
+            append_record(record, {"key": key, "row": _jsonable(rows[-1]), "trace": _jsonable(res.loss_trace.tolist()),
+                                   "init_loss": _jsonable(init)})
         bar.update(1)
     bar.close()
     best, reason = _recommend(rows)
     return CalibrationResult(rows, traces, init, best, reason)
+
+
+def _jsonable(value):
+    # JSON has no NaN or Inf: a diverged chain's values are stored as null.
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _from_record(rec: dict):
+    row = {k: (math.nan if v is None else v) for k, v in rec["row"].items()}
+    trace = np.array(rec["trace"], dtype=float)  # null -> NaN
+    return row, trace, math.nan if rec["init_loss"] is None else rec["init_loss"]
 
 
 def calibrate_run(run_dir: str, *, step: Optional[int] = None, epsilons=None, gammas=None, nbetas=None, samplers=None,
@@ -204,7 +236,9 @@ def calibrate_run(run_dir: str, *, step: Optional[int] = None, epsilons=None, ga
                   out: Optional[str] = None, progress: bool = True) -> CalibrationResult:
     """calibrate() on one checkpoint of a training run, with grids around the
     run's own settings by default; writes calibration.png,
-    calibration_traces.png, calibration.csv into ``out`` (RUN_DIR/calibration)."""
+    calibration_traces.png, calibration.csv into ``out`` (RUN_DIR/calibration),
+    and each finished setting into settings_stepN.jsonl there, so that an
+    interrupted calibration resumes where it stopped."""
     import torch
     from .checkpoints import load_checkpoint, read_manifest
     from .config import RunConfig
@@ -220,14 +254,15 @@ def calibrate_run(run_dir: str, *, step: Optional[int] = None, epsilons=None, ga
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     task = cfg.make_task()
     model = load_checkpoint(os.path.join(run_dir, ckpts[step]), lambda: cfg.make_model(task)).to(device)
+    out = out or os.path.join(run_dir, "calibration")
+    os.makedirs(out, exist_ok=True)
     result = calibrate(model, task.llc_batches(s.llc_sequences, s.llc_batch_size, device), cfg.loss_fn,
                        epsilons=epsilons or [s.epsilon * f for f in (0.1, 0.3, 1, 3, 10)],
                        gammas=gammas or [s.gamma * f for f in (0.1, 1, 10)], nbetas=nbetas or [s.nbeta],
                        samplers=samplers or ["sgld"],
                        num_chains=num_chains or s.num_chains, num_draws=num_draws or s.num_draws,
-                       num_burnin=s.num_burnin, seed=s.seed, device=device, progress=progress)
-    out = out or os.path.join(run_dir, "calibration")
-    os.makedirs(out, exist_ok=True)
+                       num_burnin=s.num_burnin, seed=s.seed, device=device, progress=progress,
+                       record=os.path.join(out, f"settings_step{step}.jsonl"))  # a rerun resumes from it
     import matplotlib.pyplot as plt
     fig = result.plot(os.path.join(out, "calibration.png"), os.path.join(out, "calibration_traces.png"))
     plt.close(fig)
