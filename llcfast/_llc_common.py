@@ -3,18 +3,18 @@ convention, batches, the nbeta default, the loss at w*, and restriction masks.""
 from __future__ import annotations
 
 import contextlib
-import copy
 import fnmatch
 import itertools
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ._checks import check_float, check_int
+from .loaders import batch_size_of, loader_batches
 
 
 def check_llc_args(*, num_chains, num_draws, num_burnin, steps_between_draws, epsilon, gamma, nbeta, weight_decay,
@@ -123,39 +123,6 @@ def map_tensors(batch, fn: Callable):
     return batch
 
 
-def check_loader(loader, name: str = "loader", *, one_shot: bool = False) -> None:
-    """Each chain makes its own passes over the loader, so it must be
-    iterable again and again (a one-shot iterator would run dry after the
-    init loss); ``one_shot`` allows one for callers that read it once."""
-    if isinstance(loader, torch.Tensor):
-        raise TypeError(f"{name} is a tensor of shape {tuple(loader.shape)}; pass a list of batches "
-                        "(e.g. [(x, y)] for one full batch)" + ("" if one_shot else " or a DataLoader"))
-    if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
-        raise TypeError(f"{name} must be an iterable of batches (a DataLoader, a list of batches), "
-                        f"got {type(loader).__name__}")
-    if _looks_like_one_batch(loader):
-        shapes = ", ".join(str(tuple(t.shape)) for t in loader)
-        raise TypeError(f"{name} is a {type(loader).__name__} of tensors of shapes {shapes}, which looks like one "
-                        f"batch (x, y) rather than a sequence of batches; pass [(x, y)] for one full batch, or a "
-                        "list of batches")
-    if isinstance(loader, Iterator) and not one_shot:
-        raise TypeError(f"{name} is a one-shot iterator ({type(loader).__name__}), but each chain makes its own "
-                        f"passes over the {name}; pass a list of batches (list({name})) or a DataLoader")
-
-
-def _looks_like_one_batch(loader) -> bool:
-    # A loader's batches share their structure, so tensors of different ranks
-    # (or a tuple of equally long tensors of different shapes) are the parts
-    # of one batch, not batches.
-    if not isinstance(loader, (list, tuple)) or len(loader) < 2 \
-            or not all(isinstance(t, torch.Tensor) and t.dim() for t in loader):
-        return False
-    if len({t.dim() for t in loader}) > 1:
-        return True
-    return isinstance(loader, tuple) and len({t.shape[0] for t in loader}) == 1 \
-        and len({tuple(t.shape[1:]) for t in loader}) > 1
-
-
 def resolve_device(device, model: torch.nn.Module) -> torch.device:
     """``device`` as a torch.device (default: where the model's parameters
     are), with a message that says what to pass where it cannot be used."""
@@ -179,98 +146,6 @@ def resolve_device(device, model: torch.nn.Module) -> torch.device:
 
 def to_device(batch, device: torch.device):
     return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
-
-
-def cycle_batches(loader) -> Iterator:
-    """Endless batches: the loader is restarted when exhausted (a chain that
-    needs more batches than it holds reuses them)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the loader yielded no batches; pass a non-empty loader")
-
-
-def loader_batches(loader, seed: int, chain: Optional[int] = None, *, endless: bool = True) -> Iterator:
-    """The loader's batches (cycled when ``endless``, else one pass) fetched
-    on their own random streams, keyed by (seed, chain); chain None is the
-    stream of the init loss. Swapped in around each fetch: torch's global
-    CPU generator and the loader's own (DataLoader(generator=...), its
-    sampler's). A shuffling DataLoader, or a dataset with random transforms,
-    then gives each chain the same batches for the same seed, in either
-    backend and any split across processes, and the caller's generators are
-    left as they were. Lists and tuples draw no random numbers and are
-    passed over directly."""
-    loader = _own_workers(loader)
-    batches = cycle_batches(loader) if endless else _one_pass(loader)
-    if isinstance(loader, (list, tuple)):
-        return batches
-    key = [seed, 0] if chain is None else [seed, 1, chain]
-    owned = {id(g): g for g in (getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None),
-                                                                              "generator", None))
-             if isinstance(g, torch.Generator) and g.device.type == "cpu"}
-    starts = np.random.SeedSequence(key).generate_state(1 + len(owned), np.uint64) >> np.uint64(1)
-    states = [torch.Generator().manual_seed(int(v)).get_state() for v in starts]
-    return _on_own_rng(batches, [None, *owned.values()], states)
-
-
-def _own_workers(loader):
-    """A DataLoader with persistent workers keeps one iterator and restarts
-    it on every iter(), so chains passing over it at once would steal each
-    other's batches; each stream gets a copy with its own workers."""
-    from torch.utils.data import DataLoader
-    if isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0:
-        loader = copy.copy(loader)
-        loader._iterator = None  # the copy starts its own workers on its first pass
-    return loader
-
-
-def _one_pass(loader) -> Iterator:
-    yield from loader  # a generator function, so iter(loader) runs at the first next(), on the batches' streams
-
-
-def _on_own_rng(batches: Iterator, generators: list, states: list) -> Iterator:
-    """``batches`` with each generator (None: torch's global one) set to its
-    state in ``states`` during each fetch, and restored after."""
-    def get(g):
-        return torch.get_rng_state() if g is None else g.get_state()
-
-    def put(g, state):
-        torch.set_rng_state(state) if g is None else g.set_state(state)
-
-    while True:
-        outer = [get(g) for g in generators]
-        for g, state in zip(generators, states):
-            put(g, state)
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        finally:
-            states = [get(g) for g in generators]
-            for g, state in zip(generators, outer):
-                put(g, state)
-        yield batch
-
-
-def batch_size_of(loader) -> int:
-    size = getattr(loader, "batch_size", None)
-    if isinstance(size, int) and size > 0:
-        return size
-    first = next(loader_batches(loader, 0, endless=False), None)
-    if first is None:
-        raise ValueError("the loader yielded no batches; pass a non-empty loader")
-    leaf = first
-    while not isinstance(leaf, torch.Tensor):
-        if isinstance(leaf, Mapping) and leaf:
-            leaf = next(iter(leaf.values()))
-        elif isinstance(leaf, (tuple, list)) and leaf:
-            leaf = leaf[0]
-        else:
-            raise ValueError("cannot tell the batch size from the loader; pass nbeta explicitly")
-    return int(leaf.shape[0]) if leaf.dim() else 1
 
 
 def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
@@ -390,21 +265,6 @@ def warn_if_dropout(model: torch.nn.Module, stacklevel: int = 3) -> None:
                       "masks that seed does not fix and the estimate is not reproducible; call model.eval() for "
                       "a deterministic loss (devinterp 1.x calls model.train(), so its numbers include dropout)",
                       UserWarning, stacklevel=stacklevel)
-
-
-def warn_if_cycled(loader, steps: int, per_step: int = 1) -> None:
-    """A chain that needs more batches than the loader holds reuses them;
-    users should know their chains see repeated data. A single batch is
-    full-batch sampling, reused by design, so it passes silently."""
-    try:
-        n = len(loader)
-    except TypeError:
-        return
-    need = steps * per_step
-    if 1 < n < need:
-        took = f"{steps} steps" if per_step == 1 else f"{steps} steps of {per_step} micro-batches"
-        warnings.warn(f"the loader holds {n} batches but each chain takes {took}; it is cycled, so every "
-                      f"batch is used about {need / n:.1f} times per chain", UserWarning, stacklevel=3)
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")

@@ -13,10 +13,10 @@ from torch.func import grad
 
 from . import reference
 from ._checks import check_int
-from ._llc_common import (check_callbacks, check_llc_args, check_loader, check_mala, check_precision,
-                          check_sampler_args, default_loss, default_nbeta, draw_slice, finish, first_nonfinite,
-                          init_loss, init_loss_diagnostics, loader_batches, mala_diagnostics, precision_context,
-                          resolve_device, to_device, trainable, warn_if_cycled, warn_if_dropout)
+from ._llc_common import (check_callbacks, check_llc_args, check_mala, check_precision, check_sampler_args,
+                          default_loss, default_nbeta, draw_slice, finish, first_nonfinite, init_loss,
+                          init_loss_diagnostics, mala_diagnostics, precision_context, resolve_device, to_device,
+                          trainable, warn_if_dropout)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
@@ -24,6 +24,7 @@ from .engine.functional import chain_loss
 from .engine.planner import (free_device_bytes, measure_activation_bytes, out_of_memory_message, plan_memory,
                              state_bytes)
 from .interrupt import ChainsInterrupted, LLCInterrupted, partial_plan, raise_interrupted
+from .loaders import check_loader, loader_batches, warn_if_cycled
 from .result import LLCResult
 
 BACKENDS = ("auto", "fast", "reference")

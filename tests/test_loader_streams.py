@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import llcfast
-from llcfast._llc_common import loader_batches
+from llcfast.loaders import loader_batches
 from llc_models import mlp, mse
 
 KW = dict(num_chains=3, num_draws=12, num_burnin=2, epsilon=1e-3, gamma=100.0, nbeta=5.0, progress=False)

@@ -14,7 +14,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._llc_common import loader_batches, to_device
+from .._llc_common import to_device
+from ..loaders import loader_batches
 
 
 class ChainBatches:

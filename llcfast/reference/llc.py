@@ -14,12 +14,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .._llc_common import (check_callbacks, check_llc_args, check_loader, check_mala, check_sampler_args, checked_loss,
-                           default_loss, default_nbeta, finish, init_loss, init_loss_diagnostics, loader_batches,
-                           mala_diagnostics, progress_bar, resolve_device, restriction_masks, to_device, trainable,
-                           warn_if_cycled, warn_if_dropout)
+from .._llc_common import (check_callbacks, check_llc_args, check_mala, check_sampler_args, checked_loss, default_loss,
+                           default_nbeta, finish, init_loss, init_loss_diagnostics, mala_diagnostics, progress_bar,
+                           resolve_device, restriction_masks, to_device, trainable, warn_if_dropout)
 from ..engine import checkpointing
 from ..interrupt import partial_plan, raise_interrupted
+from ..loaders import check_loader, loader_batches, warn_if_cycled
 from ..result import LLCResult
 from ..samplers import Stepper
 from .mala import ChainMala
