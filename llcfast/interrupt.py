@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ._llc_common import draw_slice
+
 
 class LLCInterrupted(KeyboardInterrupt):
     """A KeyboardInterrupt during estimate_llc. ``result`` is the LLCResult of
@@ -40,10 +42,9 @@ def partial_plan(finished: int, started: int, steps_done: int, num_burnin: int, 
                  num_draws: int) -> Optional[PartialPlan]:
     """After Ctrl-C with ``finished`` chains done and the others of the
     ``started`` ones at ``steps_done`` steps: the finished chains with all
-    their draws, or every started chain cut to the draws it reached (see
-    _llc_common.draw_slice), whichever holds more chain-draws; None when neither holds
-    any."""
-    reached = max(0, min(num_draws, (steps_done - num_burnin) // steps_between_draws))
+    their draws, or every started chain cut to the draws it reached,
+    whichever holds more chain-draws; None when neither holds any."""
+    reached = min(num_draws, len(range(steps_done)[draw_slice(num_burnin, steps_between_draws)]))
     whole, cut = finished * num_draws, started * reached
     if max(whole, cut) == 0:
         return None

@@ -19,7 +19,7 @@ from .._llc_common import progress_bar
 from ..llc import estimate_llc
 from ..diagnostics import TREND_T
 from ..samplers import check_sampler
-from .sweep import append_record, read_results
+from .sweep import _finite, append_record, read_results
 
 RHAT_MAX = 1.1
 PLATEAU_REL = 0.1  # neighbouring epsilons agree within this fraction (or 2 SE)
@@ -217,7 +217,7 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
 def _jsonable(value):
     # JSON has no NaN or Inf: a diverged chain's values are stored as null.
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return _finite(value)
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .._llc_common import (check_callbacks, check_llc_args, check_mala, check_sampler_args, checked_loss, default_loss,
-                           default_nbeta, finish, init_loss, init_loss_diagnostics, mala_diagnostics, progress_bar,
-                           resolve_device, restriction_masks, to_device, trainable, warn_if_dropout)
+                           default_nbeta, draw_slice, finish, init_loss, init_loss_diagnostics, mala_diagnostics,
+                           progress_bar, resolve_device, restriction_masks, to_device, trainable, warn_if_dropout)
 from ..engine import checkpointing
 from ..interrupt import partial_plan, raise_interrupted
 from ..loaders import check_loader, loader_batches, warn_if_cycled
@@ -60,6 +60,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                               requested=num_init_batches is not None)
     masks = restriction_masks(trainable(base), restrict)
     total_steps = num_burnin + num_draws * steps_between_draws
+    draw_steps = range(total_steps)[draw_slice(num_burnin, steps_between_draws)]
     warn_if_cycled(loader, total_steps, grad_accum_steps)
     trace = np.full((num_chains, num_draws), np.nan)
     stats = torch.zeros(num_chains, 3, dtype=torch.float64, device=device)
@@ -94,8 +95,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                     steps_run[c] = t
                     break
                 loss.backward()
-                if t >= num_burnin and (t + 1 - num_burnin) % steps_between_draws == 0:  # draw_slice
-                    trace[c, (t - num_burnin) // steps_between_draws] = value
+                if t in draw_steps:
+                    trace[c, draw_steps.index(t)] = value
                 with torch.no_grad():
                     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                     if tracker is not None:
