@@ -44,12 +44,13 @@ def mlp(seed=0):
     return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 1))
 
 
-def regression_loader(n=64, batch_size=16, seed=0):
+def regression_loader(n=64, batch_size=16, seed=0, **loader_kwargs):
     """A DataLoader makes new tensors on every pass, so the engine stacks the
-    chains' batches instead of sharing one."""
+    chains' batches instead of sharing one. In a fixed order unless
+    ``loader_kwargs`` say otherwise (shuffle=True, generator=..., workers)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 5, generator=g)
-    return DataLoader(TensorDataset(x, torch.sin(x.sum(-1))), batch_size=batch_size, shuffle=False)
+    return DataLoader(TensorDataset(x, torch.sin(x.sum(-1))), batch_size=batch_size, **loader_kwargs)
 
 
 class Block(nn.Module):

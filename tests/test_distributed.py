@@ -21,13 +21,6 @@ SAMPLERS = [("sgld", {}, False), ("rmsprop_sgld", {"alpha": 0.9}, False), ("sgnh
             ("sgld", {}, True)]  # (sampler, its kwargs, shuffling loader)
 
 
-def _loader(shuffle: bool):
-    if not shuffle:
-        return regression_loader()
-    from torch.utils.data import DataLoader
-    return DataLoader(regression_loader().dataset, batch_size=16, shuffle=True)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,7 +32,7 @@ def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = [llcfast.estimate_llc(mlp(), _loader(shuffle), mse, sampler=s, sampler_kwargs=k, **KW)
+        results = [llcfast.estimate_llc(mlp(), regression_loader(shuffle=shuffle), mse, sampler=s, sampler_kwargs=k, **KW)
                    for s, k, shuffle in SAMPLERS]
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump([r.to_dict() for r in results], f)
@@ -52,7 +45,7 @@ def test_two_gloo_ranks_give_the_one_process_numbers(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks run single-threaded too: same CPU kernels, same summation order
     try:
-        single = [llcfast.estimate_llc(mlp(), _loader(shuffle), mse, sampler=s, sampler_kwargs=k, **KW).to_dict()
+        single = [llcfast.estimate_llc(mlp(), regression_loader(shuffle=shuffle), mse, sampler=s, sampler_kwargs=k, **KW).to_dict()
                   for s, k, shuffle in SAMPLERS]
     finally:
         torch.set_num_threads(threads)

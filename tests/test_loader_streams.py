@@ -5,20 +5,17 @@ groups change nothing, and the caller's generators are left alone."""
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 import llcfast
 from llcfast.loaders import loader_batches
-from llc_models import mlp, mse
+from llc_models import mlp, mse, regression_loader
 
 KW = dict(num_chains=3, num_draws=12, num_burnin=2, epsilon=1e-3, gamma=100.0, nbeta=5.0, progress=False)
 pytestmark = pytest.mark.filterwarnings("ignore:the (LLC estimate is negative|loader holds)")
 
 
-def shuffling(generator=None):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(96, 5, generator=g)
-    return DataLoader(TensorDataset(x, torch.sin(x.sum(-1))), batch_size=16, shuffle=True, generator=generator)
+def shuffling(generator=None, **loader_kwargs):
+    return regression_loader(n=96, shuffle=True, generator=generator, **loader_kwargs)
 
 
 @pytest.mark.parametrize("own_generator", [False, True], ids=["global-rng", "loader-generator"])
@@ -64,9 +61,7 @@ def test_lists_pass_through_and_a_single_pass_stops():
 def test_persistent_workers_give_each_chain_its_own_pass():
     """A persistent-worker DataLoader restarts its one iterator on every
     iter(): chains sharing it would steal each other's batches."""
-    x = torch.randn(96, 5, generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(TensorDataset(x, torch.sin(x.sum(-1))), batch_size=16, shuffle=True, num_workers=1,
-                        persistent_workers=True)
+    loader = shuffling(num_workers=1, persistent_workers=True)
     kw = dict(KW, num_chains=2, num_draws=8, num_burnin=0, seed=4)
     first, again = (llcfast.estimate_llc(mlp(), loader, mse, backend="fast", **kw) for _ in range(2))
     ref = llcfast.estimate_llc(mlp(), loader, mse, backend="reference", **kw)
