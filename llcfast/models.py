@@ -42,22 +42,37 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
         b, t, d = h.shape
-        e = d // self.heads
-        # Heads-major [B, H, T, E] operands make the T x T scores a contiguous
-        # matmul output, so no pass copies them (einsum's layout cost a copy
-        # of every T x T tensor under vmap); the scale goes on q, not on them.
-        q, k, v = self.qkv(h).view(b, t, 3, self.heads, e).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._heads(h)
         if self.attention == "sdpa":
             mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            scores = (q * (1.0 / math.sqrt(e))) @ k.transpose(-1, -2)
-            # An additive fp32 mask rather than masked_fill: the same softmax
-            # (the masked scores are -inf either way), but its backward passes
-            # the gradient through instead of filling another T x T tensor,
-            # and under bf16 autocast the sum is the fp32 copy softmax needs.
-            future = torch.full((t, t), float("-inf"), device=h.device).triu(1)
-            mixed = (scores + future).softmax(-1) @ v
+            mixed = self._weights(q, k) @ v
         return self.out(mixed.transpose(1, 2).reshape(b, t, d))
+
+    def pattern(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, T]
+        """The attention weights this layer applies to ``h`` (its input):
+        row i is query position i's distribution over key positions."""
+        q, k, _ = self._heads(h)
+        return self._weights(q, k)
+
+    def _heads(self, h: torch.Tensor):  # [B, T, D] -> 3 x [B, H, T, E]
+        # Heads-major [B, H, T, E] operands make the T x T scores a contiguous
+        # matmul output, so no pass copies them (einsum's layout cost a copy
+        # of every T x T tensor under vmap).
+        b, t, d = h.shape
+        return self.qkv(h).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    @staticmethod
+    def _weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # [B, H, T, E] x 2 -> [B, H, T, T]
+        # The scale goes on q, not on the T x T scores. An additive fp32 mask
+        # rather than masked_fill: the same softmax (the masked scores are -inf
+        # either way), but its backward passes the gradient through instead of
+        # filling another T x T tensor, and under bf16 autocast the sum is the
+        # fp32 copy softmax needs.
+        t, e = q.shape[-2], q.shape[-1]
+        scores = (q * (1.0 / math.sqrt(e))) @ k.transpose(-1, -2)
+        future = torch.full((t, t), float("-inf"), device=q.device).triu(1)
+        return (scores + future).softmax(-1)
 
 
 def check_attention(attention: str) -> str:

@@ -24,7 +24,7 @@ import torch
 from ._checks import check_float, check_int
 
 # Offsets that keep the streams of one seed apart.
-_TRAIN, _EVAL, _LLC, _GRAMMAR = 0, 1 << 40, 2 << 40, 3 << 40
+_TRAIN, _EVAL, _LLC, _GRAMMAR, _SHIFTED = 0, 1 << 40, 2 << 40, 3 << 40, 4 << 40
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -74,13 +74,19 @@ class RegressionTask(_Task):
         self.noise_var = check_float("noise_var", noise_var, minimum=0.0)
         self.seed = check_int("seed", seed)
 
-    def _draw(self, n: int, stream: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, n: int, stream: int, device, x_var: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
         rng = _rng(self.seed, stream)
         tasks = rng.standard_normal((n, self.task_dim, 1), dtype=np.float32)
-        xs = rng.standard_normal((n, self.pairs, self.task_dim), dtype=np.float32)
+        xs = np.float32(math.sqrt(x_var)) * rng.standard_normal((n, self.pairs, self.task_dim), dtype=np.float32)
         noise = np.float32(math.sqrt(self.noise_var)) * rng.standard_normal((n, self.pairs), dtype=np.float32)
         ys = (xs @ tasks)[..., 0] + noise
         return torch.from_numpy(xs).to(device), torch.from_numpy(ys).to(device)
+
+    def shifted_set(self, num_sequences: int, x_var: float, device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+        """A fixed evaluation set with inputs x ~ N(0, x_var I) (tasks and noise
+        as in training): PAPER.md's out-of-distribution inputs."""
+        check_float("x_var", x_var, minimum=0.0)
+        return self._draw(num_sequences, _SHIFTED, device, x_var=x_var)
 
 
 

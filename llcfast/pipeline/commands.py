@@ -66,6 +66,8 @@ def _sweep_overrides(parser) -> None:
     e.add_argument("--compile", action="store_true", help="torch.compile the LLC's and the Hessian's batched "
                                                           "passes (compiled once, reused across checkpoints)")
     e.add_argument("--mala", action="store_true", help="record the mean MALA acceptance per checkpoint")
+    e.add_argument("--no-behaviour", dest="behaviour", action="store_false", default=None,
+                   help="skip the task's behavioural metrics (ICL score, head scores, ...; on by default)")
     h = parser.add_mutually_exclusive_group()
     h.add_argument("--hessian", dest="hessian", action="store_true", default=None,
                    help="also Hessian trace and top eigenvalue")
@@ -75,7 +77,7 @@ def _sweep_overrides(parser) -> None:
 def _settings(base, args):
     fields = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=args.burnin, epsilon=args.epsilon,
                   gamma=args.gamma, nbeta=args.nbeta, hessian=args.hessian, bounding_box=args.bounding_box,
-                  precision=args.precision)
+                  precision=args.precision, behaviour=args.behaviour)
     if args.sampler:
         (fields["sampler"], fields["sampler_kwargs"]), = _parse_samplers([args.sampler], "--sampler")
     return replace(base, **{k: v for k, v in fields.items() if v is not None})
@@ -156,7 +158,7 @@ def cmd_report(args) -> int:
               "(choose with --settings)")
     latest = {r["step"]: r for r in records if r.get("settings") == chosen}  # a re-measured step: its last record
     paths = write_report(list(latest.values()), args.out or args.run_dir, plateau=args.plateau)
-    print("\n".join(stage_table(paths["fit"], paths["curvature"])))
+    print("\n".join(stage_table(paths["fit"], paths["curvature"], paths.get("behaviour"))))
     print(f"report: {os.path.abspath(paths['png'])}")
     return 0
 

@@ -46,6 +46,7 @@ class SweepSettings:
     sampler_kwargs: Dict[str, float] = field(default_factory=dict)
     bounding_box: Any = None  # None or a float > 0
     precision: str = "fp32"  # or "tf32", "bf16": the LLC's and the Hessian's passes (estimate_llc)
+    behaviour: bool = True  # the task's behavioural metrics (pipeline/behaviour.py); not part of the settings key
 
 
 @dataclass
@@ -100,6 +101,9 @@ class RunConfig:
         if s.llc_batch_size > s.llc_sequences:
             raise ValueError(f"sweep.llc_batch_size ({s.llc_batch_size}) must be <= sweep.llc_sequences "
                              f"({s.llc_sequences})")
+        for name in ("hessian", "behaviour"):
+            if not isinstance(getattr(s, name), bool):
+                raise ValueError(f"sweep.{name} must be true or false, got {getattr(s, name)!r}")
         from .._llc_common import check_precision
         check_precision(s.precision, "sweep.precision")
         from ..samplers import check_sampler

@@ -34,7 +34,7 @@ def demo(out: str = "llcfast-demo", *, device: str = "cpu", full: bool = False, 
     paths = write_report(records, out, title="llcfast demo: in-context linear regression",
                          extra={"seconds": {"train": trained - started, "sweep": swept - trained}})
     say(f"  swept {len(records)} checkpoints in {swept - trained:.0f} s; stages:")
-    for line in stage_table(paths["fit"], paths["curvature"]):
+    for line in stage_table(paths["fit"], paths["curvature"], paths.get("behaviour")):
         say("    " + line)
     say(f"report: {os.path.abspath(paths['png'])}\n        (also report.svg, summary.json, results.csv there)")
     return paths

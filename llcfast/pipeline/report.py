@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..stages import StageFit, detect_stages
+from .behaviour import change_lines, series, stage_changes
 from .checkpoints import atomic_json
 from .curvature import boundary_matches, curvature_fits, match_table
 
@@ -45,7 +46,8 @@ def plot_report(records: Sequence[dict], fit: StageFit, path: Optional[str] = No
     records = sorted(records, key=lambda r: r["step"])
     steps = np.array([r["step"] for r in records], dtype=float)
     has_hessian = any(r.get("hessian_trace") is not None for r in records)
-    heights = [2, 3] + ([2] if has_hessian else []) + [0.6]
+    behaviour = series(records)
+    heights = [2, 3] + ([2] if has_hessian else []) + [1.3] * len(behaviour) + [0.6]
     fig, axes = plt.subplots(len(heights), 1, figsize=(8, 2.0 * sum(heights) / 1.6), sharex=True,
                              gridspec_kw={"height_ratios": heights, "hspace": 0.08})
     ax_loss, ax_llc, ax_stage = axes[0], axes[1], axes[-1]
@@ -77,6 +79,12 @@ def plot_report(records: Sequence[dict], fit: StageFit, path: Optional[str] = No
         if curvature:
             ax_h.text(0.01, 0.95, "dashed: boundaries of the trace's and the top eigenvalue's own stage fits",
                       transform=ax_h.transAxes, fontsize=6, va="top", color="0.3")
+    for ax, (panel, lines) in zip(axes[2 + int(has_hessian):-1], behaviour.items()):
+        for i, (line, values) in enumerate(lines.items()):
+            ax.plot(steps, values, ".-", ms=3, lw=1, color=f"C{(i + 5) % 10}", label=line if len(lines) > 1 else None)
+        ax.set_ylabel(panel, fontsize=7)
+        if len(lines) > 1:
+            ax.legend(fontsize=6, loc="best", ncol=min(len(lines), 3))
     for s in fit.stages:
         for ax in axes[:-1]:
             ax.axvspan(max(s.start, 0), s.end, color=STAGE_COLORS[s.kind], alpha=0.08, lw=0)
@@ -123,6 +131,8 @@ def write_report(records: Sequence[dict], out_dir: str, *, title: str = "", extr
     summary = {"checkpoints": len(records), "steps": [records[0]["step"], records[-1]["step"]],
                "llc_range": [min(llc), max(llc)] if llc else None, **fit.to_dict(),
                "warnings": sum(1 for r in records if r.get("warnings")), **(extra or {})}
+    if any(r.get("behaviour") for r in records):
+        paths["behaviour"] = summary["behaviour_by_stage"] = stage_changes(fit.stages, records)
     if curvature:
         summary["curvature"] = {k: {"boundaries": f.boundaries, "flat": f.flat} for k, f in curvature.items()}
         summary["llc_boundaries_vs_curvature"] = boundary_matches(fit, curvature)
@@ -131,12 +141,17 @@ def write_report(records: Sequence[dict], out_dir: str, *, title: str = "", extr
     return paths
 
 
-def stage_table(fit: StageFit, curvature: Optional[Dict[str, StageFit]] = None) -> List[str]:
-    """The stages, then (with ``curvature``) each LLC boundary beside the
-    nearest boundaries of the Hessian statistics' own fits."""
+def stage_table(fit: StageFit, curvature: Optional[Dict[str, StageFit]] = None,
+                behaviour: Optional[List[dict]] = None) -> List[str]:
+    """The stages, then (with ``behaviour``, write_report's stage_changes
+    rows) what the behavioural metrics did in each, then (with
+    ``curvature``) each LLC boundary beside the nearest boundaries of the
+    Hessian statistics' own fits."""
     lines = [f"{'stage':>6} {'type':>4} {'start':>10} {'end':>10} {'LLC change':>11}"]
     for s in fit.stages:
         lines.append(f"{s.index + 1:>6} {s.kind:>4} {s.start:>10.0f} {s.end:>10.0f} {s.delta:>+11.1f}")
+    if behaviour:
+        lines += [""] + change_lines(behaviour)
     if curvature and fit.boundaries:
         lines += [""] + match_table(boundary_matches(fit, curvature), curvature)
     return lines

@@ -28,6 +28,7 @@ import torch
 from .._llc_common import progress_bar, warnings_above_bars
 from ..llc import estimate_llc
 from ..samplers import check_sampler
+from .behaviour import for_task as behaviour_for_task
 from .checkpoints import load_checkpoint, read_manifest
 from .config import RunConfig, SweepSettings
 
@@ -39,8 +40,15 @@ RESULTS = "results.jsonl"
 _LATER_DEFAULTS = {"sampler": "sgld", "sampler_kwargs": {}, "bounding_box": None, "precision": "fp32"}
 
 
+# Extra measurements that change no other number: a sweep with or without
+# them is the same sweep.
+_NOT_IN_KEY = ("behaviour",)
+
+
 def settings_key(settings: SweepSettings) -> str:
     d = asdict(settings)
+    for name in _NOT_IN_KEY:
+        d.pop(name)
     for name, default in _LATER_DEFAULTS.items():
         if d.get(name) == default:
             d.pop(name)
@@ -98,8 +106,10 @@ def eval_loss(model, loss_fn: Callable, data: Tuple[torch.Tensor, ...], chunk: i
 
 
 def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepSettings, *, device,
-            progress: bool = True, engine: Optional[dict] = None) -> dict:
-    """One checkpoint's record: LLC, test loss and (if asked) Hessian statistics."""
+            progress: bool = True, engine: Optional[dict] = None,
+            behaviour: Optional[Callable[[torch.nn.Module], dict]] = None) -> dict:
+    """One checkpoint's record: LLC, test loss and (if asked) Hessian
+    statistics and ``behaviour(model)`` (a dict of numbers)."""
     started = time.perf_counter()
     model = model.to(device)
     with warnings.catch_warnings():
@@ -130,17 +140,22 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
                            progress=progress)
         rec.update(hessian_trace=float(tr.trace[0]), hessian_trace_se=float(tr.std_error[0]),
                    hessian_top_eig=float(eig.values[0, 0]))
+    if behaviour is not None:
+        rec["behaviour"] = {k: _finite(v) for k, v in behaviour(model).items()}
     rec["seconds"] = time.perf_counter() - started
     return rec
 
 
 def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[str], torch.nn.Module],
                       loss_fn: Callable, llc_batches: Sequence, eval_set, settings: SweepSettings, out: str, *,
-                      device="cpu", progress: bool = True, engine: Optional[dict] = None) -> List[dict]:
+                      device="cpu", progress: bool = True, engine: Optional[dict] = None,
+                      behaviour: Optional[Callable[[torch.nn.Module], dict]] = None) -> List[dict]:
     """Measures each (step, path) not yet in ``out`` (JSON lines) with these
     settings; returns all successful records for these settings, by step.
     ``engine``: estimate_llc options that do not change the estimate
-    (compile, mala); they are not part of the settings key."""
+    (compile, mala); they are not part of the settings key. ``behaviour``:
+    a function of the model whose dict of numbers each record keeps
+    (pipeline/behaviour.py has the paper tasks')."""
     check_sampler(settings.sampler, settings.sampler_kwargs, settings.bounding_box)  # before any work
     key = settings_key(settings)
     rank, world = _rank_world()
@@ -168,7 +183,7 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
                         record = measure(model, loss_fn, llc_batches, eval_set, settings, device=device,
-                                         progress=progress, engine=engine)
+                                         progress=progress, engine=engine, behaviour=behaviour)
                     notes = sorted({str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)})
                     if notes:  # kept with the record, and shown once per checkpoint
                         record["warnings"] = notes
@@ -241,5 +256,6 @@ def sweep(run_dir: str, *, settings: Optional[SweepSettings] = None, hessian: Op
         return load_checkpoint(os.path.join(run_dir, rel_path), lambda: cfg.make_model(task))
 
     ckpts = [(c["step"], c["file"]) for c in manifest["checkpoints"]]
+    probe = behaviour_for_task(task, eval_set, llc_batches) if s.behaviour else None
     return sweep_checkpoints(ckpts, load, cfg.loss_fn, llc_batches, eval_set, s, out or os.path.join(run_dir, RESULTS),
-                             device=device, progress=progress, engine=engine)
+                             device=device, progress=progress, engine=engine, behaviour=probe)
