@@ -108,6 +108,8 @@ def test_bigram_kl_equals_the_dense_computation():
     dense = torch.where(pc > 0, pc * (pc.log() - log_q[:-1].double()), torch.zeros(()).double()).sum(-1)
     torch.testing.assert_close(kl[:-1], dense)
     assert math.isnan(kl[-1])  # never seen as a current token
+    for block in (1, 7, 50):  # positions in blocks of at most this many table entries
+        torch.testing.assert_close(table.kl(log_q, current, max_entries=block), kl, equal_nan=True)
     torch.testing.assert_close(table.kl(p[current[:-1]].log().float().clamp_min(-80), current[:-1]),
                                torch.zeros(len(current) - 1, dtype=torch.float64), atol=1e-6, rtol=0)
 
@@ -226,6 +228,9 @@ def test_sweep_records_carry_the_behaviour_and_the_report_shows_it(swept, tmp_pa
     assert [r["stage"] for r in rows] == [s["index"] + 1 for s in summary["stages"]]
     first, last = rows[0]["metrics"][r"E[$\hat y^2$]"]["pred_sq"], rows[-1]["metrics"][r"E[$\hat y^2$]"]["pred_sq"]
     assert first[0] == records[0]["behaviour"]["pred_sq"] and last[1] == records[-1]["behaviour"]["pred_sq"]
+    import pandas as pd
+    csv = pd.read_csv(paths["csv"])
+    assert list(csv["ln_rms/ln_out"]) == pytest.approx([r["behaviour"]["ln_rms/ln_out"] for r in records])
     text = stage_table(paths["fit"], None, paths["behaviour"])
     assert any(line.startswith("stage 1 (checkpoints 0 -> ") and "pred_sq" in line for line in text)
     assert not any("ln_out" in line for line in text)  # LayerNorms: in the plot and summary, not the table

@@ -126,9 +126,22 @@ class BigramTable:
         self.prob = counts.double() / totals[rows]  # [E]
         self.log_prob = self.prob.log()
 
-    def kl(self, log_q: torch.Tensor, current: torch.Tensor) -> torch.Tensor:  # [P, V], [P] -> [P]
-        """KL(p(. | current) || q) per position; NaN where ``current`` was never
-        followed by anything in the counted tokens."""
+    def kl(self, log_q: torch.Tensor, current: torch.Tensor, max_entries: int = 1 << 21) -> torch.Tensor:
+        """KL(p(. | current) || q) per position ([P, V], [P] -> [P]); NaN where
+        ``current`` was never followed by anything in the counted tokens.
+        Positions go in blocks of at most ``max_entries`` table entries (at
+        least one position): a common token can have thousands of successors."""
+        ends = torch.cumsum(self.length[current], 0)
+        out = torch.empty(len(current), dtype=torch.float64, device=current.device)
+        start = 0
+        while start < len(current):
+            base = int(ends[start - 1]) if start else 0
+            stop = max(int(torch.searchsorted(ends, base + max_entries, right=True)), start + 1)
+            out[start:stop] = self._kl(log_q[start:stop], current[start:stop])
+            start = stop
+        return out
+
+    def _kl(self, log_q: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         lens = self.length[current]
         ends = torch.cumsum(lens, 0)
         pos = torch.repeat_interleave(torch.arange(len(current), device=current.device), lens)

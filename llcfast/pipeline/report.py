@@ -1,7 +1,7 @@
 """The report of a sweep, in the style of the paper's Figure 1: test loss on
-top, the LLC with its error band and the stage fit, Hessian statistics when
-measured, and the stages as coloured bands; with summary.json and
-results.csv beside the PNG and SVG."""
+top, the LLC with its error band and the stage fit, Hessian statistics and
+behavioural metrics when measured, and the stages as coloured bands; with
+summary.json and results.csv beside the PNG and SVG."""
 from __future__ import annotations
 
 import math
@@ -31,7 +31,8 @@ def _frame(records: Sequence[dict]):
     cols = ["step", "llc_mean", "llc_std", "test_loss", "init_loss", "rhat", "ess", "hessian_trace",
             "hessian_trace_se", "hessian_top_eig", "seconds", "checkpoint"]
     rows = [{c: r.get(c) for c in cols} | {"diverged_chains": len(r.get("diverged_chains") or []),
-                                            "warnings": " | ".join(r.get("warnings") or [])} for r in records]
+                                            "warnings": " | ".join(r.get("warnings") or [])}
+            | (r.get("behaviour") or {}) for r in records]
     return pd.DataFrame(rows).sort_values("step").reset_index(drop=True)
 
 

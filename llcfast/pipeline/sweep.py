@@ -1,5 +1,6 @@
-"""Sweeps: the LLC (all chains), the test loss and, when asked, the Hessian
-trace and top eigenvalue at every checkpoint of a run.
+"""Sweeps: the LLC (all chains), the test loss, the task's behavioural
+metrics (behaviour.py) and, when asked, the Hessian trace and top eigenvalue
+at every checkpoint of a run.
 
 Each checkpoint's record is appended to ``results.jsonl`` as one line the
 moment it is finished (written with one call and fsync'd); a line cut short
