@@ -178,7 +178,7 @@ def detect_stages(steps, values, errors=None, *, length_scale: float = 3.0, plat
     noise_llc = spread * math.sqrt(noise ** 2 + float(err_var.mean()))
     grid_steps = np.exp(xs) - 1.0
     flat = float(mean.max() - mean.min()) < 2.0 * noise_llc
-    boundaries = [] if flat else _boundaries(xs, slope, mean, plateau, 2.0 * noise_llc)
+    boundaries = [] if flat else _boundaries(xs, slope, mean, plateau, 2.0 * noise_llc, x)
     edges = [lo_x] + boundaries + [hi_x]
     stages = []
     for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
@@ -189,11 +189,12 @@ def detect_stages(steps, values, errors=None, *, length_scale: float = 3.0, plat
 
 
 def _boundaries(xs: np.ndarray, slope: np.ndarray, mean: np.ndarray, plateau: float,
-                min_change: float) -> List[float]:
+                min_change: float, points: np.ndarray) -> List[float]:
     """Boundaries on the grid: interior dips of |slope| (zero crossings, or
     minima at most ``plateau`` x the smaller of the two neighbouring peaks),
     and the inner edges of plateaus at either end (where |slope| stays below
-    ``plateau`` x the nearest peak). Before the plateau edges are placed,
+    ``plateau`` x the nearest peak, over two of the ``points``, the
+    checkpoints' positions, or more). Before the plateau edges are placed,
     stages that change the LLC by less than ``min_change`` are merged into a
     neighbour, so noise wiggles make no boundaries."""
     a = np.abs(slope)
@@ -230,11 +231,14 @@ def _boundaries(xs: np.ndarray, slope: np.ndarray, mean: np.ndarray, plateau: fl
     first = int(np.argmax(a[: int(cuts[0]) + 1])) if cuts else int(np.argmax(a))
     last = int(cuts[-1]) + int(np.argmax(a[int(cuts[-1]):])) if cuts else int(np.argmax(a))
     start_plateau = end_plateau = None
+    # A plateau at an end holds two checkpoints or more: the GP's mean can
+    # bend between the first two, and a slope passing through zero there
+    # is no plateau anyone observed.
     flat_before = np.flatnonzero(a[: first + 1] <= plateau * a[first])
-    if flat_before.size and flat_before[-1] > 0:
+    if flat_before.size and flat_before[-1] > 0 and np.sum(points <= xs[flat_before[-1]]) >= 2:
         start_plateau = float(flat_before[-1])  # the initial plateau ends (nearest the first development)
     flat_after = np.flatnonzero(a[last:] <= plateau * a[last])
-    if flat_after.size and last + flat_after[0] < n - 1:
+    if flat_after.size and last + flat_after[0] < n - 1 and np.sum(points >= xs[last + flat_after[0]]) >= 2:
         end_plateau = float(last + flat_after[0])  # the final plateau begins
     cuts = ([start_plateau] if start_plateau is not None else []) + cuts + \
         ([end_plateau] if end_plateau is not None else [])

@@ -5,6 +5,7 @@ and their place in sweeps and reports."""
 import json
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from llcfast.pipeline.behaviour import (BigramTable, LanguageBehaviour, Regressi
 from llcfast.pipeline.report import stage_table, write_report
 from llcfast.pipeline.sweep import read_results, settings_key, sweep
 from llcfast.tasks import RegressionTask
-from pipeline_configs import tiny
+from pipeline_configs import tiny, tiny_language
 
 
 def _outputs_and_patterns(model, *inputs):
@@ -208,7 +209,8 @@ def test_layer_norm_rms_follows_the_weights():
 def swept(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("run"))
     train(tiny(), path, progress=False)
-    with pytest.warns(RuntimeWarning):  # untrained checkpoints: negative LLC
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # untrained checkpoints: negative LLC
         records = sweep(path, progress=False)
     return path, records
 
@@ -249,7 +251,27 @@ def test_behaviour_changes_no_settings_key_and_can_be_left_out(swept, tmp_path):
     again = sweep(path, settings=replace(s, behaviour=False), progress=False)  # done already: nothing re-measured
     assert read_results(os.path.join(path, "results.jsonl")) == before and len(again) == len(records)
     out = str(tmp_path / "no_behaviour.jsonl")
-    with pytest.warns(RuntimeWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         fresh = sweep(path, settings=replace(s, behaviour=False), out=out, progress=False)
     assert all("behaviour" not in r for r in fresh)
     assert series(fresh) == {} and stage_changes([], fresh) == [] and change_lines([]) == []
+
+
+def test_every_preset_builds_and_the_language_demo_reports_its_heads(tmp_path):
+    from llcfast.pipeline.config import PRESETS, preset
+    from llcfast.pipeline.demo import PRESET, demo
+    assert set(PRESET.values()) <= set(PRESETS)
+    for name in PRESETS:
+        cfg = preset(name)
+        assert cfg.make_model() is not None and cfg.sweep.behaviour
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # untrained checkpoints: negative LLC
+        paths = demo(str(tmp_path), config=tiny_language(), progress=False, hessian=False)
+    summary = json.load(open(paths["summary"]))
+    metrics = summary["behaviour_by_stage"][0]["metrics"]
+    assert set(metrics) == {"ICL score", "KL(bigram || model)", "previous-token score", "prefix matching",
+                            "LayerNorm weight RMS"}
+    assert set(metrics["prefix matching"]) == {"L0 (best head)", "L1 (best head)"}
+    import pandas as pd
+    assert {"bigram_kl", "prev_token/L1H0", "prefix_match/L0H1"} <= set(pd.read_csv(paths["csv"]).columns)

@@ -100,3 +100,20 @@ def test_bad_input_is_explained():
     with pytest.raises(ValueError, match="no finite"):
         with pytest.warns(RuntimeWarning):
             detect_stages([1, 2], [np.nan, np.nan])
+
+
+def test_a_bend_of_the_fit_before_the_second_checkpoint_is_no_plateau():
+    # The language demo's LLC sweep (2 CPU cores): the fit's slope crosses zero
+    # at step 0.28, between the first two checkpoints, which once made a
+    # "plateau" stage holding one checkpoint. Its real plateau at the end holds
+    # four and keeps its boundary.
+    steps = [0, 1, 2, 3, 6, 10, 18, 32, 58, 104, 185, 330, 500, 590, 1000, 1053, 1500, 1881, 2000, 2500, 3000, 3359,
+             3500, 4000, 4500, 5000, 5500, 6000]
+    llc = [2.115, 2.23, 2.311, 2.384, 2.667, 2.94, 2.898, 3.582, 4.475, 4.547, 4.947, 5.506, 5.653, 5.847, 6.129, 6.116,
+           6.384, 6.784, 6.964, 7.515, 8.288, 8.592, 8.802, 9.072, 8.996, 9.121, 8.88, 8.928]
+    se = [0.101, 0.121, 0.141, 0.161, 0.192, 0.092, 0.12, 0.061, 0.069, 0.072, 0.036, 0.066, 0.056, 0.074, 0.047, 0.057,
+          0.022, 0.028, 0.046, 0.041, 0.102, 0.091, 0.115, 0.128, 0.111, 0.113, 0.082, 0.105]
+    fit = detect_stages(steps, llc, se)
+    assert fit.boundaries and fit.boundaries[0] > 1
+    assert 3500 < fit.boundaries[-1] < 5000  # the final plateau
+    assert all(sum(a <= s <= b for s in steps) >= 2 for a, b in ((st.start, st.end) for st in fit.stages))

@@ -11,13 +11,16 @@ DEMO_EPILOG = """examples:
   llcfast demo                         train, sweep and report into ./llcfast-demo (a few minutes on a CPU)
   llcfast demo --out /tmp/d --no-hessian
   llcfast demo --device cuda --full    the paper-scale regression run (500k steps: a GPU job)
+  llcfast demo --language              a small attention-only language model instead, into ./llcfast-demo-language
+  llcfast demo --language --full --device cuda    the paper's language model (50k steps: a GPU job)
 Rerunning the same command resumes where it stopped."""
 
 TRAIN_EPILOG = """examples:
   llcfast train --preset demo --out runs/demo
   llcfast train --preset regression --out runs/lr --device cuda
   llcfast train --config my_run.json --out runs/mine     (JSON: {"preset": "language", "train": {"steps": 2000}})
-presets: demo, regression (PAPER.md's LR model), language (PAPER.md's LM model on the synthetic language).
+presets: demo, regression (PAPER.md's LR model), language (PAPER.md's LM model on the synthetic language),
+language-demo (a small LM on a small synthetic language: minutes on a CPU).
 An interrupted run resumes when the same command is run again."""
 
 SWEEP_EPILOG = """examples:
@@ -92,7 +95,9 @@ def _device(name):
 
 def cmd_demo(args) -> int:
     from .demo import demo
-    demo(args.out, device=_device(args.device), full=args.full, hessian=args.hessian, progress=not args.quiet)
+    out = args.out or ("llcfast-demo-language" if args.language else "llcfast-demo")
+    demo(out, device=_device(args.device), full=args.full, hessian=args.hessian, progress=not args.quiet,
+         language=args.language)
     return 0
 
 
@@ -195,12 +200,17 @@ def cmd_calibrate(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from .config import PRESETS
     p = sub.add_parser("demo", help="the whole pipeline on a small model it trains itself", formatter_class=F,
-                       epilog=DEMO_EPILOG, description="Train a small in-context regression transformer, sweep "
-                       "the LLC and Hessian statistics over its checkpoints, detect stages, write the report.")
-    p.add_argument("--out", default="llcfast-demo", help="output directory (default: ./llcfast-demo)")
+                       epilog=DEMO_EPILOG, description="Train a small in-context regression transformer (or, "
+                       "with --language, a small attention-only language model), sweep the LLC, behavioural metrics "
+                       "and Hessian statistics over its checkpoints, detect stages, write the report.")
+    p.add_argument("--out", help="output directory (default: ./llcfast-demo, or ./llcfast-demo-language)")
+    p.add_argument("--language", action="store_true",
+                   help="the attention-only language model on a synthetic language (about 15 minutes on a laptop CPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--full", action="store_true", help="paper-scale settings (500k training steps; use a GPU)")
+    p.add_argument("--full", action="store_true",
+                   help="the paper-scale run (500k training steps, or 50k with --language: use a GPU)")
     p.add_argument("--no-hessian", dest="hessian", action="store_false", help="skip the Hessian statistics")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.set_defaults(func=cmd_demo)
@@ -208,7 +218,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train a model with checkpoints (resumable)", formatter_class=F,
                        epilog=TRAIN_EPILOG)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", choices=["demo", "regression", "language"])
+    src.add_argument("--preset", choices=sorted(PRESETS))
     src.add_argument("--config", help="a JSON run config (may start from a preset)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, manifest.json)")
     p.add_argument("--steps", type=_positive(int), help="override the number of training steps")

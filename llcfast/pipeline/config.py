@@ -167,6 +167,17 @@ PRESETS: Dict[str, dict] = {
         sweep=dict(num_chains=8, num_draws=500, num_burnin=500, epsilon=1e-3, gamma=6.0, nbeta=60.0,
                    llc_sequences=4096, llc_batch_size=1024, eval_sequences=2048, hessian=True,
                    hessian_probes=100, hessian_batch=1024)),
+    # A small LM on a small synthetic language (vocabulary 128, context 128,
+    # more copies): a CPU job of minutes that still shows the LM stages, bigrams
+    # first, then previous-token heads, then induction heads.
+    "language-demo": dict(
+        task="language", task_args=dict(vocab=128, context=128, phrases=20, p_phrase=0.05, p_copy=0.1),
+        model_args=dict(d_model=64, heads=4, layers=2),
+        train=dict(steps=6000, batch_size=32, lr=3e-3, schedule="constant", log_checkpoints=16,
+                   linear_checkpoints=12),
+        sweep=dict(num_chains=4, num_draws=100, num_burnin=50, epsilon=1e-3, gamma=300.0, nbeta=20.0,
+                   llc_sequences=256, llc_batch_size=16, eval_sequences=128, hessian=True, hessian_probes=8,
+                   hessian_batch=16)),
     # PAPER.md's LM model on the synthetic language.
     "language": dict(
         task="language", task_args=dict(vocab=5000, context=1024),
