@@ -207,7 +207,7 @@ def add_commands(sub) -> None:
                        "and Hessian statistics over its checkpoints, detect stages, write the report.")
     p.add_argument("--out", help="output directory (default: ./llcfast-demo, or ./llcfast-demo-language)")
     p.add_argument("--language", action="store_true",
-                   help="the attention-only language model on a synthetic language (about 15 minutes on a laptop CPU)")
+                   help="the attention-only language model on a synthetic language (about 11 minutes on 2 CPU cores)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--full", action="store_true",
                    help="the paper-scale run (500k training steps, or 50k with --language: use a GPU)")
