@@ -275,3 +275,11 @@ def test_every_preset_builds_and_the_language_demo_reports_its_heads(tmp_path):
     assert set(metrics["prefix matching"]) == {"L0 (best head)", "L1 (best head)"}
     import pandas as pd
     assert {"bigram_kl", "prev_token/L1H0", "prefix_match/L0H1"} <= set(pd.read_csv(paths["csv"]).columns)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_by_name():
+    tokens = torch.arange(36).reshape(4, 9) % 10
+    with pytest.raises(ValueError, match="bigram tokens holds token ids from 0 to 9; allowed: 0 to vocab - 1 = 7"):
+        BigramTable(tokens, 8)
+    with pytest.raises(ValueError, match=r"eval_set must be integer token ids \[sequences, length >= 2\], got \(9,\)"):
+        LanguageBehaviour(10, (tokens[0],), tokens)

@@ -81,6 +81,17 @@ def prefix_matching_score(pattern: torch.Tensor, period: int) -> torch.Tensor:  
     return pattern.diagonal(offset=-(period - 1), dim1=-2, dim2=-1)[..., 1:].mean(dim=(0, -1))
 
 
+def _check_tokens(name: str, tokens, vocab: int) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
+            or tokens.shape[1] < 2:
+        raise ValueError(f"{name} must be integer token ids [sequences, length >= 2], got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+    lo, hi = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"{name} holds token ids from {lo} to {hi}; allowed: 0 to vocab - 1 = {vocab - 1}")
+    return tokens.long()
+
+
 def _per_head(prefix: str, scores: Sequence[torch.Tensor]) -> Dict[str, float]:
     return {f"{prefix}/L{layer}H{head}": float(v) for layer, s in enumerate(scores) for head, v in enumerate(s)}
 
@@ -116,7 +127,7 @@ class BigramTable:
     counted on ``tokens`` [N, T], stored row by row (only the pairs seen)."""
 
     def __init__(self, tokens: torch.Tensor, vocab: int):
-        tokens = tokens.long()
+        tokens = _check_tokens("bigram tokens", tokens, vocab)
         keys, counts = torch.unique(tokens[:, :-1] * vocab + tokens[:, 1:], return_counts=True)  # sorted
         rows = keys // vocab
         self.cols = keys % vocab  # [E]
@@ -161,7 +172,7 @@ class LanguageBehaviour:
 
     def __init__(self, vocab: int, eval_set, bigram_tokens: torch.Tensor, *, chunk: int = 8,
                  pattern_sequences: int = 8, seed: int = 0):
-        tokens = eval_set[0] if isinstance(eval_set, (tuple, list)) else eval_set
+        tokens = _check_tokens("eval_set", eval_set[0] if isinstance(eval_set, (tuple, list)) else eval_set, vocab)
         self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
         t = self.inputs.shape[1]
         late = min(ICL_TOKENS[1], t)
