@@ -45,7 +45,12 @@ def test_train_sweep_report_calibrate_from_the_command_line(tmp_path, capsys):
     assert main(["train", "--config", str(cfg_path), "--out", run, "--quiet"]) == 0
     assert main(["sweep", run, "--quiet", "--draws", "6"]) == 0
     assert main(["sweep", run, "--quiet", "--draws", "6", "--sampler", "sgnht:diffusion=0.02", "--bounding-box",
-                 "1"]) == 0
+                 "1", "--no-behaviour"]) == 0
+    by_sampler = {}
+    for line in open(os.path.join(run, "results.jsonl")):
+        r = json.loads(line)
+        by_sampler.setdefault(r["settings"], []).append("behaviour" in r)
+    assert sorted(map(set, by_sampler.values()), key=sorted) == [{False}, {True}]  # --no-behaviour: none measured
     # engine options do not change the settings key: a new draw count (and precision) makes a new sweep
     assert main(["sweep", run, "--quiet", "--draws", "5", "--mala", "--compile", "--precision", "bf16"]) == 0
     engine_records = [json.loads(line) for line in open(os.path.join(run, "results.jsonl"))][-1:]
