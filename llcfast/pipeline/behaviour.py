@@ -238,20 +238,19 @@ def series(records: Sequence[dict]) -> Dict[str, Dict[str, List[float]]]:
         v = (r.get("behaviour") or {}).get(k)
         return math.nan if v is None else v
 
+    heads: Dict[Tuple[str, str], List[str]] = {}  # (kind, a layer's line) -> the keys of its heads
     for k in keys:
         kind, _, name = k.partition("/")
         if not name:
             panels[_LABELS.get(k, k)] = {k: [value(r, k) for r in records]}
         elif kind in ("prev_token", "prefix_match"):
-            layer = name.split("H")[0]
-            panels.setdefault(_PANELS[kind], {})[f"{layer} (best head)"] = None  # filled below
+            line = f"{name.split('H')[0]} (best head)"
+            panels.setdefault(_PANELS[kind], {})[line] = []  # its place; the values come from its heads below
+            heads.setdefault((kind, line), []).append(k)
         else:
             panels.setdefault(_PANELS.get(kind, kind), {})[name] = [value(r, k) for r in records]
-    for kind in ("prev_token", "prefix_match"):
-        for line in panels.get(_PANELS[kind], {}):
-            layer = line.split(" ")[0]
-            heads = [k for k in keys if k.startswith(f"{kind}/{layer}H")]
-            panels[_PANELS[kind]][line] = [_nanmax(value(r, k) for k in heads) for r in records]
+    for (kind, line), ks in heads.items():
+        panels[_PANELS[kind]][line] = [_nanmax(value(r, k) for k in ks) for r in records]
     return panels
 
 
