@@ -21,6 +21,12 @@ it; it is a model, not a measurement. attention="sdpa" is traced through
 torch's CPU flash kernel, which vmap runs chain by chain both ways (on CUDA
 the forward is batched): its bytes stand in for the CUDA kernels', which
 likewise never write the T x T scores.
+
+compile=True's pass is counted too (``pass`` "compiled"): Inductor lowers
+and fuses the same pass for a CUDA device, without one (inductor_trace.py),
+and its scheduled kernels are counted with its own estimates. It runs the
+loss's pure-torch twin, as the engine does under torch.compile, and matmul
+attention (the CPU trace of SDPA holds CPU kernels).
 """
 from __future__ import annotations
 
@@ -45,7 +51,9 @@ import llcfast  # noqa: E402
 from llcfast import fused_loss, models, ops  # noqa: E402
 from llcfast.engine.functional import chain_loss, vmapped_grads  # noqa: E402
 from llcfast.engine.hvp import HVP, HVP_MODES  # noqa: E402
+from llcfast.engine.hvp import _pass as hvp_pass  # noqa: E402
 from bench_llc import PEAK_TFLOPS, lm_case, lr_case  # noqa: E402
+from inductor_trace import Unavailable, inductor_rows  # noqa: E402
 from results_io import save_report  # noqa: E402
 
 HBM_GBPS = {"H100": 3350.0}  # H100 SXM datasheet
@@ -142,6 +150,26 @@ def trace_step(case: dict, precision: str, fused: bool):
     return log.rows
 
 
+def trace_compiled_step(case: dict, precision: str):
+    """The kernels of one step of the fast engine with compile=True on
+    ``case``: Inductor's kernels for the batched pass (raises Unavailable
+    where this torch cannot be driven without a GPU), then the fused update."""
+    model, chains = case["model"], case["chains"]
+    batch = next(iter(case["loader"]))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    params = tuple(torch.empty((chains,) + s) for s in shapes)
+    rows = inductor_rows(vmapped_grads(chain_loss(model, case["loss_fn"], names), 0),
+                         (params, _fake_batch(batch, (chains,))), lambda: _autocast(precision))
+    log = KernelLog()
+    with FakeTensorMode():
+        params = [torch.empty((chains,) + s) for s in shapes]
+        with log:
+            ops.sgld_step_(params, [torch.empty_like(p) for p in params], [torch.empty(s) for s in shapes],
+                           eps=case["epsilon"], nbeta=case["nbeta"], gamma=case["gamma"], seed=0, step=0)
+    return rows + log.rows
+
+
 def trace_hvp(case: dict, precision: str, probes: int, mode: str = "reverse-over-reverse"):
     """The kernels of one llcfast Hessian pass on ``case``'s model at its
     weights: ``probes`` HVPs in ``mode`` vmapped over the probes, as
@@ -157,6 +185,18 @@ def trace_hvp(case: dict, precision: str, probes: int, mode: str = "reverse-over
         with log, _autocast(precision):
             hvp._run(vecs, None, probes, hvp._batches[0], mode, eager=True)
     return log.rows
+
+
+def trace_compiled_hvp(case: dict, precision: str, probes: int, mode: str = "reverse-over-reverse"):
+    """trace_hvp's pass as compile=True runs it: Inductor's kernels (raises
+    Unavailable where this torch cannot be driven without a GPU)."""
+    model, batch = case["model"], next(iter(case["loader"]))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    loss = chain_loss(model, case["loss_fn"], [n for n, _ in named])
+    centers = tuple(torch.empty(p.shape) for _, p in named)
+    vecs = tuple(torch.empty((probes,) + tuple(p.shape)) for _, p in named)
+    return inductor_rows(hvp_pass(loss, mode, None, True), (centers, vecs, _fake_batch(batch)),
+                         lambda: _autocast(precision))
 
 
 def trace_loop_hvp(case: dict, precision: str):
@@ -197,13 +237,14 @@ def _floor_s(rows, precision: str, gpu: str = "H100") -> float:
 
 
 def summarize_hessian(case: dict, precision: str, mode: str, probes=(3, 7), per_pass: int = 100,
-                      loop=None) -> dict:
+                      loop=None, compiled: bool = False) -> dict:
     """Per probe: what a pass of probes[1] adds over one of probes[0]
     (bytes, matmul FLOPs, roofline time; passes of 1 or 2 take other matmul
     and copy kernels, from 3 on the growth is linear); what every pass shares
     (the primal); the loop's HVP (``loop``: its trace_loop_hvp rows, which
     no mode changes); and the modelled rate at ``per_pass``."""
-    small, large = (trace_hvp(case, precision, p, mode) for p in probes)
+    trace = trace_compiled_hvp if compiled else trace_hvp
+    small, large = (trace(case, precision, p, mode) for p in probes)
     loop = loop if loop is not None else trace_loop_hvp(case, precision)
     total = lambda rows, i: sum(r[i] for r in rows)  # noqa: E731
     k = probes[1] - probes[0]
@@ -244,40 +285,54 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/traffic_<date>.json)")
     args = p.parse_args(argv)
     cases = [lr_case(8, "cpu", args.quick), lr_case(32, "cpu", args.quick), lm_case(8, "cpu", args.quick)]
-    rows = []
+    rows, unavailable = [], None
     for case in cases:
         lm = case["name"].startswith("lm")
         # (attention, fused loss): as the engine runs now, then the alternatives.
         variants = [("matmul", True), ("matmul", False), ("sdpa", True)] if lm else [("matmul", True), ("sdpa", True)]
         for precision in ("fp32", "bf16"):
-            for attention, fused in variants:
+            for attention, fused in variants + [("matmul", None)]:  # None: compiled
                 models.set_attention(case["model"], attention)
-                s = summarize(trace_step(case, precision, fused), case["chains"], precision)
-                models.set_attention(case["model"], "matmul")
+                try:
+                    traced = trace_step(case, precision, fused) if fused is not None \
+                        else trace_compiled_step(case, precision)
+                except Unavailable as exc:
+                    unavailable = str(exc)
+                    print(f"{case['name']:8s} {precision} compiled: not counted ({exc})", flush=True)
+                    continue
+                finally:
+                    models.set_attention(case["model"], "matmul")
+                s = summarize(traced, case["chains"], precision)
                 row = {"case": case["name"], "chains": case["chains"], "precision": precision,
-                       "attention": attention,
+                       "attention": attention, "pass": "eager" if fused is not None else "compiled",
                        "loss": ("fused kernel" if fused else "log_softmax + gather") if lm else "mse"}
                 row.update(s)
                 rows.append(row)
-                print(f"{row['case']:8s} {precision} {attention:6s} {row['loss']:22s} kernels {s['kernels']:4d}  "
-                      f"matmul {s['matmul_GFLOP']:7.1f} GFLOP {s['matmul_GB']:6.2f} GB  other {s['other_GB']:6.2f} GB"
-                      f"  floor {s['floor_ms_per_chain_step']:.3f} ms/chain-step", flush=True)
+                print(f"{row['case']:8s} {precision} {row['pass']:8s} {attention:6s} {row['loss']:22s} kernels "
+                      f"{s['kernels']:4d}  matmul {s['matmul_GFLOP']:7.1f} GFLOP {s['matmul_GB']:6.2f} GB  other "
+                      f"{s['other_GB']:6.2f} GB  floor {s['floor_ms_per_chain_step']:.3f} ms/chain-step", flush=True)
     head = {"device": "H100 model", "torch": torch.__version__,
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
             "llcfast": llcfast.__version__ if hasattr(llcfast, "__version__") else None,
             "bandwidth_GBps": HBM_GBPS["H100"], "peak_tflops": PEAK_TFLOPS["H100"]}
-    save_report({"benchmark": "traffic", **head, "rows": rows}, args.out, "traffic")
+    save_report({"benchmark": "traffic", **head, "rows": rows, "compiled_not_counted": unavailable}, args.out,
+                "traffic")
     hessian_rows = []
     for make in (lr_case, lm_case):  # bench_hessian's cases
         case = make(1, "cpu", args.quick)
         for precision in ("fp32", "bf16"):
             loop = trace_loop_hvp(case, precision)
-            for mode in HVP_MODES:
-                row = {"case": case["name"].split("-")[0], "precision": precision, "hvp_mode": mode}
-                row.update(summarize_hessian(case, precision, mode, loop=loop))
+            for mode, compiled in [(m, c) for c in (False, True) for m in HVP_MODES]:
+                row = {"case": case["name"].split("-")[0], "precision": precision,
+                       "pass": "compiled" if compiled else "eager", "hvp_mode": mode}
+                try:
+                    row.update(summarize_hessian(case, precision, mode, loop=loop, compiled=compiled))
+                except Unavailable as exc:
+                    print(f"hessian {row['case']} {precision} {mode} compiled: not counted ({exc})", flush=True)
+                    continue
                 hessian_rows.append(row)
-                print(f"hessian {row['case']:3s} {precision} {mode:21s} per probe {row['probe_GB']:6.2f} GB "
-                      f"{row['probe_GFLOP']:6.1f} GFLOP floor {row['probe_floor_ms']:.3f} ms; shared "
+                print(f"hessian {row['case']:3s} {precision} {row['pass']:8s} {mode:21s} per probe "
+                      f"{row['probe_GB']:6.2f} GB {row['probe_GFLOP']:6.1f} GFLOP floor {row['probe_floor_ms']:.3f} ms; shared "
                       f"{row['shared_floor_ms']:.3f} ms; loop HVP {row['loop_GB']:6.2f} GB floor "
                       f"{row['loop_floor_ms']:.3f} ms  -> at most {row['max_hvps_per_s']:.0f} HVP/s vs the loop's "
                       f"{row['loop_max_hvps_per_s']:.0f}", flush=True)

@@ -78,12 +78,12 @@ COLUMNS: Dict[str, List[Column]] = {
               ("peak memory (GiB)", "peak_memory_GiB", _num(".1f")),
               ("MFU (of measured bf16)", "mfu_vs_measured_bf16", _pct),
               ("vs devinterp", "speedup_vs_devinterp", _times)],
-    "traffic": [("case", "case", _plain), ("precision", "precision", _plain), ("attention", "attention", _plain),
-                ("loss", "loss", _plain), ("kernels", "kernels", _plain),
+    "traffic": [("case", "case", _plain), ("precision", "precision", _plain), ("pass", "pass", _plain),
+                ("attention", "attention", _plain), ("loss", "loss", _plain), ("kernels", "kernels", _plain),
                 ("matmul GFLOP", "matmul_GFLOP", _num(".0f")), ("matmul GB", "matmul_GB", _num(".2f")),
                 ("other GB", "other_GB", _num(".2f")),
                 ("floor (ms per chain-step)", "floor_ms_per_chain_step", _num(".3f"))],
-    "traffic_hessian": [("case", "case", _plain), ("precision", "precision", _plain),
+    "traffic_hessian": [("case", "case", _plain), ("precision", "precision", _plain), ("pass", "pass", _plain),
                         ("llcfast HVPs", "hvp_mode", _plain),
                         ("GB per probe", "probe_GB", _num(".2f")), ("GFLOP per probe", "probe_GFLOP", _num(".1f")),
                         ("floor per probe (ms)", "probe_floor_ms", _num(".3f")),
@@ -97,7 +97,7 @@ MEASURED = [("copy bandwidth", "copy_bandwidth_GBps", lambda v: f"{v:.0f} GB/s")
             ("bf16 matmul rate", "bf16_matmul_tflops", lambda v: f"{v:.0f} TFLOP/s")]
 KEYS = {"sgld_step": ("params_per_chain", "chains", "tensors"), "samplers": ("sampler", "params_per_chain", "chains"),
         "llc": ("case",), "hessian": ("case",), "large": ("size", "precision", "checkpointing"),
-        "traffic": ("case", "precision", "attention", "loss"), "traffic_hessian": ("case", "precision", "hvp_mode")}
+        "traffic": ("case", "precision", "pass", "attention", "loss"), "traffic_hessian": ("case", "precision", "pass", "hvp_mode")}
 ROW_LISTS = {"sgld_step": "rows", "samplers": "rows", "llc": "cases", "hessian": "cases", "large": "rows",
              "traffic": "rows", "traffic_hessian": "rows"}
 

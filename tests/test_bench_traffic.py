@@ -62,3 +62,40 @@ def test_hessian_pass_counts_grow_by_a_constant_per_probe_and_the_modes_differ()
     assert rr["probe_GFLOP"] == pytest.approx(fr["probe_GFLOP"], rel=0.02)
     assert rr["probe_GB"] != pytest.approx(fr["probe_GB"], rel=0.01)
     assert rr["loop_GB"] > 0 and rr["loop_GFLOP"] == pytest.approx(rr["probe_GFLOP"], rel=0.1)
+
+
+def test_inductor_fuses_a_pointwise_chain_into_one_kernel_of_known_bytes():
+    from inductor_trace import inductor_rows
+    from torch._inductor import scheduler
+    codegen = scheduler.Scheduler.codegen
+    a, b, c = torch.empty(1000), torch.empty(1000), torch.empty(1000)
+    rows = inductor_rows(lambda a, b, c: torch.relu(a * b + c), (a, b, c))
+    assert len(rows) == 1 and rows[0][1:] == (0, 4 * 4000)  # reads a, b, c once, writes once: nothing between
+    x, w = torch.empty(64, 32), torch.empty(32, 16)
+    rows = inductor_rows(lambda x, w: (x @ w).sum(), (x, w))
+    assert [r[1] for r in rows if r[1]] == [2 * 64 * 32 * 16]  # the matmul, with its FLOPs, then the sum
+    assert len(rows) == 2
+    assert scheduler.Scheduler.codegen is codegen  # Inductor is left as it was
+
+
+@pytest.mark.filterwarnings("ignore:the loader holds")
+def test_compiled_step_has_the_eager_matmuls_and_fewer_other_bytes():
+    from bench_llc import lr_case
+    case = lr_case(2, "cpu", quick=True)
+    eager = bench_traffic.summarize(bench_traffic.trace_step(case, "fp32", True), 2, "fp32")
+    rows = bench_traffic.trace_compiled_step(case, "fp32")
+    assert rows[-1][0] == "sgld_step_" and "extern_kernels.bmm" in {r[0] for r in rows}
+    compiled = bench_traffic.summarize(rows, 2, "fp32")
+    assert compiled["matmul_GFLOP"] == pytest.approx(eager["matmul_GFLOP"], rel=0.02)
+    assert compiled["kernels"] < eager["kernels"]
+    assert compiled["other_GB"] < 0.8 * eager["other_GB"]
+
+
+@pytest.mark.filterwarnings("ignore:the loader holds")
+def test_compiled_hessian_pass_adds_fewer_bytes_per_probe_with_the_same_flops():
+    case = lm_case(1, "cpu", quick=True)
+    eager = bench_traffic.summarize_hessian(case, "fp32", "reverse-over-reverse", probes=(3, 5))
+    compiled = bench_traffic.summarize_hessian(case, "fp32", "reverse-over-reverse", probes=(3, 5),
+                                               compiled=True)
+    assert compiled["probe_GFLOP"] == pytest.approx(eager["probe_GFLOP"], rel=0.02)
+    assert 0 < compiled["probe_GB"] < eager["probe_GB"]
