@@ -10,8 +10,11 @@
 # machine start included, so split the steps over calls, most wanted first:
 #   1. build tests   (limits 300 + 300; the CUDA kernels' first run)
 #   2. llc           (420: the issue's speed table, against devinterp)
-#   3. hessian       (540: HVP modes, precisions, compiled trace, planner)
-#   4. compiled, then large, as time remains
+#   3. compiled      (480: bf16+compile is the one run whose modelled floor,
+#                    at the eager runs' measured distance from theirs, meets
+#                    the LR goal; bench_traffic.py's "compiled" rows)
+#   4. hessian       (540: HVP modes, precisions, compiled trace, planner)
+#   5. large, as time remains
 #
 # Missing Python packages (devinterp, curvlinops, ...) travel as wheels in
 # .whl/ (bash benchmarks/fetch_peer_wheels.sh makes it; name .whl in the
