@@ -24,9 +24,9 @@ likewise never write the T x T scores.
 
 compile=True's pass is counted too (``pass`` "compiled"): Inductor lowers
 and fuses the same pass for a CUDA device, without one (inductor_trace.py),
-and its scheduled kernels are counted with its own estimates. It runs the
-loss's pure-torch twin, as the engine does under torch.compile, and matmul
-attention (the CPU trace of SDPA holds CPU kernels).
+and its scheduled kernels are counted with its own estimates. The loss is
+the form torch.compile traces (fused_loss.token_nll_for_inductor); the
+attention is matmul (the CPU trace of SDPA holds CPU kernels).
 """
 from __future__ import annotations
 
@@ -84,6 +84,10 @@ class CudaAutocastBf16(TorchFunctionMode):
             return t.to(dst) if isinstance(t, torch.Tensor) and t.dtype == src else t
 
         return func(*tree_map(cast, args), **tree_map(cast, kwargs))
+
+
+# The LM's loss as each pass runs it: the kernel, the twin, torch.compile's form.
+LOSS_LABELS = {True: "fused kernel", False: "log_softmax + gather", None: "Inductor form"}
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -305,7 +309,7 @@ def main(argv=None) -> int:
                 s = summarize(traced, case["chains"], precision)
                 row = {"case": case["name"], "chains": case["chains"], "precision": precision,
                        "attention": attention, "pass": "eager" if fused is not None else "compiled",
-                       "loss": ("fused kernel" if fused else "log_softmax + gather") if lm else "mse"}
+                       "loss": LOSS_LABELS[fused] if lm else "mse"}
                 row.update(s)
                 rows.append(row)
                 print(f"{row['case']:8s} {precision} {row['pass']:8s} {attention:6s} {row['loss']:22s} kernels "
@@ -332,7 +336,8 @@ def main(argv=None) -> int:
                     continue
                 hessian_rows.append(row)
                 print(f"hessian {row['case']:3s} {precision} {row['pass']:8s} {mode:21s} per probe "
-                      f"{row['probe_GB']:6.2f} GB {row['probe_GFLOP']:6.1f} GFLOP floor {row['probe_floor_ms']:.3f} ms; shared "
+                      f"{row['probe_GB']:6.2f} GB {row['probe_GFLOP']:6.1f} GFLOP floor "
+                      f"{row['probe_floor_ms']:.3f} ms; shared "
                       f"{row['shared_floor_ms']:.3f} ms; loop HVP {row['loop_GB']:6.2f} GB floor "
                       f"{row['loop_floor_ms']:.3f} ms  -> at most {row['max_hvps_per_s']:.0f} HVP/s vs the loop's "
                       f"{row['loop_max_hvps_per_s']:.0f}", flush=True)

@@ -7,7 +7,8 @@ before code generation, which is then abandoned.
 With no GPU in the machine, Inductor is shown an H100's properties and told
 that Triton works; nothing is compiled or run, so neither is needed. The
 graph is traced on the CPU with fake tensors and moved to "cuda" by
-rewriting its device arguments. Default mode only: max-autotune's Triton
+rewriting its device arguments; torch.compiler.is_compiling() is True while
+it is traced, as under torch.compile. Default mode only: max-autotune's Triton
 matmul templates would fuse more.
 
 This leans on Inductor's internals (torch 2.14); where they differ the trace
@@ -50,7 +51,9 @@ def inductor_rows(fn: Callable, args: tuple, autocast=contextlib.nullcontext) ->
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = torch.utils._pytree.tree_map(
             lambda t: torch.empty(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t, args)
-    with autocast():
+    # Code that takes another path under torch.compile (fused_loss.token_nll)
+    # takes it here too.
+    with autocast(), mock.patch.object(torch.compiler, "is_compiling", lambda: True):
         gm = make_fx(fn, tracing_mode="fake")(*fake)
     cuda = torch.device("cuda", 0)
     for node in gm.graph.nodes:

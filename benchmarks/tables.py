@@ -97,7 +97,8 @@ MEASURED = [("copy bandwidth", "copy_bandwidth_GBps", lambda v: f"{v:.0f} GB/s")
             ("bf16 matmul rate", "bf16_matmul_tflops", lambda v: f"{v:.0f} TFLOP/s")]
 KEYS = {"sgld_step": ("params_per_chain", "chains", "tensors"), "samplers": ("sampler", "params_per_chain", "chains"),
         "llc": ("case",), "hessian": ("case",), "large": ("size", "precision", "checkpointing"),
-        "traffic": ("case", "precision", "pass", "attention", "loss"), "traffic_hessian": ("case", "precision", "pass", "hvp_mode")}
+        "traffic": ("case", "precision", "pass", "attention", "loss"),
+        "traffic_hessian": ("case", "precision", "pass", "hvp_mode")}
 ROW_LISTS = {"sgld_step": "rows", "samplers": "rows", "llc": "cases", "hessian": "cases", "large": "rows",
              "traffic": "rows", "traffic_hessian": "rows"}
 

@@ -12,7 +12,9 @@ Its backward is not itself differentiable, so the kernel runs only inside
 :func:`first_order`, which the fast engine enters around its batched
 loss-and-gradient pass. Everywhere else (Hessian statistics, training, any
 torch.func transform of a user's own) ``token_nll`` is the pure-torch twin
-in llcfast.reference, twice differentiable.
+in llcfast.reference, twice differentiable. Under torch.compile, which
+cannot trace the kernel's vmap rule, it is the twin's numbers in a form
+Inductor fuses (:func:`token_nll_for_inductor`).
 """
 from __future__ import annotations
 
@@ -51,11 +53,33 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     float32 (float64 for float64 logits). A target outside [0, V) gives NaN
     from the kernel (a check on the GPU would stall it) and an error from the
     twin."""
+    if torch.compiler.is_compiling():
+        return token_nll_for_inductor(logits, targets)
     if (_first_order_depth and isinstance(logits, torch.Tensor) and logits.device.type in KERNEL_DEVICES
             and _ext.kernels_for(logits.device)):
         targets = check_token_nll_args(logits, targets)
         return _TokenNLL.apply(logits.contiguous(), targets.contiguous())
     return reference.token_nll(logits, targets)  # which checks its arguments itself
+
+
+def token_nll_for_inductor(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The twin's numbers, log-sum-exp minus the target's logit, with the
+    target's logit picked by comparing each column with the target instead
+    of by gather. Inductor folds that comparison into the log-sum-exp's pass
+    over the logits, and its backward into softmax's: one pass each way.
+    gather's backward would scatter into a zero-filled tensor the size of
+    the logits, two more passes (an H100 model of the paper's LM step in
+    bf16: 6.18 GB of non-matmul traffic with gather, 4.86 GB like this;
+    benchmarks/bench_traffic.py). A target outside [0, V) gives NaN, as
+    the kernel does."""
+    targets = check_token_nll_args(logits, targets)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(acc)
+    vocab = x.shape[-1]
+    hit = torch.arange(vocab, device=x.device) == targets.unsqueeze(-1)
+    picked = torch.where(hit, x, 0.0).sum(-1)
+    valid = (targets >= 0) & (targets < vocab)
+    return torch.where(valid, torch.logsumexp(x, -1) - picked, float("nan"))
 
 
 class _TokenNLL(torch.autograd.Function):

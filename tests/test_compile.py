@@ -20,6 +20,19 @@ def test_compiled_pass_walks_the_eager_trajectory():
     np.testing.assert_allclose(compiled.loss_trace, eager.loss_trace, rtol=1e-5, atol=1e-7)
 
 
+def test_compiled_language_model_walks_the_eager_trajectory():
+    """The next-token loss takes its Inductor form under torch.compile
+    (fused_loss.token_nll_for_inductor) and the twin eagerly: same numbers."""
+    from llcfast import models
+    torch.manual_seed(0)
+    model = models.AttentionOnlyLM(vocab=40, d_model=16, heads=2, context=16)
+    data = [(torch.randint(0, 40, (4, 9)),) for _ in range(6)]
+    eager = llcfast.estimate_llc(model, data, models.next_token_loss, **KW)
+    compiled = llcfast.estimate_llc(model, data, models.next_token_loss, compile=True, **KW)
+    assert compiled.config["compile"] is True
+    np.testing.assert_allclose(compiled.loss_trace, eager.loss_trace, rtol=1e-5, atol=1e-6)
+
+
 def test_a_model_that_does_not_compile_runs_eagerly_with_a_warning(monkeypatch):
     def broken(fn, *args, **kwargs):
         def run(*a, **k):

@@ -137,6 +137,55 @@ def test_engine_runs_the_kernel_with_the_twins_numbers(kernel_on_cpu, monkeypatc
     assert math.isclose(fused.llc_mean, twin.llc_mean, rel_tol=1e-3, abs_tol=1e-3)
 
 
+@given(lead=st.lists(st.integers(1, 5), min_size=0, max_size=3), vocab=st.integers(1, 300),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), seed=st.integers(0, 2 ** 16))
+def test_inductor_form_matches_twin(lead, vocab, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (4 * torch.randn(*lead, vocab, generator=gen, dtype=torch.float64)).to(dtype)
+    targets = torch.randint(0, vocab, tuple(lead), generator=gen)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.rand(tuple(lead), generator=gen, dtype=acc)
+    x = logits.clone().requires_grad_()
+    nll = fused_loss.token_nll_for_inductor(x, targets)
+    (nll * g).sum().backward()
+    want_nll, want_grad = twin_with_grad(logits, targets, g)
+    assert nll.dtype == acc
+    torch.testing.assert_close(nll.detach(), want_nll, **TOL[acc])
+    torch.testing.assert_close(x.grad.to(acc), want_grad.to(acc), **TOL[dtype])
+
+
+def test_inductor_form_masks_second_derivatives_and_bad_targets():
+    logits = torch.randn(4, 9)
+    logits[:, :3] = float("-inf")
+    targets = torch.tensor([3, 8, 5, 4])
+    torch.testing.assert_close(fused_loss.token_nll_for_inductor(logits, targets), reference.token_nll(logits, targets))
+    nll = fused_loss.token_nll_for_inductor(logits, torch.tensor([-1, 9, 100, 4]))
+    assert torch.isnan(nll[:3]).all() and torch.isfinite(nll[3])  # as the kernel: NaN, not a silent value
+    torch.manual_seed(1)
+    w, v = torch.randn(6, 11, dtype=torch.float64), torch.randn(6, 11, dtype=torch.float64)
+    h, t = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 11, (20,))
+    hvps = [jvp(grad(lambda w: f(h @ w, t).mean()), (w,), (v,))[1]
+            for f in (fused_loss.token_nll_for_inductor, reference.token_nll)]
+    torch.testing.assert_close(hvps[0], hvps[1])
+
+
+def test_torch_compile_takes_the_inductor_form(monkeypatch):
+    calls = []
+    form = fused_loss.token_nll_for_inductor
+    monkeypatch.setattr(fused_loss, "token_nll_for_inductor", lambda *a: calls.append(1) or form(*a))
+    torch.manual_seed(2)
+    w, h, t = torch.randn(8, 13), torch.randn(5, 7, 8), torch.randint(0, 13, (5, 7))
+
+    def loss(w, h, t):
+        return fused_loss.token_nll(h @ w, t).mean()
+
+    torch._dynamo.reset()  # a cached graph would skip the trace that calls the form
+    got = torch.compile(grad_and_value(loss), dynamic=False)(w, h, t)
+    assert calls, "torch.compile did not trace the Inductor form"
+    for a, b in zip(got, grad_and_value(loss)(w, h, t)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @requires_cuda
 def test_cuda_kernel_large_vocabulary_bf16():
     """The benchmark LM's shape: many rows of 5000, bf16 under autocast."""
