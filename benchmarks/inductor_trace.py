@@ -56,10 +56,13 @@ def inductor_rows(fn: Callable, args: tuple, autocast=contextlib.nullcontext) ->
     with autocast(), mock.patch.object(torch.compiler, "is_compiling", lambda: True):
         gm = make_fx(fn, tracing_mode="fake")(*fake)
     cuda = torch.device("cuda", 0)
+
+    def to_cuda(arg):
+        return cuda if isinstance(arg, torch.device) else arg
+
     for node in gm.graph.nodes:
-        swap = lambda a: cuda if isinstance(a, torch.device) else a  # noqa: E731
-        node.args = torch.fx.node.map_aggregate(node.args, swap)
-        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, swap)
+        node.args = torch.fx.node.map_aggregate(node.args, to_cuda)
+        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, to_cuda)
     gm.recompile()
     with mode:
         inputs = [torch.empty(t.shape, dtype=t.dtype, device=cuda) for t in torch.utils._pytree.tree_leaves(fake)
