@@ -80,7 +80,9 @@ def inductor_rows(fn: Callable, args: tuple, autocast=contextlib.nullcontext) ->
             rows.append((name, int(node.estimate_flops() or 0), int(node.get_read_write_buffers_sizes())))
         raise _Scheduled()
 
-    props = hints.DeviceProperties(type="cuda", index=0, **H100)
+    # Each torch version's DeviceProperties holds some of these fields.
+    props = hints.DeviceProperties(type="cuda", index=0,
+                                   **{k: v for k, v in H100.items() if k in hints.DeviceProperties._fields})
     patches = [config.patch(fx_graph_cache=False, joint_graph_constant_folding=False),  # folding runs ops
                mock.patch.object(hints.DeviceProperties, "create", classmethod(lambda cls, device: props)),
                mock.patch.object(scheduler, "has_triton", lambda: True),

@@ -34,6 +34,12 @@ _first_order_depth = 0
 # tests, which add "cpu" here, as the CUDA kernel's semantics on every machine.
 KERNEL_DEVICES = {"cuda"}
 
+# The fast engine calls the loss under vmap, where the kernel needs the
+# batching rules below; torch.library.register_vmap arrived in torch 2.5.
+# Without it vmap would run the kernel once per chain, behind a warning at
+# every call, so older torch takes the twin.
+VMAP_RULES = hasattr(torch.library, "register_vmap")
+
 
 @contextlib.contextmanager
 def first_order():
@@ -55,8 +61,8 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     twin."""
     if torch.compiler.is_compiling():
         return token_nll_for_inductor(logits, targets)
-    if (_first_order_depth and isinstance(logits, torch.Tensor) and logits.device.type in KERNEL_DEVICES
-            and _ext.kernels_for(logits.device)):
+    if (VMAP_RULES and _first_order_depth and isinstance(logits, torch.Tensor)
+            and logits.device.type in KERNEL_DEVICES and _ext.kernels_for(logits.device)):
         targets = check_token_nll_args(logits, targets)
         return _TokenNLL.apply(logits.contiguous(), targets.contiguous())
     return reference.token_nll(logits, targets)  # which checks its arguments itself
@@ -126,6 +132,9 @@ if _ext.extension_available():
     @torch.library.register_fake("llcfast::token_nll_backward")
     def _token_nll_backward_fake(grad, logits, lse, targets):
         return torch.empty_like(logits)
+
+
+if _ext.extension_available() and VMAP_RULES:
 
     # Under vmap (one batched pass over chains) the chain dimension becomes
     # leading rows of the same kernel call.

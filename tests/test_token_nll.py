@@ -19,6 +19,11 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12
        torch.bfloat16: dict(rtol=2 ** -7, atol=1e-6)}
 
 
+requires_vmap_rules = pytest.mark.skipif(
+    not fused_loss.VMAP_RULES, reason=f"torch {torch.__version__} has no torch.library.register_vmap (torch >= 2.5): "
+    "the fused loss takes its twin under vmap")
+
+
 @pytest.fixture
 def kernel_on_cpu(monkeypatch):
     monkeypatch.setattr(fused_loss, "KERNEL_DEVICES", {"cpu", "cuda"})
@@ -81,6 +86,7 @@ def test_bad_arguments_name_the_problem():
 
 
 @requires_extension
+@requires_vmap_rules
 @pytest.mark.parametrize("device", DEVICES)
 def test_vmapped_gradients_equal_the_twin(kernel_on_cpu, device):
     torch.manual_seed(0)
@@ -117,6 +123,7 @@ def test_twin_outside_first_order_keeps_second_derivatives(kernel_on_cpu):
 
 
 @requires_extension
+@requires_vmap_rules
 def test_engine_runs_the_kernel_with_the_twins_numbers(kernel_on_cpu, monkeypatch):
     torch.manual_seed(0)
     model = models.AttentionOnlyLM(vocab=50, d_model=16, heads=2, context=16)
@@ -135,6 +142,27 @@ def test_engine_runs_the_kernel_with_the_twins_numbers(kernel_on_cpu, monkeypatc
     torch.testing.assert_close(torch.as_tensor(fused.loss_trace), torch.as_tensor(twin.loss_trace),
                                rtol=1e-5, atol=1e-6)
     assert math.isclose(fused.llc_mean, twin.llc_mean, rel_tol=1e-3, abs_tol=1e-3)
+
+
+@requires_extension
+def test_torch_without_vmap_rules_takes_the_twin(kernel_on_cpu, monkeypatch):
+    """On torch < 2.5 the kernel has no batching rule, and vmap would run it
+    chain by chain behind a warning: the twin serves instead."""
+    monkeypatch.setattr(fused_loss, "VMAP_RULES", False)
+    calls = []
+    real_apply = fused_loss._TokenNLL.apply
+    monkeypatch.setattr(fused_loss._TokenNLL, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    torch.manual_seed(2)
+    w, h, t = torch.randn(3, 8, 13), torch.randn(3, 5, 8), torch.randint(0, 13, (3, 5))
+
+    def loss(w, h, t):
+        return fused_loss.token_nll(h @ w, t).mean()
+
+    with fused_loss.first_order():
+        got = vmap(grad_and_value(loss))(w, h, t)
+    assert not calls
+    for a, b in zip(got, vmap(grad_and_value(loss))(w, h, t)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @given(lead=st.lists(st.integers(1, 5), min_size=0, max_size=3), vocab=st.integers(1, 300),
