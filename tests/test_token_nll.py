@@ -1,6 +1,8 @@
 """The fused next-token loss (llcfast::token_nll and its backward) against its
 pure-torch twin, under vmap and autograd, and inside the fast engine."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -163,6 +165,26 @@ def test_torch_without_vmap_rules_takes_the_twin(kernel_on_cpu, monkeypatch):
     assert not calls
     for a, b in zip(got, vmap(grad_and_value(loss))(w, h, t)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_imports_and_samples_on_a_torch_without_register_vmap():
+    """torch 2.4 has no torch.library.register_vmap: the package must import
+    and the LM sample there (run in a process whose torch lacks it)."""
+    code = (
+        "import torch\n"
+        "del torch.library.register_vmap\n"
+        "import llcfast\n"
+        "from llcfast import fused_loss, models\n"
+        "assert not fused_loss.VMAP_RULES\n"
+        "torch.manual_seed(0)\n"
+        "model = models.AttentionOnlyLM(vocab=30, d_model=8, heads=2, context=8)\n"
+        "data = [(torch.randint(0, 30, (2, 6)),) for _ in range(3)]\n"
+        "r = llcfast.estimate_llc(model, data, models.next_token_loss, num_chains=2, num_draws=3, epsilon=1e-3,\n"
+        "                         nbeta=10.0, progress=False, backend='fast')\n"
+        "assert r.loss_trace.shape == (2, 3), r.loss_trace.shape\n")
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @given(lead=st.lists(st.integers(1, 5), min_size=0, max_size=3), vocab=st.integers(1, 300),
