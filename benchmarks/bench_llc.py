@@ -143,18 +143,21 @@ def run_llcfast(case, steps, device, loader=None, **kw):
     return time.perf_counter() - started, r
 
 
-def profile_fast(case, device, kw, steps, path):
-    """The fast engine's kernels by device time over ``steps`` steps: where a
-    chain-step's time goes, for the notes that steer the next change."""
+def profile_run(case, device, kw, steps, path):
+    """Where ``steps`` steps of one estimate_llc run (``kw``: the fast engine's
+    settings, or backend="reference") spend their time: the ops by device
+    time and by host time, for the notes that steer the next change. The
+    host table is what tells launch-bound and Python-bound steps apart."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         run_llcfast(case, steps, device, **kw)
-    table = prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else
-                                      "self_cpu_time_total", row_limit=25)
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cuda_time_total", row_limit=25)] if device.type == "cuda" else []
+    tables.append(averages.table(sort_by="self_cpu_time_total", row_limit=25))
     with open(path, "w") as f:
-        f.write(table)
-    return table
+        f.write("\n\n".join(tables))
+    return tables[0]
 
 
 def in_order(case):
@@ -206,14 +209,17 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
             compiled=r.config.get("compile", False), timings=r.timings,
             achieved_tflops=tflops, peak_fraction=peak_fraction(device, precision, tflops))
         if profile_dir:
-            profile_fast(case, device, kw, min(steps, 50),
-                         os.path.join(profile_dir, f"profile_{case['name']}_{variant.replace('+', '-')}.txt"))
+            profile_run(case, device, kw, min(steps, 50),
+                        os.path.join(profile_dir, f"profile_{case['name']}_{variant.replace('+', '-')}.txt"))
     fp32, bf16 = out["runs"].get("llcfast-fp32"), out["runs"].get("llcfast-bf16")
     if fp32 and bf16:  # same batches, same noise: does bf16 move the estimate beyond the chains' spread?
         se = fp32["llc_std"] / chains ** 0.5  # the goal: within the fp32 estimate's standard error
         diff = bf16["llc_mean"] - fp32["llc_mean"]
         out["bf16_vs_fp32"] = dict(difference=diff, fp32_standard_error=se, within=bool(abs(diff) <= se))
     wall, r = run_llcfast(case, ref_steps, device, backend="reference")
+    if profile_dir:  # on the H100 the reference took 12x devinterp's time a chain-step, on 2 CPU cores 1.1-1.4x
+        profile_run(case, device, dict(backend="reference"), min(ref_steps, 3),
+                    os.path.join(profile_dir, f"profile_{case['name']}_reference.txt"))
     out["runs"]["llcfast-reference"] = dict(ms_per_chain_step=1e3 * wall / (chains * ref_steps), llc_mean=r.llc_mean,
                                             llc_std=r.llc_std, diverged=list(r.diagnostics.get("diverged_chains", [])))
     if not skip_devinterp:
@@ -276,7 +282,7 @@ def main(argv=None):
                    help="steps per chain for llcfast's reference (slow on GPUs: it draws the fused op's Philox "
                         "noise with plain torch ops, for step-for-step agreement)")
     p.add_argument("--train-steps", type=int, default=500, help="AdamW steps that move w* near a minimum first")
-    p.add_argument("--profile", action="store_true", help="also write torch.profiler tables of the fast engine")
+    p.add_argument("--profile", action="store_true", help="also write torch.profiler tables of the fast engine and the reference")
     p.add_argument("--precisions", default="fp32,bf16",
                    help="comma-separated fp32, tf32, bf16, each optionally +compile (estimate_llc(compile=True)) "
                         "or +autotune (compile='max-autotune-no-cudagraphs'), and +sdpa (the models' attention "
