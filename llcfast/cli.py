@@ -1,5 +1,6 @@
-"""The llcfast command line: the pipeline (demo, train, sweep, report,
-calibrate) and `llcfast info`, which says what this installation runs."""
+"""The llcfast command line: the pipeline (demo, train, sweep, estimate,
+report, calibrate), `llcfast info`, which says what this installation runs,
+and `llcfast bench`, the benchmark suite of a source checkout."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,9 @@ import warnings
 EPILOG = """examples:
   llcfast demo            train a small model, sweep its LLC, detect stages, write ./llcfast-demo/report.png
   llcfast train --preset demo --out runs/demo && llcfast sweep runs/demo && llcfast report runs/demo
+  llcfast estimate runs/demo --step 1000    one checkpoint's LLC, its checks and loss traces
   llcfast info            what was built: CPU/CUDA kernels, archs, torch and CUDA versions
+  llcfast bench --quick   a smoke run of the benchmark suite (from a source checkout)
   llcfast COMMAND --help  each command's options and examples
 """
 
@@ -25,6 +28,10 @@ MEMORY_HINTS = {
     "calibrate": "\n  from this command: fewer --chains, or a smaller sweep.llc_batch_size in the run's config",
     "demo": "\n  from this command: --no-hessian, or --device cpu",
 }
+
+
+INTERRUPTED = {None: "rerun the same command to resume",
+               "estimate": "no draw was finished yet, so there is no estimate to keep"}
 
 
 def _info(args) -> int:
@@ -53,12 +60,29 @@ def _info(args) -> int:
     return 0
 
 
+def _bench(argv) -> int:
+    """``python -m benchmarks`` of the source checkout this package runs
+    from, with the same arguments (they are the suite's: --quick, --only,
+    --device, --help)."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "__main__.py")):
+        raise FileNotFoundError(f"the benchmark suite is the benchmarks/ folder of a source checkout, and {root} "
+                                "has none; install llcfast from a checkout (pip install --no-build-isolation -e .) "
+                                "to run it")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    return subprocess.call([sys.executable, "-m", "benchmarks", *argv], env=env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llcfast", description="Fast local learning coefficient estimation.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from .pipeline.commands import add_commands
     add_commands(sub)
+    sub.add_parser("bench", help="the benchmark suite (python -m benchmarks; its options: llcfast bench --help)",
+                   add_help=False)
     info = sub.add_parser("info", help="show what was built and what this machine runs",
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           epilog="examples:\n  llcfast info\n  llcfast info --json")
@@ -68,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the suite parses its own options
+        try:
+            return _bench(argv[1:])
+        except FileNotFoundError as exc:
+            print(f"llcfast bench: error: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -97,7 +128,8 @@ def main(argv=None) -> int:
               f"{MEMORY_HINTS.get(args.command, '')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"llcfast {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"llcfast {args.command}: interrupted; {INTERRUPTED.get(args.command, INTERRUPTED[None])}",
+              file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = shown

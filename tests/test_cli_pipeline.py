@@ -13,7 +13,7 @@ from llcfast.pipeline.demo import demo
 from pipeline_configs import tiny
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "sweep", "report", "calibrate", "info"])
+@pytest.mark.parametrize("command", ["demo", "train", "sweep", "estimate", "report", "calibrate", "info"])
 def test_every_command_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

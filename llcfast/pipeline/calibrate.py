@@ -240,23 +240,13 @@ def calibrate_run(run_dir: str, *, step: Optional[int] = None, epsilons=None, ga
     and each finished setting into settings_stepN.jsonl there, so that an
     interrupted calibration resumes where it stopped."""
     import torch
-    from .checkpoints import load_checkpoint, read_manifest
-    from .config import RunConfig
-    manifest = read_manifest(run_dir)
-    cfg = RunConfig.from_dict(manifest["config"])
-    ckpts = {c["step"]: c["file"] for c in manifest["checkpoints"]}
-    if not ckpts:
-        raise ValueError(f"{run_dir!r} has no checkpoints yet")
-    step = max(ckpts) if step is None else step
-    if step not in ckpts:
-        raise ValueError(f"no checkpoint at step {step} in {run_dir!r}; steps: {sorted(ckpts)}")
-    s = cfg.sweep
+    from .estimate import open_checkpoint
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    task = cfg.make_task()
-    model = load_checkpoint(os.path.join(run_dir, ckpts[step]), lambda: cfg.make_model(task)).to(device)
+    ckpt = open_checkpoint(run_dir, step, device)
+    step, cfg, s = ckpt.step, ckpt.config, ckpt.config.sweep
     out = out or os.path.join(run_dir, "calibration")
     os.makedirs(out, exist_ok=True)
-    result = calibrate(model, task.llc_batches(s.llc_sequences, s.llc_batch_size, device), cfg.loss_fn,
+    result = calibrate(ckpt.model, ckpt.task.llc_batches(s.llc_sequences, s.llc_batch_size, device), cfg.loss_fn,
                        epsilons=epsilons or [s.epsilon * f for f in (0.1, 0.3, 1, 3, 10)],
                        gammas=gammas or [s.gamma * f for f in (0.1, 1, 10)], nbetas=nbetas or [s.nbeta],
                        samplers=samplers or ["sgld"],

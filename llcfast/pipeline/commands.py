@@ -1,8 +1,9 @@
-"""The pipeline's subcommands: demo, train, sweep, report, calibrate."""
+"""The pipeline's subcommands: demo, train, sweep, estimate, report, calibrate."""
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import replace
 
 F = argparse.RawDescriptionHelpFormatter
@@ -30,6 +31,13 @@ SWEEP_EPILOG = """examples:
   torchrun --nproc-per-node 4 -m llcfast.cli sweep runs/lm --device cuda   checkpoints dealt out to 4 GPUs
 Results are appended to RUN_DIR/results.jsonl as each checkpoint finishes; a rerun skips what is done."""
 
+ESTIMATE_EPILOG = """examples:
+  llcfast estimate runs/demo                       the last checkpoint, with the run's sweep settings
+  llcfast estimate runs/lr --step 40000 --draws 2000 --burnin 500    longer chains on one checkpoint
+Prints the estimate and its checks (divergence, R-hat, trend, ESS, init-loss error); writes
+estimate_stepN.json and estimate_stepN.png (the loss traces) into RUN_DIR/estimates/. With the run's
+settings the LLC is the one `llcfast sweep` records for that checkpoint. Ctrl-C keeps the draws finished."""
+
 REPORT_EPILOG = """examples:
   llcfast report runs/demo                 report.png/.svg, summary.json, results.csv into runs/demo
   llcfast report runs/demo --plateau 0.3   a looser near-zero slope for stage boundaries"""
@@ -53,6 +61,17 @@ def _positive(kind):
 
 
 def _sweep_overrides(parser) -> None:
+    e = _llc_overrides(parser)
+    e.add_argument("--no-behaviour", dest="behaviour", action="store_false", default=None,
+                   help="skip the task's behavioural metrics (ICL score, head scores, ...; on by default)")
+    h = parser.add_mutually_exclusive_group()
+    h.add_argument("--hessian", dest="hessian", action="store_true", default=None,
+                   help="also Hessian trace and top eigenvalue")
+    h.add_argument("--no-hessian", dest="hessian", action="store_false")
+
+
+def _llc_overrides(parser):
+    """The LLC's settings and the engine's options; returns the engine's group."""
     g = parser.add_argument_group("LLC settings (default: the run's own)")
     g.add_argument("--chains", type=_positive(int), help="number of SGLD chains")
     g.add_argument("--draws", type=_positive(int), help="draws per chain")
@@ -69,18 +88,13 @@ def _sweep_overrides(parser) -> None:
     e.add_argument("--compile", action="store_true", help="torch.compile the LLC's and the Hessian's batched "
                                                           "passes (compiled once, reused across checkpoints)")
     e.add_argument("--mala", action="store_true", help="record the mean MALA acceptance per checkpoint")
-    e.add_argument("--no-behaviour", dest="behaviour", action="store_false", default=None,
-                   help="skip the task's behavioural metrics (ICL score, head scores, ...; on by default)")
-    h = parser.add_mutually_exclusive_group()
-    h.add_argument("--hessian", dest="hessian", action="store_true", default=None,
-                   help="also Hessian trace and top eigenvalue")
-    h.add_argument("--no-hessian", dest="hessian", action="store_false")
+    return e
 
 
 def _settings(base, args):
     fields = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=args.burnin, epsilon=args.epsilon,
-                  gamma=args.gamma, nbeta=args.nbeta, hessian=args.hessian, bounding_box=args.bounding_box,
-                  precision=args.precision, behaviour=args.behaviour)
+                  gamma=args.gamma, nbeta=args.nbeta, hessian=getattr(args, "hessian", None),
+                  bounding_box=args.bounding_box, precision=args.precision, behaviour=getattr(args, "behaviour", None))
     if args.sampler:
         (fields["sampler"], fields["sampler_kwargs"]), = _parse_samplers([args.sampler], "--sampler")
     return replace(base, **{k: v for k, v in fields.items() if v is not None})
@@ -145,6 +159,23 @@ def _join_torchrun(device) -> "int | None":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank()
+
+
+def cmd_estimate(args) -> int:
+    from .config import RunConfig
+    from .checkpoints import read_manifest
+    from .estimate import estimate_checkpoint
+    cfg = RunConfig.from_dict(read_manifest(args.run_dir)["config"])
+    engine = {k: True for k in ("compile", "mala") if getattr(args, k, False)}
+    est = estimate_checkpoint(args.run_dir, step=args.step, settings=_settings(cfg.sweep, args),
+                              device=args.device and _device(args.device), out=args.out, progress=not args.quiet,
+                              engine=engine)
+    print(f"step {est.step}: {est.result.summary()}")
+    print(f"traces: {os.path.abspath(est.paths['png'])}\nresult: {os.path.abspath(est.paths['json'])}")
+    if est.interrupted:
+        print("interrupted: the estimate above is from the draws finished", file=sys.stderr)
+        return 130
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -233,6 +264,16 @@ def add_commands(sub) -> None:
     p.add_argument("--quiet", action="store_true")
     _sweep_overrides(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("estimate", help="the LLC of one checkpoint, with its checks and loss traces",
+                       formatter_class=F, epilog=ESTIMATE_EPILOG)
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the last)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if visible")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/estimates)")
+    p.add_argument("--quiet", action="store_true")
+    _llc_overrides(p)
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("report", help="detect stages and draw the report of a sweep", formatter_class=F,
                        epilog=REPORT_EPILOG)

@@ -106,6 +106,20 @@ def eval_loss(model, loss_fn: Callable, data: Tuple[torch.Tensor, ...], chunk: i
     return total / n
 
 
+def checkpoint_llc(model, loss_fn: Callable, llc_batches: Sequence, s: SweepSettings, *, device,
+                   progress: bool = True, engine: Optional[dict] = None):
+    """The LLCResult of one checkpoint under sweep settings ``s``: what a
+    sweep records for it, and what ``llcfast estimate`` shows."""
+    with warnings.catch_warnings():
+        # The chains draw from a fixed pre-sampled set by design (PAPER.md), so reuse is expected.
+        warnings.filterwarnings("ignore", message="the loader holds", category=UserWarning)
+        return estimate_llc(model, llc_batches, loss_fn, num_chains=s.num_chains, num_draws=s.num_draws,
+                            num_burnin=s.num_burnin, epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta,
+                            seed=s.seed, device=device, progress=progress, split_chains=False, sampler=s.sampler,
+                            sampler_kwargs=s.sampler_kwargs, bounding_box=s.bounding_box, precision=s.precision,
+                            **(engine or {}))
+
+
 def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepSettings, *, device,
             progress: bool = True, engine: Optional[dict] = None,
             behaviour: Optional[Callable[[torch.nn.Module], dict]] = None) -> dict:
@@ -113,14 +127,7 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
     statistics and ``behaviour(model)`` (a dict of numbers)."""
     started = time.perf_counter()
     model = model.to(device)
-    with warnings.catch_warnings():
-        # The chains draw from a fixed pre-sampled set by design (PAPER.md), so reuse is expected.
-        warnings.filterwarnings("ignore", message="the loader holds", category=UserWarning)
-        res = estimate_llc(model, llc_batches, loss_fn, num_chains=s.num_chains, num_draws=s.num_draws,
-                           num_burnin=s.num_burnin, epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta,
-                           seed=s.seed, device=device, progress=progress, split_chains=False, sampler=s.sampler,
-                           sampler_kwargs=s.sampler_kwargs, bounding_box=s.bounding_box, precision=s.precision,
-                           **(engine or {}))
+    res = checkpoint_llc(model, loss_fn, llc_batches, s, device=device, progress=progress, engine=engine)
     rec = {
         "llc_mean": _finite(res.llc_mean), "llc_std": _finite(res.llc_std),
         "llc_per_chain": [_finite(v) for v in res.llc_per_chain.tolist()], "init_loss": res.init_loss,
