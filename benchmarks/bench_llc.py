@@ -217,7 +217,7 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         diff = bf16["llc_mean"] - fp32["llc_mean"]
         out["bf16_vs_fp32"] = dict(difference=diff, fp32_standard_error=se, within=bool(abs(diff) <= se))
     wall, r = run_llcfast(case, ref_steps, device, backend="reference")
-    if profile_dir:  # on the H100 the reference took 12x devinterp's time a chain-step, on 2 CPU cores 1.1-1.4x
+    if profile_dir:  # on the H100 the reference took 10-20x devinterp's time a chain-step, on 2 CPU cores 1.1-1.4x
         profile_run(case, device, dict(backend="reference"), min(ref_steps, 3),
                     os.path.join(profile_dir, f"profile_{case['name']}_reference.txt"))
     out["runs"]["llcfast-reference"] = dict(ms_per_chain_step=1e3 * wall / (chains * ref_steps), llc_mean=r.llc_mean,
@@ -279,8 +279,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=400, help="steps per chain for the fast engine")
     p.add_argument("--slow-steps", type=int, default=60, help="steps per chain for devinterp")
     p.add_argument("--ref-steps", type=int, default=10,
-                   help="steps per chain for llcfast's reference (slow on GPUs: it draws the fused op's Philox "
-                        "noise with plain torch ops, for step-for-step agreement)")
+                   help="steps per chain for llcfast's reference (10-20x devinterp's time a chain-step on the H100; "
+                        "--profile says where it goes)")
     p.add_argument("--train-steps", type=int, default=500, help="AdamW steps that move w* near a minimum first")
     p.add_argument("--profile", action="store_true", help="also write torch.profiler tables of the fast engine and the reference")
     p.add_argument("--precisions", default="fp32,bf16",
