@@ -71,8 +71,9 @@ def _bench(argv) -> int:
         raise FileNotFoundError(f"the benchmark suite is the benchmarks/ folder of a source checkout, and {root} "
                                 "has none; install llcfast from a checkout (pip install --no-build-isolation -e .) "
                                 "to run it")
+    # The folder's path, not `-m benchmarks`: a benchmarks/ in the caller's working directory must not be run.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    return subprocess.call([sys.executable, "-m", "benchmarks", *argv], env=env)
+    return subprocess.call([sys.executable, os.path.join(root, "benchmarks"), *argv], env=env)
 
 
 def build_parser() -> argparse.ArgumentParser:

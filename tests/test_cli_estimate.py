@@ -103,9 +103,14 @@ def _settings(run, **changes):
     return replace(RunConfig.from_dict(read_manifest(run)["config"]).sweep, **changes)
 
 
-def test_bench_runs_the_checkouts_suite_with_its_own_options(capfd, monkeypatch):
+def test_bench_runs_the_checkouts_suite_with_its_own_options(tmp_path, capfd, monkeypatch):
+    decoy = tmp_path / "benchmarks"  # a folder of the same name where the command is run is not the suite
+    decoy.mkdir()
+    (decoy / "__main__.py").write_text("print('not the suite')\n")
+    monkeypatch.chdir(tmp_path)
     assert main(["bench", "--help"]) == 0
-    assert "python -m benchmarks" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert "python -m benchmarks" in out and "not the suite" not in out
     assert main(["bench", "--only", "nothing"]) == 2  # the suite's own parser refuses it
     assert "invalid choice: 'nothing'" in capfd.readouterr().err
     monkeypatch.setattr(os.path, "isfile", lambda path: False)
