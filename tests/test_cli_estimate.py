@@ -28,11 +28,11 @@ def _steps(run):
 
 def test_estimate_gives_the_sweeps_number_with_its_checks_and_traces(run, tmp_path, capsys):
     results = str(tmp_path / "results.jsonl")
-    records = sweep(run, settings=_settings(run, num_draws=6, behaviour=False), out=results, device="cpu",
-                    progress=False)
+    records = sweep(run, settings=_settings(run, num_draws=6, behaviour=False, hessian=True), out=results,
+                    device="cpu", progress=False)
     step = _steps(run)[3]
     out = str(tmp_path / "est")
-    assert main(["estimate", run, "--step", str(step), "--draws", "6", "--device", "cpu", "--quiet",
+    assert main(["estimate", run, "--step", str(step), "--draws", "6", "--hessian", "--device", "cpu", "--quiet",
                  "--out", out]) == 0
     printed = capsys.readouterr().out
     saved = json.load(open(os.path.join(out, f"estimate_step{step}.json")))
@@ -42,6 +42,9 @@ def test_estimate_gives_the_sweeps_number_with_its_checks_and_traces(run, tmp_pa
     assert len(saved["loss_trace"]) == 3 and {len(row) for row in saved["loss_trace"]} == {6}
     assert saved["sweep_settings"]["num_draws"] == 6 and saved["summary"] in printed
     assert f"step {step}: LLC {swept['llc_mean']:.4g}" in printed and "split R-hat" in printed
+    for name in ("hessian_trace", "hessian_trace_se", "hessian_top_eig"):
+        assert saved[name] == swept[name], name
+    assert f"Hessian trace {swept['hessian_trace']:.4g} ± " in printed
     assert os.path.getsize(os.path.join(out, f"estimate_step{step}.png")) > 10_000
 
 
@@ -54,6 +57,7 @@ def test_estimate_takes_the_last_checkpoint_and_the_llc_overrides(run, capsys):
     assert len(saved["loss_trace"]) == 2 and len(saved["loss_trace"][0]) == 4
     assert saved["config"]["epsilon"] == 1e-4 and saved["config"]["num_burnin"] == 2
     assert saved["config"]["sampler"] == "sgnht" and saved["config"]["sampler_kwargs"] == {"diffusion": 0.02}
+    assert "hessian_trace" not in saved  # the run's config asks for none
 
 
 def test_estimate_errors_name_what_is_wrong(run, tmp_path, capsys):

@@ -34,6 +34,7 @@ Results are appended to RUN_DIR/results.jsonl as each checkpoint finishes; a rer
 ESTIMATE_EPILOG = """examples:
   llcfast estimate runs/demo                       the last checkpoint, with the run's sweep settings
   llcfast estimate runs/lr --step 40000 --draws 2000 --burnin 500    longer chains on one checkpoint
+  llcfast estimate runs/lr --hessian               also the Hessian trace and top eigenvalue
 Prints the estimate and its checks (divergence, R-hat, trend, ESS, init-loss error); writes
 estimate_stepN.json and estimate_stepN.png (the loss traces) into RUN_DIR/estimates/. With the run's
 settings the LLC is the one `llcfast sweep` records for that checkpoint. Ctrl-C keeps the draws finished."""
@@ -64,9 +65,13 @@ def _sweep_overrides(parser) -> None:
     e = _llc_overrides(parser)
     e.add_argument("--no-behaviour", dest="behaviour", action="store_false", default=None,
                    help="skip the task's behavioural metrics (ICL score, head scores, ...; on by default)")
+    _hessian_switch(parser)
+
+
+def _hessian_switch(parser) -> None:
     h = parser.add_mutually_exclusive_group()
     h.add_argument("--hessian", dest="hessian", action="store_true", default=None,
-                   help="also Hessian trace and top eigenvalue")
+                   help="also Hessian trace and top eigenvalue (default: as the run's config says)")
     h.add_argument("--no-hessian", dest="hessian", action="store_false")
 
 
@@ -170,7 +175,7 @@ def cmd_estimate(args) -> int:
     est = estimate_checkpoint(args.run_dir, step=args.step, settings=_settings(cfg.sweep, args),
                               device=args.device and _device(args.device), out=args.out, progress=not args.quiet,
                               engine=engine)
-    print(f"step {est.step}: {est.result.summary()}")
+    print(est.summary())
     print(f"traces: {os.path.abspath(est.paths['png'])}\nresult: {os.path.abspath(est.paths['json'])}")
     if est.interrupted:
         print("interrupted: the estimate above is from the draws finished", file=sys.stderr)
@@ -272,6 +277,7 @@ def add_commands(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if visible")
     p.add_argument("--out", help="output directory (default: RUN_DIR/estimates)")
     p.add_argument("--quiet", action="store_true")
+    _hessian_switch(p)
     _llc_overrides(p)
     p.set_defaults(func=cmd_estimate)
 

@@ -14,7 +14,7 @@ from ..interrupt import LLCInterrupted
 from ..result import LLCResult
 from .checkpoints import atomic_json, load_checkpoint, read_manifest
 from .config import RunConfig, SweepSettings
-from .sweep import checkpoint_llc, settings_key
+from .sweep import checkpoint_hessian, checkpoint_llc, settings_key
 
 
 @dataclass
@@ -48,17 +48,28 @@ class CheckpointEstimate:
     result: LLCResult
     paths: dict  # "json", "png"
     interrupted: bool = False
+    hessian: Optional[dict] = None  # with settings.hessian: trace, its standard error, top eigenvalue
+
+    def summary(self) -> str:
+        lines = [f"step {self.step}: {self.result.summary()}"]
+        if self.hessian:
+            h = self.hessian
+            lines.append(f"Hessian trace {h['hessian_trace']:.4g} ± {h['hessian_trace_se']:.2g} "
+                         f"({self.settings.hessian_probes} probes), top eigenvalue {h['hessian_top_eig']:.4g}")
+        return "\n".join(lines)
 
 
 def estimate_checkpoint(run_dir: str, *, step: Optional[int] = None, settings: Optional[SweepSettings] = None,
                         device=None, out: Optional[str] = None, progress: bool = True,
                         engine: Optional[dict] = None) -> CheckpointEstimate:
     """The LLC of one checkpoint with the run's sweep settings (or
-    ``settings``); writes ``estimate_stepN.json`` (the whole result, the
-    settings and their sweep key) and ``estimate_stepN.png`` (the loss
-    traces) into ``out`` (RUN_DIR/estimates). After Ctrl-C the draws
-    finished are written and returned, marked interrupted; during burn-in
-    there are none, and the interrupt goes on."""
+    ``settings``), and with ``settings.hessian`` the Hessian trace and top
+    eigenvalue, as the sweep measures them; writes ``estimate_stepN.json``
+    (the whole result, the settings and their sweep key) and
+    ``estimate_stepN.png`` (the loss traces) into ``out``
+    (RUN_DIR/estimates). After Ctrl-C the draws finished are written and
+    returned, marked interrupted (without the Hessian); during burn-in there
+    are none, and the interrupt goes on."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = open_checkpoint(run_dir, step, device)
     s = settings or ckpt.config.sweep
@@ -71,16 +82,22 @@ def estimate_checkpoint(run_dir: str, *, step: Optional[int] = None, settings: O
         if stop.result is None:
             raise
         result, interrupted = stop.result, True
-    out = out or os.path.join(run_dir, "estimates")
-    return CheckpointEstimate(ckpt.step, s, result, _write(result, ckpt.step, s, out), interrupted)
+    hessian = None
+    if s.hessian and not interrupted:
+        hessian = checkpoint_hessian(ckpt.model, ckpt.config.loss_fn, ckpt.task.eval_set(s.eval_sequences, device), s,
+                                     progress=progress, compiled=bool((engine or {}).get("compile")))
+    est = CheckpointEstimate(ckpt.step, s, result, {}, interrupted, hessian)
+    est.paths = _write(est, out or os.path.join(run_dir, "estimates"))
+    return est
 
 
-def _write(result: LLCResult, step: int, s: SweepSettings, out: str) -> dict:
+def _write(est: CheckpointEstimate, out: str) -> dict:
     import matplotlib.pyplot as plt
     os.makedirs(out, exist_ok=True)
+    result, step = est.result, est.step
     paths = {kind: os.path.join(out, f"estimate_step{step}.{kind}") for kind in ("json", "png")}
-    atomic_json({"step": step, "settings": settings_key(s), "sweep_settings": asdict(s), "summary": result.summary(),
-                 **result.to_dict()}, paths["json"])
+    atomic_json({"step": step, "settings": settings_key(est.settings), "sweep_settings": asdict(est.settings),
+                 "summary": est.summary(), **(est.hessian or {}), **result.to_dict()}, paths["json"])
     fig = result.plot()
     fig.suptitle(f"step {step}", x=0.01, ha="left")
     fig.savefig(paths["png"], dpi=120, bbox_inches="tight")

@@ -120,6 +120,20 @@ def checkpoint_llc(model, loss_fn: Callable, llc_batches: Sequence, s: SweepSett
                             **(engine or {}))
 
 
+def checkpoint_hessian(model, loss_fn: Callable, eval_set, s: SweepSettings, *, progress: bool = True,
+                       compiled: bool = False) -> dict:
+    """Hutchinson trace (± its standard error) and top eigenvalue of the
+    Hessian of the loss on the first s.hessian_batch evaluation sequences."""
+    from ..hessian import hessian_eigs, hessian_trace
+    batch = [tuple(t[:s.hessian_batch] for t in eval_set)]
+    tr = hessian_trace(model, loss_fn, batch, num_probes=s.hessian_probes, seed=s.seed, precision=s.precision,
+                       compile=compiled, progress=progress)
+    eig = hessian_eigs(model, loss_fn, batch, k=1, tol=1e-3, precision=s.precision, compile=compiled,
+                       progress=progress)
+    return {"hessian_trace": float(tr.trace[0]), "hessian_trace_se": float(tr.std_error[0]),
+            "hessian_top_eig": float(eig.values[0, 0])}
+
+
 def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepSettings, *, device,
             progress: bool = True, engine: Optional[dict] = None,
             behaviour: Optional[Callable[[torch.nn.Module], dict]] = None) -> dict:
@@ -139,15 +153,8 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
         "test_loss": eval_loss(model, loss_fn, eval_set),
     }
     if s.hessian:
-        from ..hessian import hessian_eigs, hessian_trace
-        batch = [tuple(t[:s.hessian_batch] for t in eval_set)]
-        compiled = bool((engine or {}).get("compile"))
-        tr = hessian_trace(model, loss_fn, batch, num_probes=s.hessian_probes, seed=s.seed, precision=s.precision,
-                           compile=compiled, progress=progress)
-        eig = hessian_eigs(model, loss_fn, batch, k=1, tol=1e-3, precision=s.precision, compile=compiled,
-                           progress=progress)
-        rec.update(hessian_trace=float(tr.trace[0]), hessian_trace_se=float(tr.std_error[0]),
-                   hessian_top_eig=float(eig.values[0, 0]))
+        rec.update(checkpoint_hessian(model, loss_fn, eval_set, s, progress=progress,
+                                      compiled=bool((engine or {}).get("compile"))))
     if behaviour is not None:
         rec["behaviour"] = {k: _finite(v) for k, v in behaviour(model).items()}
     rec["seconds"] = time.perf_counter() - started
