@@ -93,6 +93,15 @@ def test_ctrl_c_keeps_the_draws_finished(run, tmp_path, capsys, monkeypatch):
     saved = json.load(open(os.path.join(out, f"estimate_step{max(_steps(run))}.json")))
     assert {len(row) for row in saved["loss_trace"]} == {5} and saved["config"]["interrupted"]["steps_done"] == 5
 
+    def hessian_interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.undo()
+    monkeypatch.setattr(estimate_module, "checkpoint_hessian", hessian_interrupted)
+    assert main(["estimate", run, "--draws", "8", "--hessian", "--device", "cpu", "--quiet", "--out", out]) == 130
+    assert "the LLC above is whole" in capsys.readouterr().err
+    saved = json.load(open(os.path.join(out, f"estimate_step{max(_steps(run))}.json")))
+    assert {len(row) for row in saved["loss_trace"]} == {8} and "hessian_trace" not in saved
+
     monkeypatch.setattr(estimate_module, "checkpoint_llc", _interrupted_at(2))  # still burning in: nothing to keep
     assert main(["estimate", run, "--draws", "8", "--burnin", "4", "--device", "cpu", "--quiet",
                  "--out", str(tmp_path / "burnin")]) == 130

@@ -178,7 +178,9 @@ def cmd_estimate(args) -> int:
     print(est.summary())
     print(f"traces: {os.path.abspath(est.paths['png'])}\nresult: {os.path.abspath(est.paths['json'])}")
     if est.interrupted:
-        print("interrupted: the estimate above is from the draws finished", file=sys.stderr)
+        print("interrupted: " + ("the estimate above is from the draws finished" if est.interrupted == "chains"
+                                 else "the LLC above is whole; the Hessian statistics were not finished"),
+              file=sys.stderr)
         return 130
     return 0
 

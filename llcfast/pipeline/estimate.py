@@ -47,7 +47,9 @@ class CheckpointEstimate:
     settings: SweepSettings
     result: LLCResult
     paths: dict  # "json", "png"
-    interrupted: bool = False
+    # Ctrl-C: "chains" (the estimate is from the draws finished) or "hessian"
+    # (the LLC is whole, the Hessian statistics were not finished)
+    interrupted: Optional[str] = None
     hessian: Optional[dict] = None  # with settings.hessian: trace, its standard error, top eigenvalue
 
     def summary(self) -> str:
@@ -69,23 +71,26 @@ def estimate_checkpoint(run_dir: str, *, step: Optional[int] = None, settings: O
     ``estimate_stepN.png`` (the loss traces) into ``out``
     (RUN_DIR/estimates). After Ctrl-C the draws finished are written and
     returned, marked interrupted (without the Hessian); during burn-in there
-    are none, and the interrupt goes on."""
+    are none, and the interrupt goes on. Ctrl-C during the Hessian
+    statistics keeps the whole LLC estimate."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = open_checkpoint(run_dir, step, device)
     s = settings or ckpt.config.sweep
     llc_batches = ckpt.task.llc_batches(s.llc_sequences, s.llc_batch_size, device)
-    interrupted = False
+    interrupted, hessian = None, None
     try:
         result = checkpoint_llc(ckpt.model, ckpt.config.loss_fn, llc_batches, s, device=device, progress=progress,
                                 engine=engine)
     except LLCInterrupted as stop:
         if stop.result is None:
             raise
-        result, interrupted = stop.result, True
-    hessian = None
+        result, interrupted = stop.result, "chains"
     if s.hessian and not interrupted:
-        hessian = checkpoint_hessian(ckpt.model, ckpt.config.loss_fn, ckpt.task.eval_set(s.eval_sequences, device), s,
-                                     progress=progress, compiled=bool((engine or {}).get("compile")))
+        try:
+            hessian = checkpoint_hessian(ckpt.model, ckpt.config.loss_fn, ckpt.task.eval_set(s.eval_sequences, device),
+                                         s, progress=progress, compiled=bool((engine or {}).get("compile")))
+        except KeyboardInterrupt:
+            interrupted = "hessian"
     est = CheckpointEstimate(ckpt.step, s, result, {}, interrupted, hessian)
     est.paths = _write(est, out or os.path.join(run_dir, "estimates"))
     return est
