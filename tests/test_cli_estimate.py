@@ -2,12 +2,15 @@
 loss traces, Ctrl-C) and `llcfast bench` (the checkout's benchmark suite)."""
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
 import llcfast
 from llcfast.cli import main
 from llcfast.pipeline import estimate as estimate_module
+from llcfast.pipeline.checkpoints import read_manifest
+from llcfast.pipeline.config import RunConfig
 from llcfast.pipeline.sweep import sweep
 from pipeline_configs import tiny
 
@@ -24,6 +27,11 @@ def run(tmp_path_factory):
 
 def _steps(run):
     return [c["step"] for c in json.load(open(os.path.join(run, "manifest.json")))["checkpoints"]]
+
+
+def _settings(run, **changes):
+    """The run's sweep settings with ``changes``."""
+    return replace(RunConfig.from_dict(read_manifest(run)["config"]).sweep, **changes)
 
 
 def test_estimate_gives_the_sweeps_number_with_its_checks_and_traces(run, tmp_path, capsys):
@@ -107,13 +115,6 @@ def test_ctrl_c_keeps_the_draws_finished(run, tmp_path, capsys, monkeypatch):
                  "--out", str(tmp_path / "burnin")]) == 130
     assert "no draw was finished yet" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "burnin")
-
-
-def _settings(run, **changes):
-    from dataclasses import replace
-    from llcfast.pipeline.checkpoints import read_manifest
-    from llcfast.pipeline.config import RunConfig
-    return replace(RunConfig.from_dict(read_manifest(run)["config"]).sweep, **changes)
 
 
 def test_bench_runs_the_checkouts_suite_with_its_own_options(tmp_path, capfd, monkeypatch):
