@@ -25,6 +25,14 @@ def run(tmp_path_factory):
     return path
 
 
+def test_train_points_to_estimate_and_sweep(tmp_path, capsys):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(tiny(steps=4).to_dict()))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"llcfast sweep {tmp_path / 'r'}" in out and f"llcfast estimate {tmp_path / 'r'}" in out
+
+
 def _steps(run):
     return [c["step"] for c in json.load(open(os.path.join(run, "manifest.json")))["checkpoints"]]
 

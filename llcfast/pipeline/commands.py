@@ -128,7 +128,8 @@ def cmd_train(args) -> int:
         cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
     cfg.validate()
     manifest = train(cfg, args.out, device=_device(args.device), progress=not args.quiet)
-    print(f"{len(manifest['checkpoints'])} checkpoints in {os.path.abspath(args.out)}; next: llcfast sweep {args.out}")
+    print(f"{len(manifest['checkpoints'])} checkpoints in {os.path.abspath(args.out)}; next: llcfast sweep {args.out} "
+          f"(or first llcfast estimate {args.out}: one checkpoint, to check the settings)")
     return 0
 
 
