@@ -218,7 +218,8 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         out["bf16_vs_fp32"] = dict(difference=diff, fp32_standard_error=se, within=bool(abs(diff) <= se))
     wall, r = run_llcfast(case, ref_steps, device, backend="reference")
     if profile_dir:  # on the H100 the reference took 10-20x devinterp's time a chain-step, on 2 CPU cores 1.1-1.4x
-        profile_run(case, device, dict(backend="reference"), min(ref_steps, 3),
+        # Two chains of two steps: the same ops as every chain's, at a fraction of the device time.
+        profile_run(dict(case, chains=min(chains, 2)), device, dict(backend="reference"), min(ref_steps, 2),
                     os.path.join(profile_dir, f"profile_{case['name']}_reference.txt"))
     out["runs"]["llcfast-reference"] = dict(ms_per_chain_step=1e3 * wall / (chains * ref_steps), llc_mean=r.llc_mean,
                                             llc_std=r.llc_std, diverged=list(r.diagnostics.get("diverged_chains", [])))
@@ -282,7 +283,8 @@ def main(argv=None):
                    help="steps per chain for llcfast's reference (10-20x devinterp's time a chain-step on the H100; "
                         "--profile says where it goes)")
     p.add_argument("--train-steps", type=int, default=500, help="AdamW steps that move w* near a minimum first")
-    p.add_argument("--profile", action="store_true", help="also write torch.profiler tables of the fast engine and the reference")
+    p.add_argument("--profile", action="store_true",
+                   help="also write torch.profiler tables of the fast engine and the reference")
     p.add_argument("--precisions", default="fp32,bf16",
                    help="comma-separated fp32, tf32, bf16, each optionally +compile (estimate_llc(compile=True)) "
                         "or +autotune (compile='max-autotune-no-cudagraphs'), and +sdpa (the models' attention "

@@ -9,7 +9,8 @@
 # A device call runs at most 600 s and a session has 1800 s of device time,
 # machine start included, so split the steps over calls, most wanted first:
 #   1. build tests   (limits 300 + 300; the CUDA kernels' first run)
-#   2. llc           (420: the issue's speed table, against devinterp)
+#   2. llc           (540: the issue's speed table, against devinterp, and
+#                    the profiles of the fast engine and the reference)
 #   3. compiled      (480: bf16+compile is the one run whose modelled floor,
 #                    at the eager runs' measured distance from theirs, meets
 #                    the LR goal; bench_traffic.py's "compiled" rows)
@@ -60,7 +61,7 @@ for s in "${steps[@]}"; do
         tests/test_cuda.py tests/test_engine_cuda.py tests/test_hessian.py tests/test_sampler_kernels.py tests/test_opcheck.py tests/test_lanczos_step.py \
         tests/test_planner.py tests/test_distributed.py tests/test_token_nll.py tests/test_paper_models.py tests/test_compile.py ;;
     llc)
-      step llc 420 python3 benchmarks/bench_llc.py --slow-steps 30 --ref-steps 10 --precisions fp32,tf32,bf16,fp32+sdpa,bf16+sdpa --profile --out "$OUT/llc.json" ;;
+      step llc 540 python3 benchmarks/bench_llc.py --slow-steps 30 --ref-steps 10 --precisions fp32,tf32,bf16,fp32+sdpa,bf16+sdpa --profile --out "$OUT/llc.json" ;;
     compiled)  # the fast engine with compile=True, next to plain fp32 and bf16
       step compiled 480 python3 benchmarks/bench_llc.py --skip-devinterp --ref-steps 2 \
         --precisions fp32,bf16,fp32+compile,bf16+compile,bf16+compile+sdpa,fp32+autotune --out "$OUT/llc_compiled.json" ;;
