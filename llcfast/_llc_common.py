@@ -199,11 +199,37 @@ def init_loss(model, loader, loss_fn: Callable, num_batches: int, device, *, see
                       f"those {n}", UserWarning, stacklevel=3)
     mean = sum(values) / n
     se = (float(np.std(values, ddof=1)) / math.sqrt(n)) if n > 1 else math.nan
-    return mean, {"init_loss_per_batch": values, "init_loss_se": se}
+    return mean, {"init_loss_per_batch": values, "init_loss_se": se, "loader_batches": finite_batches(loader)}
+
+
+def finite_batches(loader) -> Optional[int]:
+    """How many batches the chains draw from, where they are one fixed set:
+    a list of batches, or a DataLoader over a map-style dataset sampled
+    without replacement (one epoch's batches); None otherwise."""
+    from torch.utils.data import DataLoader, IterableDataset
+    if isinstance(loader, (list, tuple)):
+        return len(loader)
+    if isinstance(loader, DataLoader):
+        if isinstance(loader.dataset, IterableDataset) or getattr(loader.sampler, "replacement", False):
+            return None
+        try:
+            return len(loader)
+        except TypeError:
+            return None
+    return None
 
 
 def init_loss_diagnostics(spread: dict, nbeta: float) -> dict:
-    return dict(spread, llc_se_from_init_loss=nbeta * spread["init_loss_se"])
+    """llc_se_from_init_loss: nbeta times the init loss's standard error,
+    with the finite-population correction sqrt(1 - k/N) where its k batches
+    are drawn from the N the chains sample: an init loss over all N is the
+    exact loss at w* on the data the chains see."""
+    k, total = len(spread["init_loss_per_batch"]), spread.get("loader_batches")
+    correction = math.sqrt(max(1.0 - k / total, 0.0)) if total else 1.0
+    se = spread["init_loss_se"]
+    if correction == 0.0:  # the whole set: no sampling error, even from one batch
+        se = 0.0
+    return dict(spread, llc_se_from_init_loss=nbeta * se * correction)
 
 
 def trainable(model: torch.nn.Module) -> List[tuple]:

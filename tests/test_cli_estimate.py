@@ -66,12 +66,13 @@ def test_estimate_gives_the_sweeps_number_with_its_checks_and_traces(run, tmp_pa
 
 def test_estimate_takes_the_last_checkpoint_and_the_llc_overrides(run, capsys):
     assert main(["estimate", run, "--chains", "2", "--draws", "4", "--burnin", "2", "--epsilon", "1e-4",
-                 "--sampler", "sgnht:diffusion=0.02", "--device", "cpu", "--quiet"]) == 0
+                 "--sampler", "sgnht:diffusion=0.02", "--init-batches", "3", "--device", "cpu", "--quiet"]) == 0
     last = max(_steps(run))
     assert f"step {last}: LLC" in capsys.readouterr().out
     saved = json.load(open(os.path.join(run, "estimates", f"estimate_step{last}.json")))
     assert len(saved["loss_trace"]) == 2 and len(saved["loss_trace"][0]) == 4
     assert saved["config"]["epsilon"] == 1e-4 and saved["config"]["num_burnin"] == 2
+    assert saved["config"]["num_init_batches"] == 3 and saved["sweep_settings"]["num_init_batches"] == 3
     assert saved["config"]["sampler"] == "sgnht" and saved["config"]["sampler_kwargs"] == {"diffusion": 0.02}
     assert "hessian_trace" not in saved  # the run's config asks for none
 

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 import llcfast
 from llc_models import mlp, mse, regression_loader
@@ -15,17 +16,36 @@ KW = dict(num_chains=2, num_draws=5, epsilon=1e-4, gamma=100.0, nbeta=30.0, seed
 
 @pytest.mark.parametrize("backend", ["fast", "reference"])
 def test_spread_of_the_init_batches_is_reported(backend):
-    model, loader = mlp(), regression_loader(n=64, batch_size=16)
+    model, loader = mlp(), regression_loader(n=128, batch_size=16)  # 8 batches, the init loss takes 4
     res = llcfast.estimate_llc(model, loader, mse, num_init_batches=4, backend=backend, **KW)
     with torch.no_grad():
-        per_batch = [float(mse(model, b)) for b in loader]
+        per_batch = [float(mse(model, b)) for b in loader][:4]
     d = res.diagnostics
     np.testing.assert_allclose(d["init_loss_per_batch"], per_batch, rtol=1e-6)
     assert res.init_loss == pytest.approx(np.mean(per_batch), rel=1e-6)
     se = np.std(per_batch, ddof=1) / 2.0
-    assert d["init_loss_se"] == pytest.approx(se, rel=1e-6)
-    assert d["llc_se_from_init_loss"] == pytest.approx(30.0 * se, rel=1e-6)
+    assert d["init_loss_se"] == pytest.approx(se, rel=1e-6) and d["loader_batches"] == 8
+    # half of the 8 batches the chains draw from: the finite-population correction sqrt(1 - 4/8)
+    assert d["llc_se_from_init_loss"] == pytest.approx(30.0 * se * math.sqrt(0.5), rel=1e-6)
     assert d["llc_se_from_init_loss"] > 0
+
+
+def test_an_init_loss_over_every_batch_the_chains_draw_has_no_error():
+    """Then L(w*) is the exact loss at w* on the data the chains sample."""
+    model = mlp()
+    for loader in (regression_loader(n=64, batch_size=16), list(regression_loader(n=64, batch_size=16)),
+                   regression_loader(n=64, batch_size=16, shuffle=True)):
+        res = llcfast.estimate_llc(model, loader, mse, num_init_batches=4, **KW)
+        assert res.diagnostics["init_loss_se"] > 0 and res.diagnostics["llc_se_from_init_loss"] == 0.0
+    one = llcfast.estimate_llc(model, [next(iter(regression_loader(n=16)))], mse, **KW)  # full-batch sampling
+    assert one.diagnostics["llc_se_from_init_loss"] == 0.0
+    # Batches drawn with replacement are no fixed set: no correction.
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(1))
+    data = TensorDataset(x, torch.sin(x.sum(-1)))
+    drawn = DataLoader(data, batch_size=16, sampler=RandomSampler(data, replacement=True, num_samples=64))
+    res = llcfast.estimate_llc(model, drawn, mse, num_init_batches=4, **KW)
+    d = res.diagnostics
+    assert d["loader_batches"] is None and d["llc_se_from_init_loss"] == pytest.approx(30.0 * d["init_loss_se"])
 
 
 def test_one_init_batch_has_no_spread_and_identical_batches_have_none():

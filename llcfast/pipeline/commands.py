@@ -87,6 +87,9 @@ def _llc_overrides(parser):
     g.add_argument("--sampler", metavar="SAMPLER[:KEY=VALUE,...]",
                    help="sgld (default), rmsprop_sgld or sgnht, e.g. rmsprop_sgld:alpha=0.9999")
     g.add_argument("--bounding-box", type=_positive(float), help="keep every element within w* +- this")
+    g.add_argument("--init-batches", type=_positive(int), dest="num_init_batches",
+                   help="batches of the LLC set the loss at w* averages (default: one per chain); more batches "
+                        "shrink the init loss's error, which every chain shares")
     g.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
                    help="matmul precision of the LLC's and the Hessian's passes (default fp32)")
     e = parser.add_argument_group("engine options (they do not change the estimate)")
@@ -99,7 +102,8 @@ def _llc_overrides(parser):
 def _settings(base, args):
     fields = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=args.burnin, epsilon=args.epsilon,
                   gamma=args.gamma, nbeta=args.nbeta, hessian=getattr(args, "hessian", None),
-                  bounding_box=args.bounding_box, precision=args.precision, behaviour=getattr(args, "behaviour", None))
+                  bounding_box=args.bounding_box, precision=args.precision, behaviour=getattr(args, "behaviour", None),
+                  num_init_batches=args.num_init_batches)
     if args.sampler:
         (fields["sampler"], fields["sampler_kwargs"]), = _parse_samplers([args.sampler], "--sampler")
     return replace(base, **{k: v for k, v in fields.items() if v is not None})
@@ -187,7 +191,7 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import stage_table, write_report
+    from .report import check_lines, stage_table, write_report
     from .sweep import RESULTS, read_results
     path = os.path.join(args.run_dir, RESULTS)
     if not os.path.exists(path):
@@ -203,6 +207,9 @@ def cmd_report(args) -> int:
     latest = {r["step"]: r for r in records if r.get("settings") == chosen}  # a re-measured step: its last record
     paths = write_report(list(latest.values()), args.out or args.run_dir, plateau=args.plateau)
     print("\n".join(stage_table(paths["fit"], paths["curvature"], paths.get("behaviour"))))
+    flagged = check_lines(list(latest.values()))
+    if flagged:
+        print("\n".join(flagged))
     print(f"report: {os.path.abspath(paths['png'])}")
     return 0
 

@@ -46,6 +46,7 @@ class SweepSettings:
     sampler_kwargs: Dict[str, float] = field(default_factory=dict)
     bounding_box: Any = None  # None or a float > 0
     precision: str = "fp32"  # or "tf32", "bf16": the LLC's and the Hessian's passes (estimate_llc)
+    num_init_batches: Any = None  # batches of the LLC set the loss at w* averages; None: num_chains (estimate_llc)
     behaviour: bool = True  # the task's behavioural metrics (pipeline/behaviour.py); not part of the settings key
 
 
@@ -98,6 +99,9 @@ class RunConfig:
                      "hessian_probes", "hessian_batch"):
             if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
                 raise ValueError(f"sweep.{name} must be an int >= 1, got {getattr(s, name)!r}")
+        if s.num_init_batches is not None and (not isinstance(s.num_init_batches, int)
+                                               or isinstance(s.num_init_batches, bool) or s.num_init_batches < 1):
+            raise ValueError(f"sweep.num_init_batches must be null or an int >= 1, got {s.num_init_batches!r}")
         if s.llc_batch_size > s.llc_sequences:
             raise ValueError(f"sweep.llc_batch_size ({s.llc_batch_size}) must be <= sweep.llc_sequences "
                              f"({s.llc_sequences})")

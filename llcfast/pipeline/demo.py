@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from .config import preset
-from .report import stage_table, write_report
+from .report import check_lines, stage_table, write_report
 from .sweep import sweep
 from .train import train
 
@@ -42,7 +42,8 @@ def demo(out: str = "llcfast-demo", *, device: str = "cpu", full: bool = False, 
     paths = write_report(records, out, title=f"llcfast demo: {what}",
                          extra={"seconds": {"train": trained - started, "sweep": swept - trained}})
     say(f"  swept {len(records)} checkpoints in {swept - trained:.0f} s; stages:")
-    for line in stage_table(paths["fit"], paths["curvature"], paths.get("behaviour")):
+    lines, flagged = stage_table(paths["fit"], paths["curvature"], paths.get("behaviour")), check_lines(records)
+    for line in lines + ([""] + flagged if flagged else []):
         say("    " + line)
     say(f"report: {os.path.abspath(paths['png'])}\n        (also report.svg, summary.json, results.csv there)")
     return paths

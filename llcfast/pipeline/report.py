@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..diagnostics import TREND_T
+from ..result import RHAT_OK
 from ..stages import StageFit, detect_stages
 from .behaviour import change_lines, series, stage_changes
 from .checkpoints import atomic_json
@@ -28,9 +30,10 @@ def stage_fit(records: Sequence[dict], **kwargs) -> StageFit:
 
 def _frame(records: Sequence[dict]):
     import pandas as pd
-    cols = ["step", "llc_mean", "llc_std", "test_loss", "init_loss", "rhat", "ess", "hessian_trace",
+    cols = ["step", "llc_mean", "llc_std", "test_loss", "init_loss", "rhat", "ess", "trend_t", "hessian_trace",
             "hessian_trace_se", "hessian_top_eig", "seconds", "checkpoint"]
     rows = [{c: r.get(c) for c in cols} | {"diverged_chains": len(r.get("diverged_chains") or []),
+                                            "failed_checks": ", ".join(r.get("failed_checks") or []),
                                             "warnings": " | ".join(r.get("warnings") or [])}
             | (r.get("behaviour") or {}) for r in records]
     return pd.DataFrame(rows).sort_values("step").reset_index(drop=True)
@@ -64,6 +67,10 @@ def plot_report(records: Sequence[dict], fit: StageFit, path: Optional[str] = No
     ax_llc.plot(fit.grid_steps, fit.mean, color="C2", lw=1.2)
     ax_llc.errorbar(steps, llc, yerr=sd, fmt="o", ms=3, color="C0", ecolor="C0", elinewidth=0.8, capsize=0,
                     label="LLC (± sd across chains)")
+    flagged = np.array([bool(_own_checks(r)) for r in records])
+    if flagged.any():
+        ax_llc.plot(steps[flagged], llc[flagged], "o", ms=8, mfc="none", mec="C3", mew=1.2,
+                    label="fails a check (failed_checks in results.csv)")
     ax_llc.set_ylabel(r"LLC $\hat\lambda$")
     ax_llc.legend(fontsize=7, loc="upper left")
     if has_hessian:
@@ -131,7 +138,9 @@ def write_report(records: Sequence[dict], out_dir: str, *, title: str = "", extr
     llc = [r["llc_mean"] for r in records if r.get("llc_mean") is not None]
     summary = {"checkpoints": len(records), "steps": [records[0]["step"], records[-1]["step"]],
                "llc_range": [min(llc), max(llc)] if llc else None, **fit.to_dict(),
-               "warnings": sum(1 for r in records if r.get("warnings")), **(extra or {})}
+               "warnings": sum(1 for r in records if r.get("warnings")),
+               "failed_checks": [{"step": r["step"], "checks": r["failed_checks"]} for r in records
+                                 if r.get("failed_checks")], **(extra or {})}
     if any(r.get("behaviour") for r in records):
         paths["behaviour"] = summary["behaviour_by_stage"] = stage_changes(fit.stages, records)
     if curvature:
@@ -157,3 +166,40 @@ def stage_table(fit: StageFit, curvature: Optional[Dict[str, StageFit]] = None,
         lines += [""] + match_table(boundary_matches(fit, curvature), curvature)
     return lines
 
+
+CHECK_MEANINGS = {"divergence": "chains diverged", "rhat": f"split R-hat above {RHAT_OK}",
+                  "trend": f"the loss was still drifting (|t| > {TREND_T:g})", "sign": "negative LLC"}
+
+
+def _own_checks(record: dict) -> List[str]:
+    # The init loss's error is a matter of the sweep's settings (its batches
+    # are the same at every checkpoint), so it is reported once, not circled.
+    return [c for c in record.get("failed_checks") or [] if c != "init_loss"]
+
+
+def check_lines(records: Sequence[dict], most: int = 8) -> List[str]:
+    """For the terminal: the checkpoints whose estimate failed one of
+    LLCResult.checks() (the first ``most`` by step) and what each check
+    means; then, where the init loss's error exceeds the chains' standard
+    error, that once with its range, since the sweep's settings set it."""
+    bad = sorted((r for r in records if _own_checks(r)), key=lambda r: r["step"])
+    lines = []
+    if bad:
+        lines.append(f"{len(bad)} of {len(records)} checkpoints fail a check of their estimate (circled in red on "
+                     "the report; llcfast estimate RUN --step N shows one):")
+        lines += [f"  step {r['step']}: {', '.join(_own_checks(r))}" for r in bad[:most]]
+        if len(bad) > most:
+            lines.append(f"  ... and {len(bad) - most} more (failed_checks in results.csv)")
+        seen = sorted({c for r in bad for c in _own_checks(r)})
+        lines.append("  " + "; ".join(f"{c}: {CHECK_MEANINGS.get(c, c)}" for c in seen))
+    shared = [r for r in records if "init_loss" in (r.get("failed_checks") or [])]
+    if shared:
+        from_l0 = [r["llc_se_from_init_loss"] for r in shared if r.get("llc_se_from_init_loss") is not None]
+        chains = [r["llc_std"] / math.sqrt(len(r["llc_per_chain"])) for r in shared
+                  if r.get("llc_std") is not None and len(r.get("llc_per_chain") or []) > 1]
+        spans = (f" (± {min(from_l0):.2g} to {max(from_l0):.2g} in LLC, against ± {min(chains):.2g} to "
+                 f"{max(chains):.2g})") if from_l0 and chains else ""
+        lines.append(f"At {len(shared)} of {len(records)} checkpoints the init loss's error exceeds the chains' "
+                     f"standard error{spans}, so the error bars understate the error; more init batches "
+                     "(--init-batches, sweep.num_init_batches) shrink it.")
+    return lines

@@ -38,7 +38,8 @@ RESULTS = "results.jsonl"
 
 # Settings added after results files existed: left out of the key while at
 # their defaults, so older results keep their keys and are not re-measured.
-_LATER_DEFAULTS = {"sampler": "sgld", "sampler_kwargs": {}, "bounding_box": None, "precision": "fp32"}
+_LATER_DEFAULTS = {"sampler": "sgld", "sampler_kwargs": {}, "bounding_box": None, "precision": "fp32",
+                   "num_init_batches": None}
 
 
 # Extra measurements that change no other number: a sweep with or without
@@ -117,7 +118,7 @@ def checkpoint_llc(model, loss_fn: Callable, llc_batches: Sequence, s: SweepSett
                             num_burnin=s.num_burnin, epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta,
                             seed=s.seed, device=device, progress=progress, split_chains=False, sampler=s.sampler,
                             sampler_kwargs=s.sampler_kwargs, bounding_box=s.bounding_box, precision=s.precision,
-                            **(engine or {}))
+                            num_init_batches=s.num_init_batches, **(engine or {}))
 
 
 def checkpoint_hessian(model, loss_fn: Callable, eval_set, s: SweepSettings, *, progress: bool = True,
@@ -146,7 +147,10 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
         "llc_mean": _finite(res.llc_mean), "llc_std": _finite(res.llc_std),
         "llc_per_chain": [_finite(v) for v in res.llc_per_chain.tolist()], "init_loss": res.init_loss,
         "rhat": _finite(res.diagnostics.get("rhat")), "ess": _finite(res.diagnostics.get("ess")),
+        "trend_t": _finite(res.diagnostics.get("trend_t")),
         "diverged_chains": res.diagnostics["diverged_chains"],
+        # LLCResult.checks() that failed (divergence, rhat, trend, init_loss, sign): the report marks these points
+        "failed_checks": [name for name, passed, _ in res.checks() if passed is False],
         "llc_se_from_init_loss": _finite(res.diagnostics.get("llc_se_from_init_loss")),
         **({"mala_acceptance": _finite(res.diagnostics["mala_acceptance"])} if "mala_acceptance" in res.diagnostics
            else {}),
