@@ -32,7 +32,9 @@ def check_llc_args(*, num_chains, num_draws, num_burnin, steps_between_draws, ep
         raise ValueError(f"nbeta must be > 0, got {nbeta}")
     check_float("weight_decay", weight_decay, minimum=0.0)
     check_float("noise_scale", noise_scale, minimum=0.0)
-    if num_init_batches is not None:
+    if num_init_batches is not None and num_init_batches != "all":
+        if isinstance(num_init_batches, str):
+            raise ValueError(f"num_init_batches must be an int >= 1, 'all' or None, got {num_init_batches!r}")
         check_int("num_init_batches", num_init_batches, minimum=1)
     check_int("seed", seed)
 
@@ -170,6 +172,23 @@ def draw_slice(num_burnin: int, steps_between_draws: int) -> slice:
     step num_burnin + (j + 1) * steps_between_draws - 1), so a run ends on a
     draw and no step is wasted."""
     return slice(num_burnin + steps_between_draws - 1, None, steps_between_draws)
+
+
+def init_batch_count(num_init_batches, num_chains: int, loader) -> Tuple[int, bool]:
+    """How many batches the init loss averages, and whether the user chose
+    that number. None: one per chain, as in devinterp 1.x. "all": every
+    batch of the fixed set the chains draw from, which makes the init loss
+    the exact loss at w* on that data and its error 0."""
+    if num_init_batches is None:
+        return num_chains, False
+    if num_init_batches == "all":
+        total = finite_batches(loader)
+        if total is None:
+            raise ValueError(f"num_init_batches='all' needs a loader that is one fixed set of batches (a list of "
+                             f"batches, or a DataLoader over a map-style dataset without replacement); this "
+                             f"{type(loader).__name__} is not one, so pass a number of batches instead")
+        return total, True
+    return num_init_batches, True
 
 
 def init_loss(model, loader, loss_fn: Callable, num_batches: int, device, *, seed: int = 0,

@@ -5,7 +5,7 @@ import copy
 import math
 import time
 from dataclasses import replace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -14,9 +14,9 @@ from torch.func import grad
 from . import reference
 from ._checks import check_int
 from ._llc_common import (check_callbacks, check_llc_args, check_mala, check_precision, check_sampler_args,
-                          default_loss, default_nbeta, draw_slice, finish, first_nonfinite, init_loss,
-                          init_loss_diagnostics, mala_diagnostics, precision_context, resolve_device, to_device,
-                          trainable, warn_if_dropout)
+                          default_loss, default_nbeta, draw_slice, finish, first_nonfinite, init_batch_count,
+                          init_loss, init_loss_diagnostics, mala_diagnostics, precision_context, resolve_device,
+                          to_device, trainable, warn_if_dropout)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
@@ -33,7 +33,7 @@ BACKENDS = ("auto", "fast", "reference")
 def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 4,
                  num_draws: int = 200, num_burnin: int = 0, steps_between_draws: int = 1, epsilon: float = 1e-4,
                  gamma: float = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
-                 noise_scale: float = 1.0, num_init_batches: Optional[int] = None, restrict=None, seed: int = 0,
+                 noise_scale: float = 1.0, num_init_batches: Union[int, str, None] = None, restrict=None, seed: int = 0,
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), backend: str = "auto",
                  precision: str = "fp32", cuda_graphs: bool = True, chain_chunk: Optional[int] = None,
                  sampler: str = "sgld", sampler_kwargs: Optional[dict] = None,
@@ -125,6 +125,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     check_llc_args(**args)
     callbacks = check_callbacks(callbacks)
     check_loader(loader)
+    init_batches, init_chosen = init_batch_count(num_init_batches, num_chains, loader)
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     check_mala(mala, sampler, box, noise_scale)
     sampling = dict(sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box or None)
@@ -154,8 +155,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     base = copy.deepcopy(model).to(device)
     checkpointed = checkpointing.apply(base, activation_checkpointing)
     with precision_context(precision, device):
-        l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device, seed=seed,
-                                  requested=num_init_batches is not None)
+        l0, l0_spread = init_loss(base, loader, loss_fn, init_batches, device, seed=seed,
+                                  requested=init_chosen)
     steps = num_burnin + num_draws * steps_between_draws
     warn_if_cycled(loader, steps, grad_accum_steps)
     local_chains, offset = (num_chains, 0) if split is None else (split.count, split.start)

@@ -104,7 +104,7 @@ class LLCResult:
             small = from_l0 <= se
             out.append(("init_loss", small, f"init loss error ± {from_l0:.3g} in LLC" + (
                 "" if small else f" exceeds the chains' standard error {se:.3g}: raise num_init_batches"
-                + (f" (it used {self.config['num_init_batches']}; a loader with more batches allows more)"
+                + (f" (it used {self.config['num_init_batches']}; 'all' averages every batch of a fixed loader)"
                    if self.config.get("num_init_batches") else ""))))
         if d.get("mala_acceptance") is not None and math.isfinite(d["mala_acceptance"]):
             out.append(("mala", None, f"MALA acceptance {d['mala_acceptance']:.3f}"))

@@ -75,6 +75,12 @@ def test_estimate_takes_the_last_checkpoint_and_the_llc_overrides(run, capsys):
     assert saved["config"]["num_init_batches"] == 3 and saved["sweep_settings"]["num_init_batches"] == 3
     assert saved["config"]["sampler"] == "sgnht" and saved["config"]["sampler_kwargs"] == {"diffusion": 0.02}
     assert "hessian_trace" not in saved  # the run's config asks for none
+    assert main(["estimate", run, "--chains", "2", "--draws", "4", "--init-batches", "all", "--device", "cpu",
+                 "--quiet"]) == 0
+    saved = json.load(open(os.path.join(run, "estimates", f"estimate_step{last}.json")))
+    assert saved["sweep_settings"]["num_init_batches"] == "all"
+    assert saved["config"]["num_init_batches"] == len(saved["diagnostics"]["init_loss_per_batch"]) == \
+        saved["diagnostics"]["loader_batches"] and saved["diagnostics"]["llc_se_from_init_loss"] == 0.0
 
 
 def test_estimate_errors_name_what_is_wrong(run, tmp_path, capsys):
@@ -86,6 +92,10 @@ def test_estimate_errors_name_what_is_wrong(run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["estimate", run, "--draws", "0"])
     assert "must be > 0, got 0" in capsys.readouterr().err
+    for bad in ("0", "most"):
+        with pytest.raises(SystemExit):
+            main(["estimate", run, "--init-batches", bad])
+        assert f"expected a number of batches >= 1 or 'all', got '{bad}'" in capsys.readouterr().err
 
 
 def _interrupted_at(at):

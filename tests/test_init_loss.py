@@ -87,3 +87,49 @@ def test_a_loader_shorter_than_the_init_batches_gives_each_batch_once(backend, r
         assert res.init_loss == pytest.approx(np.mean(per_batch), rel=1e-6)
         assert res.diagnostics["init_loss_se"] == pytest.approx(np.std(per_batch, ddof=1) / 2.0, rel=1e-6)
         assert res.config["num_init_batches"] == 4
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_all_init_batches_is_the_exact_loss_on_the_data_the_chains_draw(backend):
+    """num_init_batches="all": every batch of the fixed set, so the init
+    loss is the mean over all of them and its error is 0, with no warning."""
+    model = mlp()
+    for loader, n in ((regression_loader(n=80, batch_size=16), 5), (list(regression_loader(n=48, batch_size=16)), 3),
+                      (regression_loader(n=80, batch_size=16, shuffle=True), 5)):
+        with torch.no_grad():
+            whole = float(mse(model, next(iter(DataLoader(loader.dataset, batch_size=10**6))))) \
+                if isinstance(loader, DataLoader) else float(np.mean([float(mse(model, b)) for b in loader]))
+        res = llcfast.estimate_llc(model, loader, mse, num_init_batches="all", backend=backend, **KW)
+        d = res.diagnostics
+        assert res.config["num_init_batches"] == n and len(d["init_loss_per_batch"]) == n
+        assert res.init_loss == pytest.approx(whole, rel=1e-5)  # equal batches: the mean of the batch means
+        assert d["init_loss_se"] > 0 and d["llc_se_from_init_loss"] == 0.0
+        assert all(ok is not False for name, ok, _ in res.checks() if name == "init_loss")
+    four = llcfast.estimate_llc(model, regression_loader(n=80, batch_size=16), mse, num_init_batches=4,
+                                backend=backend, **KW)
+    assert four.init_loss != pytest.approx(res.init_loss, rel=1e-6)  # 4 of 5 is another number
+
+
+def test_all_init_batches_needs_a_fixed_set_of_batches():
+    model = mlp()
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(1))
+    data = TensorDataset(x, torch.sin(x.sum(-1)))
+    drawn = DataLoader(data, batch_size=16, sampler=RandomSampler(data, replacement=True, num_samples=64))
+
+    def endless():
+        while True:
+            yield data[:16]
+
+    class Stream:
+        def __iter__(self):
+            return endless()
+
+    for loader in (drawn, Stream()):
+        with pytest.raises(ValueError, match=r"num_init_batches='all' needs a loader that is one fixed set of "
+                                             rf"batches.*this {type(loader).__name__} is not one"):
+            llcfast.estimate_llc(model, loader, mse, num_init_batches="all", **KW)
+    for bad, error in (("most", ValueError), ("All", ValueError), (0, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="num_init_batches"):
+            llcfast.estimate_llc(model, regression_loader(), mse, num_init_batches=bad, **KW)
+    with pytest.raises(ValueError, match=r"num_init_batches must be an int >= 1, 'all' or None, got 'most'"):
+        llcfast.reference.estimate_llc(model, regression_loader(), mse, num_init_batches="most", **KW)

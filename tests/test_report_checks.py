@@ -89,8 +89,10 @@ def test_num_init_batches_reaches_the_estimate_and_keeps_older_keys(tmp_path):
     base = SweepSettings()
     assert settings_key(replace(base, num_init_batches=None)) == settings_key(base)
     assert settings_key(replace(base, num_init_batches=8)) != settings_key(base)
-    with pytest.raises(ValueError, match="sweep.num_init_batches must be null or an int >= 1, got 0"):
-        RunConfig.from_dict({"sweep": {"num_init_batches": 0}})
+    for bad in (0, "most", 2.5):
+        with pytest.raises(ValueError, match=f"sweep.num_init_batches must be null, \"all\" or an int >= 1, got {bad!r}"):
+            RunConfig.from_dict({"sweep": {"num_init_batches": bad}})
+    assert RunConfig.from_dict({"sweep": {"num_init_batches": "all"}}).sweep.num_init_batches == "all"
     run = str(tmp_path / "run")
     train(tiny(steps=4), run, progress=False)
     with pytest.warns(RuntimeWarning):
@@ -100,3 +102,9 @@ def test_num_init_batches_reaches_the_estimate_and_keeps_older_keys(tmp_path):
         default = sweep(run, settings=replace(tiny().sweep, behaviour=False), progress=False)
     assert [r["settings"] for r in records] != [r["settings"] for r in default]
     assert all(np.isfinite(spreads)) and spreads != [r["llc_se_from_init_loss"] for r in default]
+    # The LLC set holds 4 batches, so "all" is 4, with no error left from the init loss.
+    with pytest.warns(RuntimeWarning):
+        every = sweep(run, settings=replace(tiny().sweep, num_init_batches="all", behaviour=False), progress=False)
+    assert [r["llc_mean"] for r in every] == [r["llc_mean"] for r in records]
+    assert [r["llc_se_from_init_loss"] for r in every] == spreads == [0.0] * len(records)
+    assert all("init_loss" not in r["failed_checks"] for r in every)

@@ -78,7 +78,7 @@ def test_summary_passes_stationary_chains_and_flags_what_is_wrong():
     assert _status(noisy_l0, "init_loss") is False and "raise num_init_batches" in noisy_l0.summary()
     used = LLCResult.from_traces(flat, 0.9, 10.0, diagnostics={"llc_se_from_init_loss": 1.0},
                                  config={"num_init_batches": 4})
-    assert "raise num_init_batches (it used 4; a loader with more batches allows more)" in used.summary()
+    assert "raise num_init_batches (it used 4; 'all' averages every batch of a fixed loader)" in used.summary()
     quiet_l0 = LLCResult.from_traces(flat, 0.9, 10.0, diagnostics={"llc_se_from_init_loss": 1e-4})
     assert _status(quiet_l0, "init_loss") is True
 

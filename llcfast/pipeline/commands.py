@@ -61,6 +61,15 @@ def _positive(kind):
     return parse
 
 
+def _init_batches(text):
+    if text == "all":
+        return text
+    try:
+        return _positive(int)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number of batches >= 1 or 'all', got {text!r}") from None
+
+
 def _sweep_overrides(parser) -> None:
     e = _llc_overrides(parser)
     e.add_argument("--no-behaviour", dest="behaviour", action="store_false", default=None,
@@ -87,9 +96,9 @@ def _llc_overrides(parser):
     g.add_argument("--sampler", metavar="SAMPLER[:KEY=VALUE,...]",
                    help="sgld (default), rmsprop_sgld or sgnht, e.g. rmsprop_sgld:alpha=0.9999")
     g.add_argument("--bounding-box", type=_positive(float), help="keep every element within w* +- this")
-    g.add_argument("--init-batches", type=_positive(int), dest="num_init_batches",
-                   help="batches of the LLC set the loss at w* averages (default: one per chain); more batches "
-                        "shrink the init loss's error, which every chain shares")
+    g.add_argument("--init-batches", type=_init_batches, dest="num_init_batches", metavar="N|all",
+                   help="batches of the LLC set the loss at w* averages (default: the run's, else one per chain); "
+                        "more shrink the init loss's error, which every chain shares, and 'all' makes it 0")
     g.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
                    help="matmul precision of the LLC's and the Hessian's passes (default fp32)")
     e = parser.add_argument_group("engine options (they do not change the estimate)")

@@ -201,5 +201,5 @@ def check_lines(records: Sequence[dict], most: int = 8) -> List[str]:
                  f"{max(chains):.2g})") if from_l0 and chains else ""
         lines.append(f"At {len(shared)} of {len(records)} checkpoints the init loss's error exceeds the chains' "
                      f"standard error{spans}, so the error bars understate the error; more init batches "
-                     "(--init-batches, sweep.num_init_batches) shrink it.")
+                     "(--init-batches, sweep.num_init_batches) shrink it, and all of them (all) make it 0.")
     return lines

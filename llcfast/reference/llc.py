@@ -9,14 +9,15 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .._llc_common import (check_callbacks, check_llc_args, check_mala, check_sampler_args, checked_loss, default_loss,
-                           default_nbeta, draw_slice, finish, init_loss, init_loss_diagnostics, mala_diagnostics,
-                           progress_bar, resolve_device, restriction_masks, to_device, trainable, warn_if_dropout)
+                           default_nbeta, draw_slice, finish, init_batch_count, init_loss, init_loss_diagnostics,
+                           mala_diagnostics, progress_bar, resolve_device, restriction_masks, to_device, trainable,
+                           warn_if_dropout)
 from ..engine import checkpointing
 from ..interrupt import partial_plan, raise_interrupted
 from ..loaders import check_loader, loader_batches, warn_if_cycled
@@ -29,7 +30,7 @@ from .. import reference as ref_ops
 def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 4,
                  num_draws: int = 200, num_burnin: int = 0, steps_between_draws: int = 1, epsilon: float = 1e-4,
                  gamma: float = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
-                 noise_scale: float = 1.0, num_init_batches: Optional[int] = None, restrict=None, seed: int = 0,
+                 noise_scale: float = 1.0, num_init_batches: Union[int, str, None] = None, restrict=None, seed: int = 0,
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), sampler: str = "sgld",
                  sampler_kwargs: Optional[dict] = None, bounding_box: Optional[float] = None,
                  grad_accum_steps: int = 1, activation_checkpointing=False, mala: bool = False) -> LLCResult:
@@ -49,6 +50,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     check_mala(mala, sampler, box, noise_scale)
     callbacks = check_callbacks(callbacks)
     check_loader(loader)
+    init_batches, init_chosen = init_batch_count(num_init_batches, num_chains, loader)
     warn_if_dropout(model)
     loss_fn = loss_fn or default_loss
     device = resolve_device(device, model)
@@ -56,8 +58,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
     checkpointed = checkpointing.apply(base, activation_checkpointing)
-    l0, l0_spread = init_loss(base, loader, loss_fn, num_init_batches or num_chains, device, seed=seed,
-                              requested=num_init_batches is not None)
+    l0, l0_spread = init_loss(base, loader, loss_fn, init_batches, device, seed=seed,
+                              requested=init_chosen)
     masks = restriction_masks(trainable(base), restrict)
     total_steps = num_burnin + num_draws * steps_between_draws
     draw_steps = range(total_steps)[draw_slice(num_burnin, steps_between_draws)]
