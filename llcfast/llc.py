@@ -54,6 +54,11 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: the model's
         output ``.loss`` (Hugging Face models), called as model(**batch) for a
         dict, model(*batch) for a tuple, else model(batch).
+    num_init_batches: batches the loss at w* averages, each once. None: one
+        per chain (devinterp 1.x). "all": every batch of a loader that is one
+        fixed set (a list, or a DataLoader without replacement), which makes
+        it the exact loss at w* on the data the chains draw;
+        ``diagnostics["llc_se_from_init_loss"]`` is the error it adds.
     restrict: parameter-name globs or {name: bool mask}; only those elements move.
     backend: "fast" runs all chains stacked in one batched pass (torch.func.vmap)
         with the fused update; "auto" does the same but falls back, with a
