@@ -1,5 +1,5 @@
 """The llcfast command line: the pipeline (demo, train, sweep, estimate,
-report, calibrate), `llcfast info`, which says what this installation runs,
+report, compare, calibrate), `llcfast info`, which says what this installation runs,
 and `llcfast bench`, the benchmark suite of a source checkout."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ EPILOG = """examples:
   llcfast demo            train a small model, sweep its LLC, detect stages, write ./llcfast-demo/report.png
   llcfast train --preset demo --out runs/demo && llcfast sweep runs/demo && llcfast report runs/demo
   llcfast estimate runs/demo --step 1000    one checkpoint's LLC, its checks and loss traces
+  llcfast compare runs/seed0 runs/seed1     several runs' LLC curves and stages side by side
   llcfast info            what was built: CPU/CUDA kernels, archs, torch and CUDA versions
   llcfast bench --quick   a smoke run of the benchmark suite (from a source checkout)
   llcfast COMMAND --help  each command's options and examples

@@ -1,4 +1,4 @@
-"""The pipeline's subcommands: demo, train, sweep, estimate, report, calibrate."""
+"""The pipeline's subcommands: demo, train, sweep, estimate, report, compare, calibrate."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,13 @@ settings the LLC is the one `llcfast sweep` records for that checkpoint. Ctrl-C 
 REPORT_EPILOG = """examples:
   llcfast report runs/demo                 report.png/.svg, summary.json, results.csv into runs/demo
   llcfast report runs/demo --plateau 0.3   a looser near-zero slope for stage boundaries"""
+
+COMPARE_EPILOG = """examples:
+  llcfast compare runs/lr-seed0 runs/lr-seed1 runs/lr-seed2 --out runs/lr-seeds
+  llcfast compare runs/demo runs/demo-long --labels short long
+Each run's latest sweep (--settings KEY: the sweep with that key in every run). Writes compare.png/.svg,
+compare.json (each run's stages, the first run's boundaries beside the others' nearest, the LLC's
+spread across runs at the steps they share) and compare.csv into --out."""
 
 CALIBRATE_EPILOG = """examples:
   llcfast calibrate runs/demo                                  the last checkpoint, a default grid
@@ -201,25 +208,26 @@ def cmd_estimate(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import check_lines, stage_table, write_report
-    from .sweep import RESULTS, read_results
+    from .sweep import RESULTS, latest_sweep
     path = os.path.join(args.run_dir, RESULTS)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist; run `llcfast sweep {args.run_dir}` first")
-    records = [r for r in read_results(path) if "error" not in r]
-    keys = list(dict.fromkeys(r.get("settings") for r in reversed(records)))  # the latest sweep first
-    chosen = args.settings or (keys[0] if keys else None)
-    if chosen not in keys:
-        raise ValueError(f"--settings {chosen!r} matches no sweep in {path}; its sweeps: {keys}")
+    records, chosen, keys = latest_sweep(path, args.settings)
     if len(keys) > 1:
         print(f"{path} holds sweeps with {len(keys)} different settings {keys}; reporting {chosen} "
               "(choose with --settings)")
-    latest = {r["step"]: r for r in records if r.get("settings") == chosen}  # a re-measured step: its last record
-    paths = write_report(list(latest.values()), args.out or args.run_dir, plateau=args.plateau)
+    paths = write_report(records, args.out or args.run_dir, plateau=args.plateau)
     print("\n".join(stage_table(paths["fit"], paths["curvature"], paths.get("behaviour"))))
-    flagged = check_lines(list(latest.values()))
+    flagged = check_lines(records)
     if flagged:
         print("\n".join(flagged))
     print(f"report: {os.path.abspath(paths['png'])}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare_runs, comparison_lines
+    done = compare_runs(args.run_dirs, args.out, labels=args.labels, settings=args.settings, plateau=args.plateau)
+    print("\n".join(comparison_lines(done["summary"])))
+    print(f"comparison: {os.path.abspath(done['paths']['png'])}")
     return 0
 
 
@@ -309,6 +317,16 @@ def add_commands(sub) -> None:
     p.add_argument("--plateau", type=float, default=0.2,
                    help="a dip of |slope| to this fraction of its neighbouring peaks is a boundary (default 0.2)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="several runs' sweeps side by side (seeds, settings)", formatter_class=F,
+                       epilog=COMPARE_EPILOG)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="llcfast-compare", help="directory for the comparison (default: ./llcfast-compare)")
+    p.add_argument("--labels", nargs="+", help="one name per run (default: the run directories' names)")
+    p.add_argument("--settings", help="the sweep with this settings key in every run (default: each run's latest)")
+    p.add_argument("--plateau", type=float, default=0.2,
+                   help="a dip of |slope| to this fraction of its neighbouring peaks is a boundary (default 0.2)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("calibrate", help="choose epsilon, gamma (and nbeta) on one checkpoint", formatter_class=F,
                        epilog=CALIBRATE_EPILOG)

@@ -96,16 +96,10 @@ def plot_report(records: Sequence[dict], fit: StageFit, path: Optional[str] = No
     for s in fit.stages:
         for ax in axes[:-1]:
             ax.axvspan(max(s.start, 0), s.end, color=STAGE_COLORS[s.kind], alpha=0.08, lw=0)
-        ax_stage.axvspan(max(s.start, 0), s.end, color=STAGE_COLORS[s.kind], alpha=0.7, lw=0)
-        mid = math.exp((math.log(s.start + 1) + math.log(s.end + 1)) / 2) - 1
-        ax_stage.text(mid, 0.5, f"{s.kind}{s.index + 1}\n{s.delta:+.0f}", ha="center", va="center", fontsize=7,
-                      color="white")
     for b in fit.boundaries:
         for ax in axes[:-1]:
             ax.axvline(b, color="0.4", lw=0.7, ls=":")
-        ax_stage.axvline(b, color="white", lw=2)
-    ax_stage.set_yticks([])
-    ax_stage.set_ylabel("stage", rotation=0, ha="right", va="center")
+    stage_strip(ax_stage, fit, "stage")
     ax_stage.set_xscale("symlog", linthresh=1)
     ax_stage.set_xlim(max(steps.min(), 0), steps.max())
     ax_stage.set_xlabel("training step")
@@ -115,6 +109,19 @@ def plot_report(records: Sequence[dict], fit: StageFit, path: Optional[str] = No
     if path is not None:
         fig.savefig(path, dpi=130, bbox_inches="tight")
     return fig
+
+
+def stage_strip(ax, fit: StageFit, label: str) -> None:
+    """The stages as coloured bands labelled with their LLC change."""
+    for s in fit.stages:
+        ax.axvspan(max(s.start, 0), s.end, color=STAGE_COLORS[s.kind], alpha=0.7, lw=0)
+        mid = math.exp((math.log(s.start + 1) + math.log(s.end + 1)) / 2) - 1
+        ax.text(mid, 0.5, f"{s.kind}{s.index + 1}\n{s.delta:+.0f}", ha="center", va="center", fontsize=7,
+                color="white")
+    for b in fit.boundaries:
+        ax.axvline(b, color="white", lw=2)
+    ax.set_yticks([])
+    ax.set_ylabel(label, rotation=0, ha="right", va="center")
 
 
 def write_report(records: Sequence[dict], out_dir: str, *, title: str = "", extra: Optional[dict] = None,

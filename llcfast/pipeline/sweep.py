@@ -77,6 +77,23 @@ def read_results(path: str) -> List[dict]:
     return records
 
 
+def latest_sweep(path: str, settings: Optional[str] = None) -> Tuple[List[dict], str, List[str]]:
+    """The finished records of one sweep in a results file: ``settings``'s
+    (a key of its 'settings' column), else the latest sweep's, one per step
+    (a re-measured step: its last record). Returns them, the key chosen and
+    every key the file holds, the latest first."""
+    if not os.path.exists(path):
+        run = os.path.dirname(path) or "."
+        raise FileNotFoundError(f"{path} does not exist; run `llcfast sweep {run}` first")
+    records = [r for r in read_results(path) if "error" not in r]
+    keys = list(dict.fromkeys(r.get("settings") for r in reversed(records)))
+    chosen = settings or (keys[0] if keys else None)
+    if chosen not in keys:
+        raise ValueError(f"settings key {chosen!r} matches no sweep in {path}; its sweeps: {keys}")
+    latest = {r["step"]: r for r in records if r.get("settings") == chosen}
+    return sorted(latest.values(), key=lambda r: r["step"]), chosen, keys
+
+
 def append_record(path: str, record: dict) -> None:
     data = json.dumps(record, allow_nan=False) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -1,0 +1,183 @@
+"""Several runs side by side. The paper reads its LLC curves over five seeds,
+and a stage boundary is worth naming only where the seeds agree on it, so
+compare_runs puts each run's test loss, LLC (± its standard error) and stage
+fit on shared axes, with each run's stages in a strip of its own. Beside the
+figure, compare.json holds each run's stages, each boundary of the first run
+with every other run's nearest, and, at the steps all runs measured, the
+LLC's spread across runs against the chains' standard error within them;
+compare.csv holds the points."""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .checkpoints import atomic_json
+from .curvature import boundary_matches
+from .report import stage_fit, stage_strip
+from .sweep import RESULTS, latest_sweep
+
+
+def _labels(run_dirs: Sequence[str], labels: Optional[Sequence[str]]) -> List[str]:
+    if labels is None:
+        labels = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+        if len(set(labels)) < len(labels):  # runs/a/seed0 and runs/b/seed0: the paths tell them apart
+            labels = [os.path.relpath(d) for d in run_dirs]
+    labels = list(labels)
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels {labels} for {len(run_dirs)} runs; give one label per run")
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"the labels {labels} repeat; each run needs its own")
+    return labels
+
+
+def _se(record: dict) -> float:
+    chains = len(record.get("llc_per_chain") or [])
+    if record.get("llc_std") is None or chains < 2:
+        return math.nan
+    return record["llc_std"] / math.sqrt(chains)
+
+
+def _value(record: dict, key: str) -> float:
+    return math.nan if record.get(key) is None else float(record[key])
+
+
+def across_runs(runs: Sequence[List[dict]]) -> List[dict]:
+    """At each step every run measured: the LLC's mean and standard
+    deviation across runs, and the root mean square of the runs' own
+    standard errors (what each run's error bars show)."""
+    by_step = [{r["step"]: r for r in records} for records in runs]
+    shared = sorted(set.intersection(*(set(d) for d in by_step)))
+    rows = []
+    for step in shared:
+        llc = np.array([_value(d[step], "llc_mean") for d in by_step])
+        se = np.array([_se(d[step]) for d in by_step])
+        rows.append({"step": step, "llc_mean": float(np.mean(llc)), "llc_sd_across_runs": float(np.std(llc, ddof=1)),
+                     "llc_se_within_runs": float(np.sqrt(np.mean(se ** 2)))})
+    return rows
+
+
+def compare_runs(run_dirs: Sequence[str], out_dir: str, *, labels: Optional[Sequence[str]] = None,
+                 settings: Optional[str] = None, title: str = "", **stage_kwargs) -> dict:
+    """compare.png/.svg, compare.json and compare.csv in ``out_dir`` for
+    the latest sweep of each run (``settings``: the sweep with that key in
+    every run). Returns the paths and the summary."""
+    run_dirs = list(run_dirs)
+    if len(run_dirs) < 2:
+        raise ValueError(f"comparing needs two runs or more, got {len(run_dirs)}: {run_dirs}")
+    seen = [os.path.realpath(d) for d in run_dirs]
+    twice = sorted({d for d, r in zip(run_dirs, seen) if seen.count(r) > 1})
+    if twice:
+        raise ValueError(f"{twice} name the same run more than once; give each run once")
+    labels = _labels(run_dirs, labels)
+    runs, keys = [], []
+    for d in run_dirs:
+        records, key, _ = latest_sweep(os.path.join(d, RESULTS), settings)
+        if not records:
+            raise ValueError(f"{d} has no finished checkpoint in its sweep; run `llcfast sweep {d}` first")
+        runs.append(records)
+        keys.append(key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a flat or short run's fit warns; its summary says so
+        fits = [stage_fit(records, **stage_kwargs) for records in runs]
+    shared = across_runs(runs)
+    summary = {
+        "runs": [{"label": lab, "run_dir": os.path.abspath(d), "settings": key, "checkpoints": len(records),
+                  "final_step": records[-1]["step"], "final_llc": records[-1].get("llc_mean"), **fit.to_dict()}
+                 for lab, d, key, records, fit in zip(labels, run_dirs, keys, runs, fits)],
+        "same_settings": len(set(keys)) == 1,
+        "boundaries_vs_first": [
+            {"step": row["step"], **{lab: row[lab] for lab in labels[1:]}}
+            for row in boundary_matches(fits[0], dict(zip(labels[1:], fits[1:])))],
+        "across_runs": shared,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"compare.{k}") for k in ("png", "svg", "json", "csv")}
+    fig = plot_comparison(runs, fits, labels, title=title)
+    fig.savefig(paths["png"], dpi=130, bbox_inches="tight")
+    fig.savefig(paths["svg"], bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    _points(runs, labels).to_csv(paths["csv"], index=False)
+    atomic_json(summary, paths["json"])
+    return {"paths": paths, "summary": summary, "fits": fits}
+
+
+def _points(runs, labels):
+    import pandas as pd
+    rows = [{"run": lab, "step": r["step"], "llc_mean": r.get("llc_mean"), "llc_se": _se(r),
+             "test_loss": r.get("test_loss"), "failed_checks": ", ".join(r.get("failed_checks") or [])}
+            for lab, records in zip(labels, runs) for r in records]
+    return pd.DataFrame(rows)
+
+
+def plot_comparison(runs, fits, labels, title: str = ""):
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    heights = [2, 3] + [0.45] * len(runs)
+    fig, axes = plt.subplots(len(heights), 1, figsize=(8, 2.0 * sum(heights) / 1.6 + 0.4), sharex=True,
+                             gridspec_kw={"height_ratios": heights, "hspace": 0.08})
+    ax_loss, ax_llc = axes[0], axes[1]
+    for i, (records, fit, lab) in enumerate(zip(runs, fits, labels)):
+        color = f"C{i % 10}"
+        steps = np.array([r["step"] for r in records], dtype=float)
+        ax_loss.plot(steps, [_value(r, "test_loss") for r in records], ".-", ms=3, lw=1, color=color, label=lab)
+        ax_llc.errorbar(steps, [_value(r, "llc_mean") for r in records], yerr=[_se(r) for r in records], fmt="o",
+                        ms=3, color=color, elinewidth=0.8, capsize=0)
+        ax_llc.plot(fit.grid_steps, fit.mean, color=color, lw=1.2, label=f"{lab}: stage fit")
+        for b in fit.boundaries:
+            ax_llc.axvline(b, color=color, lw=0.7, ls=":")
+        stage_strip(axes[2 + i], fit, lab)
+        axes[2 + i].yaxis.label.set_color(color)
+    ax_loss.set_ylabel("test loss")
+    ax_loss.legend(fontsize=7, loc="best")
+    ax_llc.set_ylabel(r"LLC $\hat\lambda$ (± SE)")
+    ax_llc.legend(fontsize=7, loc="upper left")
+    ax_llc.text(0.99, 0.02, "dotted: each run's stage boundaries", transform=ax_llc.transAxes, fontsize=6,
+                ha="right", va="bottom", color="0.3")
+    last = axes[-1]
+    last.set_xscale("symlog", linthresh=1)
+    first = min(r["step"] for records in runs for r in records)
+    last.set_xlim(max(first, 0), max(r["step"] for records in runs for r in records))
+    last.set_xlabel("training step")
+    if title:
+        ax_loss.set_title(title)
+    fig.align_ylabels(axes)
+    return fig
+
+
+def comparison_lines(summary: dict) -> List[str]:
+    """What `llcfast compare` prints: each run's stages, each boundary of
+    the first run beside the others' nearest, and the spread across runs."""
+    lines = [f"{'run':>16} {'checkpoints':>11} {'final LLC':>10}  stages (type, end step, LLC change)"]
+    for run in summary["runs"]:
+        stages = ", ".join(f"{s['kind']}{s['index'] + 1} to {s['end']:.0f} {s['delta']:+.1f}" for s in run["stages"])
+        final = run["final_llc"]
+        lines.append(f"{run['label']:>16} {run['checkpoints']:>11} "
+                     f"{'n/a' if final is None else format(final, '.1f'):>10}  {stages}")
+    labels = [run["label"] for run in summary["runs"]]
+    if summary["boundaries_vs_first"]:
+        lines += ["", f"{labels[0] + ' boundary':>16} " + " ".join(f"{'nearest in ' + lab:>22}" for lab in labels[1:])]
+        for row in summary["boundaries_vs_first"]:
+            cells = [f"{'none':>22}" if row[lab] is None else
+                     f"{format(row[lab]['nearest'], '.0f') + ' (x' + format(row[lab]['ratio'], '.2g') + ')':>22}"
+                     for lab in labels[1:]]
+            lines.append(f"{row['step']:>16.0f} " + " ".join(cells))
+        lines.append("(x: the ratio of step + 1 between the two boundaries; each run's own stage fit)")
+    shared = summary["across_runs"]
+    if shared:
+        sd = [r["llc_sd_across_runs"] for r in shared]
+        se = [r["llc_se_within_runs"] for r in shared if math.isfinite(r["llc_se_within_runs"])]
+        within = f", against the chains' standard error within a run of {min(se):.2g} to {max(se):.2g}" if se else ""
+        lines += ["", f"At the {len(shared)} steps every run measured, the LLC's sd across runs is "
+                      f"{min(sd):.2g} to {max(sd):.2g}{within}."]
+    else:
+        lines += ["", "The runs share no checkpoint step, so their LLCs are not compared step by step."]
+    if not summary["same_settings"]:
+        keys = {run["label"]: run["settings"] for run in summary["runs"]}
+        lines.append(f"The runs were swept with different settings {keys}: their LLCs differ by the settings too.")
+    return lines
