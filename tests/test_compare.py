@@ -91,10 +91,28 @@ def test_the_latest_sweep_of_each_run_or_the_one_asked_for(tmp_path, capsys):
     out = str(tmp_path / "out")
     summary = compare_runs([a, b], out)["summary"]
     assert [r["settings"] for r in summary["runs"]] == ["k0", "k1"] and not summary["same_settings"]
+    assert summary["settings_differences"] is None  # records without sweep_settings: only their keys tell
     assert "swept with different settings {'a': 'k0', 'b': 'k1'}" in comparison_lines(summary)[-1]
     assert compare_runs([a, b], out, settings="k0")["summary"]["same_settings"]
     with pytest.raises(ValueError, match=r"settings key 'k1' matches no sweep in .*a.results\.jsonl; its sweeps: \['k0'\]"):
         compare_runs([a, b], out, settings="k1")
+
+
+def test_settings_that_differ_are_named_and_hessian_ones_ignored(tmp_path):
+    def swept(seed, **settings):
+        base = dict(num_chains=4, num_draws=150, epsilon=1e-3, hessian=True, hessian_probes=16, behaviour=True)
+        return [dict(r, sweep_settings=dict(base, **settings)) for r in _records(3.0, seed, key=f"k{seed}")]
+    a = _write(tmp_path / "a", swept(0))
+    b = _write(tmp_path / "b", swept(1, hessian=False, hessian_probes=4, behaviour=False))
+    c = _write(tmp_path / "c", swept(2, num_draws=300))
+    out = str(tmp_path / "out")
+    summary = compare_runs([a, b], out)["summary"]
+    assert not summary["same_settings"] and summary["settings_differences"] == {}
+    assert not any("different settings" in line for line in comparison_lines(summary))
+    summary = compare_runs([a, b, c], out)["summary"]
+    assert summary["settings_differences"] == {"num_draws": {"a": 150, "b": 150, "c": 300}}
+    assert comparison_lines(summary)[-1] == ("The runs were swept with different settings (num_draws {'a': 150, "
+                                             "'b': 150, 'c': 300}): their LLCs differ by those too.")
 
 
 def test_bad_input_is_named(tmp_path):
@@ -136,5 +154,7 @@ def test_cli_compares_two_trained_and_swept_seeds(tmp_path, capsys):
     assert [r["checkpoints"] for r in summary["runs"]] == [len(s) for s in swept]
     assert [r["final_llc"] for r in summary["runs"]] == [s[-1]["llc_mean"] for s in swept]
     assert swept[0][-1]["llc_mean"] != swept[1][-1]["llc_mean"]  # the seeds differ
+    assert summary["same_settings"] and summary["settings_differences"] == {}
+    assert swept[0][-1]["sweep_settings"]["num_draws"] == tiny().sweep.num_draws
     assert main(["compare", dirs[0], "--out", out]) == 2
     assert "comparing needs two runs or more, got 1" in capsys.readouterr().err

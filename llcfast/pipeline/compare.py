@@ -45,6 +45,23 @@ def _value(record: dict, key: str) -> float:
     return math.nan if record.get(key) is None else float(record[key])
 
 
+# Settings that change neither the LLC nor the test loss: runs that differ
+# only in these compare like for like.
+_NOT_COMPARED = ("hessian", "hessian_probes", "hessian_batch", "behaviour")
+
+
+def settings_differences(runs: Sequence[List[dict]], labels: Sequence[str]) -> Optional[dict]:
+    """{setting: {label: value}} for each sweep setting (the records'
+    sweep_settings) on which the runs differ; None where a run's records
+    predate sweep_settings and only their keys can be compared."""
+    found = [records[-1].get("sweep_settings") for records in runs]
+    if any(s is None for s in found):
+        return None
+    names = sorted(set().union(*found) - set(_NOT_COMPARED))
+    return {n: {lab: s.get(n) for lab, s in zip(labels, found)} for n in names
+            if len({repr(s.get(n)) for s in found}) > 1}
+
+
 def across_runs(runs: Sequence[List[dict]]) -> List[dict]:
     """At each step every run measured: the LLC's mean and standard
     deviation across runs, and the root mean square of the runs' own
@@ -89,6 +106,7 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, *, labels: Optional[Sequ
                   "final_step": records[-1]["step"], "final_llc": records[-1].get("llc_mean"), **fit.to_dict()}
                  for lab, d, key, records, fit in zip(labels, run_dirs, keys, runs, fits)],
         "same_settings": len(set(keys)) == 1,
+        "settings_differences": settings_differences(runs, labels),
         "boundaries_vs_first": [
             {"step": row["step"], **{lab: row[lab] for lab in labels[1:]}}
             for row in boundary_matches(fits[0], dict(zip(labels[1:], fits[1:])))],
@@ -177,7 +195,11 @@ def comparison_lines(summary: dict) -> List[str]:
                       f"{min(sd):.2g} to {max(sd):.2g}{within}."]
     else:
         lines += ["", "The runs share no checkpoint step, so their LLCs are not compared step by step."]
-    if not summary["same_settings"]:
+    differences = summary["settings_differences"]
+    if differences:
+        named = "; ".join(f"{name} {values}" for name, values in differences.items())
+        lines.append(f"The runs were swept with different settings ({named}): their LLCs differ by those too.")
+    elif differences is None and not summary["same_settings"]:
         keys = {run["label"]: run["settings"] for run in summary["runs"]}
         lines.append(f"The runs were swept with different settings {keys}: their LLCs differ by the settings too.")
     return lines

@@ -207,7 +207,7 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
     try:
         with warnings_above_bars(shown):
             for step, path in todo:
-                base = {"step": int(step), "checkpoint": path, "settings": key}
+                base = {"step": int(step), "checkpoint": path, "settings": key, "sweep_settings": asdict(settings)}
                 try:
                     model = load(path)
                 except Exception as exc:  # report, record, go on: one bad file must not end a long sweep
