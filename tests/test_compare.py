@@ -85,6 +85,13 @@ def test_across_runs_on_known_numbers():
     assert across_runs([[rec(0, 1.0, 1.0)], [rec(5, 1.0, 1.0)]]) == []
 
 
+def test_runs_of_one_checkpoint_still_compare(tmp_path):
+    dirs = [_write(tmp_path / f"s{i}", _records(3.0, i, steps=[5])) for i in range(2)]
+    summary = compare_runs(dirs, str(tmp_path / "out"))["summary"]
+    assert [r["step"] for r in summary["across_runs"]] == [5] and summary["boundaries_vs_first"] == []
+    assert comparison_lines(summary)[-1].startswith("At the step every run measured, the LLC's sd across runs is")
+
+
 def test_the_latest_sweep_of_each_run_or_the_one_asked_for(tmp_path, capsys):
     a = _write(tmp_path / "a", _records(3.0, 0, key="k0"))
     b = _write(tmp_path / "b", _records(3.0, 1, key="k0"), _records(3.0, 2, key="k1"))

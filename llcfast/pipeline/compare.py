@@ -160,7 +160,9 @@ def plot_comparison(runs, fits, labels, title: str = ""):
     last = axes[-1]
     last.set_xscale("symlog", linthresh=1)
     first = min(r["step"] for records in runs for r in records)
-    last.set_xlim(max(first, 0), max(r["step"] for records in runs for r in records))
+    end = max(r["step"] for records in runs for r in records)
+    if end > first:  # one shared step leaves matplotlib to pad the axis
+        last.set_xlim(max(first, 0), end)
     last.set_xlabel("training step")
     if title:
         ax_loss.set_title(title)
@@ -191,7 +193,8 @@ def comparison_lines(summary: dict) -> List[str]:
         sd = [r["llc_sd_across_runs"] for r in shared]
         se = [r["llc_se_within_runs"] for r in shared if math.isfinite(r["llc_se_within_runs"])]
         within = f", against the chains' standard error within a run of {min(se):.2g} to {max(se):.2g}" if se else ""
-        lines += ["", f"At the {len(shared)} steps every run measured, the LLC's sd across runs is "
+        steps = "the step" if len(shared) == 1 else f"the {len(shared)} steps"
+        lines += ["", f"At {steps} every run measured, the LLC's sd across runs is "
                       f"{min(sd):.2g} to {max(sd):.2g}{within}."]
     else:
         lines += ["", "The runs share no checkpoint step, so their LLCs are not compared step by step."]
