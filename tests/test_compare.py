@@ -122,14 +122,36 @@ def test_settings_that_differ_are_named_and_hessian_ones_ignored(tmp_path):
                                              "'b': 150, 'c': 300}): their LLCs differ by those too.")
 
 
+def test_one_runs_two_sweeps_side_by_side(tmp_path, capsys):
+    """One key per run: the same run under two settings, labelled by key."""
+    run = _write(tmp_path / "run", _records(3.0, 0, key="k0"), _records(3.0, 1, key="k1"))
+    other = _write(tmp_path / "other", _records(3.0, 2, key="k0"))
+    summary = compare_runs([run, run], str(tmp_path / "out"), settings=["k0", "k1"])["summary"]
+    assert [r["label"] for r in summary["runs"]] == ["run:k0", "run:k1"]
+    assert [r["settings"] for r in summary["runs"]] == ["k0", "k1"]
+    first = [json.loads(line) for line in open(os.path.join(run, "results.jsonl"))][:len(STEPS)]
+    assert summary["runs"][0]["final_llc"] == first[-1]["llc_mean"]
+    # None: that run's latest sweep
+    summary = compare_runs([other, run], str(tmp_path / "out"), settings=["k0", None])["summary"]
+    assert [r["settings"] for r in summary["runs"]] == ["k0", "k1"]
+    with pytest.raises(ValueError, match=r"name the same sweep more than once"):
+        compare_runs([run, run], str(tmp_path / "out"), settings=["k1", None])
+    out = str(tmp_path / "cli")
+    assert main(["compare", run, run, "--settings", "k0", "k1", "--out", out]) == 0
+    assert "run:k1" in capsys.readouterr().out
+    assert main(["compare", run, other, "--settings", "k0", "--out", out]) == 0  # one key for every run
+
+
 def test_bad_input_is_named(tmp_path):
     a = _write(tmp_path / "a", _records(3.0, 0))
     b = _write(tmp_path / "b", _records(3.0, 1))
     out = str(tmp_path / "out")
     with pytest.raises(ValueError, match=r"comparing needs two runs or more, got 1"):
         compare_runs([a], out)
-    with pytest.raises(ValueError, match=r"name the same run more than once"):
+    with pytest.raises(ValueError, match=r"name the same sweep more than once; give each run once, or one settings"):
         compare_runs([a, os.path.join(a, ".")], out)
+    with pytest.raises(ValueError, match=r"3 settings keys \['k0', 'k0', None\] for 2 runs"):
+        compare_runs([a, b], out, settings=["k0", "k0", None])
     with pytest.raises(ValueError, match=r"1 labels \['x'\] for 2 runs"):
         compare_runs([a, b], out, labels=["x"])
     with pytest.raises(ValueError, match=r"the labels \['x', 'x'\] repeat"):
@@ -141,6 +163,10 @@ def test_bad_input_is_named(tmp_path):
     same = [_write(tmp_path / p / "seed0", _records(3.0, i)) for i, p in enumerate(("x", "y"))]
     labels = [r["label"] for r in compare_runs(same, out)["summary"]["runs"]]
     assert len(set(labels)) == 2 and all(label.endswith("seed0") for label in labels)
+    # ... also when their keys differ: a key alone would read as one run's two sweeps
+    other = _write(tmp_path / "z" / "seed0", _records(3.0, 5, key="k9"))
+    labels = [r["label"] for r in compare_runs([same[0], other], out)["summary"]["runs"]]
+    assert labels == [os.path.relpath(same[0]), os.path.relpath(other)]
 
 
 def test_cli_compares_two_trained_and_swept_seeds(tmp_path, capsys):

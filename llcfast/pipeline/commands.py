@@ -46,9 +46,11 @@ REPORT_EPILOG = """examples:
 COMPARE_EPILOG = """examples:
   llcfast compare runs/lr-seed0 runs/lr-seed1 runs/lr-seed2 --out runs/lr-seeds
   llcfast compare runs/demo runs/demo-long --labels short long
-Each run's latest sweep (--settings KEY: the sweep with that key in every run). Writes compare.png/.svg,
-compare.json (each run's stages, the first run's boundaries beside the others' nearest, the LLC's
-spread across runs at the steps they share) and compare.csv into --out."""
+  llcfast compare runs/demo runs/demo --settings 3f2a9c01d4e7 8b01c5e2f9a3    one run's two sweeps
+Each run's latest sweep (--settings KEY: the sweep with that key in every run; KEY KEY ...: one per
+run; `llcfast report RUN` lists a run's keys). Writes compare.png/.svg, compare.json (each run's
+stages, the first run's boundaries beside the others' nearest, the LLC's spread across runs at the
+steps they share) and compare.csv into --out."""
 
 CALIBRATE_EPILOG = """examples:
   llcfast calibrate runs/demo                                  the last checkpoint, a default grid
@@ -225,7 +227,8 @@ def cmd_report(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import compare_runs, comparison_lines
-    done = compare_runs(args.run_dirs, args.out, labels=args.labels, settings=args.settings, plateau=args.plateau)
+    keys = args.settings[0] if args.settings and len(args.settings) == 1 else args.settings
+    done = compare_runs(args.run_dirs, args.out, labels=args.labels, settings=keys, plateau=args.plateau)
     print("\n".join(comparison_lines(done["summary"])))
     print(f"comparison: {os.path.abspath(done['paths']['png'])}")
     return 0
@@ -323,7 +326,9 @@ def add_commands(sub) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default="llcfast-compare", help="directory for the comparison (default: ./llcfast-compare)")
     p.add_argument("--labels", nargs="+", help="one name per run (default: the run directories' names)")
-    p.add_argument("--settings", help="the sweep with this settings key in every run (default: each run's latest)")
+    p.add_argument("--settings", nargs="+", metavar="KEY",
+                   help="the sweep with this settings key in every run, or one key per run, e.g. a run twice with "
+                        "two keys (default: each run's latest)")
     p.add_argument("--plateau", type=float, default=0.2,
                    help="a dip of |slope| to this fraction of its neighbouring peaks is a boundary (default 0.2)")
     p.set_defaults(func=cmd_compare)

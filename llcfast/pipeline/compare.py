@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -21,11 +21,18 @@ from .report import stage_fit, stage_strip
 from .sweep import RESULTS, latest_sweep
 
 
-def _labels(run_dirs: Sequence[str], labels: Optional[Sequence[str]]) -> List[str]:
+def _labels(run_dirs: Sequence[str], keys: Sequence[str], labels: Optional[Sequence[str]]) -> List[str]:
     if labels is None:
-        labels = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-        if len(set(labels)) < len(labels):  # runs/a/seed0 and runs/b/seed0: the paths tell them apart
-            labels = [os.path.relpath(d) for d in run_dirs]
+        names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+        paths = [os.path.relpath(d) for d in run_dirs]
+        real = {n: {os.path.realpath(d) for d, m in zip(run_dirs, names) if m == n} for n in names}
+        one_run = all(len(r) == 1 for r in real.values())  # a name repeats only for one run's sweeps
+        # The shortest that tells them apart: the folder's name; with the key,
+        # for one run's sweeps under two settings; its path, for runs/a/seed0
+        # and runs/b/seed0; its path with the key.
+        candidates = [names] + ([[f"{n}:{k}" for n, k in zip(names, keys)]] if one_run else []) + [
+            paths, [f"{p}:{k}" for p, k in zip(paths, keys)]]
+        labels = next(c for c in candidates if len(set(c)) == len(c))
     labels = list(labels)
     if len(labels) != len(run_dirs):
         raise ValueError(f"{len(labels)} labels {labels} for {len(run_dirs)} runs; give one label per run")
@@ -78,25 +85,33 @@ def across_runs(runs: Sequence[List[dict]]) -> List[dict]:
 
 
 def compare_runs(run_dirs: Sequence[str], out_dir: str, *, labels: Optional[Sequence[str]] = None,
-                 settings: Optional[str] = None, title: str = "", **stage_kwargs) -> dict:
+                 settings: Union[str, Sequence[Optional[str]], None] = None, title: str = "",
+                 **stage_kwargs) -> dict:
     """compare.png/.svg, compare.json and compare.csv in ``out_dir`` for
-    the latest sweep of each run (``settings``: the sweep with that key in
-    every run). Returns the paths and the summary."""
+    the latest sweep of each run. ``settings``: one key, the sweep with that
+    key in every run; or one key (or None: the latest) per run, so that one
+    run's sweeps under different settings can be compared. Returns the
+    paths and the summary."""
     run_dirs = list(run_dirs)
     if len(run_dirs) < 2:
         raise ValueError(f"comparing needs two runs or more, got {len(run_dirs)}: {run_dirs}")
-    seen = [os.path.realpath(d) for d in run_dirs]
-    twice = sorted({d for d, r in zip(run_dirs, seen) if seen.count(r) > 1})
-    if twice:
-        raise ValueError(f"{twice} name the same run more than once; give each run once")
-    labels = _labels(run_dirs, labels)
+    wanted = [settings] * len(run_dirs) if settings is None or isinstance(settings, str) else list(settings)
+    if len(wanted) != len(run_dirs):
+        raise ValueError(f"{len(wanted)} settings keys {wanted} for {len(run_dirs)} runs; give one key for all "
+                         "runs or one per run")
     runs, keys = [], []
-    for d in run_dirs:
-        records, key, _ = latest_sweep(os.path.join(d, RESULTS), settings)
+    for d, want in zip(run_dirs, wanted):
+        records, key, _ = latest_sweep(os.path.join(d, RESULTS), want)
         if not records:
             raise ValueError(f"{d} has no finished checkpoint in its sweep; run `llcfast sweep {d}` first")
         runs.append(records)
         keys.append(key)
+    seen = [(os.path.realpath(d), key) for d, key in zip(run_dirs, keys)]
+    twice = sorted({f"{d} ({key})" for d, key, s in zip(run_dirs, keys, seen) if seen.count(s) > 1})
+    if twice:
+        raise ValueError(f"{twice} name the same sweep more than once; give each run once, or one settings key "
+                         "per run to compare one run's sweeps")
+    labels = _labels(run_dirs, keys, labels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a flat or short run's fit warns; its summary says so
         fits = [stage_fit(records, **stage_kwargs) for records in runs]
