@@ -76,6 +76,23 @@ def test_each_run_gets_its_own_fit_and_the_spread_across_runs_is_measured(tmp_pa
     assert not any("different settings" in line for line in lines)
 
 
+def test_the_figure_draws_the_spread_across_runs(tmp_path):
+    from llcfast.pipeline.compare import plot_comparison
+    runs = [_records(3.0, 0), _records(3.4, 1), _records(3.2, 2)]
+    fits = [stage_fit(r) for r in runs]
+    shared = across_runs(runs)
+    fig = plot_comparison(runs, fits, ["a", "b", "c"], shared=shared)
+    band = [c for c in fig.axes[1].collections if c.get_label() == "mean of the 3 runs ± sd across them"]
+    assert len(band) == 1
+    corners = band[0].get_paths()[0].vertices
+    at = {r["step"]: r for r in shared}[64]
+    assert np.isclose(corners[:, 1].max(), max(r["llc_mean"] + r["llc_sd_across_runs"] for r in shared))
+    assert any(np.allclose(v, (64, at["llc_mean"] - at["llc_sd_across_runs"])) for v in corners)
+    assert len(fig.axes) == 2 + 3  # loss, LLC, one stage strip per run
+    fig = plot_comparison(runs, fits, ["a", "b", "c"])
+    assert not [c for c in fig.axes[1].collections if "sd across them" in str(c.get_label())]
+
+
 def test_across_runs_on_known_numbers():
     def rec(step, llc, sd, chains=4):
         return {"step": step, "llc_mean": llc, "llc_std": sd, "llc_per_chain": [0.0] * chains}

@@ -129,7 +129,7 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, *, labels: Optional[Sequ
     }
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"compare.{k}") for k in ("png", "svg", "json", "csv")}
-    fig = plot_comparison(runs, fits, labels, title=title)
+    fig = plot_comparison(runs, fits, labels, title=title, shared=shared)
     fig.savefig(paths["png"], dpi=130, bbox_inches="tight")
     fig.savefig(paths["svg"], bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -147,7 +147,9 @@ def _points(runs, labels):
     return pd.DataFrame(rows)
 
 
-def plot_comparison(runs, fits, labels, title: str = ""):
+def plot_comparison(runs, fits, labels, title: str = "", shared: Optional[List[dict]] = None):
+    """``shared``: across_runs' rows, drawn as the mean across runs ± their
+    standard deviation behind the runs' own points."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -155,6 +157,12 @@ def plot_comparison(runs, fits, labels, title: str = ""):
     fig, axes = plt.subplots(len(heights), 1, figsize=(8, 2.0 * sum(heights) / 1.6 + 0.4), sharex=True,
                              gridspec_kw={"height_ratios": heights, "hspace": 0.08})
     ax_loss, ax_llc = axes[0], axes[1]
+    if shared and len(shared) > 1:
+        steps = [r["step"] for r in shared]
+        mean = np.array([r["llc_mean"] for r in shared])
+        sd = np.array([r["llc_sd_across_runs"] for r in shared])
+        ax_llc.fill_between(steps, mean - sd, mean + sd, color="0.5", alpha=0.2, lw=0,
+                            label=f"mean of the {len(runs)} runs ± sd across them")
     for i, (records, fit, lab) in enumerate(zip(runs, fits, labels)):
         color = f"C{i % 10}"
         steps = np.array([r["step"] for r in records], dtype=float)
