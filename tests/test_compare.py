@@ -62,7 +62,8 @@ def test_each_run_gets_its_own_fit_and_the_spread_across_runs_is_measured(tmp_pa
     at = {r["step"]: r for r in shared}[64]
     values = [next(r for r in rec if r["step"] == 64) for rec in runs]
     llc = [v["llc_mean"] for v in values]
-    assert at["llc_mean"] == pytest.approx(np.mean(llc)) and at["llc_sd_across_runs"] == pytest.approx(np.std(llc, ddof=1))
+    assert at["llc_mean"] == pytest.approx(np.mean(llc))
+    assert at["llc_sd_across_runs"] == pytest.approx(np.std(llc, ddof=1))
     se = [v["llc_std"] / 2 for v in values]
     assert at["llc_se_within_runs"] == pytest.approx(math.sqrt(np.mean(np.square(se))))
     paths = done["paths"]
@@ -118,7 +119,8 @@ def test_the_latest_sweep_of_each_run_or_the_one_asked_for(tmp_path, capsys):
     assert summary["settings_differences"] is None  # records without sweep_settings: only their keys tell
     assert "swept with different settings {'a': 'k0', 'b': 'k1'}" in comparison_lines(summary)[-1]
     assert compare_runs([a, b], out, settings="k0")["summary"]["same_settings"]
-    with pytest.raises(ValueError, match=r"settings key 'k1' matches no sweep in .*a.results\.jsonl; its sweeps: \['k0'\]"):
+    with pytest.raises(ValueError,
+                       match=r"settings key 'k1' matches no sweep in .*a.results\.jsonl; its sweeps: \['k0'\]"):
         compare_runs([a, b], out, settings="k1")
 
 

@@ -90,7 +90,8 @@ def test_num_init_batches_reaches_the_estimate_and_keeps_older_keys(tmp_path):
     assert settings_key(replace(base, num_init_batches=None)) == settings_key(base)
     assert settings_key(replace(base, num_init_batches=8)) != settings_key(base)
     for bad in (0, "most", 2.5):
-        with pytest.raises(ValueError, match=f"sweep.num_init_batches must be null, \"all\" or an int >= 1, got {bad!r}"):
+        with pytest.raises(ValueError,
+                           match=f"sweep.num_init_batches must be null, \"all\" or an int >= 1, got {bad!r}"):
             RunConfig.from_dict({"sweep": {"num_init_batches": bad}})
     assert RunConfig.from_dict({"sweep": {"num_init_batches": "all"}}).sweep.num_init_batches == "all"
     run = str(tmp_path / "run")

@@ -17,7 +17,7 @@ import numpy as np
 
 from .checkpoints import atomic_json
 from .curvature import boundary_matches
-from .report import stage_fit, stage_strip
+from .report import record_se, stage_fit, stage_strip
 from .sweep import RESULTS, latest_sweep
 
 
@@ -39,13 +39,6 @@ def _labels(run_dirs: Sequence[str], keys: Sequence[str], labels: Optional[Seque
     if len(set(labels)) < len(labels):
         raise ValueError(f"the labels {labels} repeat; each run needs its own")
     return labels
-
-
-def _se(record: dict) -> float:
-    chains = len(record.get("llc_per_chain") or [])
-    if record.get("llc_std") is None or chains < 2:
-        return math.nan
-    return record["llc_std"] / math.sqrt(chains)
 
 
 def _value(record: dict, key: str) -> float:
@@ -78,7 +71,7 @@ def across_runs(runs: Sequence[List[dict]]) -> List[dict]:
     rows = []
     for step in shared:
         llc = np.array([_value(d[step], "llc_mean") for d in by_step])
-        se = np.array([_se(d[step]) for d in by_step])
+        se = np.array([record_se(d[step]) for d in by_step])
         rows.append({"step": step, "llc_mean": float(np.mean(llc)), "llc_sd_across_runs": float(np.std(llc, ddof=1)),
                      "llc_se_within_runs": float(np.sqrt(np.mean(se ** 2)))})
     return rows
@@ -122,9 +115,7 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, *, labels: Optional[Sequ
                  for lab, d, key, records, fit in zip(labels, run_dirs, keys, runs, fits)],
         "same_settings": len(set(keys)) == 1,
         "settings_differences": settings_differences(runs, labels),
-        "boundaries_vs_first": [
-            {"step": row["step"], **{lab: row[lab] for lab in labels[1:]}}
-            for row in boundary_matches(fits[0], dict(zip(labels[1:], fits[1:])))],
+        "boundaries_vs_first": boundary_matches(fits[0], dict(zip(labels[1:], fits[1:]))),
         "across_runs": shared,
     }
     os.makedirs(out_dir, exist_ok=True)
@@ -141,7 +132,7 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, *, labels: Optional[Sequ
 
 def _points(runs, labels):
     import pandas as pd
-    rows = [{"run": lab, "step": r["step"], "llc_mean": r.get("llc_mean"), "llc_se": _se(r),
+    rows = [{"run": lab, "step": r["step"], "llc_mean": r.get("llc_mean"), "llc_se": record_se(r),
              "test_loss": r.get("test_loss"), "failed_checks": ", ".join(r.get("failed_checks") or [])}
             for lab, records in zip(labels, runs) for r in records]
     return pd.DataFrame(rows)
@@ -167,7 +158,7 @@ def plot_comparison(runs, fits, labels, title: str = "", shared: Optional[List[d
         color = f"C{i % 10}"
         steps = np.array([r["step"] for r in records], dtype=float)
         ax_loss.plot(steps, [_value(r, "test_loss") for r in records], ".-", ms=3, lw=1, color=color, label=lab)
-        ax_llc.errorbar(steps, [_value(r, "llc_mean") for r in records], yerr=[_se(r) for r in records], fmt="o",
+        ax_llc.errorbar(steps, [_value(r, "llc_mean") for r in records], yerr=[record_se(r) for r in records], fmt="o",
                         ms=3, color=color, elinewidth=0.8, capsize=0)
         ax_llc.plot(fit.grid_steps, fit.mean, color=color, lw=1.2, label=f"{lab}: stage fit")
         for b in fit.boundaries:

@@ -20,6 +20,15 @@ from .curvature import boundary_matches, curvature_fits, match_table
 STAGE_COLORS = {"A": "#4c72b0", "B": "#dd8452"}
 
 
+def record_se(record: dict) -> float:
+    """A sweep record's standard error of the LLC across its chains; NaN
+    with fewer than two chains or no spread recorded."""
+    chains = len(record.get("llc_per_chain") or [])
+    if record.get("llc_std") is None or chains < 2:
+        return math.nan
+    return record["llc_std"] / math.sqrt(chains)
+
+
 def stage_fit(records: Sequence[dict], **kwargs) -> StageFit:
     steps = [r["step"] for r in records]
     llc = [np.nan if r.get("llc_mean") is None else r["llc_mean"] for r in records]
@@ -202,8 +211,7 @@ def check_lines(records: Sequence[dict], most: int = 8) -> List[str]:
     shared = [r for r in records if "init_loss" in (r.get("failed_checks") or [])]
     if shared:
         from_l0 = [r["llc_se_from_init_loss"] for r in shared if r.get("llc_se_from_init_loss") is not None]
-        chains = [r["llc_std"] / math.sqrt(len(r["llc_per_chain"])) for r in shared
-                  if r.get("llc_std") is not None and len(r.get("llc_per_chain") or []) > 1]
+        chains = [se for se in map(record_se, shared) if math.isfinite(se)]
         spans = (f" (± {min(from_l0):.2g} to {max(from_l0):.2g} in LLC, against ± {min(chains):.2g} to "
                  f"{max(chains):.2g})") if from_l0 and chains else ""
         lines.append(f"At {len(shared)} of {len(records)} checkpoints the init loss's error exceeds the chains' "
