@@ -15,7 +15,8 @@ diffusion. num_burnin_steps -> num_burnin, num_steps_bw_draws ->
 steps_between_draws, optimize_over_per_model_param -> restrict (a parameter
 left out of it stays at w*), verbose -> progress. The init loss averages
 num_chains x grad_accum_steps batches and the model runs in train mode, as
-in devinterp; its train/eval mode is restored afterwards.
+in devinterp (so dropout is active, with a warning); its train/eval mode is
+restored afterwards.
 
 Where the two differ: llcfast's noise is keyed by (seed, chain), so a list
 of per-chain seeds becomes one seed (a hash of the list) and seed=None one
@@ -228,11 +229,19 @@ def estimate_learning_coeff_with_summary(model: torch.nn.Module, loader, callbac
                 progress=bool(verbose), mala=_mala(callbacks), precision=precision, **kwargs, **llcfast_kwargs)
     was_training = model.training
     model.train()
+    dropout = [n for n, m in model.named_modules()
+               if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+    if dropout:
+        warnings.warn(f"dropout is active ({', '.join(dropout[:3])}{' ...' if len(dropout) > 3 else ''}), since "
+                      "devinterp runs the model in train mode, so the loss is random and seed does not fix it; for a "
+                      "deterministic loss call llcfast.estimate_llc on model.eval()", UserWarning, stacklevel=2)
     try:
-        if given_init is None:
-            result = estimate_llc(model, loader, _loss_fn(evaluate), **args)
-        else:
-            result = _with_init_loss(model, loader, _loss_fn(evaluate), given_init, args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="dropout is active")  # estimate_llc's, said above
+            if given_init is None:
+                result = estimate_llc(model, loader, _loss_fn(evaluate), **args)
+            else:
+                result = _with_init_loss(model, loader, _loss_fn(evaluate), given_init, args)
     finally:
         model.train(was_training)
     return to_devinterp(result, online=online)

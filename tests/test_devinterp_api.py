@@ -150,6 +150,18 @@ def test_runs_in_train_mode_as_devinterp_and_restores_the_mode():
     assert _ModeProbe.modes == {True} and not model.training
 
 
+@pytest.mark.parametrize("init_loss", [None, 0.01])
+def test_dropout_is_said_once_with_the_way_out(init_loss):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.1), nn.Tanh(), nn.Linear(8, 1)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary(model, regression_loader(), evaluate=mse, optimizer_kwargs=SGLD_KW, num_chains=2, num_draws=4,
+                init_loss=init_loss, verbose=False)
+    said = [str(w.message) for w in caught if "dropout" in str(w.message)]
+    assert len(said) == 1 and "llcfast.estimate_llc on model.eval()" in said[0] and "(1)" in said[0]
+
+
 @pytest.mark.parametrize("wrap", [lambda loss: loss, lambda loss: (loss, {"out": 1}), lambda loss: {"loss": loss},
                                   lambda loss: type("Out", (), {"loss": loss})()],
                          ids=["tensor", "tuple", "dict", "attribute"])
