@@ -252,3 +252,27 @@ def test_beside_devinterp_same_keys_shapes_and_llc(trained):
     se = np.sqrt((ours_c.var(ddof=1) + theirs_c.var(ddof=1)) / chains)
     assert abs(ours_c.mean() - theirs_c.mean()) < 4 * se < 0.25 * theirs_c.mean()  # 4 SE: 1 in 16000 by chance
     assert online[1]["init_loss"] == pytest.approx(online[0]["init_loss"], rel=1e-6)  # same 16 batches at w*
+
+
+def test_devinterps_epsilon_beta_analyzer_takes_the_shim(trained):
+    pytest.importorskip("devinterp", reason="devinterp 1.3.2 (requirements-dev.txt) is the peer compared against")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vis_utils warns when plotly is missing
+        from devinterp.vis_utils import EpsilonBetaAnalyzer
+    model, loader = trained
+
+    def estimator(epsilon, beta, **kw):  # the estimator devinterp's docs show, with llcfast's import
+        return summary(model, loader, evaluate=mse, optimizer_kwargs=dict(lr=epsilon, nbeta=beta, localization=100.0),
+                       online=True, **kw)
+
+    analyzer = EpsilonBetaAnalyzer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it says that its default epsilon bounds give way to the range
+        analyzer.configure_sweep(llc_estimator=estimator, llc_estimator_kwargs=dict(num_chains=2, num_draws=10,
+                                                                                    seed=0, verbose=False),
+                                 epsilon_range=[1e-4, 1e-3], beta_range=[5.0, 10.0])
+        analyzer.sweep()
+    df = analyzer.sweep_df
+    assert len(df) == 4 and sorted(zip(df["epsilon"], df["beta"])) == [(1e-4, 5.0), (1e-4, 10.0), (1e-3, 5.0),
+                                                                       (1e-3, 10.0)]
+    assert all(t.shape == (2, 10) and np.isfinite(t).all() for t in df["llc/trace"])
