@@ -35,6 +35,7 @@ precision, compile, ...) go to llcfast.estimate_llc, and the returned dict's
 """
 from __future__ import annotations
 
+import operator
 import warnings
 import zlib
 from typing import Callable, Dict, Optional, Tuple
@@ -119,14 +120,22 @@ def _translate(sampling_method, optimizer_kwargs: Optional[dict]) -> dict:
     return out
 
 
+def _integer(name: str, value) -> int:
+    """An int >= 0 from any integer type (numpy's too, as devinterp takes)."""
+    try:
+        return check_int(name, operator.index(value))
+    except TypeError:
+        raise TypeError(f"{name} must be an int >= 0, got {value!r}") from None
+
+
 def _seed(seed, num_chains: int) -> int:
     if seed is None:
         return int(torch.randint(0, 2**31 - 1, ()).item())
-    if isinstance(seed, (list, tuple)):
+    if isinstance(seed, (list, tuple, np.ndarray)):
         if len(seed) != num_chains:
             raise ValueError(f"a list of seeds needs one per chain: {num_chains} chains, got {len(seed)} seeds")
-        return zlib.crc32(repr([check_int(f"seed[{i}]", s) for i, s in enumerate(seed)]).encode())
-    return check_int("seed", seed)
+        return zlib.crc32(repr([_integer(f"seed[{i}]", s) for i, s in enumerate(seed)]).encode())
+    return _integer("seed", seed)
 
 
 def _loss_fn(evaluate: Optional[Callable]) -> Optional[Callable]:

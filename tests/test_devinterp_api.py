@@ -128,8 +128,12 @@ def test_seeds_a_list_is_one_run_and_none_follows_torchs_generator(trained):
     b = shim(*trained, seed=None)["llc/mean"]
     torch.manual_seed(11)
     assert shim(*trained, seed=None)["llc/mean"] == b
+    assert shim(*trained, seed=np.arange(1, 5))["llc/mean"] == a  # numpy integers, as devinterp takes
+    assert shim(*trained, seed=np.int64(3))["llc/mean"] == shim(*trained, seed=3)["llc/mean"]
     with pytest.raises(ValueError, match="one per chain: 4 chains, got 2 seeds"):
         shim(*trained, seed=[1, 2])
+    with pytest.raises(TypeError, match=r"seed\[1\] must be an int >= 0, got 2.5"):
+        shim(*trained, seed=[1, 2.5, 3, 4])
 
 
 class _ModeProbe(nn.Module):
