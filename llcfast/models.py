@@ -169,5 +169,12 @@ def next_token_loss(model: nn.Module, batch) -> torch.Tensor:
     return token_nll(model(tokens[:, :-1]), tokens[:, 1:]).mean()
 
 
+def hf_next_token_loss(model: nn.Module, batch) -> torch.Tensor:
+    """next_token_loss for a Hugging Face causal LM, whose output carries
+    ``.logits``: the same fused kernel over the logits."""
+    tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return token_nll(model(input_ids=tokens[:, :-1]).logits, tokens[:, 1:]).mean()
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

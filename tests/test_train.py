@@ -54,6 +54,11 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     # killed at step 23 (between checkpoints 13 and 27): resumes from 13
     partial = train(cfg, str(tmp_path / "split"), progress=False, stop_at=23)
     assert not partial["complete"] and partial["checkpoints"][-1]["step"] == 13
+    # As written before the config's `model` field existed: its default, so the run still resumes.
+    path = tmp_path / "split" / "manifest.json"
+    old = json.loads(path.read_text())
+    del old["config"]["model"]
+    path.write_text(json.dumps(old))
     train(cfg, str(tmp_path / "split"), progress=False)
     m1, w1 = _final(tmp_path / "whole")
     m2, w2 = _final(tmp_path / "split")

@@ -66,7 +66,7 @@ def load_checkpoint(path: str, model: Optional[Union[torch.nn.Module, Callable[[
     ``torch.save`` file, or a Hugging Face directory.
 
     - A directory with ``config.json``: ``transformers.AutoModelForCausalLM``
-      (``model`` unused).
+      in fp32 and eval mode (``model`` unused).
     - A file holding a state dict (or a dict with a ``"model"``,
       ``"state_dict"`` or ``"model_state_dict"`` entry): loaded into
       ``model`` (a module, or a function returning a fresh one), strictly.
@@ -82,7 +82,7 @@ def load_checkpoint(path: str, model: Optional[Union[torch.nn.Module, Callable[[
         except ImportError as exc:
             raise ImportError(f"loading the Hugging Face checkpoint {path!r} needs `pip install transformers`") \
                 from exc
-        return AutoModelForCausalLM.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path).float()  # the sampler keeps parameters in fp32
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:

@@ -1,4 +1,4 @@
-"""The pipeline's subcommands: demo, train, sweep, estimate, report, compare, calibrate."""
+"""The pipeline's subcommands: demo, train, import, sweep, estimate, report, compare, calibrate."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,14 @@ run; `llcfast report RUN` lists a run's keys). Writes compare.png/.svg, compare.
 stages, the first run's boundaries beside the others' nearest, the LLC's spread across runs at the
 steps they share) and compare.csv into --out."""
 
+IMPORT_EPILOG = """examples:
+  llcfast import runs/my-gpt --tokens data/train.bin              HF Trainer's checkpoint-N folders
+  llcfast import pythia-70m --tokens pile.npy --context 512 --chains 8 --draws 200
+then: llcfast estimate runs/my-gpt (one checkpoint, to settle the settings), llcfast sweep runs/my-gpt,
+llcfast report runs/my-gpt. The LLC settings start from PAPER.md's language model (eps 3e-3, gamma 300,
+nbeta 21.7, 20 chains x 200 draws, batches of 100 sequences); sweep and estimate take overrides too.
+Run it again after more checkpoints are written: the list is refreshed, finished results are kept."""
+
 CALIBRATE_EPILOG = """examples:
   llcfast calibrate runs/demo                                  the last checkpoint, a default grid
   llcfast calibrate runs/demo --step 1000 --epsilons 1e-4 3e-4 1e-3 3e-3 --gammas 1 10 100
@@ -93,8 +101,8 @@ def _hessian_switch(parser) -> None:
     h.add_argument("--no-hessian", dest="hessian", action="store_false")
 
 
-def _llc_overrides(parser):
-    """The LLC's settings and the engine's options; returns the engine's group."""
+def _llc_overrides(parser, engine: bool = True):
+    """The LLC's settings and (``engine``) the engine's options; returns the engine's group."""
     g = parser.add_argument_group("LLC settings (default: the run's own)")
     g.add_argument("--chains", type=_positive(int), help="number of SGLD chains")
     g.add_argument("--draws", type=_positive(int), help="draws per chain")
@@ -110,6 +118,8 @@ def _llc_overrides(parser):
                         "more shrink the init loss's error, which every chain shares, and 'all' makes it 0")
     g.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
                    help="matmul precision of the LLC's and the Hessian's passes (default fp32)")
+    if not engine:
+        return None
     e = parser.add_argument_group("engine options (they do not change the estimate)")
     e.add_argument("--compile", action="store_true", help="torch.compile the LLC's and the Hessian's batched "
                                                           "passes (compiled once, reused across checkpoints)")
@@ -225,6 +235,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from .imported import DEFAULT_SWEEP, import_run
+    settings = replace(_settings(DEFAULT_SWEEP, args), **{k: getattr(args, k) for k in
+                                                           ("llc_sequences", "llc_batch_size", "eval_sequences")
+                                                           if getattr(args, k) is not None})
+    manifest = import_run(args.run_dir, args.tokens, context=args.context, dtype=args.dtype, settings=settings)
+    steps = [c["step"] for c in manifest["checkpoints"]]
+    task = manifest["config"]["task_args"]
+    print(f"{len(steps)} checkpoints (steps {steps[0]} to {steps[-1]}), sequences of {task['context']} tokens from "
+          f"{task['path']}; next: llcfast estimate {args.run_dir} (one checkpoint, to check the settings), "
+          f"then llcfast sweep {args.run_dir}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .compare import compare_runs, comparison_lines
     keys = args.settings[0] if args.settings and len(args.settings) == 1 else args.settings
@@ -299,6 +323,24 @@ def add_commands(sub) -> None:
     p.add_argument("--quiet", action="store_true")
     _sweep_overrides(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("import", help="make a folder of Hugging Face checkpoints trained elsewhere a run",
+                       formatter_class=F, epilog=IMPORT_EPILOG,
+                       description="Write RUN_DIR/manifest.json for its Hugging Face causal-LM checkpoint folders "
+                       "(checkpoint-N, stepN, ... each with a config.json) and the token file they were trained on, "
+                       "so that sweep, estimate, calibrate, report and compare work on it.")
+    p.add_argument("run_dir")
+    p.add_argument("--tokens", required=True, help="token ids: a .npy file, or a raw .bin (see --dtype)")
+    p.add_argument("--dtype", default="uint16", help="the .bin file's integer type (default uint16, as nanoGPT)")
+    p.add_argument("--context", type=_positive(int),
+                   help="tokens per sequence (default: the model's positions, at most 1024)")
+    d = p.add_argument_group("data the LLC sees (default: PAPER.md's language model)")
+    d.add_argument("--llc-sequences", type=_positive(int), help="the fixed set the chains draw batches from")
+    d.add_argument("--llc-batch-size", type=_positive(int), help="sequences per SGLD step")
+    d.add_argument("--eval-sequences", type=_positive(int), help="held-out sequences for the test loss")
+    _llc_overrides(p, engine=False)
+    _hessian_switch(p)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("estimate", help="the LLC of one checkpoint, with its checks and loss traces",
                        formatter_class=F, epilog=ESTIMATE_EPILOG)

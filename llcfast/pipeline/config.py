@@ -12,6 +12,10 @@ from typing import Any, Dict
 from .. import models, tasks
 
 TASKS = ("regression", "language", "tokens")
+# "llcfast": the paper's models (llcfast.models), built from model_args;
+# "hf": Hugging Face causal-LM checkpoint directories of a run trained
+# elsewhere and brought in by `llcfast import`.
+MODELS = ("llcfast", "hf")
 SCHEDULES = ("one_cycle", "constant")
 
 
@@ -58,6 +62,7 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     sweep: SweepSettings = field(default_factory=SweepSettings)
     seed: int = 0
+    model: str = "llcfast"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -83,6 +88,11 @@ class RunConfig:
     def validate(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.model == "hf" and self.task == "regression":
+            raise ValueError("model 'hf' (Hugging Face causal LMs) needs a token task ('tokens' or 'language'), "
+                             "got task 'regression'")
         if self.train.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.train.schedule!r}")
         t = self.train
@@ -129,6 +139,9 @@ class RunConfig:
             raise ValueError(f"bad task_args for task {self.task!r}: {exc}") from exc
 
     def make_model(self, task=None):
+        if self.model == "hf":
+            raise ValueError("an imported Hugging Face run's models are its checkpoint directories; "
+                             "load one with llcfast.pipeline.load_checkpoint")
         task = task or self.make_task()
         try:
             if self.task == "regression":
@@ -143,6 +156,8 @@ class RunConfig:
 
     @property
     def loss_fn(self):
+        if self.model == "hf":
+            return models.hf_next_token_loss
         return models.regression_loss if self.task == "regression" else models.next_token_loss
 
 

@@ -292,6 +292,7 @@ def sweep(run_dir: str, *, settings: Optional[SweepSettings] = None, hessian: Op
         return load_checkpoint(os.path.join(run_dir, rel_path), lambda: cfg.make_model(task))
 
     ckpts = [(c["step"], c["file"]) for c in manifest["checkpoints"]]
-    probe = behaviour_for_task(task, eval_set, llc_batches) if s.behaviour else None
+    # The metrics read llcfast's own attention modules; an imported model has others.
+    probe = behaviour_for_task(task, eval_set, llc_batches) if s.behaviour and cfg.model == "llcfast" else None
     return sweep_checkpoints(ckpts, load, cfg.loss_fn, llc_batches, eval_set, s, out or os.path.join(run_dir, RESULTS),
                              device=device, progress=progress, engine=engine, behaviour=probe)

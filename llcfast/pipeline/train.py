@@ -68,12 +68,17 @@ def train(cfg: RunConfig, out_dir: str, *, device="cpu", progress: bool = True,
     unfinished run of the same config. ``stop_at`` ends the run early at that
     step (as an interruption would, resumable). Returns the manifest."""
     cfg.validate()
+    if cfg.model != "llcfast":
+        raise ValueError(f"llcfast trains its own models only; a config with model {cfg.model!r} describes a run "
+                         "trained elsewhere (`llcfast import`), which can be swept but not trained here")
     device = torch.device(device)
     os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
     manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_path):
         manifest = read_manifest(out_dir)
-        if manifest.get("config") != cfg.to_dict():
+        # Read through from_dict, so that a run written before a config field existed
+        # (its default) still resumes.
+        if RunConfig.from_dict(manifest.get("config") or {}).to_dict() != cfg.to_dict():
             raise ValueError(f"{out_dir!r} holds a run with a different config; use a new output directory "
                              "(or delete that one)")
         if manifest.get("complete"):

@@ -1,0 +1,100 @@
+"""Runs trained elsewhere: a folder of Hugging Face causal-LM checkpoints
+(``checkpoint-500/``, ``step1000/``, ... each with a ``config.json``) and
+the token file they were trained on become an llcfast run, by a
+``manifest.json`` written beside them. sweep, estimate, calibrate, report
+and compare then work on it as on a run of ``llcfast train``."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import replace
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .checkpoints import MANIFEST, atomic_json
+from .config import PRESETS, RunConfig, SweepSettings
+
+# HF Trainer writes checkpoint-N; Pythia's revisions and many scripts use stepN.
+CHECKPOINT_DIR = re.compile(r"^(?:checkpoint|step|global_step|iter)[-_]?(\d+)$")
+# Where the LLC settings start: PAPER.md's language-model sweep. Behavioural
+# metrics need llcfast's own attention modules, so they are off.
+DEFAULT_SWEEP = replace(SweepSettings(**PRESETS["language"]["sweep"]), behaviour=False, hessian=False)
+MAX_CONTEXT = 1024  # PAPER.md's LM context; longer windows only cost more per step
+
+
+def find_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
+    """(step, folder name) of every checkpoint folder in ``run_dir``, by step."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
+    found, skipped = [], []
+    for name in os.listdir(run_dir):
+        m = CHECKPOINT_DIR.match(name)
+        if m and os.path.isdir(os.path.join(run_dir, name)):
+            (found if os.path.isfile(os.path.join(run_dir, name, "config.json")) else skipped).append(
+                (int(m.group(1)), name))
+    if not found:
+        extra = f" ({len(skipped)} such folders lack config.json)" if skipped else ""
+        raise ValueError(f"{run_dir!r} holds no Hugging Face checkpoint folders{extra}: expected folders named "
+                         "checkpoint-N, stepN, step-N, global_stepN or iterN (N the training step), each with a "
+                         "config.json")
+    steps = [s for s, _ in found]
+    twice = sorted({s for s in steps if steps.count(s) > 1})
+    if twice:
+        raise ValueError(f"{run_dir!r} has several checkpoint folders for step(s) {twice}: "
+                         f"{sorted(n for s, n in found if s in twice)}; keep one per step")
+    return sorted(found)
+
+
+def _model_config(folder: str) -> dict:
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f)
+
+
+def _positions(config: dict) -> Optional[int]:
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def import_run(run_dir: str, tokens: str, *, context: Optional[int] = None, dtype: str = "uint16",
+               settings: Optional[SweepSettings] = None, seed: int = 0) -> dict:
+    """Writes ``run_dir/manifest.json`` for its Hugging Face checkpoints and
+    the token file ``tokens`` (.npy, or .bin of ``dtype``); returns the
+    manifest. ``context``: tokens per sequence the LLC sees (default: the
+    model's positions, at most 1024). Run again after more checkpoints have
+    been written: the list is refreshed, results already swept are kept."""
+    from ..tasks import TokenFile
+    ckpts = find_checkpoints(run_dir)
+    path = os.path.join(run_dir, MANIFEST)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("config", {}).get("model") != "hf":
+            raise ValueError(f"{run_dir!r} already holds an llcfast training run ({MANIFEST}); import writes its "
+                             "own manifest only into a folder of checkpoints trained elsewhere")
+    config = _model_config(os.path.join(run_dir, ckpts[-1][1]))
+    positions = _positions(config)
+    if context is None:
+        if positions is None:
+            raise ValueError("the checkpoints' config.json names no maximum sequence length; pass --context")
+        context = min(positions, MAX_CONTEXT)
+    elif positions is not None and context > positions:
+        raise ValueError(f"context {context} exceeds the model's {positions} positions")
+    vocab = config.get("vocab_size")
+    task_args = dict(path=os.path.abspath(tokens), context=context, dtype=dtype)
+    task = TokenFile(**task_args, seed=seed)  # checks the file now, not at the first checkpoint
+    if isinstance(vocab, int):
+        largest = int(np.max(task.tokens[: min(len(task.tokens), 1 << 24)]))
+        if largest >= vocab:
+            raise ValueError(f"token file {tokens!r} holds token id {largest}, but the model's vocabulary has "
+                             f"{vocab} ids; is it the file these checkpoints were trained on (and --dtype right)?")
+        task_args["vocab"] = vocab
+    cfg = RunConfig(task="tokens", task_args=task_args, model="hf", sweep=settings or DEFAULT_SWEEP, seed=seed)
+    cfg.validate()
+    manifest = {"version": 1, "config": cfg.to_dict(), "complete": True, "imported": "hf",
+                "checkpoints": [{"step": step, "file": name} for step, name in ckpts]}
+    atomic_json(manifest, path)
+    return manifest
