@@ -76,9 +76,13 @@ def test_import_then_estimate_sweep_and_report(hf_run, capsys):
     assert os.path.isfile(os.path.join(run, "report.png"))
 
 
-def test_loaded_checkpoints_are_fp32_in_eval_mode(hf_run):
+def test_loaded_checkpoints_are_fp32_in_eval_mode_and_quiet(hf_run, capfd):
+    from transformers.utils import logging as hf_logging
+    assert hf_logging.is_progress_bar_enabled()
     model = load_checkpoint(os.path.join(hf_run[0], "checkpoint-20"))
     assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
+    assert "Loading weights" not in capfd.readouterr().err  # no bar of transformers' own under the sweep's
+    assert hf_logging.is_progress_bar_enabled()  # the user's setting is left as it was
 
 
 def test_reimport_picks_up_new_checkpoints(hf_run, tmp_path):

@@ -60,6 +60,22 @@ def read_manifest(run_dir: str) -> dict:
         return json.load(f)
 
 
+def _quietly(load: Callable, path: str):
+    """``load(path)`` without transformers' per-file progress bar, which a
+    sweep would print for every checkpoint beneath its own bar."""
+    try:
+        from transformers.utils import logging as hf_logging
+        shown = hf_logging.is_progress_bar_enabled()
+    except (ImportError, AttributeError):
+        return load(path)
+    hf_logging.disable_progress_bar()
+    try:
+        return load(path)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def load_checkpoint(path: str, model: Optional[Union[torch.nn.Module, Callable[[], torch.nn.Module]]] = None, *,
                     map_location="cpu", weights_only: bool = True) -> torch.nn.Module:
     """A model from a checkpoint written by llcfast, a user's own
@@ -82,7 +98,7 @@ def load_checkpoint(path: str, model: Optional[Union[torch.nn.Module, Callable[[
         except ImportError as exc:
             raise ImportError(f"loading the Hugging Face checkpoint {path!r} needs `pip install transformers`") \
                 from exc
-        return AutoModelForCausalLM.from_pretrained(path).float()  # the sampler keeps parameters in fp32
+        return _quietly(AutoModelForCausalLM.from_pretrained, path).float()  # the sampler keeps fp32 parameters
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
