@@ -2,6 +2,7 @@
 with its token file, becomes a run that estimate, sweep and report take."""
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -26,6 +27,9 @@ def _tokens(n=6000, seed=0):
     for i in range(1, n):
         out[i] = (out[i - 1] + 1) % VOCAB if g.random() < 0.8 else g.integers(VOCAB)
     return out
+
+# What the first test's import, sweep and report leave beside the checkpoints
+NOT_CHECKPOINTS = ("manifest.json", "results.jsonl", "estimates", "report*", "summary.json", "results.csv")
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +89,23 @@ def test_loaded_checkpoints_are_fp32_in_eval_mode_and_quiet(hf_run, capfd):
     assert hf_logging.is_progress_bar_enabled()  # the user's setting is left as it was
 
 
-def test_reimport_picks_up_new_checkpoints(hf_run, tmp_path):
+def test_reimport_picks_up_new_checkpoints_and_keeps_settings_and_data(hf_run, tmp_path, capsys):
     import shutil
     run = str(tmp_path / "run")
-    shutil.copytree(hf_run[0], run, ignore=shutil.ignore_patterns("checkpoint-40"))
-    assert main(["import", run, "--tokens", hf_run[1], *SMALL]) == 0
+    shutil.copytree(hf_run[0], run, ignore=shutil.ignore_patterns("checkpoint-40", *NOT_CHECKPOINTS))
+    assert main(["import", run, "--tokens", hf_run[1], "--context", "12", *SMALL]) == 0
     assert [c["step"] for c in read_manifest(run)["checkpoints"]] == [0, 20]
+    first = RunConfig.from_dict(read_manifest(run)["config"])
+    assert main(["sweep", run, "--device", "cpu", "--quiet"]) == 0
     shutil.copytree(os.path.join(hf_run[0], "checkpoint-40"), os.path.join(run, "step_40"))
-    assert main(["import", run, "--tokens", hf_run[1], *SMALL]) == 0
+    assert main(["import", run, "--tokens", hf_run[1]]) == 0  # no options: the first import's stand
     assert [(c["step"], c["file"]) for c in read_manifest(run)["checkpoints"]] == [
         (0, "checkpoint-0"), (20, "checkpoint-20"), (40, "step_40")]
+    assert RunConfig.from_dict(read_manifest(run)["config"]) == first
+    assert main(["import", run, "--tokens", hf_run[1], "--draws", "6"]) == 0
+    again = RunConfig.from_dict(read_manifest(run)["config"])
+    assert again.sweep == replace(first.sweep, num_draws=6) and again.task_args == first.task_args
+    _fails(["import", run, "--tokens", hf_run[1], "--context", "16"], capsys, "holds results measured on other data")
 
 
 def _fails(argv, capsys, message):
@@ -123,7 +134,7 @@ def test_bad_runs_and_token_files_are_named(hf_run, tmp_path, capsys):
 def test_an_llcfast_run_is_not_overwritten_and_an_imported_one_not_trained(hf_run, tmp_path, capsys):
     import shutil
     run = str(tmp_path / "run")
-    shutil.copytree(hf_run[0], run)
+    shutil.copytree(hf_run[0], run, ignore=shutil.ignore_patterns(*NOT_CHECKPOINTS))
     with open(os.path.join(run, "manifest.json"), "w") as f:
         json.dump({"config": {"task": "regression"}, "checkpoints": []}, f)
     _fails(["import", run, "--tokens", hf_run[1]], capsys, "already holds an llcfast training run")

@@ -58,7 +58,8 @@ IMPORT_EPILOG = """examples:
 then: llcfast estimate runs/my-gpt (one checkpoint, to settle the settings), llcfast sweep runs/my-gpt,
 llcfast report runs/my-gpt. The LLC settings start from PAPER.md's language model (eps 3e-3, gamma 300,
 nbeta 21.7, 20 chains x 200 draws, batches of 100 sequences); sweep and estimate take overrides too.
-Run it again after more checkpoints are written: the list is refreshed, finished results are kept."""
+Run it again after more checkpoints are written: the list is refreshed, and the settings, the context and
+the results already measured are kept (options given then change the settings)."""
 
 CALIBRATE_EPILOG = """examples:
   llcfast calibrate runs/demo                                  the last checkpoint, a default grid
@@ -236,8 +237,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .imported import DEFAULT_SWEEP, import_run
-    settings = replace(_settings(DEFAULT_SWEEP, args), **{k: getattr(args, k) for k in
+    from .imported import DEFAULT_SWEEP, import_run, previous_import
+    old = previous_import(args.run_dir) if os.path.isdir(args.run_dir) else None
+    settings = replace(_settings(old.sweep if old else DEFAULT_SWEEP, args), **{k: getattr(args, k) for k in
                                                            ("llc_sequences", "llc_batch_size", "eval_sequences")
                                                            if getattr(args, k) is not None})
     manifest = import_run(args.run_dir, args.tokens, context=args.context, dtype=args.dtype, settings=settings)

@@ -15,6 +15,7 @@ import numpy as np
 
 from .checkpoints import MANIFEST, atomic_json
 from .config import PRESETS, RunConfig, SweepSettings
+from .sweep import RESULTS
 
 # HF Trainer writes checkpoint-N; Pythia's revisions and many scripts use stepN.
 CHECKPOINT_DIR = re.compile(r"^(?:checkpoint|step|global_step|iter)[-_]?(\d+)$")
@@ -59,22 +60,36 @@ def _positions(config: dict) -> Optional[int]:
     return None
 
 
+def previous_import(run_dir: str) -> Optional[RunConfig]:
+    """The config of an earlier import into ``run_dir``; None if there was
+    none. A run of ``llcfast train`` there is refused."""
+    path = os.path.join(run_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        config = json.load(f).get("config") or {}
+    if config.get("model") != "hf":
+        raise ValueError(f"{run_dir!r} already holds an llcfast training run ({MANIFEST}); import writes its "
+                         "own manifest only into a folder of checkpoints trained elsewhere")
+    return RunConfig.from_dict(config)
+
+
 def import_run(run_dir: str, tokens: str, *, context: Optional[int] = None, dtype: str = "uint16",
                settings: Optional[SweepSettings] = None, seed: int = 0) -> dict:
     """Writes ``run_dir/manifest.json`` for its Hugging Face checkpoints and
     the token file ``tokens`` (.npy, or .bin of ``dtype``); returns the
     manifest. ``context``: tokens per sequence the LLC sees (default: the
-    model's positions, at most 1024). Run again after more checkpoints have
-    been written: the list is refreshed, results already swept are kept."""
+    earlier import's, else the model's positions, at most 1024);
+    ``settings``: default the earlier import's, else DEFAULT_SWEEP. Run
+    again after more checkpoints have been written: the list is refreshed,
+    and the results already swept stay valid, so the data (token file,
+    context, dtype, seed) may not change once there are results."""
     from ..tasks import TokenFile
     ckpts = find_checkpoints(run_dir)
-    path = os.path.join(run_dir, MANIFEST)
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old.get("config", {}).get("model") != "hf":
-            raise ValueError(f"{run_dir!r} already holds an llcfast training run ({MANIFEST}); import writes its "
-                             "own manifest only into a folder of checkpoints trained elsewhere")
+    old = previous_import(run_dir)
+    if old is not None:
+        context = old.task_args["context"] if context is None else context
+        settings = settings or old.sweep
     config = _model_config(os.path.join(run_dir, ckpts[-1][1]))
     positions = _positions(config)
     if context is None:
@@ -94,7 +109,13 @@ def import_run(run_dir: str, tokens: str, *, context: Optional[int] = None, dtyp
         task_args["vocab"] = vocab
     cfg = RunConfig(task="tokens", task_args=task_args, model="hf", sweep=settings or DEFAULT_SWEEP, seed=seed)
     cfg.validate()
+    if old is not None and (old.task_args, old.seed) != (cfg.task_args, cfg.seed) and \
+            os.path.exists(os.path.join(run_dir, RESULTS)):
+        # A sweep skips checkpoints already measured with the same LLC settings; on other data that would be wrong.
+        was = {k: old.task_args.get(k) for k in ("path", "context", "dtype")}
+        raise ValueError(f"{run_dir!r} holds results measured on other data ({was}, seed {old.seed}); import into "
+                         f"a new folder, or move {RESULTS} away first")
     manifest = {"version": 1, "config": cfg.to_dict(), "complete": True, "imported": "hf",
                 "checkpoints": [{"step": step, "file": name} for step, name in ckpts]}
-    atomic_json(manifest, path)
+    atomic_json(manifest, os.path.join(run_dir, MANIFEST))
     return manifest
