@@ -298,14 +298,20 @@ def _some_element_moves(masks: List[torch.Tensor], restrict) -> List[torch.Tenso
     return masks
 
 
+def active_dropout(model: torch.nn.Module) -> str:
+    """The dropout modules that draw masks in the model's current mode, named
+    (the first three), or "" where none does."""
+    active = [n or type(model).__name__ for n, m in model.named_modules()
+              if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
+    return ", ".join(active[:3]) + (f" and {len(active) - 3} more" if len(active) > 3 else "")
+
+
 def warn_if_dropout(model: torch.nn.Module, stacklevel: int = 3) -> None:
     """Dropout left on (train mode) makes every loss a random draw that the
     seed does not fix; users comparing with devinterp should know it calls
     model.train(), and that model.eval() gives a deterministic loss."""
-    active = [n or type(model).__name__ for n, m in model.named_modules()
-              if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
-    if active:
-        shown = ", ".join(active[:3]) + (f" and {len(active) - 3} more" if len(active) > 3 else "")
+    shown = active_dropout(model)
+    if shown:
         warnings.warn(f"dropout is active ({shown}: the model is in train mode), so every loss draws random "
                       "masks that seed does not fix and the estimate is not reproducible; call model.eval() for "
                       "a deterministic loss (devinterp 1.x calls model.train(), so its numbers include dropout)",

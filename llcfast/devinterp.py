@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ._checks import check_float, check_int
+from ._llc_common import active_dropout
 from .llc import estimate_llc
 from .result import LLCResult
 
@@ -216,7 +217,7 @@ def estimate_learning_coeff_with_summary(model: torch.nn.Module, loader, callbac
     if gpu_idxs is not None:
         raise ValueError(f"gpu_idxs={gpu_idxs!r}: llcfast runs every chain at once on `device`; to spread chains "
                          "over several GPUs, launch with torchrun (README, 'Many processes')")
-    if not isinstance(cores, int) and not isinstance(cores, (list, tuple)):
+    if not isinstance(cores, (int, list, tuple)):
         raise TypeError(f"cores must be an int or a list of devices, got {cores!r}")
     taken = set(llcfast_kwargs) & {"loss_fn", "num_burnin", "steps_between_draws", "epsilon", "gamma", "nbeta",
                                    "sampler", "sampler_kwargs", "restrict", "mala", "num_init_batches", "progress"}
@@ -238,12 +239,11 @@ def estimate_learning_coeff_with_summary(model: torch.nn.Module, loader, callbac
                 progress=bool(verbose), mala=_mala(callbacks), precision=precision, **kwargs, **llcfast_kwargs)
     was_training = model.training
     model.train()
-    dropout = [n for n, m in model.named_modules()
-               if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+    dropout = active_dropout(model)
     if dropout:
-        warnings.warn(f"dropout is active ({', '.join(dropout[:3])}{' ...' if len(dropout) > 3 else ''}), since "
-                      "devinterp runs the model in train mode, so the loss is random and seed does not fix it; for a "
-                      "deterministic loss call llcfast.estimate_llc on model.eval()", UserWarning, stacklevel=2)
+        warnings.warn(f"dropout is active ({dropout}), since devinterp runs the model in train mode, so the loss "
+                      "is random and seed does not fix it; for a deterministic loss call llcfast.estimate_llc on "
+                      "model.eval()", UserWarning, stacklevel=2)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="dropout is active")  # estimate_llc's, said above
