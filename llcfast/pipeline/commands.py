@@ -129,13 +129,18 @@ def _llc_overrides(parser, engine: bool = True):
 
 
 def _settings(base, args):
+    return replace(base, **_setting_changes(args))
+
+
+def _setting_changes(args) -> dict:
+    """The sweep settings the LLC options on the command line set."""
     fields = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=args.burnin, epsilon=args.epsilon,
                   gamma=args.gamma, nbeta=args.nbeta, hessian=getattr(args, "hessian", None),
                   bounding_box=args.bounding_box, precision=args.precision, behaviour=getattr(args, "behaviour", None),
                   num_init_batches=args.num_init_batches)
     if args.sampler:
         (fields["sampler"], fields["sampler_kwargs"]), = _parse_samplers([args.sampler], "--sampler")
-    return replace(base, **{k: v for k, v in fields.items() if v is not None})
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _device(name):
@@ -237,12 +242,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .imported import DEFAULT_SWEEP, import_run, previous_import
-    old = previous_import(args.run_dir) if os.path.isdir(args.run_dir) else None
-    settings = replace(_settings(old.sweep if old else DEFAULT_SWEEP, args), **{k: getattr(args, k) for k in
-                                                           ("llc_sequences", "llc_batch_size", "eval_sequences")
-                                                           if getattr(args, k) is not None})
-    manifest = import_run(args.run_dir, args.tokens, context=args.context, dtype=args.dtype, settings=settings)
+    from .imported import import_run
+    changes = dict(_setting_changes(args), **{k: getattr(args, k) for k in
+                                              ("llc_sequences", "llc_batch_size", "eval_sequences")
+                                              if getattr(args, k) is not None})
+    manifest = import_run(args.run_dir, args.tokens, context=args.context, dtype=args.dtype, changes=changes)
     steps = [c["step"] for c in manifest["checkpoints"]]
     task = manifest["config"]["task_args"]
     print(f"{len(steps)} checkpoints (steps {steps[0]} to {steps[-1]}), sequences of {task['context']} tokens from "

@@ -11,8 +11,6 @@ import re
 from dataclasses import replace
 from typing import List, Optional, Tuple
 
-import numpy as np
-
 from .checkpoints import MANIFEST, atomic_json
 from .config import PRESETS, RunConfig, SweepSettings
 from .sweep import RESULTS
@@ -75,12 +73,13 @@ def previous_import(run_dir: str) -> Optional[RunConfig]:
 
 
 def import_run(run_dir: str, tokens: str, *, context: Optional[int] = None, dtype: str = "uint16",
-               settings: Optional[SweepSettings] = None, seed: int = 0) -> dict:
+               settings: Optional[SweepSettings] = None, changes: Optional[dict] = None, seed: int = 0) -> dict:
     """Writes ``run_dir/manifest.json`` for its Hugging Face checkpoints and
     the token file ``tokens`` (.npy, or .bin of ``dtype``); returns the
     manifest. ``context``: tokens per sequence the LLC sees (default: the
     earlier import's, else the model's positions, at most 1024);
-    ``settings``: default the earlier import's, else DEFAULT_SWEEP. Run
+    ``settings``: default the earlier import's, else DEFAULT_SWEEP;
+    ``changes``: SweepSettings fields set on top of those. Run
     again after more checkpoints have been written: the list is refreshed,
     and the results already swept stay valid, so the data (token file,
     context, dtype, seed) may not change once there are results."""
@@ -89,7 +88,7 @@ def import_run(run_dir: str, tokens: str, *, context: Optional[int] = None, dtyp
     old = previous_import(run_dir)
     if old is not None:
         context = old.task_args["context"] if context is None else context
-        settings = settings or old.sweep
+    settings = replace(settings or (old.sweep if old is not None else DEFAULT_SWEEP), **(changes or {}))
     config = _model_config(os.path.join(run_dir, ckpts[-1][1]))
     positions = _positions(config)
     if context is None:
@@ -102,12 +101,12 @@ def import_run(run_dir: str, tokens: str, *, context: Optional[int] = None, dtyp
     task_args = dict(path=os.path.abspath(tokens), context=context, dtype=dtype)
     task = TokenFile(**task_args, seed=seed)  # checks the file now, not at the first checkpoint
     if isinstance(vocab, int):
-        largest = int(np.max(task.tokens[: min(len(task.tokens), 1 << 24)]))
+        largest = task.vocab - 1  # TokenFile's own scan, when given no vocabulary
         if largest >= vocab:
             raise ValueError(f"token file {tokens!r} holds token id {largest}, but the model's vocabulary has "
                              f"{vocab} ids; is it the file these checkpoints were trained on (and --dtype right)?")
         task_args["vocab"] = vocab
-    cfg = RunConfig(task="tokens", task_args=task_args, model="hf", sweep=settings or DEFAULT_SWEEP, seed=seed)
+    cfg = RunConfig(task="tokens", task_args=task_args, model="hf", sweep=settings, seed=seed)
     cfg.validate()
     if old is not None and (old.task_args, old.seed) != (cfg.task_args, cfg.seed) and \
             os.path.exists(os.path.join(run_dir, RESULTS)):
