@@ -264,7 +264,8 @@ def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):
     activations = measure_activation_bytes(one_chain, device)
     return plan_memory(cfg.num_chains, state_bytes(sum(p.numel() for p in point), cfg.sampler, cfg.mala),
                        activations, free_device_bytes(device),
-                       1 if cfg.sequential else cfg.chain_chunk, what=str(device))
+                       1 if cfg.sequential else cfg.chain_chunk, what=str(device), precision=cfg.precision,
+                       checkpointing=cfg.sequential)
 
 
 def estimate_wbic(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_samples: int,

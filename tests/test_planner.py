@@ -38,6 +38,17 @@ def test_not_even_one_chain_fits_says_how_much_and_what_to_lower():
         plan_memory(4, 2 * GiB, 4 * GiB, GiB, what="cuda:0")
 
 
+def test_the_advice_leaves_out_settings_already_in_use():
+    with pytest.raises(MemoryError) as fp32:
+        plan_memory(4, 2 * GiB, 4 * GiB, GiB)
+    assert "precision='bf16'" in str(fp32.value) and "activation_checkpointing=True" in str(fp32.value)
+    with pytest.raises(MemoryError) as both:
+        plan_memory(4, 2 * GiB, 4 * GiB, GiB, precision="bf16", checkpointing=True)
+    message = str(both.value)
+    assert "precision=" not in message and "activation_checkpointing" not in message
+    assert message.endswith("restrict= the parameters that move, or use a device with more memory")
+
+
 def test_state_counts_the_samplers_extra_tensor():
     assert state_bytes(1000, "sgld") == 8000 and state_bytes(1000, "sgnht") == state_bytes(1000, "rmsprop_sgld") == 12000
     assert state_bytes(1000, "sgld", mala=True) == 16000  # MALA keeps the previous position and drift

@@ -55,20 +55,23 @@ def state_bytes(numel: int, sampler: str, mala: bool = False) -> int:
 
 
 def plan_memory(num_chains: int, state_per_chain: int, activation_per_chain: int, free_bytes: int,
-                chain_chunk: Optional[int] = None, *, what: str = "the device") -> MemoryPlan:
+                chain_chunk: Optional[int] = None, *, what: str = "the device", precision: str = "fp32",
+                checkpointing: bool = False) -> MemoryPlan:
     """The largest chain group, then the largest pass, that fit in
     HEADROOM x free_bytes; a MemoryError naming the need and the settings to
-    lower when not even one chain fits."""
+    lower when not even one chain fits (leaving out those already in use)."""
     budget = int(free_bytes * HEADROOM)
     S, A = max(state_per_chain, 1), max(activation_per_chain, 0)
     group = min(num_chains, (budget - A) // S) if budget > A else 0
     if group < 1:
+        cures = ["lower the batch size (grad_accum_steps keeps the effective batch)"]
+        cures += [] if precision == "bf16" else ["use precision='bf16' (activations)"]
+        cures += [] if checkpointing else ["activation_checkpointing=True (activations)"]
+        cures += ["restrict= the parameters that move", "use a device with more memory"]
         raise MemoryError(
             f"one chain needs about {(S + A) / GiB:.2f} GiB on {what} ({S / GiB:.2f} GiB of parameters, gradients "
             f"and sampler state, {A / GiB:.2f} GiB of activations for one batch) but {free_bytes / GiB:.2f} GiB is "
-            "free; lower the batch size (grad_accum_steps keeps the effective batch), use precision='bf16' or "
-            "activation_checkpointing=True (activations), "
-            "restrict= the parameters that move, or use a device with more memory")
+            f"free; {', '.join(cures[:-1])}, or {cures[-1]}")
     chunk = group if A == 0 else min(group, (budget - group * S) // A)
     if chain_chunk is not None:
         chunk = min(chunk, chain_chunk)
