@@ -199,6 +199,9 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         models.set_attention(case["model"], "sdpa" if "sdpa" in extras else "matmul")  # same weights
         run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
         wall, r = run_llcfast(case, steps, device, **kw)
+        if profile_dir:  # before the attention is set back: a "+sdpa" profile must run the sdpa model
+            profile_run(case, device, kw, min(steps, 50),
+                        os.path.join(profile_dir, f"profile_{case['name']}_{variant.replace('+', '-')}.txt"))
         models.set_attention(case["model"], "matmul")
         sampling = r.timings.get("sampling_s", wall)
         tflops = out["flops_per_chain_step"] * chains * steps / sampling / 1e12
@@ -208,9 +211,6 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
             backend=r.config.get("backend"), cuda_graphs=r.config.get("cuda_graphs"),
             compiled=r.config.get("compile", False), timings=r.timings,
             achieved_tflops=tflops, peak_fraction=peak_fraction(device, precision, tflops))
-        if profile_dir:
-            profile_run(case, device, kw, min(steps, 50),
-                        os.path.join(profile_dir, f"profile_{case['name']}_{variant.replace('+', '-')}.txt"))
     fp32, bf16 = out["runs"].get("llcfast-fp32"), out["runs"].get("llcfast-bf16")
     if fp32 and bf16:  # same batches, same noise: does bf16 move the estimate beyond the chains' spread?
         se = fp32["llc_std"] / chains ** 0.5  # the goal: within the fp32 estimate's standard error
