@@ -116,7 +116,14 @@ def measure(size, args, device, peak_tflops):
     if not args.skip_devinterp:
         steps = max(2, args.devinterp_draws)
         model.zero_grad(set_to_none=True)
-        t = run_devinterp(model, loader, args.chains, steps, device, 1e-5, 100.0, 30.0)
+        del res
+        try:
+            t = run_devinterp(model, loader, args.chains, steps, device, 1e-5, 100.0, 30.0)
+        except torch.cuda.OutOfMemoryError as err:  # devinterp runs fp32 chain by chain, with no planner
+            row["devinterp_error"] = f"out of memory: {str(err).splitlines()[0]}"
+            print(f"{size:>5}: devinterp ran out of memory on these settings", flush=True)
+            torch.cuda.empty_cache()
+            return row
         row["devinterp_ms_per_chain_step"] = 1e3 * t / (args.chains * steps)
         row["speedup_vs_devinterp"] = row["devinterp_ms_per_chain_step"] / ms
     return row

@@ -4,8 +4,8 @@ README's result blocks rewritten from them.
     python benchmarks/tables.py                    # print every table
     python benchmarks/tables.py --readme README.md # rewrite its <!-- results:KIND --> blocks
 
-For each benchmark the newest date's reports are used (smoke runs, marked
-"quick", never). Reports of one day on one device are merged: a figure
+For each benchmark and device the newest date's reports are used (smoke
+runs, marked "quick", never). Reports of one day on one device are merged: a figure
 measured in several of them (repeats) is shown as its range, lo-hi.
 """
 from __future__ import annotations
@@ -72,12 +72,12 @@ COLUMNS: Dict[str, List[Column]] = {
                 ("top eig HVPs: Lanczos", "top_eig.lanczos_hvps", _plain),
                 ("power", "top_eig.power_hvps", _plain)],
     "large": [("model", "size", _plain), ("params", "parameters", _sci), ("chains", "chains", _plain),
-              ("draws", "draws", _plain), ("precision", "precision", _plain),
+              ("draws", "draws", _plain), ("batch", "batch", _plain), ("precision", "precision", _plain),
               ("checkpointing", "checkpointing", _plain), ("wall (s)", "wall_s", _num(".1f")),
               ("ms per chain-step", "ms_per_chain_step", _num(".1f")),
               ("peak memory (GiB)", "peak_memory_GiB", _num(".1f")),
               ("MFU (of measured bf16)", "mfu_vs_measured_bf16", _pct),
-              ("vs devinterp", "speedup_vs_devinterp", _times)],
+              ("vs devinterp", "speedup_vs_devinterp", _times), ("devinterp", "devinterp_error", _plain)],
     "traffic": [("case", "case", _plain), ("precision", "precision", _plain), ("pass", "pass", _plain),
                 ("attention", "attention", _plain), ("loss", "loss", _plain), ("kernels", "kernels", _plain),
                 ("matmul GFLOP", "matmul_GFLOP", _num(".0f")), ("matmul GB", "matmul_GB", _num(".2f")),
@@ -96,7 +96,7 @@ COLUMNS: Dict[str, List[Column]] = {
 MEASURED = [("copy bandwidth", "copy_bandwidth_GBps", lambda v: f"{v:.0f} GB/s"),
             ("bf16 matmul rate", "bf16_matmul_tflops", lambda v: f"{v:.0f} TFLOP/s")]
 KEYS = {"sgld_step": ("params_per_chain", "chains", "tensors"), "samplers": ("sampler", "params_per_chain", "chains"),
-        "llc": ("case",), "hessian": ("case",), "large": ("size", "precision", "checkpointing"),
+        "llc": ("case",), "hessian": ("case",), "large": ("size", "batch", "precision", "checkpointing"),
         "traffic": ("case", "precision", "pass", "attention", "loss"),
         "traffic_hessian": ("case", "precision", "pass", "hvp_mode")}
 ROW_LISTS = {"sgld_step": "rows", "samplers": "rows", "llc": "cases", "hessian": "cases", "large": "rows",
@@ -169,18 +169,21 @@ def load(folder: str = RESULTS) -> Dict[str, List[Tuple[str, dict]]]:
 
 
 def render(kind: str, reports: Sequence[Tuple[str, dict]]) -> str:
-    """The newest date's table(s) for one benchmark."""
+    """One table per device for one benchmark, from that device's newest
+    date (a new GPU run does not hide the last CPU run)."""
     if kind not in COLUMNS:
         raise ValueError(f"unknown benchmark {kind!r}; known: {sorted(COLUMNS)}")
-    newest = max(str(r["date"])[:10] for _, r in reports)
+    newest: Dict[str, str] = {}
+    for _, r in reports:
+        newest[r["device"]] = max(newest.get(r["device"], ""), str(r["date"])[:10])
     groups: Dict[str, List[Tuple[str, dict]]] = {}
     for path, r in reports:
-        if str(r["date"])[:10] == newest:
+        if str(r["date"])[:10] == newest[r["device"]]:
             groups.setdefault(r["device"], []).append((path, r))
     # GPUs first: the prose around each table speaks of them first; CPU reports
     # name their threads (results_io.device_name).
     order = sorted(groups.items(), key=lambda kv: (kv[0] == "cpu" or kv[0].endswith(" threads"), kv[0]))
-    return "\n\n".join(_table(kind, device, newest, group) for device, group in order)
+    return "\n\n".join(_table(kind, device, newest[device], group) for device, group in order)
 
 
 def _table(kind, device, date, group) -> str:

@@ -42,6 +42,16 @@ def test_repeats_show_as_ranges_and_only_the_newest_full_runs_count(tmp_path):
     assert "| sgld | 1e9 | 8 |  |  |  | does not fit in device memory |" in table
 
 
+def test_each_device_shows_its_own_newest_date(tmp_path):
+    write(tmp_path, "samplers_GPU_2026-02-01.json", sampler_report("2026-02-01", 0.18))
+    cpu = dict(sampler_report("2026-01-01", 9.0), device="AMD EPYC, 2 threads")
+    write(tmp_path, "samplers_CPU_2026-01-01.json", cpu)
+    write(tmp_path, "samplers_CPU_2025-12-01.json", dict(sampler_report("2025-12-01", 7.0), device=cpu["device"]))
+    table = tables.render("samplers", tables.load(str(tmp_path))["samplers"])
+    assert table.index("GPU X, torch 2.11, 2026-02-01") < table.index("AMD EPYC, 2 threads, torch 2.11, 2026-01-01")
+    assert "| 9 |" in table and "| 7 |" not in table and "2025-12-01" not in table
+
+
 def test_llc_columns_follow_the_runs_and_the_checks():
     report = json.load(open(os.path.join(ROOT, "tests", "data", "llc_report.json")))
     table = tables.render("llc", [("llc_x.json", report)])
