@@ -1,0 +1,96 @@
+"""Which attention kernels a Hugging Face GPT-2 runs, and how much memory one
+chain's loss and gradient take, under the transforms the fast engine uses:
+plain autograd, torch.func's grad, and vmap(grad) over stacked chains each
+with its own batch (the engine's stacked pass).
+
+On the H100 (2026-11-24) the planner measured 22.1 GB above the parameters
+for one chain of GPT-2 774M at 2 x 1024 tokens in bf16. Saved tensors
+counted on a CPU (1- and 2-layer models at that width), plus the fp32
+gradients and bf16 weight copies, come to about 13.7 GB with fused
+attention and 22.4 GB with the T x T scores kept for the backward pass, so
+this script asks the device which one it ran.
+
+    python benchmarks/attention_path.py                       # GPT-2 124M shapes, cuda
+    python benchmarks/attention_path.py --size tiny --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_large import SIZES, gpt2  # noqa: E402
+
+KERNEL_WORDS = ("attention", "fmha", "flash", "cudnn", "softmax", "sdpa", "dot_product")
+
+
+def attention_ops(run, device) -> list:
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    keys = {e.key[:90] for e in prof.key_averages() if any(w in e.key.lower() for w in KERNEL_WORDS)}
+    return sorted(k for k in keys if "log_softmax" not in k.lower() and "logsoftmax" not in k.lower())  # the loss
+
+
+def peak_above_baseline(run, device) -> float:
+    """GiB above what was allocated before ``run`` (CUDA; NaN elsewhere)."""
+    if device.type != "cuda":
+        run()
+        return float("nan")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = run()
+    torch.cuda.synchronize(device)
+    del out
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**30
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", default="124M", choices=sorted(SIZES))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--chains", type=int, default=2)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    model = gpt2(args.size, args.context).to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.chains, args.batch, args.context), generator=g).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def loss(p, x):
+        return functional_call(model, p, (), dict(input_ids=x, labels=x)).loss
+
+    def plain():
+        with autocast:
+            mine = {k: v.clone().requires_grad_() for k, v in params.items()}
+            return torch.autograd.grad(loss(mine, ids[0]), list(mine.values()))
+
+    def one_grad():
+        with autocast:
+            return grad(loss)(params, ids[0])
+
+    def stacked():
+        stack = {k: v.expand(args.chains, *v.shape).clone() for k, v in params.items()}
+        with autocast:
+            return vmap(grad(loss), in_dims=(0, 0))(stack, ids)
+
+    print(f"GPT-2 {args.size}, attention implementation {model.config._attn_implementation!r}, "
+          f"{args.batch} x {args.context} tokens a chain, bf16 autocast, torch {torch.__version__}")
+    for name, run in [("plain autograd", plain), ("torch.func.grad", one_grad),
+                      (f"vmap(grad), {args.chains} chains", stacked)]:
+        run()  # warm-up: lazy initialisation and workspaces stay out of the peak
+        gib = peak_above_baseline(run, device)
+        print(f"{name:>24}: {gib:6.2f} GiB above the baseline; attention ops: {attention_ops(run, device)}")
+
+
+if __name__ == "__main__":
+    main()
