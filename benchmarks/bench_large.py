@@ -100,10 +100,12 @@ def measure(size, args, device, peak_tflops):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         res = llcfast.estimate_llc(model, loader, **kw)
     wall = time.perf_counter() - started
+    # llcfast's own warnings say why a run went slower (no CUDA graphs, a sequential fallback); kept, not shown
+    notes = sorted({str(w.message).splitlines()[0][:300] for w in caught if str(w.message).startswith("llcfast")})
     tokens = args.batch * args.context
     ms = res.timings["ms_per_chain_step"]
     row = {"size": size, "parameters": params, "chains": args.chains, "draws": args.draws, "batch": args.batch,
@@ -111,7 +113,7 @@ def measure(size, args, device, peak_tflops):
            "backend": res.config.get("backend"), "wall_s": wall, "ms_per_chain_step": ms,
            "llc_mean": res.llc_mean, "llc_std": res.llc_std, "peak_memory_GiB": res.timings.get("peak_memory_bytes", 0) / 2**30,
            "memory_plan": res.config.get("memory_plan"), "cuda_graphs": res.config.get("cuda_graphs"),
-           "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12}
+           "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12, "llcfast_warnings": notes}
     row["mfu_vs_measured_bf16"] = row["model_tflops"] / peak_tflops
     if not args.skip_devinterp:
         steps = max(2, args.devinterp_draws)
@@ -156,6 +158,8 @@ def main(argv=None):
               f"MFU {100 * row['mfu_vs_measured_bf16']:.1f}% of {peak:.0f} TFLOP/s"
               + (f", x{row['speedup_vs_devinterp']:.1f} vs devinterp" if "speedup_vs_devinterp" in row else ""),
               flush=True)
+        for note in row["llcfast_warnings"]:
+            print(f"{size:>5}: {note}", flush=True)
         del row
         if device.type == "cuda":
             torch.cuda.empty_cache()

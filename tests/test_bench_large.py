@@ -1,0 +1,35 @@
+"""benchmarks/bench_large.py on a CPU with a tiny GPT-2: the row it writes,
+llcfast's own warnings kept in it, and devinterp running out of memory
+recorded in the row instead of ending the benchmark."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_large  # noqa: E402
+
+ARGS = ["--sizes", "tiny", "--device", "cpu", "--draws", "2", "--context", "32", "--batch", "2"]
+
+
+def test_a_row_per_size_with_the_plan_and_llcfasts_warnings(tmp_path):
+    out = tmp_path / "large.json"
+    bench_large.main(ARGS + ["--skip-devinterp", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["size"] == "tiny" and row["batch"] == 2 and row["draws"] == 2 and row["ms_per_chain_step"] > 0
+    assert isinstance(row["llcfast_warnings"], list) and "speedup_vs_devinterp" not in row
+
+
+def test_devinterp_out_of_memory_is_recorded(tmp_path, monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(bench_large, "run_devinterp", out_of_memory)
+    out = tmp_path / "large.json"
+    bench_large.main(ARGS + ["--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["devinterp_error"] == "out of memory: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert "speedup_vs_devinterp" not in row and "devinterp ran out of memory" in capsys.readouterr().out
