@@ -4,18 +4,24 @@
 # under its own time limit so one hang does not cost the others; logs and
 # JSON go to $OUT (or ./gpu-out).
 #
-#   bash benchmarks/gpu_session.sh build tests llc compiled large hessian demo
+#   bash benchmarks/gpu_session.sh build tests hessian attention large llc compiled demo
 #
 # A device call runs at most 600 s and a session has 1800 s of device time,
 # machine start included, so split the steps over calls, most wanted first:
-#   1. build tests   (limits 300 + 300; the CUDA kernels' first run)
-#   2. llc           (540: the issue's speed table, against devinterp, and
-#                    the profiles of the fast engine and the reference)
-#   3. compiled      (480: bf16+compile is the one run whose modelled floor,
-#                    at the eager runs' measured distance from theirs, meets
-#                    the LR goal; bench_traffic.py's "compiled" rows)
-#   4. hessian       (540: HVP modes, precisions, compiled trace, planner)
-#   5. large, as time remains
+#   1. build tests   (limits 300 + 300; build 56-62 s and tests 211 s on
+#                    the H100, 2026-11-24)
+#   2. hessian       (540: HVP modes, precisions, compiled trace, planner;
+#                    not run since 2026-11-23)
+#   3. attention large (120 + 540: which attention kernels GPT-2 runs under
+#                    the engine's transforms, then the large models; set
+#                    LARGE_ARGS, e.g. "--sizes 774M --batch 2", since 774M at
+#                    batch 8 does not fit one chain on an 80 GB card)
+#   4. llc compiled  (540 + 480: the speed tables; 232 s and 461 s on the
+#                    H100, 2026-11-24)
+#
+# The machine goes back 30 s after a call ends: make the next call at once, or
+# its fresh machine builds again (the built .so is over the 16 MiB that comes
+# back from $OUT, so it cannot be carried).
 #
 # Missing Python packages (devinterp, curvlinops, ...) travel as wheels in
 # .whl/ (bash benchmarks/fetch_peer_wheels.sh makes it; name .whl in the
@@ -65,6 +71,8 @@ for s in "${steps[@]}"; do
     compiled)  # the fast engine with compile=True, next to plain fp32 and bf16
       step compiled 480 python3 benchmarks/bench_llc.py --skip-devinterp --ref-steps 2 \
         --precisions fp32,bf16,fp32+compile,bf16+compile,bf16+compile+sdpa,fp32+autotune --out "$OUT/llc_compiled.json" ;;
+    attention)  # the kernels and memory of one GPT-2 chain under grad and vmap(grad)
+      step attention 120 python3 benchmarks/attention_path.py --size ${ATTENTION_SIZE:-774M} --batch 2 ;;
     large)
       step large 540 python3 benchmarks/bench_large.py ${LARGE_ARGS:-} --out "$OUT/large.json" ;;
     hessian)
