@@ -24,6 +24,13 @@ def test_activations_are_chunked_before_chains_are_grouped():
     assert plan.chain_chunk == (budget - 8 * GiB) // (3 * GiB) and 8 * GiB + plan.chain_chunk * 3 * GiB <= budget
 
 
+def test_passes_are_evened_out_unless_chain_chunk_is_given():
+    # room for 3 chains' activations a pass: 4 chains run as 2 + 2 (the same two passes, a lower peak)
+    plan = plan_memory(4, state_per_chain=GiB // 4, activation_per_chain=4 * GiB, free_bytes=16 * GiB)
+    assert (int(16 * GiB * HEADROOM) - GiB) // (4 * GiB) == 3 and plan.chain_chunk == 2
+    assert plan_memory(4, GiB // 4, 4 * GiB, 16 * GiB, chain_chunk=3).chain_chunk == 3
+
+
 def test_chains_are_grouped_when_their_state_does_not_fit():
     plan = plan_memory(64, state_per_chain=GiB, activation_per_chain=2 * GiB, free_bytes=20 * GiB)
     budget = int(20 * GiB * HEADROOM)

@@ -75,6 +75,8 @@ def plan_memory(num_chains: int, state_per_chain: int, activation_per_chain: int
     chunk = group if A == 0 else min(group, (budget - group * S) // A)
     if chain_chunk is not None:
         chunk = min(chunk, chain_chunk)
+    elif chunk < group:  # as few passes as fit, evened out: 4 chains with room for 3 a pass run as 2 and 2
+        chunk = -(-group // -(-group // chunk))
     return MemoryPlan(group, None if chunk >= group else chunk, S, A, free_bytes)
 
 
