@@ -165,15 +165,22 @@ def next_token_loss(model: nn.Module, batch) -> torch.Tensor:
     Inside the fast engine's batched pass it is one fused kernel per
     direction over the logits, the LM's largest tensors; elsewhere
     log_softmax and gather (llcfast.fused_loss)."""
-    tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return token_nll(model(tokens[:, :-1]), tokens[:, 1:]).mean()
+    inputs, targets = _inputs_and_targets(batch)
+    return token_nll(model(inputs), targets).mean()
 
 
 def hf_next_token_loss(model: nn.Module, batch) -> torch.Tensor:
     """next_token_loss for a Hugging Face causal LM, whose output carries
     ``.logits``: the same fused kernel over the logits."""
+    inputs, targets = _inputs_and_targets(batch)
+    return token_nll(model(input_ids=inputs).logits, targets).mean()
+
+
+def _inputs_and_targets(batch):
+    """A batch of token sequences (alone, or first of a tuple) split into the
+    model's inputs and the next tokens it predicts."""
     tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return token_nll(model(input_ids=tokens[:, :-1]).logits, tokens[:, 1:]).mean()
+    return tokens[:, :-1], tokens[:, 1:]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -11,7 +11,7 @@ import re
 from dataclasses import replace
 from typing import List, Optional, Tuple
 
-from .checkpoints import MANIFEST, atomic_json
+from .checkpoints import MANIFEST, atomic_json, read_manifest
 from .config import PRESETS, RunConfig, SweepSettings
 from .sweep import RESULTS
 
@@ -61,11 +61,9 @@ def _positions(config: dict) -> Optional[int]:
 def previous_import(run_dir: str) -> Optional[RunConfig]:
     """The config of an earlier import into ``run_dir``; None if there was
     none. A run of ``llcfast train`` there is refused."""
-    path = os.path.join(run_dir, MANIFEST)
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(run_dir, MANIFEST)):
         return None
-    with open(path) as f:
-        config = json.load(f).get("config") or {}
+    config = read_manifest(run_dir).get("config") or {}
     if config.get("model") != "hf":
         raise ValueError(f"{run_dir!r} already holds an llcfast training run ({MANIFEST}); import writes its "
                          "own manifest only into a folder of checkpoints trained elsewhere")
