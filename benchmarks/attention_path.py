@@ -23,7 +23,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_large import SIZES, gpt2  # noqa: E402
+from bench_large import SIZES, gpt2  # noqa: E402 (it puts the repository on the path, for llcfast)
+from llcfast.engine.planner import measure_activation_bytes  # noqa: E402
 
 KERNEL_WORDS = ("attention", "fmha", "flash", "cudnn", "softmax", "sdpa", "dot_product")
 
@@ -35,20 +36,6 @@ def attention_ops(run, device) -> list:
         run()
     keys = {e.key[:90] for e in prof.key_averages() if any(w in e.key.lower() for w in KERNEL_WORDS)}
     return sorted(k for k in keys if "log_softmax" not in k.lower() and "logsoftmax" not in k.lower())  # the loss
-
-
-def peak_above_baseline(run, device) -> float:
-    """GiB above what was allocated before ``run`` (CUDA; NaN elsewhere)."""
-    if device.type != "cuda":
-        run()
-        return float("nan")
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    out = run()
-    torch.cuda.synchronize(device)
-    del out
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**30
 
 
 def main(argv=None):
@@ -88,7 +75,7 @@ def main(argv=None):
     for name, run in [("plain autograd", plain), ("torch.func.grad", one_grad),
                       (f"vmap(grad), {args.chains} chains", stacked)]:
         run()  # warm-up: lazy initialisation and workspaces stay out of the peak
-        gib = peak_above_baseline(run, device)
+        gib = measure_activation_bytes(run, device) / 2**30 if device.type == "cuda" else float("nan")
         print(f"{name:>24}: {gib:6.2f} GiB above the baseline; attention ops: {attention_ops(run, device)}")
 
 
