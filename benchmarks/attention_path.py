@@ -1,7 +1,8 @@
 """Which attention kernels a Hugging Face GPT-2 runs, and how much memory one
 chain's loss and gradient take, under the transforms the fast engine uses:
-plain autograd, torch.func's grad, and vmap(grad) over stacked chains each
-with its own batch (the engine's stacked pass).
+plain autograd, torch.func's grad, vmap(grad) over stacked chains each
+with its own batch, and that under the engine's first-order context, which
+folds the chains into one SDPA call each way (llcfast.chain_attention).
 
 On the H100 (2026-11-24) the planner measured 22.1 GB above the parameters
 for one chain of GPT-2 774M at 2 x 1024 tokens in bf16. Saved tensors
@@ -25,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_large import SIZES, gpt2  # noqa: E402 (it puts the repository on the path, for llcfast)
 from llcfast.engine.planner import measure_activation_bytes  # noqa: E402
+from llcfast.fused_loss import first_order  # noqa: E402
 
 KERNEL_WORDS = ("attention", "fmha", "flash", "cudnn", "softmax", "sdpa", "dot_product")
 
@@ -34,7 +36,8 @@ def attention_ops(run, device) -> list:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         run()
-    keys = {e.key[:90] for e in prof.key_averages() if any(w in e.key.lower() for w in KERNEL_WORDS)}
+    # With its number of calls: torch's vmap runs the fused backward once per chain, the engine's fold once.
+    keys = {f"{e.key[:90]} x{e.count}" for e in prof.key_averages() if any(w in e.key.lower() for w in KERNEL_WORDS)}
     return sorted(k for k in keys if "log_softmax" not in k.lower() and "logsoftmax" not in k.lower())  # the loss
 
 
@@ -70,10 +73,15 @@ def main(argv=None):
         with autocast:
             return vmap(grad(loss), in_dims=(0, 0))(stack, ids)
 
+    def engine_pass():  # as the fast engine runs it: SDPA folded over chains (llcfast.chain_attention)
+        with first_order():
+            return stacked()
+
     print(f"GPT-2 {args.size}, attention implementation {model.config._attn_implementation!r}, "
           f"{args.batch} x {args.context} tokens a chain, bf16 autocast, torch {torch.__version__}")
     for name, run in [("plain autograd", plain), ("torch.func.grad", one_grad),
-                      (f"vmap(grad), {args.chains} chains", stacked)]:
+                      (f"vmap(grad), {args.chains} chains", stacked),
+                      (f"engine's pass, {args.chains} chains", engine_pass)]:
         run()  # warm-up: lazy initialisation and workspaces stay out of the peak
         gib = measure_activation_bytes(run, device) / 2**30 if device.type == "cuda" else float("nan")
         print(f"{name:>24}: {gib:6.2f} GiB above the baseline; attention ops: {attention_ops(run, device)}")

@@ -24,6 +24,7 @@ import torch
 
 from . import _ext
 from . import reference
+from .chain_attention import FoldAttention
 from ._checks import check_token_nll_args
 
 _first_order_depth = 0
@@ -42,13 +43,20 @@ VMAP_RULES = hasattr(torch.library, "register_vmap")
 
 
 @contextlib.contextmanager
-def first_order():
-    """Inside: ``token_nll`` may use its fused kernel, whose backward has no
-    derivative of its own. Process-wide, like torch's backend flags."""
+def first_order(attention: bool = True):
+    """Inside: ``token_nll`` may use its fused kernel, and with ``attention``
+    SDPA calls fold stacked chains into one call each way (chain_attention);
+    neither backward has a derivative of its own. Yields the attention mode
+    (its ``calls`` counts the SDPA calls seen), or None. The kernel flag is
+    process-wide, like torch's backend flags; the mode is this thread's."""
     global _first_order_depth
     _first_order_depth += 1
     try:
-        yield
+        if attention:
+            with FoldAttention() as mode:
+                yield mode
+        else:
+            yield None
     finally:
         _first_order_depth -= 1
 

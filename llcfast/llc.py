@@ -21,6 +21,7 @@ from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
 from .engine.functional import chain_loss
+from .engine.sampler import loss_context
 from .engine.planner import (free_device_bytes, measure_activation_bytes, out_of_memory_message, plan_memory,
                              state_bytes)
 from .interrupt import ChainsInterrupted, LLCInterrupted, partial_plan, raise_interrupted
@@ -254,8 +255,10 @@ def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):
     point = tuple(p.detach() for _, p in named)
     batch = to_device(next(loader_batches(loader, cfg.seed, endless=False)), device)
 
+    # Under the steps' loss context, whose fused loss saves less than torch's. One chain needs no attention
+    # fold, and torch's SDPA saves a little more than the fold does (its output), so the plan errs safe.
     def one_chain():
-        with precision_context(cfg.precision, device):
+        with precision_context(cfg.precision, device), loss_context(cfg, attention=False):
             if cfg.sequential:  # plain autograd, as the sequential path runs it
                 mine = tuple(p.clone().requires_grad_() for p in point)
                 return torch.autograd.grad(loss(mine, batch), mine, allow_unused=True)

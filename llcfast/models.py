@@ -25,11 +25,11 @@ ATTENTION = ("matmul", "sdpa")
 class CausalSelfAttention(nn.Module):
     """``attention="matmul"`` spells softmax(q k^T / sqrt(e) + mask) v out in
     matmuls, which vmap batches over chains on any device. ``"sdpa"`` calls
-    scaled_dot_product_attention, whose fused CUDA kernels never write the
-    T x T scores; vmap batches their forward over chains and runs their
-    backward chain by chain (torch has no batching rule for it). On CPU
-    vmap runs both directions chain by chain and torch warns of it. The
-    Hessian passes run SDPA on its math backend (engine/hvp.py)."""
+    scaled_dot_product_attention, whose fused kernels never write the T x T
+    scores. torch's vmap batches their forward over chains (on CUDA) but runs
+    their backward chain by chain; the fast engine's pass folds the chains
+    into one call each way instead (llcfast.chain_attention). The Hessian
+    passes run SDPA on its math backend (engine/hvp.py)."""
 
     def __init__(self, d_model: int, heads: int, attention: str = "matmul"):
         super().__init__()

@@ -107,7 +107,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     if device.type == "cpu" and cfg.chain_chunk is None and not cfg.sequential:
         pass_plan = _cpu_pass_plan(loss, params, probe[2][0], cfg)
         cfg = replace(cfg, chain_chunk=pass_plan["chain_chunk"], sequential=pass_plan["sequential"])
-    mode = _choose_mode(loss, params, probe, cfg, device)
+    mode, attention = _choose_mode(loss, params, probe, cfg, device)
     use_graphs = cfg.cuda_graphs and device.type == "cuda" and mode == "vmap"
     grad_buf: List[torch.Tensor] = []  # filled on first use: steps whose batches cannot be stacked need it too
     trace = torch.full((cfg.steps, cfg.num_chains), float("nan"), dtype=torch.float32, device=device)
@@ -129,7 +129,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         return grad_buf, sequential_grads(loss, params, per_chain, grad_buf)
 
     def step(batch, dims, per_chain=None) -> None:
-        with precision_context(cfg.precision, device), loss_context(cfg):
+        with precision_context(cfg.precision, device), loss_context(cfg, attention):
             if accum == 1:
                 grads, losses = grads_of(batch, dims, per_chain)
             else:  # the gradient of the mean micro-batch loss
@@ -223,28 +223,36 @@ def _cpu_pass_plan(loss: Callable, params: List[torch.Tensor], batch, cfg: Sampl
     chain 0's forward pass saves on its first batch. A compiled pass stays
     stacked: compiling it is what was asked for."""
     point = tuple(p[0].detach().clone().requires_grad_() for p in params)
-    with precision_context(cfg.precision, torch.device("cpu")), loss_context(cfg):
+    # One chain needs no attention fold; torch's SDPA saves a little more than the fold (its output).
+    with precision_context(cfg.precision, torch.device("cpu")), loss_context(cfg, attention=False):
         total, largest = measure_saved_tensors(lambda: loss(point, batch))
     return cpu_pass_plan(cfg.num_chains, total, largest, stack=cfg.compile is not None)
 
 
-def loss_context(cfg: SamplerConfig):
-    """Where the step's losses may take first-order-only kernels (fused_loss):
-    everywhere but under torch.compile, where Inductor fuses the loss itself
-    and the opaque kernel would only split its graph. The vmap probe enters
-    the same context, so it probes the pass the steps run."""
-    return first_order() if cfg.compile is None else nullcontext()
+def loss_context(cfg: SamplerConfig, attention: bool = True):
+    """Where the step's losses may take first-order-only kernels (fused_loss,
+    chain_attention): everywhere but under torch.compile, where Inductor fuses
+    the loss itself and the opaque kernels would only split its graph. The
+    vmap probe enters the same context, so it probes the pass the steps run;
+    ``attention`` False leaves out the attention fold's mode (a pass that
+    calls no SDPA only pays for its hook)."""
+    return first_order(attention) if cfg.compile is None else nullcontext()
 
 
-def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, device) -> str:
+def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, device):
+    """("vmap" or "sequential", whether the batched pass called SDPA)."""
     if cfg.sequential:
-        return "sequential"
+        return "sequential", False
     batch, dims, per_chain = first
     probe, probe_dims = (batch, dims) if batch is not None else (per_chain[0], None)
-    with precision_context(cfg.precision, device), loss_context(cfg):
+    with precision_context(cfg.precision, device), loss_context(cfg) as fold:
         reason = vmap_failure(loss, params, probe, probe_dims, cfg.chain_chunk)
     if reason is None:
-        return "vmap"
+        return "vmap", fold is not None and fold.calls > 0
+    if fold is not None and fold.calls:  # the fold is the only part of the pass that is ours to leave out
+        with precision_context(cfg.precision, device), loss_context(cfg, attention=False):
+            if vmap_failure(loss, params, probe, probe_dims, cfg.chain_chunk) is None:
+                return "vmap", False
     if cfg.backend == "fast":
         raise RuntimeError(f"backend='fast' cannot batch this model's chains with torch.func.vmap ({reason}). "
                            "Common causes: batch norm in train mode, data-dependent control flow, in-place ops on "
@@ -252,7 +260,7 @@ def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, de
     warnings.warn(f"llcfast: this model cannot be batched over chains with torch.func.vmap ({reason}); running the "
                   "chains one after another with the fused step (slower). Call model.eval() if batch norm in train "
                   "mode is the cause.", RuntimeWarning, stacklevel=4)
-    return "sequential"
+    return "sequential", False
 
 
 def _capture(step: Callable, batch, dims) -> Optional[GraphStep]:
