@@ -73,7 +73,7 @@ def main(argv=None):
         with autocast:
             return vmap(grad(loss), in_dims=(0, 0))(stack, ids)
 
-    def engine_pass():  # as the fast engine runs it: SDPA folded over chains (llcfast.chain_attention)
+    def engine_pass():  # as the fast engine runs it: on CUDA, SDPA folded over chains (llcfast.chain_attention)
         with first_order():
             return stacked()
 

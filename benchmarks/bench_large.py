@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
+from llcfast import chain_attention  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 
 SIZES = {  # GPT-2 family shapes
@@ -113,7 +114,8 @@ def measure(size, args, device, peak_tflops):
            "backend": res.config.get("backend"), "wall_s": wall, "ms_per_chain_step": ms,
            "llc_mean": res.llc_mean, "llc_std": res.llc_std, "peak_memory_GiB": res.timings.get("peak_memory_bytes", 0) / 2**30,
            "memory_plan": res.config.get("memory_plan"), "cuda_graphs": res.config.get("cuda_graphs"),
-           "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12, "llcfast_warnings": notes}
+           "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12, "llcfast_warnings": notes,
+           "attention_fold": device.type in chain_attention.FOLD_DEVICES}
     row["mfu_vs_measured_bf16"] = row["model_tflops"] / peak_tflops
     if not args.skip_devinterp:
         steps = max(2, args.devinterp_draws)
@@ -144,9 +146,22 @@ def main(argv=None):
     p.add_argument("--checkpointing", action="store_true",
                    help="recompute each GPT-2 block in the backward pass (chains then run one after another); "
                         "model FLOPs stay 6 x params x tokens, so the recomputation counts against MFU")
+    p.add_argument("--no-fold", action="store_true",
+                   help="leave GPT-2's SDPA calls to torch's vmap, which runs their backward chain by chain, instead "
+                        "of the engine's fold of the chains into one call (llcfast.chain_attention)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    fold = chain_attention.FOLD_DEVICES
+    if args.no_fold:
+        chain_attention.FOLD_DEVICES = set()
+    try:
+        run(args, device)
+    finally:
+        chain_attention.FOLD_DEVICES = fold
+
+
+def run(args, device):
     peak = bf16_matmul_tflops(device)
     rows = []
     for size in args.sizes:

@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import models, tasks  # noqa: E402
+from llcfast import chain_attention, models, tasks  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 
 # Dense matmul peaks (TFLOP/s) of the GPUs these benchmarks run on, from the
@@ -197,12 +197,18 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         kw = dict(precision=precision, compile=next((COMPILE_VARIANTS[e] for e in extras if e in COMPILE_VARIANTS),
                                                     False))
         models.set_attention(case["model"], "sdpa" if "sdpa" in extras else "matmul")  # same weights
-        run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
-        wall, r = run_llcfast(case, steps, device, **kw)
-        if profile_dir:  # before the attention is set back: a "+sdpa" profile must run the sdpa model
-            profile_run(case, device, kw, min(steps, 50),
-                        os.path.join(profile_dir, f"profile_{case['name']}_{variant.replace('+', '-')}.txt"))
-        models.set_attention(case["model"], "matmul")
+        fold = chain_attention.FOLD_DEVICES
+        if "nofold" in extras:  # torch's own vmap of SDPA, which runs the backward chain by chain
+            chain_attention.FOLD_DEVICES = set()
+        try:
+            run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
+            wall, r = run_llcfast(case, steps, device, **kw)
+            if profile_dir:  # before the attention is set back: a "+sdpa" profile must run the sdpa model
+                profile_run(case, device, kw, min(steps, 50),
+                            os.path.join(profile_dir, f"profile_{case['name']}_{variant.replace('+', '-')}.txt"))
+        finally:
+            models.set_attention(case["model"], "matmul")
+            chain_attention.FOLD_DEVICES = fold
         sampling = r.timings.get("sampling_s", wall)
         tflops = out["flops_per_chain_step"] * chains * steps / sampling / 1e12
         out["runs"][f"llcfast-{variant}"] = dict(
@@ -248,7 +254,8 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
 
 
 # --precisions suffixes: "bf16+compile" runs estimate_llc(compile=True), and so on;
-# "+sdpa" switches the model's attention to scaled_dot_product_attention.
+# "+sdpa" switches the model's attention to scaled_dot_product_attention, and
+# "+sdpa+nofold" leaves its calls to torch's vmap instead of the engine's fold.
 COMPILE_VARIANTS = {"compile": True, "autotune": "max-autotune-no-cudagraphs"}
 
 
@@ -257,9 +264,11 @@ def variant_error(variant: str):
     precision, *extras = variant.split("+")
     if precision not in ("fp32", "tf32", "bf16"):
         return f"{variant!r}: the precision must be fp32, tf32 or bf16"
-    unknown = [e for e in extras if e not in COMPILE_VARIANTS and e != "sdpa"]
+    unknown = [e for e in extras if e not in COMPILE_VARIANTS and e not in ("sdpa", "nofold")]
     if unknown or len(set(extras)) != len(extras) or sum(e in COMPILE_VARIANTS for e in extras) > 1:
-        return f"{variant!r}: add at most one of +compile, +autotune and optionally +sdpa"
+        return f"{variant!r}: add at most one of +compile, +autotune and optionally +sdpa (and +nofold with it)"
+    if "nofold" in extras and "sdpa" not in extras:
+        return f"{variant!r}: +nofold applies to +sdpa only"
     return None
 
 
@@ -288,7 +297,8 @@ def main(argv=None):
     p.add_argument("--precisions", default="fp32,bf16",
                    help="comma-separated fp32, tf32, bf16, each optionally +compile (estimate_llc(compile=True)) "
                         "or +autotune (compile='max-autotune-no-cudagraphs'), and +sdpa (the models' attention "
-                        "through scaled_dot_product_attention)")
+                        "through scaled_dot_product_attention; +sdpa+nofold: without the engine's fold of the "
+                        "chains into one SDPA call)")
     p.add_argument("--skip-devinterp", action="store_true")
     p.add_argument("--quick", action="store_true", help="small data and LM, few steps: a smoke run")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/llc_<gpu>_<date>.json)")

@@ -17,10 +17,10 @@ runs on CUDA (its kernel), and as log_softmax + gather for comparison. The
 floor is a roofline: each kernel costs the larger of its bytes over the
 datasheet bandwidth and its FLOPs over the datasheet peak. It leaves out
 launch gaps and kernels slower than the roofline, so measured times sit above
-it; it is a model, not a measurement. attention="sdpa" is traced through
-torch's CPU flash kernel, which vmap runs chain by chain both ways (on CUDA
-the forward is batched): its bytes stand in for the CUDA kernels', which
-likewise never write the T x T scores.
+it; it is a model, not a measurement. attention="sdpa" is traced as the
+engine runs it on CUDA, with the chains folded into one call each way
+(llcfast.chain_attention), through torch's CPU flash kernel: its bytes stand
+in for the CUDA kernels', which likewise never write the T x T scores.
 
 compile=True's pass is counted too (``pass`` "compiled"): Inductor lowers
 and fuses the same pass for a CUDA device, without one (inductor_trace.py),
@@ -48,7 +48,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import fused_loss, models, ops  # noqa: E402
+from llcfast import chain_attention, fused_loss, models, ops  # noqa: E402
 from llcfast.engine.functional import chain_loss, vmapped_grads  # noqa: E402
 from llcfast.engine.hvp import HVP, HVP_MODES  # noqa: E402
 from llcfast.engine.hvp import _pass as hvp_pass  # noqa: E402
@@ -141,8 +141,9 @@ def trace_step(case: dict, precision: str, fused: bool):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     loss = chain_loss(model, case["loss_fn"], names)
     shapes = [tuple(p.shape) for p in model.parameters()]
-    saved = fused_loss.KERNEL_DEVICES
+    saved = fused_loss.KERNEL_DEVICES, chain_attention.FOLD_DEVICES
     fused_loss.KERNEL_DEVICES = {"cpu", "cuda"} if fused else set()
+    chain_attention.FOLD_DEVICES = {"cpu", "cuda"}  # SDPA folded over chains, as the engine runs it on CUDA
     log = KernelLog()
     try:
         with FakeTensorMode():
@@ -163,7 +164,7 @@ def trace_step(case: dict, precision: str, fused: bool):
                 ops.sgld_step_(params, [g.contiguous() for g in grads], centers, eps=case["epsilon"],
                                nbeta=case["nbeta"], gamma=case["gamma"], seed=0, step=0)
     finally:
-        fused_loss.KERNEL_DEVICES = saved
+        fused_loss.KERNEL_DEVICES, chain_attention.FOLD_DEVICES = saved
     return log.rows
 
 

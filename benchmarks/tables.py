@@ -73,8 +73,8 @@ COLUMNS: Dict[str, List[Column]] = {
                 ("power", "top_eig.power_hvps", _plain)],
     "large": [("model", "size", _plain), ("params", "parameters", _sci), ("chains", "chains", _plain),
               ("draws", "draws", _plain), ("batch", "batch", _plain), ("precision", "precision", _plain),
-              ("checkpointing", "checkpointing", _plain), ("wall (s)", "wall_s", _num(".1f")),
-              ("ms per chain-step", "ms_per_chain_step", _num(".1f")),
+              ("checkpointing", "checkpointing", _plain), ("attention fold", "attention_fold", _plain),
+              ("wall (s)", "wall_s", _num(".1f")), ("ms per chain-step", "ms_per_chain_step", _num(".1f")),
               ("peak memory (GiB)", "peak_memory_GiB", _num(".1f")),
               ("MFU (of measured bf16)", "mfu_vs_measured_bf16", _pct),
               ("vs devinterp", "speedup_vs_devinterp", _times), ("devinterp", "devinterp_error", _plain)],
@@ -96,7 +96,7 @@ COLUMNS: Dict[str, List[Column]] = {
 MEASURED = [("copy bandwidth", "copy_bandwidth_GBps", lambda v: f"{v:.0f} GB/s"),
             ("bf16 matmul rate", "bf16_matmul_tflops", lambda v: f"{v:.0f} TFLOP/s")]
 KEYS = {"sgld_step": ("params_per_chain", "chains", "tensors"), "samplers": ("sampler", "params_per_chain", "chains"),
-        "llc": ("case",), "hessian": ("case",), "large": ("size", "batch", "precision", "checkpointing"),
+        "llc": ("case",), "hessian": ("case",), "large": ("size", "batch", "precision", "checkpointing", "attention_fold"),
         "traffic": ("case", "precision", "pass", "attention", "loss"),
         "traffic_hessian": ("case", "precision", "pass", "hvp_mode")}
 ROW_LISTS = {"sgld_step": "rows", "samplers": "rows", "llc": "cases", "hessian": "cases", "large": "rows",

@@ -47,7 +47,7 @@ def first_order(attention: bool = True):
     """Inside: ``token_nll`` may use its fused kernel, and with ``attention``
     SDPA calls fold stacked chains into one call each way (chain_attention);
     neither backward has a derivative of its own. Yields the attention mode
-    (its ``calls`` counts the SDPA calls seen), or None. The kernel flag is
+    (its ``folded`` counts the SDPA calls it folded), or None. The kernel flag is
     process-wide, like torch's backend flags; the mode is this thread's."""
     global _first_order_depth
     _first_order_depth += 1

@@ -33,3 +33,15 @@ def test_devinterp_out_of_memory_is_recorded(tmp_path, monkeypatch, capsys):
     row = json.loads(out.read_text())["rows"][0]
     assert row["devinterp_error"] == "out of memory: CUDA out of memory. Tried to allocate 20.00 GiB"
     assert "speedup_vs_devinterp" not in row and "devinterp ran out of memory" in capsys.readouterr().out
+
+
+def test_no_fold_is_recorded_and_undone(tmp_path, monkeypatch):
+    from llcfast import chain_attention
+    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})  # as on CUDA
+    folds = []
+    for extra in ([], ["--no-fold"]):
+        out = tmp_path / "large.json"
+        bench_large.main(ARGS + ["--skip-devinterp", "--out", str(out)] + extra)
+        folds.append(json.loads(out.read_text())["rows"][0]["attention_fold"])
+        assert chain_attention.FOLD_DEVICES == {"cpu", "cuda"}
+    assert folds == [True, False]

@@ -19,3 +19,24 @@ def test_each_profile_runs_its_own_variant(tmp_path):
     sdpa = (tmp_path / "profile_lm-8ch_fp32-sdpa.txt").read_text()
     matmul = (tmp_path / "profile_lm-8ch_fp32.txt").read_text()
     assert "scaled_dot_product" in sdpa and "scaled_dot_product" not in matmul
+
+
+def test_nofold_leaves_sdpa_to_torch_for_its_run_only(tmp_path, monkeypatch):
+    from llcfast import chain_attention
+    from llcfast.engine import planner, sampler
+    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})  # as on CUDA
+    # Stacked passes, as on CUDA (a CPU's plan may run this LM chain by chain, which needs no fold).
+    monkeypatch.setattr(sampler, "cpu_pass_plan", lambda n, total, largest, stack=False:
+                        planner.cpu_pass_plan(n, total, largest, stack=True))
+    calls = []
+    inner = chain_attention._attend
+    monkeypatch.setattr(chain_attention, "_attend", lambda *a: calls.append(1) or inner(*a))
+    assert bench_llc.variant_error("bf16+sdpa+nofold") is None
+    assert "+sdpa only" in bench_llc.variant_error("bf16+nofold")
+    counts = []
+    for variant in ("fp32+sdpa+nofold", "fp32+sdpa"):
+        bench_llc.main(["--quick", "--device", "cpu", "--cases", "lm-8", "--precisions", variant, "--skip-devinterp",
+                        "--steps", "3", "--ref-steps", "1", "--out", str(tmp_path / "llc.json")])
+        counts.append(len(calls))
+        assert chain_attention.FOLD_DEVICES == {"cpu", "cuda"}
+    assert counts[0] == 0 and counts[1] > 0

@@ -20,6 +20,13 @@ from llcfast.engine.sampler import SamplerConfig, _choose_mode
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
+@pytest.fixture(autouse=True)
+def fold_on_cpu(monkeypatch):
+    """The fold runs on CUDA only (on a CPU it costs more than it saves); the
+    tests run it on the CPU too, as CUDA's semantics."""
+    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})
+
+
 @pytest.fixture
 def attend_calls(monkeypatch):
     """The shapes of every SDPA call the fold makes, forward and backward."""
@@ -102,7 +109,16 @@ def test_calls_the_fold_cannot_serve_exactly_go_to_torch(extra, attend_calls):
     q = torch.randn(2, 2, 5, 4)
     with fused_loss.first_order() as mode:
         F.scaled_dot_product_attention(q, q, q, **extra)
-    assert mode.calls == 1 and attend_calls == []
+    assert mode.folded == 0 and attend_calls == []
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_a_cpu_is_left_to_torch_by_default(monkeypatch, attend_calls):
+    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cuda"})
+    w, x = torch.randn(2, 24, 5), torch.randn(2, 2, 6, 5)
+    with fused_loss.first_order() as mode:
+        vmap(grad(lambda w, x: attention_loss(w, x, is_causal=True)))(w, x)
+    assert mode.folded == 0 and attend_calls == []
 
 
 def test_mismatched_leading_dimensions_go_to_torch(attend_calls):

@@ -235,7 +235,7 @@ def loss_context(cfg: SamplerConfig, attention: bool = True):
     the loss itself and the opaque kernels would only split its graph. The
     vmap probe enters the same context, so it probes the pass the steps run;
     ``attention`` False leaves out the attention fold's mode (a pass that
-    calls no SDPA only pays for its hook)."""
+    folds no SDPA call only pays for its hook)."""
     return first_order(attention) if cfg.compile is None else nullcontext()
 
 
@@ -248,8 +248,8 @@ def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, de
     with precision_context(cfg.precision, device), loss_context(cfg) as fold:
         reason = vmap_failure(loss, params, probe, probe_dims, cfg.chain_chunk)
     if reason is None:
-        return "vmap", fold is not None and fold.calls > 0
-    if fold is not None and fold.calls:  # the fold is the only part of the pass that is ours to leave out
+        return "vmap", fold is not None and fold.folded > 0
+    if fold is not None and fold.folded:  # the fold is the only part of the pass that is ours to leave out
         with precision_context(cfg.precision, device), loss_context(cfg, attention=False):
             if vmap_failure(loss, params, probe, probe_dims, cfg.chain_chunk) is None:
                 return "vmap", False
