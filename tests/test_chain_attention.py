@@ -226,3 +226,23 @@ def test_cuda_fused_kernels_each_way_once_for_all_chains(precision):
     assert fused and not any("_scaled_dot_product_attention_math" in n for n in names)
     counts = {e.key: e.count for e in prof.key_averages() if e.key in fused}
     assert all(c <= 2 for c in counts.values()), counts  # forward + recomputation, not once per chain
+
+
+@requires_cuda
+@pytest.mark.filterwarnings("ignore:the LLC estimate is negative")
+def test_cuda_graph_replay_of_the_folded_pass_walks_the_reference_trajectory():
+    from llcfast import reference
+    from test_engine_agreement import assert_same_trajectory, record_into
+    model = lm("sdpa").cuda()
+    loader = [b.cuda() for b in lm_batches(4)]
+    kw = dict(num_chains=3, num_draws=8, epsilon=1e-3, nbeta=5.0, gamma=100.0, seed=2, progress=False, device="cuda")
+    ref, graphed = {}, {}
+    r = reference.estimate_llc(model, loader, models.next_token_loss, callbacks=[record_into(ref)], **kw)
+    with fused_loss.first_order() as probe:  # the fold is what the engine's pass runs here
+        vmap(grad(lambda w, x: attention_loss(w, x, is_causal=True)))(torch.randn(2, 24, 5, device="cuda"),
+                                                                      torch.randn(2, 2, 6, 5, device="cuda"))
+    assert probe.folded == 1
+    g = llcfast.estimate_llc(model, loader, models.next_token_loss, callbacks=[record_into(graphed)], backend="fast",
+                             cuda_graphs=True, **kw)
+    assert g.config["cuda_graphs"] is True
+    assert_same_trajectory(r, g, ref, graphed, steps=8, nbeta=5.0, eps=1e-3)
