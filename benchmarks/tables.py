@@ -73,7 +73,8 @@ COLUMNS: Dict[str, List[Column]] = {
                 ("power", "top_eig.power_hvps", _plain)],
     "large": [("model", "size", _plain), ("params", "parameters", _sci), ("chains", "chains", _plain),
               ("draws", "draws", _plain), ("batch", "batch", _plain), ("precision", "precision", _plain),
-              ("checkpointing", "checkpointing", _plain), ("attention fold", "attention_fold", _plain),
+              ("checkpointing", "checkpointing", _plain), ("activation", "activation", _plain),
+              ("attention fold", "attention_fold", _plain),
               ("wall (s)", "wall_s", _num(".1f")), ("ms per chain-step", "ms_per_chain_step", _num(".1f")),
               ("peak memory (GiB)", "peak_memory_GiB", _num(".1f")),
               ("MFU (of measured bf16)", "mfu_vs_measured_bf16", _pct),
@@ -83,6 +84,11 @@ COLUMNS: Dict[str, List[Column]] = {
                 ("matmul GFLOP", "matmul_GFLOP", _num(".0f")), ("matmul GB", "matmul_GB", _num(".2f")),
                 ("other GB", "other_GB", _num(".2f")),
                 ("floor (ms per chain-step)", "floor_ms_per_chain_step", _num(".3f"))],
+    "traffic_large": [("model", "case", _plain), ("activation", "activation", _plain),
+                      ("chains a pass", "chains", _plain), ("batch", "batch", _plain), ("kernels", "kernels", _plain),
+                      ("matmul GB", "matmul_GB", _num(".1f")), ("other GB", "other_GB", _num(".1f")),
+                      ("floor (ms per chain-step)", "floor_ms_per_chain_step", _num(".1f")),
+                      ("MFU at the floor (of 790 TFLOP/s)", "mfu_at_floor", _pct)],
     "traffic_hessian": [("case", "case", _plain), ("precision", "precision", _plain), ("pass", "pass", _plain),
                         ("llcfast HVPs", "hvp_mode", _plain),
                         ("GB per probe", "probe_GB", _num(".2f")), ("GFLOP per probe", "probe_GFLOP", _num(".1f")),
@@ -96,11 +102,13 @@ COLUMNS: Dict[str, List[Column]] = {
 MEASURED = [("copy bandwidth", "copy_bandwidth_GBps", lambda v: f"{v:.0f} GB/s"),
             ("bf16 matmul rate", "bf16_matmul_tflops", lambda v: f"{v:.0f} TFLOP/s")]
 KEYS = {"sgld_step": ("params_per_chain", "chains", "tensors"), "samplers": ("sampler", "params_per_chain", "chains"),
-        "llc": ("case",), "hessian": ("case",), "large": ("size", "batch", "precision", "checkpointing", "attention_fold"),
+        "llc": ("case",), "hessian": ("case",),
+        "large": ("size", "batch", "precision", "checkpointing", "activation", "attention_fold"),
         "traffic": ("case", "precision", "pass", "attention", "loss"),
+        "traffic_large": ("case", "activation", "chains", "batch"),
         "traffic_hessian": ("case", "precision", "pass", "hvp_mode")}
 ROW_LISTS = {"sgld_step": "rows", "samplers": "rows", "llc": "cases", "hessian": "cases", "large": "rows",
-             "traffic": "rows", "traffic_hessian": "rows"}
+             "traffic": "rows", "traffic_large": "rows", "traffic_hessian": "rows"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -107,9 +107,14 @@ def _autocast_dtype(device_type: str):
     The fold casts q, k, v itself and runs with autocast off, so that the
     backward's recomputation, which runs outside the forward's autocast
     region, repeats the forward exactly."""
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch before the device-generic autocast queries
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
 def _foldable(call: dict) -> bool:

@@ -21,6 +21,14 @@ def test_a_row_per_size_with_the_plan_and_llcfasts_warnings(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert row["size"] == "tiny" and row["batch"] == 2 and row["draws"] == 2 and row["ms_per_chain_step"] > 0
     assert isinstance(row["llcfast_warnings"], list) and "speedup_vs_devinterp" not in row
+    assert row["activation"] == "gelu_pytorch_tanh"  # GPT-2's GELU as one kernel (bench_large.ACTIVATIONS)
+
+
+def test_either_gelu_is_the_same_function():
+    pytest.importorskip("transformers")
+    fused, spelled = (bench_large.gpt2("tiny", 16, a) for a in ("gelu_pytorch_tanh", "gelu_new"))
+    ids = torch.randint(0, 50257, (2, 16))
+    torch.testing.assert_close(fused(input_ids=ids).logits, spelled(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_devinterp_out_of_memory_is_recorded(tmp_path, monkeypatch, capsys):

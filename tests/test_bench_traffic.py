@@ -119,3 +119,21 @@ def test_compiled_hessian_pass_adds_fewer_bytes_per_probe_with_the_same_flops():
                                                    compiled=True)
     assert compiled["probe_GFLOP"] == pytest.approx(eager["probe_GFLOP"], rel=0.02)
     assert 0 < compiled["probe_GB"] < eager["probe_GB"]
+
+
+@requires_extension
+def test_gpt2_rows_count_the_same_matmuls_with_either_gelu(tmp_path):
+    """traffic_large.py: the fused GELU changes the elementwise traffic, not
+    the matmuls; the MFU at the floor follows from 6 x params x tokens."""
+    pytest.importorskip("transformers")
+    import json
+    import traffic_large
+    out = tmp_path / "t.json"
+    traffic_large.main(["--quick", "--out", str(out)])
+    rows = {r["activation"]: r for r in json.loads(out.read_text())["rows"]}
+    fused, spelled = rows["gelu_pytorch_tanh"], rows["gelu_new"]
+    assert fused["matmul_GFLOP"] == spelled["matmul_GFLOP"] and fused["kernels"] < spelled["kernels"]
+    assert fused["other_GB"] < spelled["other_GB"]
+    for r in rows.values():
+        want = r["model_GFLOP"] / (r["floor_ms_per_chain_step"] / 1e3) / traffic_large.MEASURED_BF16_TFLOPS / 1e3
+        assert r["mfu_at_floor"] == pytest.approx(want)

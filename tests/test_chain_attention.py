@@ -140,7 +140,8 @@ def test_outside_first_order_sdpa_is_torchs_and_twice_differentiable():
 
     with sdpa_kernel(SDPBackend.MATH):
         assert torch.isfinite(second_derivative()).all()
-    with sdpa_kernel(SDPBackend.MATH), fused_loss.first_order(), pytest.raises(RuntimeError, match="no derivative of its own"):
+    with sdpa_kernel(SDPBackend.MATH), fused_loss.first_order(), \
+            pytest.raises(RuntimeError, match="no derivative of its own"):
         second_derivative()
 
 
