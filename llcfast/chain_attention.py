@@ -31,8 +31,8 @@ _SDPA = F.scaled_dot_product_attention
 
 # Devices whose calls are folded. On a CPU, torch's chain-by-chain path gains
 # nothing from batching and the fold's recomputation costs more than the loop
-# saves: the paper's LM pass (2 chains, 16 x 257 tokens, 2 cores) took 3-6%
-# longer folded, in fp32 and bf16. There the fold serves the tests, which add
+# saves: the paper's LM pass (2 chains, 16 x 257 tokens, 2 cores) took 2-5%
+# longer folded in fp32 and 3-7% in bf16. There the fold serves the tests, which add
 # "cpu" here, as the CUDA path's semantics on every machine.
 FOLD_DEVICES = {"cuda"}
 _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
