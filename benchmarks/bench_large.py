@@ -43,11 +43,13 @@ SIZES = {  # GPT-2 family shapes
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")
 
 
-def gpt2(size: str, context: int, activation: str = ACTIVATIONS[0]):
+def gpt2(size: str, context: int, activation: str = ACTIVATIONS[0], layers=None):
+    """``layers``: fewer blocks than the size has, at its width."""
     import transformers
     torch.manual_seed(0)
+    shape = dict(SIZES[size], **({"n_layer": layers} if layers else {}))
     config = transformers.GPT2Config(vocab_size=50257, n_positions=max(context, 1024), bos_token_id=0,
-                                     eos_token_id=0, activation_function=activation, **SIZES[size])
+                                     eos_token_id=0, activation_function=activation, **shape)
     return transformers.GPT2LMHeadModel(config).eval()  # eval: no dropout, so chains see a fixed loss
 
 

@@ -12,7 +12,8 @@ policy), with the chains a pass that the H100's plan ran, once with GPT-2's
 own "gelu_new" (eight elementwise ops) and once with "gelu_pytorch_tanh"
 (the same function, one kernel). A model, not a timing: measured times sit
 above the floor (GPT-2 124M with gelu_new on the H100, 2026-11-24: 71.0 ms a
-chain-step).
+chain-step). It also counts the activations one chain saves for its
+backward pass under CUDA's autocast policy (on the CPU, with real tensors).
 """
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_large import ACTIVATIONS, gpt2  # noqa: E402 (it puts the repository on the path)
-from bench_traffic import HBM_GBPS, PEAK_TFLOPS, summarize, trace_step  # noqa: E402
+from bench_large import SIZES as SIZES_BY_NAME  # noqa: E402
+from bench_traffic import HBM_GBPS, PEAK_TFLOPS, CudaAutocastBf16, summarize, trace_step  # noqa: E402
+from llcfast import fused_loss  # noqa: E402
+from llcfast.engine.planner import measure_saved_tensors  # noqa: E402
 from llcfast.models import hf_next_token_loss  # noqa: E402
 from results_io import save_report  # noqa: E402
 
@@ -36,7 +40,31 @@ SIZES = [("124M", 2, 8), ("774M", 2, 2)]
 QUICK_SIZES = [("tiny", 2, 2)]
 
 
-def row_for(size: str, chains: int, batch: int, context: int, activation: str) -> dict:
+def saved_bytes(size: str, batch: int, context: int, activation: str) -> int:
+    """The bytes autograd saves for one chain's backward pass, as the engine
+    runs it on CUDA (CUDA autocast's bf16 policy, the fused loss kernel),
+    counted on the CPU with real tensors: models of 1 and 2 layers at full
+    width give the base and the per-layer share, extrapolated to the size's
+    depth. Gradients and the bf16 copies of the weights come on top."""
+    ids = torch.zeros(batch, context + 1, dtype=torch.long)
+    totals = []
+    kernels = fused_loss.KERNEL_DEVICES
+    fused_loss.KERNEL_DEVICES = {"cpu", "cuda"}
+    try:
+        for layers in (1, 2):
+            totals.append(_saved_by(gpt2(size, context, activation, layers=layers), ids))
+    finally:
+        fused_loss.KERNEL_DEVICES = kernels
+    per_layer = totals[1] - totals[0]
+    return totals[0] - per_layer + SIZES_BY_NAME[size]["n_layer"] * per_layer
+
+
+def _saved_by(model, ids) -> int:
+    with CudaAutocastBf16(), fused_loss.first_order(attention=False):
+        return measure_saved_tensors(lambda: hf_next_token_loss(model, ids))[0]
+
+
+def row_for(size: str, chains: int, batch: int, context: int, activation: str, saved: bool = True) -> dict:
     model = gpt2(size, context, activation)
     case = dict(model=model, loss_fn=hf_next_token_loss, chains=chains, epsilon=1e-5, nbeta=30.0, gamma=100.0,
                 loader=[(torch.zeros(batch, context + 1, dtype=torch.long),)])
@@ -44,9 +72,12 @@ def row_for(size: str, chains: int, batch: int, context: int, activation: str) -
     params = sum(p.numel() for p in model.parameters())
     model_gflop = 6 * params * batch * context / 1e9
     floor_s = s["floor_ms_per_chain_step"] / 1e3
-    return {"case": f"gpt2-{size}", "parameters": params, "chains": chains, "batch": batch, "context": context,
-            "precision": "bf16", "activation": activation, **s, "model_GFLOP": model_gflop,
-            "mfu_at_floor": model_gflop * 1e9 / floor_s / (MEASURED_BF16_TFLOPS * 1e12)}
+    row = {"case": f"gpt2-{size}", "parameters": params, "chains": chains, "batch": batch, "context": context,
+           "precision": "bf16", "activation": activation, **s, "model_GFLOP": model_gflop,
+           "mfu_at_floor": model_gflop * 1e9 / floor_s / (MEASURED_BF16_TFLOPS * 1e12)}
+    if saved:
+        row["saved_GB_per_chain"] = saved_bytes(size, batch, context, activation) / 1e9
+    return row
 
 
 def main(argv=None) -> int:
@@ -63,7 +94,8 @@ def main(argv=None) -> int:
             print(f"{row['case']:10s} {activation:18s} {chains} chains x {batch} x {context} tokens: kernels "
                   f"{row['kernels']:5d}  matmul {row['matmul_GB']:6.1f} GB  other {row['other_GB']:6.1f} GB  floor "
                   f"{row['floor_ms_per_chain_step']:7.2f} ms/chain-step  MFU at the floor "
-                  f"{100 * row['mfu_at_floor']:.0f}%", flush=True)
+                  f"{100 * row['mfu_at_floor']:.0f}%  saved for the backward {row['saved_GB_per_chain']:.2f} GB a chain",
+                  flush=True)
     save_report({"benchmark": "traffic_large", "device": "H100 model", "torch": torch.__version__,
                  "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
                  "bandwidth_GBps": HBM_GBPS["H100"], "peak_tflops": PEAK_TFLOPS["H100"],

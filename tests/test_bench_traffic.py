@@ -134,6 +134,7 @@ def test_gpt2_rows_count_the_same_matmuls_with_either_gelu(tmp_path):
     fused, spelled = rows["gelu_pytorch_tanh"], rows["gelu_new"]
     assert fused["matmul_GFLOP"] == spelled["matmul_GFLOP"] and fused["kernels"] < spelled["kernels"]
     assert fused["other_GB"] < spelled["other_GB"]
+    assert 0 < fused["saved_GB_per_chain"] < spelled["saved_GB_per_chain"]  # gelu_new saves its fp32 intermediates
     for r in rows.values():
         want = r["model_GFLOP"] / (r["floor_ms_per_chain_step"] / 1e3) / traffic_large.MEASURED_BF16_TFLOPS / 1e3
         assert r["mfu_at_floor"] == pytest.approx(want)
