@@ -16,8 +16,11 @@
 #                    not run since 2026-11-23)
 #   3. attention large (120 + 540: which attention kernels GPT-2 runs under
 #                    the engine's transforms, then the large models; set
-#                    LARGE_ARGS, e.g. "--sizes 774M --batch 2", since 774M at
-#                    batch 8 does not fit one chain on an 80 GB card)
+#                    LARGE_ARGS, e.g. "--sizes 774M --batch 2". bench_large
+#                    now builds GPT-2 with the one-kernel GELU, which halves
+#                    the activations: try 774M at batch 8 again, and
+#                    "--sizes 124M --activation gelu_new" to compare with the
+#                    2026-11-24 runs, which used GPT-2's own GELU)
 #   4. llc compiled  (540 + 480: the speed tables; 232 s and 461 s on the
 #                    H100, 2026-11-24)
 #
