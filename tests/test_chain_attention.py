@@ -183,14 +183,23 @@ def test_a_fold_that_breaks_vmap_is_left_out_not_the_batched_pass(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
-def test_estimate_llc_with_the_fold_equals_it_without(monkeypatch):
+@pytest.mark.filterwarnings("ignore:the loader holds")
+@pytest.mark.parametrize("extra", [{}, dict(chain_chunk=2), dict(restrict=["blocks.0.*"]), dict(grad_accum_steps=2),
+                                   dict(mala=True), dict(precision="bf16")])
+def test_estimate_llc_with_the_fold_equals_it_without(monkeypatch, attend_calls, extra):
     loader = lm_batches(4)
-    kwargs = dict(num_chains=3, num_draws=4, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3)
+    # Stacked passes, as on CUDA (a CPU's plan might go chain by chain).
+    kwargs = dict(dict(num_chains=3, num_draws=4, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3,
+                       chain_chunk=3), **extra)
     folded = llcfast.estimate_llc(lm("sdpa"), loader, models.next_token_loss, **kwargs)
+    assert attend_calls and folded.config["backend"] == "fast"
     monkeypatch.setattr(chain_attention, "_foldable", lambda call: False)
     plain = llcfast.estimate_llc(lm("sdpa"), loader, models.next_token_loss, **kwargs)
-    torch.testing.assert_close(torch.as_tensor(folded.loss_trace), torch.as_tensor(plain.loss_trace),
-                               rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.as_tensor(folded.loss_trace), torch.as_tensor(plain.loss_trace), **tol)
+    if extra.get("mala"):
+        torch.testing.assert_close(torch.as_tensor(folded.diagnostics["mala_acceptance_trace"]),
+                                   torch.as_tensor(plain.diagnostics["mala_acceptance_trace"]), **tol)
 
 
 def test_hugging_face_gpt2_attention_is_folded(attend_calls):
