@@ -240,7 +240,7 @@ def loss_context(cfg: SamplerConfig, attention: bool = True):
 
 
 def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, device):
-    """("vmap" or "sequential", whether the batched pass called SDPA)."""
+    """("vmap" or "sequential", whether the batched pass folds SDPA calls)."""
     if cfg.sequential:
         return "sequential", False
     batch, dims, per_chain = first
