@@ -125,7 +125,7 @@ def measure(size, args, device, peak_tflops):
            "llc_mean": res.llc_mean, "llc_std": res.llc_std, "peak_memory_GiB": res.timings.get("peak_memory_bytes", 0) / 2**30,
            "memory_plan": res.config.get("memory_plan"), "cuda_graphs": res.config.get("cuda_graphs"),
            "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12, "llcfast_warnings": notes,
-           "attention_fold": device.type in chain_attention.FOLD_DEVICES, "activation": args.activation}
+           "attention_fold": res.config.get("attention_fold", False), "activation": args.activation}
     row["mfu_vs_measured_bf16"] = row["model_tflops"] / peak_tflops
     if not args.skip_devinterp:
         steps = max(2, args.devinterp_draws)

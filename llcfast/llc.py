@@ -229,6 +229,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         config["memory_plan"] = plan.to_dict()
     if run.pass_plan is not None:
         config["pass_plan"] = run.pass_plan
+    if any(r.attention_fold for r in runs):  # SDPA folded over chains (llcfast.chain_attention)
+        config["attention_fold"] = all(r.attention_fold for r in runs)
     timings = dict(run.timings, total_s=time.perf_counter() - started)
     for key in ("capture_s", "sampling_s"):
         timings[key] = sum(r.timings.get(key, 0.0) for r in runs)

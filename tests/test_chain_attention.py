@@ -192,9 +192,10 @@ def test_estimate_llc_with_the_fold_equals_it_without(monkeypatch, attend_calls,
     kwargs = dict(dict(num_chains=3, num_draws=4, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3,
                        chain_chunk=3), **extra)
     folded = llcfast.estimate_llc(lm("sdpa"), loader, models.next_token_loss, **kwargs)
-    assert attend_calls and folded.config["backend"] == "fast"
+    assert attend_calls and folded.config["backend"] == "fast" and folded.config["attention_fold"] is True
     monkeypatch.setattr(chain_attention, "_foldable", lambda call: False)
     plain = llcfast.estimate_llc(lm("sdpa"), loader, models.next_token_loss, **kwargs)
+    assert "attention_fold" not in plain.config
     tol = dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.as_tensor(folded.loss_trace), torch.as_tensor(plain.loss_trace), **tol)
     if extra.get("mala"):

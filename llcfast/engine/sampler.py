@@ -40,6 +40,7 @@ class SamplerRun:
     mala: Optional[np.ndarray] = None  # [C, steps - 1] MALA acceptance probabilities, when asked for
     compiled: bool = False  # whether the batched pass ran through torch.compile to the end
     pass_plan: Optional[dict] = None  # on CPUs: stacked passes (how many chains each) or chain by chain
+    attention_fold: bool = False  # whether the batched pass folded the chains into one SDPA call each way
 
 
 @dataclass
@@ -169,7 +170,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
                           mala.result(done) if mala is not None else None,
                           compiled=passes.compiled and mode == "vmap",  # the sequential path is not compiled
-                          pass_plan=pass_plan)
+                          pass_plan=pass_plan, attention_fold=attention)
 
     done = 0  # steps finished, callbacks included
     try:
