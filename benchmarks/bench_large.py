@@ -164,13 +164,8 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    fold = chain_attention.FOLD_DEVICES
-    if args.no_fold:
-        chain_attention.FOLD_DEVICES = set()
-    try:
+    with chain_attention.folding(set() if args.no_fold else chain_attention.FOLD_DEVICES):
         run(args, device)
-    finally:
-        chain_attention.FOLD_DEVICES = fold
 
 
 def run(args, device):

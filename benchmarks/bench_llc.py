@@ -197,18 +197,17 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         kw = dict(precision=precision, compile=next((COMPILE_VARIANTS[e] for e in extras if e in COMPILE_VARIANTS),
                                                     False))
         models.set_attention(case["model"], "sdpa" if "sdpa" in extras else "matmul")  # same weights
-        fold = chain_attention.FOLD_DEVICES
-        if "nofold" in extras:  # torch's own vmap of SDPA, which runs the backward chain by chain
-            chain_attention.FOLD_DEVICES = set()
+        # +nofold: torch's own vmap of SDPA, which runs the backward chain by chain
+        fold = set() if "nofold" in extras else chain_attention.FOLD_DEVICES
         try:
-            run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
-            wall, r = run_llcfast(case, steps, device, **kw)
-            if profile_dir:  # before the attention is set back: a "+sdpa" profile must run the sdpa model
-                profile_run(case, device, kw, min(steps, 50),
-                            os.path.join(profile_dir, f"profile_{case['name']}_{variant.replace('+', '-')}.txt"))
+            with chain_attention.folding(fold):
+                run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
+                wall, r = run_llcfast(case, steps, device, **kw)
+                if profile_dir:  # before the attention is set back: a "+sdpa" profile must run the sdpa model
+                    profile_run(case, device, kw, min(steps, 50),
+                                os.path.join(profile_dir, f"profile_{case['name']}_{variant.replace('+', '-')}.txt"))
         finally:
             models.set_attention(case["model"], "matmul")
-            chain_attention.FOLD_DEVICES = fold
         sampling = r.timings.get("sampling_s", wall)
         tflops = out["flops_per_chain_step"] * chains * steps / sampling / 1e12
         out["runs"][f"llcfast-{variant}"] = dict(

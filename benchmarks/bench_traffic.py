@@ -141,12 +141,12 @@ def trace_step(case: dict, precision: str, fused: bool):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     loss = chain_loss(model, case["loss_fn"], names)
     shapes = [tuple(p.shape) for p in model.parameters()]
-    saved = fused_loss.KERNEL_DEVICES, chain_attention.FOLD_DEVICES
+    saved = fused_loss.KERNEL_DEVICES
     fused_loss.KERNEL_DEVICES = {"cpu", "cuda"} if fused else set()
-    chain_attention.FOLD_DEVICES = {"cpu", "cuda"}  # SDPA folded over chains, as the engine runs it on CUDA
     log = KernelLog()
     try:
-        with FakeTensorMode():
+        # SDPA folded over chains, as the engine runs it on CUDA
+        with FakeTensorMode(), chain_attention.folding({"cpu", "cuda"}):
             params = [torch.empty((chains,) + s) for s in shapes]
             centers = [torch.empty(s) for s in shapes]
             fake_batch = _fake_batch(batch, (chains,))
@@ -164,7 +164,7 @@ def trace_step(case: dict, precision: str, fused: bool):
                 ops.sgld_step_(params, [g.contiguous() for g in grads], centers, eps=case["epsilon"],
                                nbeta=case["nbeta"], gamma=case["gamma"], seed=0, step=0)
     finally:
-        fused_loss.KERNEL_DEVICES, chain_attention.FOLD_DEVICES = saved
+        fused_loss.KERNEL_DEVICES = saved
     return log.rows
 
 

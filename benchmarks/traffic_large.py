@@ -64,7 +64,7 @@ def _saved_by(model, ids) -> int:
         return measure_saved_tensors(lambda: hf_next_token_loss(model, ids))[0]
 
 
-def row_for(size: str, chains: int, batch: int, context: int, activation: str, saved: bool = True) -> dict:
+def row_for(size: str, chains: int, batch: int, context: int, activation: str) -> dict:
     model = gpt2(size, context, activation)
     case = dict(model=model, loss_fn=hf_next_token_loss, chains=chains, epsilon=1e-5, nbeta=30.0, gamma=100.0,
                 loader=[(torch.zeros(batch, context + 1, dtype=torch.long),)])
@@ -72,12 +72,10 @@ def row_for(size: str, chains: int, batch: int, context: int, activation: str, s
     params = sum(p.numel() for p in model.parameters())
     model_gflop = 6 * params * batch * context / 1e9
     floor_s = s["floor_ms_per_chain_step"] / 1e3
-    row = {"case": f"gpt2-{size}", "parameters": params, "chains": chains, "batch": batch, "context": context,
+    return {"case": f"gpt2-{size}", "parameters": params, "chains": chains, "batch": batch, "context": context,
            "precision": "bf16", "activation": activation, **s, "model_GFLOP": model_gflop,
-           "mfu_at_floor": model_gflop * 1e9 / floor_s / (MEASURED_BF16_TFLOPS * 1e12)}
-    if saved:
-        row["saved_GB_per_chain"] = saved_bytes(size, batch, context, activation) / 1e9
-    return row
+           "mfu_at_floor": model_gflop * 1e9 / floor_s / (MEASURED_BF16_TFLOPS * 1e12),
+           "saved_GB_per_chain": saved_bytes(size, batch, context, activation) / 1e9}
 
 
 def main(argv=None) -> int:
@@ -94,8 +92,8 @@ def main(argv=None) -> int:
             print(f"{row['case']:10s} {activation:18s} {chains} chains x {batch} x {context} tokens: kernels "
                   f"{row['kernels']:5d}  matmul {row['matmul_GB']:6.1f} GB  other {row['other_GB']:6.1f} GB  floor "
                   f"{row['floor_ms_per_chain_step']:7.2f} ms/chain-step  MFU at the floor "
-                  f"{100 * row['mfu_at_floor']:.0f}%  saved for the backward {row['saved_GB_per_chain']:.2f} GB a chain",
-                  flush=True)
+                  f"{100 * row['mfu_at_floor']:.0f}%  saved for the backward "
+                  f"{row['saved_GB_per_chain']:.2f} GB a chain", flush=True)
     save_report({"benchmark": "traffic_large", "device": "H100 model", "torch": torch.__version__,
                  "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
                  "bandwidth_GBps": HBM_GBPS["H100"], "peak_tflops": PEAK_TFLOPS["H100"],

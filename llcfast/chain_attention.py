@@ -23,6 +23,8 @@ dimensions. Every other call goes to torch unchanged.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -44,9 +46,15 @@ def _attend(q, k, v, is_causal, scale):
     return _SDPA(q, k, v, is_causal=is_causal, scale=scale)
 
 
+def chain_first(x: torch.Tensor, dim, size: int) -> torch.Tensor:
+    """A vmap rule's operand with the mapped dimension first; an unbatched
+    operand (``dim`` None) is shared by all ``size`` chains."""
+    return x.movedim(dim, 0) if dim is not None else x.expand((size,) + tuple(x.shape))
+
+
 def _fold(x: torch.Tensor, dim, size: int) -> torch.Tensor:
-    # [chains, batch, ...] -> [chains * batch, ...]; an unbatched operand is shared by every chain.
-    x = x.movedim(dim, 0) if dim is not None else x.expand((size,) + tuple(x.shape))
+    # [chains, batch, ...] -> [chains * batch, ...]
+    x = chain_first(x, dim, size)
     return x.reshape((-1,) + tuple(x.shape[2:]))
 
 
@@ -134,6 +142,18 @@ def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal:
         q, k, v = (x.to(dtype) if x.dtype in _AUTOCAST_CASTS else x for x in (q, k, v))
     with torch.autocast(q.device.type, enabled=False):
         return _Attention.apply(q, k, v, is_causal, scale)
+
+
+@contextlib.contextmanager
+def folding(devices):
+    """Inside: the fold serves calls on ``devices`` (FOLD_DEVICES), as when
+    a benchmark sets it against torch's own vmap of SDPA."""
+    global FOLD_DEVICES
+    saved, FOLD_DEVICES = FOLD_DEVICES, set(devices)
+    try:
+        yield
+    finally:
+        FOLD_DEVICES = saved
 
 
 class FoldAttention(TorchFunctionMode):

@@ -24,7 +24,7 @@ import torch
 
 from . import _ext
 from . import reference
-from .chain_attention import FoldAttention
+from .chain_attention import FoldAttention, chain_first
 from ._checks import check_token_nll_args
 
 _first_order_depth = 0
@@ -126,10 +126,6 @@ class _TokenNLL(torch.autograd.Function):
         return super().apply(logits, targets)[0]
 
 
-def _chain_first(x, dim, size):
-    return x.movedim(dim, 0) if dim is not None else x.expand((size,) + tuple(x.shape))
-
-
 if _ext.extension_available():
 
     @torch.library.register_fake("llcfast::token_nll")
@@ -148,11 +144,11 @@ if _ext.extension_available() and VMAP_RULES:
     # leading rows of the same kernel call.
     @torch.library.register_vmap("llcfast::token_nll")
     def _token_nll_vmap(info, in_dims, logits, targets):
-        logits = _chain_first(logits, in_dims[0], info.batch_size).contiguous()
-        targets = _chain_first(targets, in_dims[1], info.batch_size).contiguous()
+        logits = chain_first(logits, in_dims[0], info.batch_size).contiguous()
+        targets = chain_first(targets, in_dims[1], info.batch_size).contiguous()
         return torch.ops.llcfast.token_nll(logits, targets), (0, 0)
 
     @torch.library.register_vmap("llcfast::token_nll_backward")
     def _token_nll_backward_vmap(info, in_dims, grad, logits, lse, targets):
-        args = [_chain_first(x, d, info.batch_size).contiguous() for x, d in zip((grad, logits, lse, targets), in_dims)]
+        args = [chain_first(x, d, info.batch_size).contiguous() for x, d in zip((grad, logits, lse, targets), in_dims)]
         return torch.ops.llcfast.token_nll_backward(*args), 0

@@ -26,3 +26,16 @@ def pytest_report_header(config):
     return (f"llcfast: extension={info['extension_loaded']} cpu_kernels={info['cpu_kernels']} "
             f"cuda_kernels={info['cuda_kernels']} archs={info['cuda_archs']!r} torch={info['torch']} "
             f"gpus={info['gpus']}")
+
+
+@pytest.fixture
+def fold_as_on_cuda(monkeypatch):
+    """The engine's pass as it runs on CUDA, on a CPU: SDPA folded over
+    chains (chain_attention runs it on CUDA only) and the chains stacked
+    (a CPU's pass plan may run them chain by chain, which needs no fold)."""
+    from llcfast import chain_attention
+    from llcfast.engine import planner, sampler
+    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(sampler, "cpu_pass_plan", lambda n, total, largest, stack=False:
+                        planner.cpu_pass_plan(n, total, largest, stack=True))
+

@@ -43,13 +43,8 @@ def test_devinterp_out_of_memory_is_recorded(tmp_path, monkeypatch, capsys):
     assert "speedup_vs_devinterp" not in row and "devinterp ran out of memory" in capsys.readouterr().out
 
 
-def test_no_fold_is_recorded_and_undone(tmp_path, monkeypatch):
+def test_no_fold_is_recorded_and_undone(tmp_path, fold_as_on_cuda):
     from llcfast import chain_attention
-    from llcfast.engine import planner, sampler
-    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})  # as on CUDA
-    # Stacked passes, as on CUDA (a CPU's plan may run chain by chain, which needs no fold).
-    monkeypatch.setattr(sampler, "cpu_pass_plan", lambda n, total, largest, stack=False:
-                        planner.cpu_pass_plan(n, total, largest, stack=True))
     folds = []
     for extra in ([], ["--no-fold"]):
         out = tmp_path / "large.json"

@@ -21,13 +21,8 @@ def test_each_profile_runs_its_own_variant(tmp_path):
     assert "scaled_dot_product" in sdpa and "scaled_dot_product" not in matmul
 
 
-def test_nofold_leaves_sdpa_to_torch_for_its_run_only(tmp_path, monkeypatch):
+def test_nofold_leaves_sdpa_to_torch_for_its_run_only(tmp_path, monkeypatch, fold_as_on_cuda):
     from llcfast import chain_attention
-    from llcfast.engine import planner, sampler
-    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})  # as on CUDA
-    # Stacked passes, as on CUDA (a CPU's plan may run this LM chain by chain, which needs no fold).
-    monkeypatch.setattr(sampler, "cpu_pass_plan", lambda n, total, largest, stack=False:
-                        planner.cpu_pass_plan(n, total, largest, stack=True))
     calls = []
     inner = chain_attention._attend
     monkeypatch.setattr(chain_attention, "_attend", lambda *a: calls.append(1) or inner(*a))
