@@ -122,3 +122,29 @@ def test_two_gloo_ranks_sweep_into_one_results_file(tmp_path):
     before = open(os.path.join(two, "results.jsonl")).read()
     sweep(two, device="cpu", progress=False)
     assert open(os.path.join(two, "results.jsonl")).read() == before
+
+
+def test_gathered_tensors_outlive_the_collective(tmp_path, monkeypatch):
+    """The tensors handed to all_gather are still held by Python when
+    gather_rows returns, so gloo's worker thread never frees the last
+    reference; on torch before 2.8 that free waits for the GIL while
+    destroy_process_group holds it, and the rank hangs."""
+    import gc
+    import weakref
+    from llcfast.distributed import ChainSplit, gather_rows
+    seen = []
+    real = dist.all_gather
+
+    def recording(parts, tensor, *args, **kwargs):
+        seen.extend(weakref.ref(t) for t in [tensor, *parts])
+        return real(parts, tensor, *args, **kwargs)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "all_gather", recording)
+        rows = gather_rows(ChainSplit(0, 1, [3]), np.arange(6.0).reshape(3, 2))
+        gc.collect()
+        np.testing.assert_array_equal(rows, np.arange(6.0).reshape(3, 2))
+        assert seen and all(ref() is not None for ref in seen)
+    finally:
+        dist.destroy_process_group()
