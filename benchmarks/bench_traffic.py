@@ -48,7 +48,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import chain_attention, fused_loss, models, ops  # noqa: E402
+from llcfast import chain_fold, fused_loss, models, ops  # noqa: E402
 from llcfast.engine.functional import chain_loss, vmapped_grads  # noqa: E402
 from llcfast.engine.hvp import HVP, HVP_MODES  # noqa: E402
 from llcfast.engine.hvp import _pass as hvp_pass  # noqa: E402
@@ -120,7 +120,10 @@ class KernelLog(TorchDispatchMode):
             written = [t for t in tree_flatten(args[0])[0] if isinstance(t, torch.Tensor)]
         flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) \
             if func.overloadpacket in flop_registry else _cpu_attention_flops(name, args)
-        self.rows.append((name, int(flops), sum(map(_nbytes, ins)) + sum(map(_nbytes, written))))
+        moved = sum(map(_nbytes, ins)) + sum(map(_nbytes, written))
+        if name == "chain_layer_norm_backward":  # its second kernel (the weight's and bias's sums) reads g and x again
+            moved += _nbytes(args[0]) + _nbytes(args[1])
+        self.rows.append((name, int(flops), moved))
         return out
 
 
@@ -145,8 +148,8 @@ def trace_step(case: dict, precision: str, fused: bool):
     fused_loss.KERNEL_DEVICES = {"cpu", "cuda"} if fused else set()
     log = KernelLog()
     try:
-        # SDPA folded over chains, as the engine runs it on CUDA
-        with FakeTensorMode(), chain_attention.folding({"cpu", "cuda"}):
+        # SDPA and layer norm folded over chains, as the engine runs them on CUDA
+        with FakeTensorMode(), chain_fold.folding({"cpu", "cuda"}):
             params = [torch.empty((chains,) + s) for s in shapes]
             centers = [torch.empty(s) for s in shapes]
             fake_batch = _fake_batch(batch, (chains,))

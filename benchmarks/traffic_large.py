@@ -60,7 +60,7 @@ def saved_bytes(size: str, batch: int, context: int, activation: str) -> int:
 
 
 def _saved_by(model, ids) -> int:
-    with CudaAutocastBf16(), fused_loss.first_order(attention=False):
+    with CudaAutocastBf16(), fused_loss.first_order(fold=False):
         return measure_saved_tensors(lambda: hf_next_token_loss(model, ids))[0]
 
 

@@ -56,6 +56,12 @@ TORCH_LIBRARY(llcfast, m) {
   m.def("token_nll(Tensor logits, Tensor targets) -> (Tensor, Tensor)");
   // Its gradient with respect to logits, given d(loss)/d(nll) as grad.
   m.def("token_nll_backward(Tensor grad, Tensor logits, Tensor lse, Tensor targets) -> Tensor");
+  // Layer norm over the last dimension of x [C, R, D] with a weight and bias
+  // [C, D] per chain: (y, mean [C, R], rstd [C, R]).
+  m.def("chain_layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // Its gradients (dx, dweight, dbias) given d(loss)/dy as grad.
+  m.def("chain_layer_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor weight) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -16,10 +16,10 @@ gradients. It has no derivative of its own, so the fold applies only inside
 loss-and-gradient pass; Hessian statistics and training see torch's SDPA.
 
 Models call ``torch.nn.functional.scaled_dot_product_attention`` themselves
-(llcfast's models and Hugging Face's alike), so the fold is a torch-function
-mode that takes over the calls it can serve exactly: no attention mask, no
-dropout, no grouped-query broadcasting, and q, k, v with the same leading
-dimensions. Every other call goes to torch unchanged.
+(llcfast's models and Hugging Face's alike), so the fold takes over, through
+chain_fold.ChainFold's torch-function mode, the calls it can serve exactly:
+no attention mask, no dropout, no grouped-query broadcasting, and q, k, v
+with the same leading dimensions. Every other call goes to torch unchanged.
 """
 from __future__ import annotations
 
@@ -27,9 +27,8 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-_SDPA = F.scaled_dot_product_attention
+SDPA = F.scaled_dot_product_attention
 
 # Devices whose calls are folded. On a CPU, torch's chain-by-chain path gains
 # nothing from batching and the fold's recomputation costs more than the loop
@@ -43,7 +42,7 @@ _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": N
 
 
 def _attend(q, k, v, is_causal, scale):
-    return _SDPA(q, k, v, is_causal=is_causal, scale=scale)
+    return SDPA(q, k, v, is_causal=is_causal, scale=scale)
 
 
 def chain_first(x: torch.Tensor, dim, size: int) -> torch.Tensor:
@@ -52,13 +51,14 @@ def chain_first(x: torch.Tensor, dim, size: int) -> torch.Tensor:
     return x.movedim(dim, 0) if dim is not None else x.expand((size,) + tuple(x.shape))
 
 
-def _fold(x: torch.Tensor, dim, size: int) -> torch.Tensor:
-    # [chains, batch, ...] -> [chains * batch, ...]
+def fold_batch(x: torch.Tensor, dim, size: int) -> torch.Tensor:
+    """A vmap rule's operand [..., B, ...] mapped at ``dim`` as [size * B, ...]."""
     x = chain_first(x, dim, size)
     return x.reshape((-1,) + tuple(x.shape[2:]))
 
 
-def _unfold(x: torch.Tensor, size: int) -> torch.Tensor:
+def unfold_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[size * B, ...] back to [size, B, ...]."""
     return x.reshape((size, -1) + tuple(x.shape[1:]))
 
 
@@ -81,8 +81,8 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, q, k, v, is_causal, scale):
         n = info.batch_size
-        out = _Attention.apply(*(_fold(x, d, n) for x, d in zip((q, k, v), in_dims)), is_causal, scale)
-        return _unfold(out, n), 0
+        out = _Attention.apply(*(fold_batch(x, d, n) for x, d in zip((q, k, v), in_dims)), is_causal, scale)
+        return unfold_batch(out, n), 0
 
 
 class _AttentionBackward(torch.autograd.Function):
@@ -105,12 +105,12 @@ class _AttentionBackward(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, grad, q, k, v, is_causal, scale):
         n = info.batch_size
-        grads = _AttentionBackward.apply(*(_fold(x, d, n) for x, d in zip((grad, q, k, v), in_dims)),
+        grads = _AttentionBackward.apply(*(fold_batch(x, d, n) for x, d in zip((grad, q, k, v), in_dims)),
                                          is_causal, scale)
-        return tuple(_unfold(g, n) for g in grads), (0, 0, 0)
+        return tuple(unfold_batch(g, n) for g in grads), (0, 0, 0)
 
 
-def _autocast_dtype(device_type: str):
+def autocast_dtype(device_type: str):
     """The dtype autocast would run SDPA in here, or None where it is off.
     The fold casts q, k, v itself and runs with autocast off, so that the
     backward's recomputation, which runs outside the forward's autocast
@@ -118,7 +118,7 @@ def _autocast_dtype(device_type: str):
     try:
         if not torch.is_autocast_enabled(device_type):
             return None
-        return torch.get_autocast_dtype(device_type)
+        return torch.getautocast_dtype(device_type)
     except (TypeError, AttributeError):  # torch before the device-generic autocast queries
         if device_type == "cuda":
             return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
@@ -137,7 +137,7 @@ def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal:
     """SDPA whose vmap folds the mapped dimension into the batch dimension,
     both ways; first derivatives only. q, k, v: [B, ..., T, E] with the same
     leading dimensions."""
-    dtype = _autocast_dtype(q.device.type)
+    dtype = autocast_dtype(q.device.type)
     if dtype is not None:  # autocast's cast of SDPA's operands, done here
         q, k, v = (x.to(dtype) if x.dtype in _AUTOCAST_CASTS else x for x in (q, k, v))
     with torch.autocast(q.device.type, enabled=False):
@@ -156,21 +156,9 @@ def folding(devices):
         FOLD_DEVICES = saved
 
 
-class FoldAttention(TorchFunctionMode):
-    """Sends eligible SDPA calls through :func:`folded_sdpa`; ``folded``
-    counts them, so that a caller can leave the mode (whose Python hook
-    costs about 1.5 us a torch call) out of passes that have none."""
-
-    def __init__(self):
-        super().__init__()
-        self.folded = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _SDPA and not torch.compiler.is_compiling():
-            call = dict(_DEFAULTS, **dict(zip(_ARGS, args)), **kwargs)
-            if len(call) == len(_ARGS) and _foldable(call):
-                self.folded += 1
-                return folded_sdpa(call["query"], call["key"], call["value"], is_causal=call["is_causal"],
-                                   scale=call["scale"])
-        return func(*args, **kwargs)
+def try_fold(args, kwargs):
+    """The folded SDPA of a call it can serve exactly, else NotImplemented."""
+    call = dict(_DEFAULTS, **dict(zip(_ARGS, args)), **kwargs)
+    if len(call) != len(_ARGS) or not _foldable(call):
+        return NotImplemented
+    return folded_sdpa(call["query"], call["key"], call["value"], is_causal=call["is_causal"], scale=call["scale"])

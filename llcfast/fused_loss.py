@@ -24,7 +24,8 @@ import torch
 
 from . import _ext
 from . import reference
-from .chain_attention import FoldAttention, chain_first
+from .chain_attention import chain_first
+from .chain_fold import ChainFold
 from ._checks import check_token_nll_args
 
 _first_order_depth = 0
@@ -43,17 +44,18 @@ VMAP_RULES = hasattr(torch.library, "register_vmap")
 
 
 @contextlib.contextmanager
-def first_order(attention: bool = True):
-    """Inside: ``token_nll`` may use its fused kernel, and with ``attention``
-    SDPA calls fold stacked chains into one call each way (chain_attention);
-    neither backward has a derivative of its own. Yields the attention mode
-    (its ``folded`` counts the SDPA calls it folded), or None. The kernel flag is
-    process-wide, like torch's backend flags; the mode is this thread's."""
+def first_order(fold: bool = True):
+    """Inside: ``token_nll`` may use its fused kernel, and with ``fold`` SDPA
+    and layer-norm calls fold stacked chains into one call each way
+    (chain_fold); none of these backwards has a derivative of its own.
+    Yields the fold's mode (its ``calls`` counts the calls it folded by
+    kind), or None. The kernel flag is process-wide, like torch's backend
+    flags; the mode is this thread's."""
     global _first_order_depth
     _first_order_depth += 1
     try:
-        if attention:
-            with FoldAttention() as mode:
+        if fold:
+            with ChainFold() as mode:
                 yield mode
         else:
             yield None

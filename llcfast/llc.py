@@ -229,8 +229,11 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         config["memory_plan"] = plan.to_dict()
     if run.pass_plan is not None:
         config["pass_plan"] = run.pass_plan
-    if any(r.attention_fold for r in runs):  # SDPA folded over chains (llcfast.chain_attention)
-        config["attention_fold"] = all(r.attention_fold for r in runs)
+    # SDPA and layer norm folded over chains (llcfast.chain_fold)
+    if any(r.folds.get("sdpa") for r in runs):
+        config["attention_fold"] = all(r.folds.get("sdpa") for r in runs)
+    if any(r.folds.get("layer_norm") for r in runs):
+        config["layer_norm_fold"] = all(r.folds.get("layer_norm") for r in runs)
     timings = dict(run.timings, total_s=time.perf_counter() - started)
     for key in ("capture_s", "sampling_s"):
         timings[key] = sum(r.timings.get(key, 0.0) for r in runs)
@@ -257,10 +260,10 @@ def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):
     point = tuple(p.detach() for _, p in named)
     batch = to_device(next(loader_batches(loader, cfg.seed, endless=False)), device)
 
-    # Under the steps' loss context, whose fused loss saves less than torch's. One chain needs no attention
-    # fold, and torch's SDPA saves a little more than the fold does (its output), so the plan errs safe.
+    # Under the steps' loss context, whose fused loss saves less than torch's. One chain needs no chain fold,
+    # and torch's SDPA and layer norm save more than the folds do, so the plan errs safe.
     def one_chain():
-        with precision_context(cfg.precision, device), loss_context(cfg, attention=False):
+        with precision_context(cfg.precision, device), loss_context(cfg, fold=False):
             if cfg.sequential:  # plain autograd, as the sequential path runs it
                 mine = tuple(p.clone().requires_grad_() for p in point)
                 return torch.autograd.grad(loss(mine, batch), mine, allow_unused=True)

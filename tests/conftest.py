@@ -30,12 +30,14 @@ def pytest_report_header(config):
 
 @pytest.fixture
 def fold_as_on_cuda(monkeypatch):
-    """The engine's pass as it runs on CUDA, on a CPU: SDPA folded over
-    chains (chain_attention runs it on CUDA only) and the chains stacked
-    (a CPU's pass plan may run them chain by chain, which needs no fold)."""
-    from llcfast import chain_attention
+    """The engine's pass as it runs on CUDA, on a CPU: SDPA and layer norm
+    folded over chains (chain_fold runs them on CUDA only) and the chains
+    stacked (a CPU's pass plan may run them chain by chain, which needs no
+    fold)."""
+    from llcfast import chain_attention, chain_norm
     from llcfast.engine import planner, sampler
     monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(chain_norm, "FOLD_DEVICES", {"cpu", "cuda"})
     monkeypatch.setattr(sampler, "cpu_pass_plan", lambda n, total, largest, stack=False:
                         planner.cpu_pass_plan(n, total, largest, stack=True))
 

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import llcfast
 from conftest import HAS_CUDA, requires_cuda
-from llcfast import chain_attention, fused_loss, models
+from llcfast import chain_attention, chain_norm, fused_loss, models
 from llcfast.engine.functional import chain_loss, vmapped_grads
 from llcfast.engine.sampler import SamplerConfig, _choose_mode
 
@@ -25,6 +25,7 @@ def fold_on_cpu(monkeypatch):
     """The fold runs on CUDA only (on a CPU it costs more than it saves); the
     tests run it on the CPU too, as CUDA's semantics."""
     monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(chain_norm, "FOLD_DEVICES", {"cpu", "cuda"})
 
 
 @pytest.fixture
@@ -156,11 +157,15 @@ def lm(attention):
     return models.AttentionOnlyLM(vocab=40, d_model=16, heads=2, layers=2, context=32, attention=attention)
 
 
-def test_choose_mode_keeps_the_mode_only_for_passes_that_call_sdpa():
+def test_choose_mode_keeps_the_mode_only_for_passes_that_fold_a_call(monkeypatch):
     cfg = SamplerConfig(num_chains=2, steps=1, epsilon=1e-4, nbeta=10.0, gamma=100.0, weight_decay=0.0,
                         noise_scale=1.0, seed=0)
     batch = lm_batches(1)[0].expand(2, 3, 17)
-    for attention, want in [("sdpa", True), ("matmul", False)]:
+    # The LM's 3 layer norms (2 blocks and the final one) and 2 attention calls, each folded once a pass.
+    cases = [("sdpa", {"cpu"}, {"sdpa": 2, "layer_norm": 3}), ("matmul", {"cpu"}, {"layer_norm": 3}),
+             ("sdpa", set(), {"sdpa": 2}), ("matmul", set(), {})]
+    for attention, norm_devices, want in cases:
+        monkeypatch.setattr(chain_norm, "FOLD_DEVICES", norm_devices)
         model = lm(attention)
         names = [n for n, _ in model.named_parameters()]
         params = [p.detach().expand((2,) + p.shape).clone() for p in model.parameters()]

@@ -92,3 +92,16 @@ def test_opcheck_token_nll(device):
         nll, lse = torch.ops.llcfast.token_nll(logits, targets)
         torch.library.opcheck(torch.ops.llcfast.token_nll_backward.default,
                               (torch.rand_like(nll), logits, lse, targets))
+
+
+@requires_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_chain_layer_norm(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 33, device=device).to(dtype)
+        w, b = torch.randn(3, 33, device=device).to(dtype), torch.randn(3, 33, device=device).to(dtype)
+        for bias in (b, None):
+            torch.library.opcheck(torch.ops.llcfast.chain_layer_norm.default, (x, w, bias, 1e-5))
+        y, mean, rstd = torch.ops.llcfast.chain_layer_norm(x, w, b, 1e-5)
+        torch.library.opcheck(torch.ops.llcfast.chain_layer_norm_backward.default,
+                              (torch.randn_like(y), x, mean, rstd, w))

@@ -40,7 +40,7 @@ class SamplerRun:
     mala: Optional[np.ndarray] = None  # [C, steps - 1] MALA acceptance probabilities, when asked for
     compiled: bool = False  # whether the batched pass ran through torch.compile to the end
     pass_plan: Optional[dict] = None  # on CPUs: stacked passes (how many chains each) or chain by chain
-    attention_fold: bool = False  # whether the batched pass folded the chains into one SDPA call each way
+    folds: Dict[str, int] = field(default_factory=dict)  # calls per batched pass folded over chains, by kind
 
 
 @dataclass
@@ -108,7 +108,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     if device.type == "cpu" and cfg.chain_chunk is None and not cfg.sequential:
         pass_plan = _cpu_pass_plan(loss, params, probe[2][0], cfg)
         cfg = replace(cfg, chain_chunk=pass_plan["chain_chunk"], sequential=pass_plan["sequential"])
-    mode, attention = _choose_mode(loss, params, probe, cfg, device)
+    mode, folds = _choose_mode(loss, params, probe, cfg, device)
     use_graphs = cfg.cuda_graphs and device.type == "cuda" and mode == "vmap"
     grad_buf: List[torch.Tensor] = []  # filled on first use: steps whose batches cannot be stacked need it too
     trace = torch.full((cfg.steps, cfg.num_chains), float("nan"), dtype=torch.float32, device=device)
@@ -130,7 +130,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         return grad_buf, sequential_grads(loss, params, per_chain, grad_buf)
 
     def step(batch, dims, per_chain=None) -> None:
-        with precision_context(cfg.precision, device), loss_context(cfg, attention):
+        with precision_context(cfg.precision, device), loss_context(cfg, bool(folds)):
             if accum == 1:
                 grads, losses = grads_of(batch, dims, per_chain)
             else:  # the gradient of the mean micro-batch loss
@@ -170,7 +170,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
                           mala.result(done) if mala is not None else None,
                           compiled=passes.compiled and mode == "vmap",  # the sequential path is not compiled
-                          pass_plan=pass_plan, attention_fold=attention)
+                          pass_plan=pass_plan, folds=folds)
 
     done = 0  # steps finished, callbacks included
     try:
@@ -224,36 +224,37 @@ def _cpu_pass_plan(loss: Callable, params: List[torch.Tensor], batch, cfg: Sampl
     chain 0's forward pass saves on its first batch. A compiled pass stays
     stacked: compiling it is what was asked for."""
     point = tuple(p[0].detach().clone().requires_grad_() for p in params)
-    # One chain needs no attention fold; torch's SDPA saves a little more than the fold (its output).
-    with precision_context(cfg.precision, torch.device("cpu")), loss_context(cfg, attention=False):
+    # One chain needs no chain fold, and torch's SDPA and layer norm save more than the folds do.
+    with precision_context(cfg.precision, torch.device("cpu")), loss_context(cfg, fold=False):
         total, largest = measure_saved_tensors(lambda: loss(point, batch))
     return cpu_pass_plan(cfg.num_chains, total, largest, stack=cfg.compile is not None)
 
 
-def loss_context(cfg: SamplerConfig, attention: bool = True):
+def loss_context(cfg: SamplerConfig, fold: bool = True):
     """Where the step's losses may take first-order-only kernels (fused_loss,
-    chain_attention): everywhere but under torch.compile, where Inductor fuses
+    chain_fold): everywhere but under torch.compile, where Inductor fuses
     the loss itself and the opaque kernels would only split its graph. The
     vmap probe enters the same context, so it probes the pass the steps run;
-    ``attention`` False leaves out the attention fold's mode (a pass that
-    folds no SDPA call only pays for its hook)."""
-    return first_order(attention) if cfg.compile is None else nullcontext()
+    ``fold`` False leaves out the chain fold's mode (a pass that folds no
+    call only pays for its hook)."""
+    return first_order(fold) if cfg.compile is None else nullcontext()
 
 
 def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, device):
-    """("vmap" or "sequential", whether the batched pass folds SDPA calls)."""
+    """("vmap" or "sequential", the calls the batched pass folds over chains
+    by kind: empty where the fold's mode is left out)."""
     if cfg.sequential:
-        return "sequential", False
+        return "sequential", {}
     batch, dims, per_chain = first
     probe, probe_dims = (batch, dims) if batch is not None else (per_chain[0], None)
     with precision_context(cfg.precision, device), loss_context(cfg) as fold:
         reason = vmap_failure(loss, params, probe, probe_dims, cfg.chain_chunk)
     if reason is None:
-        return "vmap", fold is not None and fold.folded > 0
+        return "vmap", dict(fold.calls) if fold is not None and fold.folded else {}
     if fold is not None and fold.folded:  # the fold is the only part of the pass that is ours to leave out
-        with precision_context(cfg.precision, device), loss_context(cfg, attention=False):
+        with precision_context(cfg.precision, device), loss_context(cfg, fold=False):
             if vmap_failure(loss, params, probe, probe_dims, cfg.chain_chunk) is None:
-                return "vmap", False
+                return "vmap", {}
     if cfg.backend == "fast":
         raise RuntimeError(f"backend='fast' cannot batch this model's chains with torch.func.vmap ({reason}). "
                            "Common causes: batch norm in train mode, data-dependent control flow, in-place ops on "
@@ -261,7 +262,7 @@ def _choose_mode(loss, params: List[torch.Tensor], first, cfg: SamplerConfig, de
     warnings.warn(f"llcfast: this model cannot be batched over chains with torch.func.vmap ({reason}); running the "
                   "chains one after another with the fused step (slower). Call model.eval() if batch norm in train "
                   "mode is the cause.", RuntimeWarning, stacklevel=4)
-    return "sequential", False
+    return "sequential", {}
 
 
 def _capture(step: Callable, batch, dims) -> Optional[GraphStep]:

@@ -1,0 +1,50 @@
+"""The torch-function mode that sends a model's SDPA and layer-norm calls
+through their chain folds (chain_attention, chain_norm) inside the fast
+engine's first-order passes. Models call these functions themselves
+(llcfast's models and Hugging Face's alike), so a mode is where the calls
+can be taken over without touching the model."""
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from . import chain_attention, chain_norm
+
+_FOLDS = {chain_attention.SDPA: ("sdpa", chain_attention.try_fold),
+          chain_norm.LAYER_NORM: ("layer_norm", chain_norm.try_fold)}
+
+
+class ChainFold(TorchFunctionMode):
+    """Sends eligible calls through their folds; ``calls`` counts the folded
+    calls by kind ("sdpa", "layer_norm"), so that a caller can leave the
+    mode (whose Python hook costs about 1.5 us a torch call) out of passes
+    that have none."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    @property
+    def folded(self) -> int:
+        return sum(self.calls.values())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        fold = _FOLDS.get(func)
+        if fold is not None and not torch.compiler.is_compiling():
+            out = fold[1](args, kwargs)
+            if out is not NotImplemented:
+                self.calls[fold[0]] += 1
+                return out
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def folding(devices):
+    """Inside: both folds serve calls on ``devices`` only (an empty set:
+    neither runs), as when a benchmark or a test sets them."""
+    with chain_attention.folding(devices), chain_norm.folding(devices):
+        yield

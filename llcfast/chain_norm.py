@@ -1,0 +1,157 @@
+"""Layer norm over stacked chains in one kernel each way, where only first
+derivatives are needed.
+
+Under the fast engine's vmap over chains each chain has its own weight and
+bias, which torch's batching rule for layer_norm handles by normalizing
+without them and then multiplying and adding: three passes over the
+activations forward and seven backward (the weight's gradient recomputes the
+normalized input from the saved one), with one more activation saved per
+norm. ``llcfast::chain_layer_norm`` takes the weight and bias per chain: one
+pass forward, and backward one for the input's gradient and one for the
+column sums of the weight's and bias's. An H100 model of the paper's LM
+step (bf16, SDPA; benchmarks/bench_traffic.py) counts its three norms at
+about 2.3 of the step's 8.6 GB this way, against 0.7 GB with the kernels.
+
+The backward kernel has no derivative of its own, so the fold runs only
+inside ``fused_loss.first_order`` (chain_fold.ChainFold takes the calls);
+Hessian statistics and training see torch's layer_norm.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from . import _ext
+from .chain_attention import autocast_dtype, fold_batch, unfold_batch
+
+# Devices whose calls are folded. On a CPU torch's vectorised kernels beat
+# the scalar loops here: forward and backward of 2 chains' norms over 16 x
+# 257 rows of 256 (the paper's LM) took about 12.5 ms folded against 8 ms
+# through torch's vmap (2 cores). There the fold serves the tests, which add
+# "cpu" (chain_fold.folding), as the CUDA path's semantics on every machine.
+FOLD_DEVICES = {"cuda"}
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_LOWER = (torch.float16, torch.bfloat16)
+
+
+class _ChainLayerNorm(torch.autograd.Function):
+    """x [C, R, D], weight [C, D], bias [C, D] or None -> (y, mean, rstd)."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return torch.ops.llcfast.chain_layer_norm(x.contiguous(), weight.contiguous(),
+                                                  None if bias is None else bias.contiguous(), eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, rstd)
+
+    @staticmethod
+    def backward(ctx, grad, _mean, _rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = _ChainLayerNormBackward.apply(grad, x, mean, rstd, weight)
+        return dx, dweight, dbias if ctx.has_bias else None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, eps):
+        n = info.batch_size
+        folded = [None if t is None else fold_batch(t, d, n) for t, d in zip((x, weight, bias), in_dims)]
+        out = _ChainLayerNorm.apply(*folded, eps)
+        return tuple(unfold_batch(t, n) for t in out), (0, 0, 0)
+
+
+class _ChainLayerNormBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(grad, x, mean, rstd, weight):
+        return torch.ops.llcfast.chain_layer_norm_backward(grad.contiguous(), x.contiguous(), mean.contiguous(),
+                                                           rstd.contiguous(), weight.contiguous())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("llcfast: the chain layer norm's backward has no derivative of its own; it runs only "
+                           "inside llcfast.fused_loss.first_order()")
+
+    @staticmethod
+    def vmap(info, in_dims, grad, x, mean, rstd, weight):
+        n = info.batch_size
+        out = _ChainLayerNormBackward.apply(*(fold_batch(t, d, n) for t, d in zip((grad, x, mean, rstd, weight),
+                                                                                   in_dims)))
+        return tuple(unfold_batch(t, n) for t in out), (0, 0, 0)
+
+
+def folded_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias, eps: float) -> torch.Tensor:
+    """layer_norm of x [..., D] over D with weight [D] and bias [D] (or None),
+    whose vmap folds the mapped dimension into the kernel's chain dimension,
+    both ways; first derivatives only. Under CUDA autocast it runs in
+    float32, as autocast runs layer_norm there."""
+    if x.device.type == "cuda" and autocast_dtype("cuda") is not None:
+        x, weight, bias = (t.float() if t is not None and t.dtype in _LOWER else t for t in (x, weight, bias))
+    shape = x.shape
+    y, _, _ = _ChainLayerNorm.apply(x.reshape(1, -1, shape[-1]), weight.unsqueeze(0),
+                                    None if bias is None else bias.unsqueeze(0), eps)
+    return y.reshape(shape)
+
+
+_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
+
+
+def try_fold(args, kwargs):
+    """The folded layer norm of an F.layer_norm call it can serve exactly,
+    else NotImplemented: one normalized dimension, a weight (without one
+    torch's own batching rule is a single kernel already), and one dtype."""
+    call = dict({"weight": None, "bias": None, "eps": 1e-5}, **dict(zip(_ARGS, args)), **kwargs)
+    if len(call) != len(_ARGS):
+        return NotImplemented
+    x, shape, weight, bias = call["input"], call["normalized_shape"], call["weight"], call["bias"]
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
+            and (bias is None or isinstance(bias, torch.Tensor))):
+        return NotImplemented
+    if isinstance(shape, int):
+        shape = (shape,)
+    if (x.device.type not in FOLD_DEVICES or x.dim() < 1 or x.numel() == 0 or tuple(shape) != (x.shape[-1],)
+            or weight.shape != tuple(shape) or (bias is not None and bias.shape != tuple(shape))
+            or not _ext.kernels_for(x.device)):
+        return NotImplemented
+    cuda_autocast = x.device.type == "cuda" and autocast_dtype("cuda") is not None
+    dtypes = {torch.float32 if cuda_autocast and t.dtype in _LOWER else t.dtype
+              for t in (x, weight, bias) if t is not None}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _FLOATS:
+        return NotImplemented
+    return folded_layer_norm(x, weight, bias, float(call["eps"]))
+
+
+LAYER_NORM = F.layer_norm
+
+
+@contextlib.contextmanager
+def folding(devices):
+    """Inside: the fold serves calls on ``devices`` (FOLD_DEVICES)."""
+    global FOLD_DEVICES
+    saved, FOLD_DEVICES = FOLD_DEVICES, set(devices)
+    try:
+        yield
+    finally:
+        FOLD_DEVICES = saved
+
+
+if _ext.extension_available():
+
+    @torch.library.register_fake("llcfast::chain_layer_norm")
+    def _chain_layer_norm_fake(x, weight, bias, eps):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stat = x.new_empty(x.shape[:2], dtype=acc)
+        return torch.empty_like(x), stat, torch.empty_like(stat)
+
+    @torch.library.register_fake("llcfast::chain_layer_norm_backward")
+    def _chain_layer_norm_backward_fake(grad, x, mean, rstd, weight):
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
