@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import chain_attention  # noqa: E402
+from llcfast import chain_attention, chain_norm  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 
 SIZES = {  # GPT-2 family shapes
@@ -125,7 +125,8 @@ def measure(size, args, device, peak_tflops):
            "llc_mean": res.llc_mean, "llc_std": res.llc_std, "peak_memory_GiB": res.timings.get("peak_memory_bytes", 0) / 2**30,
            "memory_plan": res.config.get("memory_plan"), "cuda_graphs": res.config.get("cuda_graphs"),
            "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12, "llcfast_warnings": notes,
-           "attention_fold": res.config.get("attention_fold", False), "activation": args.activation}
+           "attention_fold": res.config.get("attention_fold", False),
+           "layer_norm_fold": res.config.get("layer_norm_fold", False), "activation": args.activation}
     row["mfu_vs_measured_bf16"] = row["model_tflops"] / peak_tflops
     if not args.skip_devinterp:
         steps = max(2, args.devinterp_draws)
@@ -159,12 +160,16 @@ def main(argv=None):
     p.add_argument("--activation", default=ACTIVATIONS[0], choices=ACTIVATIONS,
                    help="the MLP's GELU: one fused kernel, or GPT-2's own eight elementwise ops (the same function)")
     p.add_argument("--no-fold", action="store_true",
-                   help="leave GPT-2's SDPA calls to torch's vmap, which runs their backward chain by chain, instead "
-                        "of the engine's fold of the chains into one call (llcfast.chain_attention)")
+                   help="leave GPT-2's SDPA and layer-norm calls to torch's vmap (which runs SDPA's backward chain "
+                        "by chain, and a layer norm as a weightless norm, a multiply and an add) instead of the "
+                        "engine's folds of the chains into one call each way (llcfast.chain_fold)")
+    p.add_argument("--no-norm-fold", action="store_true", help="leave out the layer-norm fold only")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    with chain_attention.folding(set() if args.no_fold else chain_attention.FOLD_DEVICES):
+    attention = set() if args.no_fold else chain_attention.FOLD_DEVICES
+    norm = set() if args.no_fold or args.no_norm_fold else chain_norm.FOLD_DEVICES
+    with chain_attention.folding(attention), chain_norm.folding(norm):
         run(args, device)
 
 

@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import chain_attention, models, tasks  # noqa: E402
+from llcfast import chain_attention, chain_norm, models, tasks  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 
 # Dense matmul peaks (TFLOP/s) of the GPUs these benchmarks run on, from the
@@ -197,10 +197,12 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         kw = dict(precision=precision, compile=next((COMPILE_VARIANTS[e] for e in extras if e in COMPILE_VARIANTS),
                                                     False))
         models.set_attention(case["model"], "sdpa" if "sdpa" in extras else "matmul")  # same weights
-        # +nofold: torch's own vmap of SDPA, which runs the backward chain by chain
-        fold = set() if "nofold" in extras else chain_attention.FOLD_DEVICES
+        # +nofold: torch's own vmap of SDPA (which runs its backward chain by chain) and of layer norm (a
+        # weightless norm, a multiply and an add); +nonorm: the layer-norm fold only is left out
+        attention = set() if "nofold" in extras else chain_attention.FOLD_DEVICES
+        norm = set() if "nofold" in extras or "nonorm" in extras else chain_norm.FOLD_DEVICES
         try:
-            with chain_attention.folding(fold):
+            with chain_attention.folding(attention), chain_norm.folding(norm):
                 run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
                 wall, r = run_llcfast(case, steps, device, **kw)
                 if profile_dir:  # before the attention is set back: a "+sdpa" profile must run the sdpa model
@@ -215,6 +217,7 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
             llc_mean=r.llc_mean, llc_std=r.llc_std, diverged=list(r.diagnostics.get("diverged_chains", [])),
             backend=r.config.get("backend"), cuda_graphs=r.config.get("cuda_graphs"),
             compiled=r.config.get("compile", False), timings=r.timings,
+            attention_fold=r.config.get("attention_fold", False), layer_norm_fold=r.config.get("layer_norm_fold", False),
             achieved_tflops=tflops, peak_fraction=peak_fraction(device, precision, tflops))
     fp32, bf16 = out["runs"].get("llcfast-fp32"), out["runs"].get("llcfast-bf16")
     if fp32 and bf16:  # same batches, same noise: does bf16 move the estimate beyond the chains' spread?
@@ -253,8 +256,9 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
 
 
 # --precisions suffixes: "bf16+compile" runs estimate_llc(compile=True), and so on;
-# "+sdpa" switches the model's attention to scaled_dot_product_attention, and
-# "+sdpa+nofold" leaves its calls to torch's vmap instead of the engine's fold.
+# "+sdpa" switches the model's attention to scaled_dot_product_attention;
+# "+nofold" leaves SDPA and layer norm to torch's vmap instead of the engine's
+# folds over chains, "+nonorm" the layer norm only.
 COMPILE_VARIANTS = {"compile": True, "autotune": "max-autotune-no-cudagraphs"}
 
 
@@ -263,11 +267,12 @@ def variant_error(variant: str):
     precision, *extras = variant.split("+")
     if precision not in ("fp32", "tf32", "bf16"):
         return f"{variant!r}: the precision must be fp32, tf32 or bf16"
-    unknown = [e for e in extras if e not in COMPILE_VARIANTS and e not in ("sdpa", "nofold")]
+    unknown = [e for e in extras if e not in COMPILE_VARIANTS and e not in ("sdpa", "nofold", "nonorm")]
     if unknown or len(set(extras)) != len(extras) or sum(e in COMPILE_VARIANTS for e in extras) > 1:
-        return f"{variant!r}: add at most one of +compile, +autotune and optionally +sdpa (and +nofold with it)"
-    if "nofold" in extras and "sdpa" not in extras:
-        return f"{variant!r}: +nofold applies to +sdpa only"
+        return (f"{variant!r}: add at most one of +compile, +autotune, and optionally +sdpa and one of +nofold, "
+                "+nonorm")
+    if "nofold" in extras and "nonorm" in extras:
+        return f"{variant!r}: +nofold already leaves out the layer-norm fold; drop +nonorm"
     return None
 
 
@@ -296,8 +301,8 @@ def main(argv=None):
     p.add_argument("--precisions", default="fp32,bf16",
                    help="comma-separated fp32, tf32, bf16, each optionally +compile (estimate_llc(compile=True)) "
                         "or +autotune (compile='max-autotune-no-cudagraphs'), and +sdpa (the models' attention "
-                        "through scaled_dot_product_attention; +sdpa+nofold: without the engine's fold of the "
-                        "chains into one SDPA call)")
+                        "through scaled_dot_product_attention); +nofold: without the engine's folds of the chains "
+                        "into one SDPA and one layer-norm call each way, +nonorm: without the layer-norm fold")
     p.add_argument("--skip-devinterp", action="store_true")
     p.add_argument("--quick", action="store_true", help="small data and LM, few steps: a smoke run")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/llc_<gpu>_<date>.json)")

@@ -44,11 +44,12 @@ def test_devinterp_out_of_memory_is_recorded(tmp_path, monkeypatch, capsys):
 
 
 def test_no_fold_is_recorded_and_undone(tmp_path, fold_as_on_cuda):
-    from llcfast import chain_attention
+    from llcfast import chain_attention, chain_norm
     folds = []
-    for extra in ([], ["--no-fold"]):
+    for extra in ([], ["--no-norm-fold"], ["--no-fold"]):
         out = tmp_path / "large.json"
         bench_large.main(ARGS + ["--skip-devinterp", "--out", str(out)] + extra)
-        folds.append(json.loads(out.read_text())["rows"][0]["attention_fold"])
-        assert chain_attention.FOLD_DEVICES == {"cpu", "cuda"}
-    assert folds == [True, False]
+        row = json.loads(out.read_text())["rows"][0]
+        folds.append((row["attention_fold"], row["layer_norm_fold"]))
+        assert chain_attention.FOLD_DEVICES == chain_norm.FOLD_DEVICES == {"cpu", "cuda"}
+    assert folds == [(True, True), (True, False), (False, False)]

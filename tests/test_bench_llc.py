@@ -21,17 +21,16 @@ def test_each_profile_runs_its_own_variant(tmp_path):
     assert "scaled_dot_product" in sdpa and "scaled_dot_product" not in matmul
 
 
-def test_nofold_leaves_sdpa_to_torch_for_its_run_only(tmp_path, monkeypatch, fold_as_on_cuda):
-    from llcfast import chain_attention
-    calls = []
-    inner = chain_attention._attend
-    monkeypatch.setattr(chain_attention, "_attend", lambda *a: calls.append(1) or inner(*a))
-    assert bench_llc.variant_error("bf16+sdpa+nofold") is None
-    assert "+sdpa only" in bench_llc.variant_error("bf16+nofold")
-    counts = []
-    for variant in ("fp32+sdpa+nofold", "fp32+sdpa"):
+def test_nofold_and_nonorm_leave_the_folds_to_torch_for_their_run_only(tmp_path, monkeypatch, fold_as_on_cuda):
+    from llcfast import chain_attention, chain_norm
+    assert bench_llc.variant_error("bf16+sdpa+nofold") is None and bench_llc.variant_error("bf16+nonorm") is None
+    assert "drop +nonorm" in bench_llc.variant_error("bf16+nofold+nonorm")
+    folds = {}
+    for variant in ("fp32+sdpa+nofold", "fp32+sdpa+nonorm", "fp32+sdpa"):
         bench_llc.main(["--quick", "--device", "cpu", "--cases", "lm-8", "--precisions", variant, "--skip-devinterp",
                         "--steps", "3", "--ref-steps", "1", "--out", str(tmp_path / "llc.json")])
-        counts.append(len(calls))
-        assert chain_attention.FOLD_DEVICES == {"cpu", "cuda"}
-    assert counts[0] == 0 and counts[1] > 0
+        run = json.loads((tmp_path / "llc.json").read_text())["cases"][0]["runs"][f"llcfast-{variant}"]
+        folds[variant] = (run["attention_fold"], run["layer_norm_fold"])
+        assert chain_attention.FOLD_DEVICES == chain_norm.FOLD_DEVICES == {"cpu", "cuda"}
+    assert folds == {"fp32+sdpa+nofold": (False, False), "fp32+sdpa+nonorm": (True, False),
+                     "fp32+sdpa": (True, True)}
