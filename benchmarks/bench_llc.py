@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import chain_attention, chain_norm, models, tasks  # noqa: E402
+from llcfast import chain_attention, chain_fold, chain_norm, models, tasks  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 
 # Dense matmul peaks (TFLOP/s) of the GPUs these benchmarks run on, from the
@@ -202,7 +202,7 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         attention = set() if "nofold" in extras else chain_attention.FOLD_DEVICES
         norm = set() if "nofold" in extras or "nonorm" in extras else chain_norm.FOLD_DEVICES
         try:
-            with chain_attention.folding(attention), chain_norm.folding(norm):
+            with chain_fold.folding(sdpa=attention, layer_norm=norm):
                 run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
                 wall, r = run_llcfast(case, steps, device, **kw)
                 if profile_dir:  # before the attention is set back: a "+sdpa" profile must run the sdpa model

@@ -23,8 +23,6 @@ with the same leading dimensions. Every other call goes to torch unchanged.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -62,6 +60,20 @@ def unfold_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.reshape((size, -1) + tuple(x.shape[1:]))
 
 
+class FirstOrderBackward(torch.autograd.Function):
+    """Base of a fold's backward, a function of its own so that vmap can
+    fold it too; it has no derivative."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("llcfast: a chain fold's backward (SDPA or layer norm) has no derivative of its own; the "
+                           "folds run only inside llcfast.fused_loss.first_order()")
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, is_causal, scale):
@@ -85,22 +97,13 @@ class _Attention(torch.autograd.Function):
         return unfold_batch(out, n), 0
 
 
-class _AttentionBackward(torch.autograd.Function):
+class _AttentionBackward(FirstOrderBackward):
     @staticmethod
     def forward(grad, q, k, v, is_causal, scale):
         with torch.enable_grad(), torch.autocast(q.device.type, enabled=False):
             leaves = [x.detach().requires_grad_() for x in (q, k, v)]
             out = _attend(*leaves, is_causal, scale)
             return tuple(torch.autograd.grad(out, leaves, grad))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("llcfast: the chain-folded attention's backward has no derivative of its own; it runs only "
-                           "inside llcfast.fused_loss.first_order()")
 
     @staticmethod
     def vmap(info, in_dims, grad, q, k, v, is_causal, scale):
@@ -142,18 +145,6 @@ def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal:
         q, k, v = (x.to(dtype) if x.dtype in _AUTOCAST_CASTS else x for x in (q, k, v))
     with torch.autocast(q.device.type, enabled=False):
         return _Attention.apply(q, k, v, is_causal, scale)
-
-
-@contextlib.contextmanager
-def folding(devices):
-    """Inside: the fold serves calls on ``devices`` (FOLD_DEVICES), as when
-    a benchmark sets it against torch's own vmap of SDPA."""
-    global FOLD_DEVICES
-    saved, FOLD_DEVICES = FOLD_DEVICES, set(devices)
-    try:
-        yield
-    finally:
-        FOLD_DEVICES = saved
 
 
 def try_fold(args, kwargs):

@@ -43,8 +43,19 @@ class ChainFold(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def folding(devices):
-    """Inside: both folds serve calls on ``devices`` only (an empty set:
-    neither runs), as when a benchmark or a test sets them."""
-    with chain_attention.folding(devices), chain_norm.folding(devices):
+def folding(devices=None, *, sdpa=None, layer_norm=None):
+    """Inside: the SDPA fold serves calls on the devices ``sdpa`` names and
+    the layer-norm fold on those ``layer_norm`` names, each by default
+    ``devices``; None leaves a fold's own devices (FOLD_DEVICES), an empty
+    set turns it off. As when a benchmark or a test sets them."""
+    wanted = [(chain_attention, devices if sdpa is None else sdpa),
+              (chain_norm, devices if layer_norm is None else layer_norm)]
+    saved = [(module, module.FOLD_DEVICES) for module, _ in wanted]
+    try:
+        for module, chosen in wanted:
+            if chosen is not None:
+                module.FOLD_DEVICES = set(chosen)
         yield
+    finally:
+        for module, devices_before in saved:
+            module.FOLD_DEVICES = devices_before

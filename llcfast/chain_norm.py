@@ -18,19 +18,17 @@ Hessian statistics and training see torch's layer_norm.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from . import _ext
-from .chain_attention import autocast_dtype, fold_batch, unfold_batch
+from .chain_attention import FirstOrderBackward, autocast_dtype, fold_batch, unfold_batch
 
-# Devices whose calls are folded. On a CPU torch's vectorised kernels beat
+# Devices whose calls are folded (chain_fold.folding sets them). On a CPU torch's vectorised kernels beat
 # the scalar loops here: forward and backward of 2 chains' norms over 16 x
 # 257 rows of 256 (the paper's LM) took about 12.5 ms folded against 8 ms
 # through torch's vmap (2 cores). There the fold serves the tests, which add
-# "cpu" (chain_fold.folding), as the CUDA path's semantics on every machine.
+# "cpu", as the CUDA path's semantics on every machine.
 FOLD_DEVICES = {"cuda"}
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _LOWER = (torch.float16, torch.bfloat16)
@@ -66,20 +64,11 @@ class _ChainLayerNorm(torch.autograd.Function):
         return tuple(unfold_batch(t, n) for t in out), (0, 0, 0)
 
 
-class _ChainLayerNormBackward(torch.autograd.Function):
+class _ChainLayerNormBackward(FirstOrderBackward):
     @staticmethod
     def forward(grad, x, mean, rstd, weight):
         return torch.ops.llcfast.chain_layer_norm_backward(grad.contiguous(), x.contiguous(), mean.contiguous(),
                                                            rstd.contiguous(), weight.contiguous())
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("llcfast: the chain layer norm's backward has no derivative of its own; it runs only "
-                           "inside llcfast.fused_loss.first_order()")
 
     @staticmethod
     def vmap(info, in_dims, grad, x, mean, rstd, weight):
@@ -131,17 +120,6 @@ def try_fold(args, kwargs):
 
 
 LAYER_NORM = F.layer_norm
-
-
-@contextlib.contextmanager
-def folding(devices):
-    """Inside: the fold serves calls on ``devices`` (FOLD_DEVICES)."""
-    global FOLD_DEVICES
-    saved, FOLD_DEVICES = FOLD_DEVICES, set(devices)
-    try:
-        yield
-    finally:
-        FOLD_DEVICES = saved
 
 
 if _ext.extension_available():

@@ -93,6 +93,24 @@ def tiny_gpt2(seed=0):
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+def gpt2_chains(chains=2, n_layer=2, seed=0):
+    """A tiny GPT-2 (SDPA attention) as the fast engine sees it: its config,
+    its chain loss, its parameters stacked over chains with a little spread
+    between them, and a batch of 3 x 16 tokens per chain."""
+    transformers = __import__("pytest").importorskip("transformers")
+    from llcfast import models
+    from llcfast.engine.functional import chain_loss
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=n_layer, n_head=2,
+                                     attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    loss = chain_loss(model, models.hf_next_token_loss, [n for n, _ in trained])
+    params = tuple(p.detach().expand((chains,) + p.shape) + 0.01 * torch.randn((chains,) + p.shape)
+                   for _, p in trained)
+    return config, loss, params, torch.randint(0, 50, (chains, 3, 16))
+
+
 def gpt2_batches(n_batches=4, batch_size=4, ctx=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []

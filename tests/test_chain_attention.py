@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import llcfast
 from conftest import HAS_CUDA, requires_cuda
+from llc_models import gpt2_chains
 from llcfast import chain_attention, chain_norm, fused_loss, models
 from llcfast.engine.functional import chain_loss, vmapped_grads
 from llcfast.engine.sampler import SamplerConfig, _choose_mode
@@ -209,16 +210,7 @@ def test_estimate_llc_with_the_fold_equals_it_without(monkeypatch, attend_calls,
 
 
 def test_hugging_face_gpt2_attention_is_folded(attend_calls):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                     attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    loss = chain_loss(model, models.hf_next_token_loss, names)
-    params = tuple(p.detach().expand((2,) + p.shape) + 0.01 * torch.randn((2,) + p.shape)
-                   for n, p in model.named_parameters() if p.requires_grad)
-    batch = torch.randint(0, 50, (2, 3, 16))
+    config, loss, params, batch = gpt2_chains()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want_g, want_loss = vmapped_grads(loss, 0)(params, batch)

@@ -11,8 +11,9 @@ from torch.func import grad, vmap
 
 import llcfast
 from conftest import HAS_CUDA, requires_cuda, requires_extension
-from llcfast import chain_attention, chain_norm, fused_loss, models, reference
-from llcfast.engine.functional import chain_loss, vmapped_grads
+from llc_models import gpt2_chains
+from llcfast import chain_attention, chain_fold, chain_norm, fused_loss, models, reference
+from llcfast.engine.functional import vmapped_grads
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 pytestmark = requires_extension
@@ -124,7 +125,7 @@ def norm_loss(x, w, b, gy):
 
 def chain_grads(args, in_dims, fold):
     f = vmap(grad(norm_loss, argnums=(0, 1, 2)), in_dims=in_dims + (None,))
-    with chain_norm.folding({"cpu", "cuda"} if fold else set()), fused_loss.first_order() as mode:
+    with chain_fold.folding(layer_norm={"cpu", "cuda"} if fold else set()), fused_loss.first_order() as mode:
         out = f(*args)
     return out, mode.calls.get("layer_norm", 0)
 
@@ -161,7 +162,7 @@ def test_calls_it_cannot_serve_go_to_torch():
         F.layer_norm(x, (8,), None, None)  # no weight: torch's own rule is one kernel already
         F.layer_norm(x, (3, 8), torch.randn(3, 8), torch.randn(3, 8))  # two normalized dimensions
         F.layer_norm(x.bfloat16(), (8,), w, b)  # mixed dtypes
-        with chain_norm.folding({"cuda"}):
+        with chain_fold.folding(layer_norm={"cuda"}):
             F.layer_norm(x, (8,), w, b)  # a device the fold does not serve
         assert mode.calls.get("layer_norm", 0) == 0
         y = F.layer_norm(x, (8,), w, b, 1e-3)
@@ -201,7 +202,7 @@ def test_estimate_llc_with_the_fold_equals_it_without(monkeypatch, extra):
                        chain_chunk=3), **extra)
     folded = llcfast.estimate_llc(lm(), lm_batches(4), models.next_token_loss, **kwargs)
     assert folded.config["layer_norm_fold"] is True and folded.config["attention_fold"] is True
-    with chain_norm.folding(set()):
+    with chain_fold.folding(layer_norm=set()):
         plain = llcfast.estimate_llc(lm(), lm_batches(4), models.next_token_loss, **kwargs)
     assert "layer_norm_fold" not in plain.config
     torch.testing.assert_close(torch.as_tensor(folded.loss_trace), torch.as_tensor(plain.loss_trace),
@@ -209,16 +210,8 @@ def test_estimate_llc_with_the_fold_equals_it_without(monkeypatch, extra):
 
 
 def test_hugging_face_gpt2_layer_norms_are_folded():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    loss = chain_loss(model, models.hf_next_token_loss, names)
-    params = tuple(p.detach().expand((2,) + p.shape) + 0.01 * torch.randn((2,) + p.shape)
-                   for n, p in model.named_parameters() if p.requires_grad)
-    batch = torch.randint(0, 50, (2, 3, 16))
-    with chain_norm.folding(set()):
+    config, loss, params, batch = gpt2_chains()
+    with chain_fold.folding(layer_norm=set()):
         want_g, want_loss = vmapped_grads(loss, 0)(params, batch)
     with fused_loss.first_order() as mode:
         got_g, got_loss = vmapped_grads(loss, 0)(params, batch)
