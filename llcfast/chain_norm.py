@@ -10,7 +10,7 @@ norm. ``llcfast::chain_layer_norm`` takes the weight and bias per chain: one
 pass forward, and backward one for the input's gradient and one for the
 column sums of the weight's and bias's. An H100 model of the paper's LM
 step (bf16, SDPA; benchmarks/bench_traffic.py) counts its three norms at
-about 2.3 of the step's 8.6 GB this way, against 0.7 GB with the kernels.
+about 2.0 of the step's 8.6 GB this way, against 0.7 GB with the kernels.
 
 The backward kernel has no derivative of its own, so the fold runs only
 inside ``fused_loss.first_order`` (chain_fold.ChainFold takes the calls);
