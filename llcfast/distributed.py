@@ -51,10 +51,11 @@ def gather_rows(split: ChainSplit, local: np.ndarray) -> np.ndarray:
     dist.all_gather(parts, padded)
     # gloo's worker thread drops its reference to these tensors after the
     # collective has returned here. Were that the last reference, it would
-    # take the GIL to free them; torch before 2.8 joins that thread holding
-    # the GIL in destroy_process_group, and the rank hangs there (1 run in 5
-    # of tests/test_distributed.py on torch 2.4.1). Held here until the
-    # next gather, they are freed by Python instead.
+    # take the GIL to free them; older torch joins that thread holding the
+    # GIL in destroy_process_group (released since pytorch/pytorch#154976),
+    # and the rank hangs there (2 runs in 19 of tests/test_distributed.py on
+    # torch 2.4.1). Held here until the next gather, they are freed by Python
+    # instead.
     _LAST_GATHER[:] = [padded, parts]
     return np.concatenate([p[:n].cpu().numpy() for p, n in zip(parts, split.counts)])
 

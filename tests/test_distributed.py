@@ -127,8 +127,8 @@ def test_two_gloo_ranks_sweep_into_one_results_file(tmp_path):
 def test_gathered_tensors_outlive_the_collective(tmp_path, monkeypatch):
     """The tensors handed to all_gather are still held by Python when
     gather_rows returns, so gloo's worker thread never frees the last
-    reference; on torch before 2.8 that free waits for the GIL while
-    destroy_process_group holds it, and the rank hangs."""
+    reference; on older torch (2.4.1 here) that free waits for the GIL
+    while destroy_process_group holds it, and the rank hangs."""
     import gc
     import weakref
     from llcfast.distributed import ChainSplit, gather_rows
