@@ -121,7 +121,7 @@ def autocast_dtype(device_type: str):
     try:
         if not torch.is_autocast_enabled(device_type):
             return None
-        return torch.getautocast_dtype(device_type)
+        return torch.get_autocast_dtype(device_type)
     except (TypeError, AttributeError):  # torch before the device-generic autocast queries
         if device_type == "cuda":
             return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None

@@ -132,6 +132,17 @@ def test_mismatched_leading_dimensions_go_to_torch(attend_calls):
     assert attend_calls == []
 
 
+@pytest.mark.skipif(not hasattr(torch, "get_autocast_dtype"), reason="torch before the device-generic autocast queries")
+def test_autocast_dtype_asks_the_device_generic_query(recwarn):
+    """Where torch has torch.get_autocast_dtype the fold asks it, not the
+    per-device queries torch deprecates (a misspelt name once sent every
+    call down the fallback, behind a DeprecationWarning)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert chain_attention.autocast_dtype("cpu") == torch.bfloat16
+    assert chain_attention.autocast_dtype("cpu") is None
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+
+
 def test_outside_first_order_sdpa_is_torchs_and_twice_differentiable():
     # On its math backend, as the Hessian passes run it: torch's fused kernels have no second derivative either.
     q = torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
