@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import chain_attention, chain_fold, chain_norm  # noqa: E402
+from llcfast import chain_fold  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 
 SIZES = {  # GPT-2 family shapes
@@ -167,9 +167,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    attention = set() if args.no_fold else chain_attention.FOLD_DEVICES
-    norm = set() if args.no_fold or args.no_norm_fold else chain_norm.FOLD_DEVICES
-    with chain_fold.folding(sdpa=attention, layer_norm=norm):
+    with chain_fold.folding(set() if args.no_fold else None, layer_norm=set() if args.no_norm_fold else None):
         run(args, device)
 
 

@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import chain_attention, chain_fold, chain_norm, models, tasks  # noqa: E402
+from llcfast import chain_fold, models, tasks  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 
 # Dense matmul peaks (TFLOP/s) of the GPUs these benchmarks run on, from the
@@ -199,10 +199,9 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         models.set_attention(case["model"], "sdpa" if "sdpa" in extras else "matmul")  # same weights
         # +nofold: torch's own vmap of SDPA (which runs its backward chain by chain) and of layer norm (a
         # weightless norm, a multiply and an add); +nonorm: the layer-norm fold only is left out
-        attention = set() if "nofold" in extras else chain_attention.FOLD_DEVICES
-        norm = set() if "nofold" in extras or "nonorm" in extras else chain_norm.FOLD_DEVICES
+        off = set() if "nofold" in extras else None
         try:
-            with chain_fold.folding(sdpa=attention, layer_norm=norm):
+            with chain_fold.folding(off, layer_norm=set() if "nonorm" in extras else None):
                 run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
                 wall, r = run_llcfast(case, steps, device, **kw)
                 if profile_dir:  # before the attention is set back: a "+sdpa" profile must run the sdpa model

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from . import _ext
 from .chain_attention import FirstOrderBackward, autocast_dtype, fold_batch, unfold_batch
 
-# Devices whose calls are folded (chain_fold.folding sets them). On a CPU torch's vectorised kernels beat
-# the scalar loops here: forward and backward of 2 chains' norms over 16 x
-# 257 rows of 256 (the paper's LM) took about 12.5 ms folded against 8 ms
-# through torch's vmap (2 cores). There the fold serves the tests, which add
-# "cpu", as the CUDA path's semantics on every machine.
+# Devices whose calls are folded (chain_fold.folding sets them). On a CPU
+# torch's vectorised kernels beat the scalar loops here: forward and backward
+# of 2 chains' norms over 16 x 257 rows of 256 (the paper's LM) took about
+# 12.5 ms folded against 8 ms through torch's vmap (2 cores). There the fold
+# serves the tests, which add "cpu", as the CUDA path's semantics on every
+# machine.
 FOLD_DEVICES = {"cuda"}
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _LOWER = (torch.float16, torch.bfloat16)
@@ -80,11 +81,8 @@ class _ChainLayerNormBackward(FirstOrderBackward):
 
 def folded_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias, eps: float) -> torch.Tensor:
     """layer_norm of x [..., D] over D with weight [D] and bias [D] (or None),
-    whose vmap folds the mapped dimension into the kernel's chain dimension,
-    both ways; first derivatives only. Under CUDA autocast it runs in
-    float32, as autocast runs layer_norm there."""
-    if x.device.type == "cuda" and autocast_dtype("cuda") is not None:
-        x, weight, bias = (t.float() if t is not None and t.dtype in _LOWER else t for t in (x, weight, bias))
+    all of one dtype, whose vmap folds the mapped dimension into the kernel's
+    chain dimension, both ways; first derivatives only."""
     shape = x.shape
     y, _, _ = _ChainLayerNorm.apply(x.reshape(1, -1, shape[-1]), weight.unsqueeze(0),
                                     None if bias is None else bias.unsqueeze(0), eps)
@@ -111,9 +109,9 @@ def try_fold(args, kwargs):
             or weight.shape != tuple(shape) or (bias is not None and bias.shape != tuple(shape))
             or not _ext.kernels_for(x.device)):
         return NotImplemented
-    cuda_autocast = x.device.type == "cuda" and autocast_dtype("cuda") is not None
-    dtypes = {torch.float32 if cuda_autocast and t.dtype in _LOWER else t.dtype
-              for t in (x, weight, bias) if t is not None}
+    if x.device.type == "cuda" and autocast_dtype("cuda") is not None:  # float32, as autocast runs layer_norm
+        x, weight, bias = (t.float() if t is not None and t.dtype in _LOWER else t for t in (x, weight, bias))
+    dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _FLOATS:
         return NotImplemented
     return folded_layer_norm(x, weight, bias, float(call["eps"]))

@@ -213,4 +213,3 @@ def use_fused_gelu(model: nn.Module) -> int:
     for parent, name in swaps:
         setattr(parent, name, TanhGELU())
     return len(swaps)
-

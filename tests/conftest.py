@@ -40,4 +40,3 @@ def fold_as_on_cuda(monkeypatch):
     monkeypatch.setattr(chain_norm, "FOLD_DEVICES", {"cpu", "cuda"})
     monkeypatch.setattr(sampler, "cpu_pass_plan", lambda n, total, largest, stack=False:
                         planner.cpu_pass_plan(n, total, largest, stack=True))
-
