@@ -126,7 +126,8 @@ def measure(size, args, device, peak_tflops):
            "memory_plan": res.config.get("memory_plan"), "cuda_graphs": res.config.get("cuda_graphs"),
            "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12, "llcfast_warnings": notes,
            "attention_fold": res.config.get("attention_fold", False),
-           "layer_norm_fold": res.config.get("layer_norm_fold", False), "activation": args.activation}
+           "layer_norm_fold": res.config.get("layer_norm_fold", False),
+           "linear_fold": res.config.get("linear_fold", False), "activation": args.activation}
     row["mfu_vs_measured_bf16"] = row["model_tflops"] / peak_tflops
     if not args.skip_devinterp:
         steps = max(2, args.devinterp_draws)
@@ -160,14 +161,19 @@ def main(argv=None):
     p.add_argument("--activation", default=ACTIVATIONS[0], choices=ACTIVATIONS,
                    help="the MLP's GELU: one fused kernel, or GPT-2's own eight elementwise ops (the same function)")
     p.add_argument("--no-fold", action="store_true",
-                   help="leave GPT-2's SDPA and layer-norm calls to torch's vmap (which runs SDPA's backward chain "
-                        "by chain, and a layer norm as a weightless norm, a multiply and an add) instead of the "
+                   help="leave GPT-2's SDPA, layer-norm and Conv1D calls to torch's vmap (which runs SDPA's backward "
+                        "chain by chain, a layer norm as a weightless norm, a multiply and an add, and Conv1D as a "
+                        "batched matmul and a bias add) instead of the "
                         "engine's folds of the chains into one call each way (llcfast.chain_fold)")
     p.add_argument("--no-norm-fold", action="store_true", help="leave out the layer-norm fold only")
+    p.add_argument("--no-linear-fold", action="store_true",
+                   help="leave out the linear fold only (Conv1D's bias added after a batched matmul, not inside "
+                        "one matmul per chain)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    with chain_fold.folding(set() if args.no_fold else None, layer_norm=set() if args.no_norm_fold else None):
+    with chain_fold.folding(set() if args.no_fold else None, layer_norm=set() if args.no_norm_fold else None,
+                            linear=set() if args.no_linear_fold else None):
         run(args, device)
 
 

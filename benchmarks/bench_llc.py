@@ -197,11 +197,13 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         kw = dict(precision=precision, compile=next((COMPILE_VARIANTS[e] for e in extras if e in COMPILE_VARIANTS),
                                                     False))
         models.set_attention(case["model"], "sdpa" if "sdpa" in extras else "matmul")  # same weights
-        # +nofold: torch's own vmap of SDPA (which runs its backward chain by chain) and of layer norm (a
-        # weightless norm, a multiply and an add); +nonorm: the layer-norm fold only is left out
+        # +nofold: torch's own vmap of SDPA (which runs its backward chain by chain), of layer norm (a
+        # weightless norm, a multiply and an add) and of linear layers (a batched matmul and a bias add);
+        # +nonorm and +nolinear leave out one fold each
         off = set() if "nofold" in extras else None
         try:
-            with chain_fold.folding(off, layer_norm=set() if "nonorm" in extras else None):
+            with chain_fold.folding(off, layer_norm=set() if "nonorm" in extras else None,
+                                    linear=set() if "nolinear" in extras else None):
                 run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
                 wall, r = run_llcfast(case, steps, device, **kw)
                 if profile_dir:  # before the attention is set back: a "+sdpa" profile must run the sdpa model
@@ -217,6 +219,7 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
             backend=r.config.get("backend"), cuda_graphs=r.config.get("cuda_graphs"),
             compiled=r.config.get("compile", False), timings=r.timings,
             attention_fold=r.config.get("attention_fold", False), layer_norm_fold=r.config.get("layer_norm_fold", False),
+            linear_fold=r.config.get("linear_fold", False),
             achieved_tflops=tflops, peak_fraction=peak_fraction(device, precision, tflops))
     fp32, bf16 = out["runs"].get("llcfast-fp32"), out["runs"].get("llcfast-bf16")
     if fp32 and bf16:  # same batches, same noise: does bf16 move the estimate beyond the chains' spread?
@@ -256,8 +259,10 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
 
 # --precisions suffixes: "bf16+compile" runs estimate_llc(compile=True), and so on;
 # "+sdpa" switches the model's attention to scaled_dot_product_attention;
-# "+nofold" leaves SDPA and layer norm to torch's vmap instead of the engine's
-# folds over chains, "+nonorm" the layer norm only.
+# "+nofold" leaves SDPA, layer norm and linear layers to torch's vmap instead
+# of the engine's folds over chains, "+nonorm" the layer norm only and
+# "+nolinear" the linear layers only.
+FOLD_VARIANTS = ("nofold", "nonorm", "nolinear")
 COMPILE_VARIANTS = {"compile": True, "autotune": "max-autotune-no-cudagraphs"}
 
 
@@ -266,12 +271,13 @@ def variant_error(variant: str):
     precision, *extras = variant.split("+")
     if precision not in ("fp32", "tf32", "bf16"):
         return f"{variant!r}: the precision must be fp32, tf32 or bf16"
-    unknown = [e for e in extras if e not in COMPILE_VARIANTS and e not in ("sdpa", "nofold", "nonorm")]
+    unknown = [e for e in extras if e not in COMPILE_VARIANTS and e != "sdpa" and e not in FOLD_VARIANTS]
     if unknown or len(set(extras)) != len(extras) or sum(e in COMPILE_VARIANTS for e in extras) > 1:
-        return (f"{variant!r}: add at most one of +compile, +autotune, and optionally +sdpa and one of +nofold, "
-                "+nonorm")
-    if "nofold" in extras and "nonorm" in extras:
-        return f"{variant!r}: +nofold already leaves out the layer-norm fold; drop +nonorm"
+        return (f"{variant!r}: add at most one of +compile, +autotune, and optionally +sdpa and +nofold, or "
+                "+nonorm and +nolinear")
+    for one in ("nonorm", "nolinear"):
+        if "nofold" in extras and one in extras:
+            return f"{variant!r}: +nofold already leaves out every fold; drop +{one}"
     return None
 
 
@@ -301,7 +307,8 @@ def main(argv=None):
                    help="comma-separated fp32, tf32, bf16, each optionally +compile (estimate_llc(compile=True)) "
                         "or +autotune (compile='max-autotune-no-cudagraphs'), and +sdpa (the models' attention "
                         "through scaled_dot_product_attention); +nofold: without the engine's folds of the chains "
-                        "into one SDPA and one layer-norm call each way, +nonorm: without the layer-norm fold")
+                        "into one SDPA and one layer-norm call each way and of the linear layers' bias adds into "
+                        "their matmuls, +nonorm: without the layer-norm fold, +nolinear: without the linear fold")
     p.add_argument("--skip-devinterp", action="store_true")
     p.add_argument("--quick", action="store_true", help="small data and LM, few steps: a smoke run")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/llc_<gpu>_<date>.json)")

@@ -113,7 +113,9 @@ class KernelLog(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in FREE or func.namespace == "prim":
             return out
-        ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        # an out= tensor is written, not read (chain_linear's addmm per chain)
+        read = (args, {k: v for k, v in kwargs.items() if k != "out"})
+        ins = [a for a in tree_flatten(read)[0] if isinstance(a, torch.Tensor)]
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         written = outs
         if name.endswith("_") and not name.startswith("_"):  # in place: writes its first argument
@@ -153,7 +155,9 @@ def trace_step(case: dict, precision: str, fused: bool):
             params = [torch.empty((chains,) + s) for s in shapes]
             centers = [torch.empty(s) for s in shapes]
             fake_batch = _fake_batch(batch, (chains,))
-            with log, _autocast(precision), fused_loss.first_order():
+            # autocast's casts above the folds, as CUDA's autocast sits below torch functions: a fold sees
+            # the operands autocast gives the function it takes over
+            with log, fused_loss.first_order(), _autocast(precision):
                 try:
                     grads, _ = vmapped_grads(loss, 0)(tuple(params), fake_batch)
                 except RuntimeError as exc:

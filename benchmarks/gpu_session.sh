@@ -4,15 +4,15 @@
 # under its own time limit so one hang does not cost the others; logs and
 # JSON go to $OUT (or ./gpu-out).
 #
-#   bash benchmarks/gpu_session.sh build tests fold hessian attention large llc compiled demo
+#   bash benchmarks/gpu_session.sh build tests fold fold_large hessian attention large llc compiled demo
 #
 # A device call runs at most 600 s and a session has 1800 s of device time,
 # machine start included, so split the steps over calls, most wanted first:
 #   1. build tests   (limits 300 + 300; build 56-62 s and tests 211 s on
 #                    the H100, 2026-11-24)
-#   1b. fold         (about 500: the engine's SDPA and layer-norm folds
-#                    against torch's own vmap of both, on the LM and on
-#                    GPT-2 124M; never measured yet)
+#   1b. fold fold_large (240 + 4 x 100: the engine's SDPA, layer-norm and
+#                    linear folds against torch's own vmap of each, on the
+#                    LM and on GPT-2 124M; never measured yet)
 #   2. hessian       (540: HVP modes, precisions, compiled trace, planner;
 #                    not run since 2026-11-23)
 #   3. attention large (120 + 540: which attention kernels GPT-2 runs under
@@ -72,14 +72,18 @@ for s in "${steps[@]}"; do
       step tests 300 python3 -m pytest -q -p no:cacheprovider --timeout 240 \
         tests/test_cuda.py tests/test_engine_cuda.py tests/test_hessian.py tests/test_sampler_kernels.py tests/test_opcheck.py tests/test_lanczos_step.py \
         tests/test_planner.py tests/test_distributed.py tests/test_token_nll.py tests/test_paper_models.py tests/test_compile.py \
-        tests/test_chain_attention.py tests/test_chain_norm.py ;;
-    fold)  # the chains folded into one SDPA and one layer-norm call each way, against torch's vmap of both
-      step fold_llc 200 python3 benchmarks/bench_llc.py --cases lm-8 --skip-devinterp --ref-steps 1 --steps 200 \
-        --precisions bf16+sdpa,bf16+sdpa+nonorm,bf16+sdpa+nofold,fp32+sdpa,fp32+sdpa+nofold --profile \
-        --out "$OUT/llc_fold.json"
+        tests/test_chain_attention.py tests/test_chain_norm.py tests/test_chain_linear.py ;;
+    fold)  # the chains folded into one SDPA and one layer-norm call each way and the bias adds into their
+           # matmuls, against torch's vmap of each
+      step fold_llc 240 python3 benchmarks/bench_llc.py --cases lm-8 --skip-devinterp --ref-steps 1 --steps 200 \
+        --precisions bf16+sdpa,bf16+sdpa+nonorm,bf16+sdpa+nolinear,bf16+sdpa+nofold,fp32+sdpa,fp32+sdpa+nofold \
+        --profile --out "$OUT/llc_fold.json" ;;
+    fold_large)  # the same folds on GPT-2 124M, each left out in turn
       step fold_large 100 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --out "$OUT/large_fold.json"
       step fold_large_nonorm 100 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
         --no-norm-fold --out "$OUT/large_nonorm.json"
+      step fold_large_nolinear 100 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
+        --no-linear-fold --out "$OUT/large_nolinear.json"
       step fold_large_off 100 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --no-fold \
         --out "$OUT/large_nofold.json" ;;
     llc)

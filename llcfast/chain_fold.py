@@ -1,8 +1,8 @@
-"""The torch-function mode that sends a model's SDPA and layer-norm calls
-through their chain folds (chain_attention, chain_norm) inside the fast
-engine's first-order passes. Models call these functions themselves
-(llcfast's models and Hugging Face's alike), so a mode is where the calls
-can be taken over without touching the model."""
+"""The torch-function mode that sends a model's SDPA, layer-norm and linear
+calls through their chain folds (chain_attention, chain_norm, chain_linear)
+inside the fast engine's first-order passes. Models call these functions
+themselves (llcfast's models and Hugging Face's alike), so a mode is where
+the calls can be taken over without touching the model."""
 from __future__ import annotations
 
 import collections
@@ -11,17 +11,19 @@ import contextlib
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import chain_attention, chain_norm
+from . import chain_attention, chain_linear, chain_norm
 
 _FOLDS = {chain_attention.SDPA: ("sdpa", chain_attention.try_fold),
-          chain_norm.LAYER_NORM: ("layer_norm", chain_norm.try_fold)}
+          chain_norm.LAYER_NORM: ("layer_norm", chain_norm.try_fold),
+          chain_linear.LINEAR: ("linear", chain_linear.try_fold_linear),
+          chain_linear.ADDMM: ("linear", chain_linear.try_fold_addmm)}
 
 
 class ChainFold(TorchFunctionMode):
     """Sends eligible calls through their folds; ``calls`` counts the folded
-    calls by kind ("sdpa", "layer_norm"), so that a caller can leave the
-    mode (whose Python hook costs about 1.5 us a torch call) out of passes
-    that have none."""
+    calls by kind ("sdpa", "layer_norm", "linear"), so that a caller can
+    leave the mode (whose Python hook costs about 1.5 us a torch call) out
+    of passes that have none."""
 
     def __init__(self):
         super().__init__()
@@ -43,13 +45,15 @@ class ChainFold(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def folding(devices=None, *, sdpa=None, layer_norm=None):
-    """Inside: the SDPA fold serves calls on the devices ``sdpa`` names and
-    the layer-norm fold on those ``layer_norm`` names, each by default
-    ``devices``; None leaves a fold's own devices (FOLD_DEVICES), an empty
-    set turns it off. As when a benchmark or a test sets them."""
+def folding(devices=None, *, sdpa=None, layer_norm=None, linear=None):
+    """Inside: the SDPA fold serves calls on the devices ``sdpa`` names, the
+    layer-norm fold on those ``layer_norm`` names and the linear fold on
+    those ``linear`` names, each by default ``devices``; None leaves a fold's
+    own devices (FOLD_DEVICES), an empty set turns it off. As when a
+    benchmark or a test sets them."""
     wanted = [(chain_attention, devices if sdpa is None else sdpa),
-              (chain_norm, devices if layer_norm is None else layer_norm)]
+              (chain_norm, devices if layer_norm is None else layer_norm),
+              (chain_linear, devices if linear is None else linear)]
     saved = [(module, module.FOLD_DEVICES) for module, _ in wanted]
     try:
         for module, chosen in wanted:

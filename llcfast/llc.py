@@ -229,11 +229,10 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         config["memory_plan"] = plan.to_dict()
     if run.pass_plan is not None:
         config["pass_plan"] = run.pass_plan
-    # SDPA and layer norm folded over chains (llcfast.chain_fold)
-    if any(r.folds.get("sdpa") for r in runs):
-        config["attention_fold"] = all(r.folds.get("sdpa") for r in runs)
-    if any(r.folds.get("layer_norm") for r in runs):
-        config["layer_norm_fold"] = all(r.folds.get("layer_norm") for r in runs)
+    # SDPA, layer norm and linear layers folded over chains (llcfast.chain_fold)
+    for kind, key in (("sdpa", "attention_fold"), ("layer_norm", "layer_norm_fold"), ("linear", "linear_fold")):
+        if any(r.folds.get(kind) for r in runs):
+            config[key] = all(r.folds.get(kind) for r in runs)
     timings = dict(run.timings, total_s=time.perf_counter() - started)
     for key in ("capture_s", "sampling_s"):
         timings[key] = sum(r.timings.get(key, 0.0) for r in runs)

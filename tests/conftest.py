@@ -30,13 +30,16 @@ def pytest_report_header(config):
 
 @pytest.fixture
 def fold_as_on_cuda(monkeypatch):
-    """The engine's pass as it runs on CUDA, on a CPU: SDPA and layer norm
-    folded over chains (chain_fold runs them on CUDA only) and the chains
-    stacked (a CPU's pass plan may run them chain by chain, which needs no
-    fold)."""
-    from llcfast import chain_attention, chain_norm
+    """The engine's pass as it runs on CUDA, on a CPU: SDPA, layer norm and
+    linear layers folded over chains (chain_fold runs them on CUDA only;
+    here the linear fold takes layers of any size, as it takes large ones on
+    CUDA) and the chains stacked (a CPU's pass plan may run them chain by
+    chain, which needs no fold)."""
+    from llcfast import chain_attention, chain_linear, chain_norm
     from llcfast.engine import planner, sampler
     monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})
     monkeypatch.setattr(chain_norm, "FOLD_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(chain_linear, "FOLD_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(chain_linear, "MIN_OUTPUTS_PER_CHAIN", 0)
     monkeypatch.setattr(sampler, "cpu_pass_plan", lambda n, total, largest, stack=False:
                         planner.cpu_pass_plan(n, total, largest, stack=True))

@@ -44,12 +44,12 @@ def test_devinterp_out_of_memory_is_recorded(tmp_path, monkeypatch, capsys):
 
 
 def test_no_fold_is_recorded_and_undone(tmp_path, fold_as_on_cuda):
-    from llcfast import chain_attention, chain_norm
+    from llcfast import chain_attention, chain_linear, chain_norm
     folds = []
-    for extra in ([], ["--no-norm-fold"], ["--no-fold"]):
+    for extra in ([], ["--no-norm-fold"], ["--no-linear-fold"], ["--no-fold"]):
         out = tmp_path / "large.json"
         bench_large.main(ARGS + ["--skip-devinterp", "--out", str(out)] + extra)
         row = json.loads(out.read_text())["rows"][0]
-        folds.append((row["attention_fold"], row["layer_norm_fold"]))
-        assert chain_attention.FOLD_DEVICES == chain_norm.FOLD_DEVICES == {"cpu", "cuda"}
-    assert folds == [(True, True), (True, False), (False, False)]
+        folds.append((row["attention_fold"], row["layer_norm_fold"], row["linear_fold"]))
+        assert chain_attention.FOLD_DEVICES == chain_norm.FOLD_DEVICES == chain_linear.FOLD_DEVICES == {"cpu", "cuda"}
+    assert folds == [(True, True, True), (True, False, True), (True, True, False), (False, False, False)]

@@ -21,16 +21,18 @@ def test_each_profile_runs_its_own_variant(tmp_path):
     assert "scaled_dot_product" in sdpa and "scaled_dot_product" not in matmul
 
 
-def test_nofold_and_nonorm_leave_the_folds_to_torch_for_their_run_only(tmp_path, monkeypatch, fold_as_on_cuda):
-    from llcfast import chain_attention, chain_norm
+def test_nofold_nonorm_and_nolinear_leave_folds_to_torch_for_their_run_only(tmp_path, monkeypatch, fold_as_on_cuda):
+    from llcfast import chain_attention, chain_linear, chain_norm
     assert bench_llc.variant_error("bf16+sdpa+nofold") is None and bench_llc.variant_error("bf16+nonorm") is None
+    assert bench_llc.variant_error("bf16+sdpa+nonorm+nolinear") is None
     assert "drop +nonorm" in bench_llc.variant_error("bf16+nofold+nonorm")
+    assert "drop +nolinear" in bench_llc.variant_error("bf16+nolinear+nofold")
     folds = {}
-    for variant in ("fp32+sdpa+nofold", "fp32+sdpa+nonorm", "fp32+sdpa"):
+    for variant in ("fp32+sdpa+nofold", "fp32+sdpa+nonorm", "fp32+sdpa+nolinear", "fp32+sdpa"):
         bench_llc.main(["--quick", "--device", "cpu", "--cases", "lm-8", "--precisions", variant, "--skip-devinterp",
                         "--steps", "3", "--ref-steps", "1", "--out", str(tmp_path / "llc.json")])
         run = json.loads((tmp_path / "llc.json").read_text())["cases"][0]["runs"][f"llcfast-{variant}"]
-        folds[variant] = (run["attention_fold"], run["layer_norm_fold"])
-        assert chain_attention.FOLD_DEVICES == chain_norm.FOLD_DEVICES == {"cpu", "cuda"}
-    assert folds == {"fp32+sdpa+nofold": (False, False), "fp32+sdpa+nonorm": (True, False),
-                     "fp32+sdpa": (True, True)}
+        folds[variant] = (run["attention_fold"], run["layer_norm_fold"], run["linear_fold"])
+        assert chain_attention.FOLD_DEVICES == chain_norm.FOLD_DEVICES == chain_linear.FOLD_DEVICES == {"cpu", "cuda"}
+    assert folds == {"fp32+sdpa+nofold": (False, False, False), "fp32+sdpa+nonorm": (True, False, True),
+                     "fp32+sdpa+nolinear": (True, True, False), "fp32+sdpa": (True, True, True)}

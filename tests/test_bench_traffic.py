@@ -27,11 +27,14 @@ def test_counts_bytes_and_flops_of_known_ops():
             x @ w
             a.expand(8, 1000).sum(0)  # an expanded operand is read once
             a.view(10, 100).t()  # views move nothing
+            out = torch.empty(64, 16)
+            torch.addmm(torch.empty(16), x, w, out=out)  # out= is written, not read (chain_linear's addmm)
     names = [r[0] for r in log.rows]
-    assert names == ["add", "mm", "sum"]
+    assert names == ["add", "mm", "sum", "addmm"]
     assert log.rows[0][1:] == (0, 12000)
     assert log.rows[1][1] == 2 * 64 * 32 * 16
     assert log.rows[2][2] == 4000 + 4000
+    assert log.rows[3][2] == 4 * (16 + 64 * 32 + 32 * 16 + 64 * 16)
 
 
 @requires_extension
