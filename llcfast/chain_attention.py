@@ -35,7 +35,7 @@ SDPA = F.scaled_dot_product_attention
 # "cpu" here, as the CUDA path's semantics on every machine.
 FOLD_DEVICES = {"cuda"}
 _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
@@ -142,7 +142,7 @@ def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal:
     leading dimensions."""
     dtype = autocast_dtype(q.device.type)
     if dtype is not None:  # autocast's cast of SDPA's operands, done here
-        q, k, v = (x.to(dtype) if x.dtype in _AUTOCAST_CASTS else x for x in (q, k, v))
+        q, k, v = (x.to(dtype) if x.dtype in AUTOCAST_CASTS else x for x in (q, k, v))
     with torch.autocast(q.device.type, enabled=False):
         return _Attention.apply(q, k, v, is_causal, scale)
 

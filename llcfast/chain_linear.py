@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .chain_attention import autocast_dtype, chain_first, fold_batch, unfold_batch
+from .chain_attention import AUTOCAST_CASTS, autocast_dtype, chain_first, fold_batch, unfold_batch
 
 # Devices whose calls are folded (chain_fold.folding sets them). On a CPU
 # addmm copies the bias into the output before the product, the same bytes
@@ -33,7 +33,6 @@ FOLD_DEVICES = {"cuda"}
 # 2^21 outputs a chain: 128 tiles of 128 x 128, about one wave on 132 SMs.
 MIN_OUTPUTS_PER_CHAIN = 1 << 21
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class _ChainAddmm(torch.autograd.Function):
@@ -98,7 +97,7 @@ def _fold(x, m, bias, m_is_weight_t):
         return NotImplemented
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:  # autocast's cast of a matmul's operands, done here
-        x, m, bias = (t.to(dtype) if t.dtype in _AUTOCAST_CASTS else t for t in (x, m, bias))
+        x, m, bias = (t.to(dtype) if t.dtype in AUTOCAST_CASTS else t for t in (x, m, bias))
     dtypes = {t.dtype for t in (x, m, bias)}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _FLOATS:
         return NotImplemented
