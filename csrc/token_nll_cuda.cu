@@ -2,6 +2,7 @@
 // block per row: the forward reads the row once, keeping a running maximum
 // and a rescaled sum of exponentials per thread (online softmax); the
 // backward reads it once and writes the gradient once, in the logits' dtype.
+// Both move 16 bytes an access where the rows allow it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -9,6 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <tuple>
 
 #include "token_nll.h"
@@ -27,19 +30,52 @@ __device__ __forceinline__ void merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
   m = hi;
 }
 
-template <typename scalar_t, typename acc_t>
+// Adds one element to the running (max, sum): -inf adds nothing, +inf and
+// NaN take the row to +inf and NaN as log-sum-exp does.
+template <typename acc_t>
+__device__ __forceinline__ void add_one(acc_t& m, acc_t& s, acc_t xv) {
+  if (xv > m) {
+    s = (m == -INFINITY ? acc_t(0) : s * exp(m - xv)) + acc_t(1);
+    m = xv;
+  } else if (xv != -INFINITY) {
+    s += exp(xv - m);
+  }
+}
+
+// VEC elements moved by one 16-byte access (VEC 1: one element, for rows
+// whose length or address does not allow wider ones). Scalar loads of 2-byte
+// logits kept the H100 at about 0.84 TB/s on the paper's LM.
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) Pack {
+  scalar_t v[VEC];
+};
+
+template <typename scalar_t, typename acc_t, int VEC>
 __global__ void token_nll_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ t, acc_t* nll,
                                  acc_t* lse, int64_t vocab) {
   const int64_t row = blockIdx.x;
   const scalar_t* r = x + row * vocab;
+  const auto* packs = reinterpret_cast<const Pack<scalar_t, VEC>*>(r);
   acc_t m = -INFINITY, s = 0;
-  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
-    const acc_t xv = static_cast<acc_t>(r[v]);
-    if (xv > m) {
-      s = (m == -INFINITY ? acc_t(0) : s * exp(m - xv)) + acc_t(1);
-      m = xv;
-    } else if (xv != -INFINITY) {
-      s += exp(xv - m);
+  for (int64_t j = threadIdx.x; j < vocab / VEC; j += blockDim.x) {
+    const Pack<scalar_t, VEC> p = packs[j];
+    acc_t xs[VEC];
+    acc_t hi = static_cast<acc_t>(p.v[0]);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      xs[i] = static_cast<acc_t>(p.v[i]);
+      hi = xs[i] > hi ? xs[i] : hi;
+    }
+    if (isfinite(hi)) {  // one rescale for the pack, then its exponentials
+      if (hi > m) {
+        s = m == -INFINITY ? acc_t(0) : s * exp(m - hi);
+        m = hi;
+      }
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) s += exp(xs[i] - m);
+    } else {  // all -inf, or a +inf or NaN: element by element, as VEC 1 would
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) add_one(m, s, xs[i]);
     }
   }
   for (int offset = 16; offset > 0; offset >>= 1)
@@ -60,24 +96,61 @@ __global__ void token_nll_kernel(const scalar_t* __restrict__ x, const int64_t* 
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int VEC>
 __global__ void token_nll_backward_kernel(const acc_t* __restrict__ g, const scalar_t* __restrict__ x,
                                           const acc_t* __restrict__ lse, const int64_t* __restrict__ t,
                                           scalar_t* y, int64_t vocab) {
   const int64_t row = blockIdx.x;
   const acc_t gr = g[row], lr = lse[row];
   const int64_t target = t[row];
-  const scalar_t* src = x + row * vocab;
-  scalar_t* dst = y + row * vocab;
-  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x)
-    dst[v] = static_cast<scalar_t>(gr * (exp(static_cast<acc_t>(src[v]) - lr) - (v == target ? acc_t(1) : acc_t(0))));
+  const auto* src = reinterpret_cast<const Pack<scalar_t, VEC>*>(x + row * vocab);
+  auto* dst = reinterpret_cast<Pack<scalar_t, VEC>*>(y + row * vocab);
+  for (int64_t j = threadIdx.x; j < vocab / VEC; j += blockDim.x) {
+    const Pack<scalar_t, VEC> p = src[j];
+    Pack<scalar_t, VEC> q;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const int64_t v = j * VEC + i;
+      q.v[i] = static_cast<scalar_t>(gr * (exp(static_cast<acc_t>(p.v[i]) - lr) - (v == target ? acc_t(1) : acc_t(0))));
+    }
+    dst[j] = q;
+  }
 }
 
-// Whole warps, no more threads than a row has elements (up to kMaxThreads).
-int threads_for(int64_t vocab) {
+// Whole warps, no more threads than a row has packs (up to kMaxThreads).
+int threads_for(int64_t packs) {
   int threads = 32;
-  while (threads < kMaxThreads && threads < vocab) threads *= 2;
+  while (threads < kMaxThreads && threads < packs) threads *= 2;
   return threads;
+}
+
+// 16 bytes a pack where every row starts on a 16-byte boundary, else 1 element.
+template <typename scalar_t>
+bool packs_fit(int64_t vocab, std::initializer_list<const void*> bases) {
+  constexpr int64_t vec = 16 / sizeof(scalar_t);
+  if (vocab % vec != 0) return false;
+  for (const void* base : bases)
+    if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  return true;
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+void launch_forward(const at::Tensor& logits, const at::Tensor& targets, at::Tensor& nll, at::Tensor& lse,
+                    int64_t rows, int64_t vocab) {
+  token_nll_kernel<scalar_t, acc_t, VEC><<<static_cast<unsigned>(rows), threads_for(vocab / VEC), 0,
+                                           at::cuda::getCurrentCUDAStream()>>>(
+      logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), nll.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), vocab);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+void launch_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& lse,
+                     const at::Tensor& targets, at::Tensor& out, int64_t rows, int64_t vocab) {
+  token_nll_backward_kernel<scalar_t, acc_t, VEC><<<static_cast<unsigned>(rows), threads_for(vocab / VEC), 0,
+                                                    at::cuda::getCurrentCUDAStream()>>>(
+      grad.data_ptr<acc_t>(), logits.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), targets.data_ptr<int64_t>(),
+      out.data_ptr<scalar_t>(), vocab);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> token_nll_cuda(const at::Tensor& logits, const at::Tensor& targets) {
@@ -89,11 +162,11 @@ std::tuple<at::Tensor, at::Tensor> token_nll_cuda(const at::Tensor& logits, cons
   const c10::cuda::CUDAGuard guard(logits.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_nll_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    token_nll_kernel<scalar_t, acc_t><<<static_cast<unsigned>(rows), threads_for(vocab), 0,
-                                        at::cuda::getCurrentCUDAStream()>>>(
-        logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), nll.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
-        vocab);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int vec = 16 / sizeof(scalar_t);
+    if (packs_fit<scalar_t>(vocab, {logits.data_ptr()}))
+      launch_forward<scalar_t, acc_t, vec>(logits, targets, nll, lse, rows, vocab);
+    else
+      launch_forward<scalar_t, acc_t, 1>(logits, targets, nll, lse, rows, vocab);
   });
   return {nll, lse};
 }
@@ -102,18 +175,18 @@ at::Tensor token_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& log
                                    const at::Tensor& targets) {
   check_token_nll_backward(grad, logits, lse, targets, "token_nll_backward");
   const int64_t vocab = logits.size(-1);
-  at::Tensor out = at::empty_like(logits);
+  at::Tensor out = at::empty_like(logits, at::MemoryFormat::Contiguous);
   const int64_t rows = targets.numel();
   if (rows == 0) return out;
   LLC_CHECK(rows <= 2147483647LL, "token_nll_backward: at most 2^31 - 1 rows per call, got ", rows);
   const c10::cuda::CUDAGuard guard(logits.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_nll_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    token_nll_backward_kernel<scalar_t, acc_t><<<static_cast<unsigned>(rows), threads_for(vocab), 0,
-                                                 at::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<acc_t>(), logits.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), targets.data_ptr<int64_t>(),
-        out.data_ptr<scalar_t>(), vocab);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int vec = 16 / sizeof(scalar_t);
+    if (packs_fit<scalar_t>(vocab, {logits.data_ptr(), out.data_ptr()}))
+      launch_backward<scalar_t, acc_t, vec>(grad, logits, lse, targets, out, rows, vocab);
+    else
+      launch_backward<scalar_t, acc_t, 1>(grad, logits, lse, targets, out, rows, vocab);
   });
   return out;
 }

@@ -249,3 +249,39 @@ def test_cuda_kernel_large_vocabulary_bf16():
     _, want = twin_with_grad(logits, targets, g)
     got = torch.ops.llcfast.token_nll_backward(g, logits, lse, targets)
     torch.testing.assert_close(got.float(), want.float(), **TOL[torch.bfloat16])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_cuda_wide_accesses_equal_element_accesses(dtype):
+    """Rows that start on 16-byte boundaries are read 16 bytes at a time; the
+    same logits one element off those boundaries are read element by
+    element. Both give the same numbers, -inf, +inf and NaN included."""
+    torch.manual_seed(0)
+    rows, vocab = 7, 64
+    logits = 4 * torch.randn(rows, vocab, dtype=torch.float64)
+    logits[0, :40] = float("-inf")  # a masked vocabulary
+    logits[1] = float("-inf")  # a row with nothing left
+    logits[2, 50] = float("inf")
+    logits[3, 17] = float("nan")
+    logits[4, 3] = logits[4, 60] = float("inf")
+    logits = logits.to(dtype)
+    targets = torch.tensor([45, 0, 50, 2, 3, 63, 8])
+    flat = torch.empty(rows * vocab + 1, dtype=dtype, device="cuda")
+    shifted = flat[1:].view(rows, vocab)  # contiguous, one element past a 16-byte boundary
+    shifted.copy_(logits.cuda())
+    aligned = logits.cuda()
+    assert aligned.data_ptr() % 16 == 0 and shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
+    t = targets.cuda()
+    wide, narrow = kernel(aligned, t), kernel(shifted, t)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.rand(rows, dtype=acc, device="cuda")
+    grads = [torch.ops.llcfast.token_nll_backward(g, x, lse, t) for x, (_, lse) in ((aligned, wide), (shifted, narrow))]
+    pairs = [(wide[0], narrow[0], acc), (wide[1], narrow[1], acc), (grads[0].to(acc), grads[1].to(acc), dtype)]
+    for a, b, tol in pairs:
+        assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b))
+        finite = torch.isfinite(a)
+        torch.testing.assert_close(a[finite], b[finite], **TOL[tol])
+    finite_rows = torch.isfinite(wide[1])
+    torch.testing.assert_close(wide[0][finite_rows], reference.token_nll(logits, targets).to(acc).cuda()[finite_rows],
+                               **TOL[acc])
