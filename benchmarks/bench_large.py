@@ -125,9 +125,8 @@ def measure(size, args, device, peak_tflops):
            "llc_mean": res.llc_mean, "llc_std": res.llc_std, "peak_memory_GiB": res.timings.get("peak_memory_bytes", 0) / 2**30,
            "memory_plan": res.config.get("memory_plan"), "cuda_graphs": res.config.get("cuda_graphs"),
            "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12, "llcfast_warnings": notes,
-           "attention_fold": res.config.get("attention_fold", False),
-           "layer_norm_fold": res.config.get("layer_norm_fold", False),
-           "linear_fold": res.config.get("linear_fold", False), "activation": args.activation}
+           **{key: res.config.get(key, False) for key in chain_fold.CONFIG_KEYS.values()},
+           "activation": args.activation}
     row["mfu_vs_measured_bf16"] = row["model_tflops"] / peak_tflops
     if not args.skip_devinterp:
         steps = max(2, args.devinterp_draws)
@@ -163,8 +162,7 @@ def main(argv=None):
     p.add_argument("--no-fold", action="store_true",
                    help="leave GPT-2's SDPA, layer-norm and Conv1D calls to torch's vmap (which runs SDPA's backward "
                         "chain by chain, a layer norm as a weightless norm, a multiply and an add, and Conv1D as a "
-                        "batched matmul and a bias add) instead of the "
-                        "engine's folds of the chains into one call each way (llcfast.chain_fold)")
+                        "batched matmul and a bias add) instead of the engine's folds (llcfast.chain_fold)")
     p.add_argument("--no-norm-fold", action="store_true", help="leave out the layer-norm fold only")
     p.add_argument("--no-linear-fold", action="store_true",
                    help="leave out the linear fold only (Conv1D's bias added after a batched matmul, not inside "

@@ -218,8 +218,7 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
             llc_mean=r.llc_mean, llc_std=r.llc_std, diverged=list(r.diagnostics.get("diverged_chains", [])),
             backend=r.config.get("backend"), cuda_graphs=r.config.get("cuda_graphs"),
             compiled=r.config.get("compile", False), timings=r.timings,
-            attention_fold=r.config.get("attention_fold", False), layer_norm_fold=r.config.get("layer_norm_fold", False),
-            linear_fold=r.config.get("linear_fold", False),
+            **{key: r.config.get(key, False) for key in chain_fold.CONFIG_KEYS.values()},
             achieved_tflops=tflops, peak_fraction=peak_fraction(device, precision, tflops))
     fp32, bf16 = out["runs"].get("llcfast-fp32"), out["runs"].get("llcfast-bf16")
     if fp32 and bf16:  # same batches, same noise: does bf16 move the estimate beyond the chains' spread?

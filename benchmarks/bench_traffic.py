@@ -150,7 +150,7 @@ def trace_step(case: dict, precision: str, fused: bool):
     fused_loss.KERNEL_DEVICES = {"cpu", "cuda"} if fused else set()
     log = KernelLog()
     try:
-        # SDPA and layer norm folded over chains, as the engine runs them on CUDA
+        # SDPA, layer norm and linear layers folded over chains, as the engine runs them on CUDA
         with FakeTensorMode(), chain_fold.folding({"cpu", "cuda"}):
             params = [torch.empty((chains,) + s) for s in shapes]
             centers = [torch.empty(s) for s in shapes]

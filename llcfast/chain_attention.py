@@ -36,6 +36,7 @@ SDPA = F.scaled_dot_product_attention
 FOLD_DEVICES = {"cuda"}
 _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
@@ -126,6 +127,13 @@ def autocast_dtype(device_type: str):
         if device_type == "cuda":
             return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
         return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
+def one_float_dtype(*tensors) -> bool:
+    """Whether the tensors given (None skipped) share one floating dtype,
+    as a fold's single-dtype kernel or product needs."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    return len(dtypes) == 1 and next(iter(dtypes)) in _FLOATS
 
 
 def _foldable(call: dict) -> bool:

@@ -13,6 +13,9 @@ from torch.overrides import TorchFunctionMode
 
 from . import chain_attention, chain_linear, chain_norm
 
+# estimate_llc's config key for each kind of fold: whether every run's batched pass folded such calls
+CONFIG_KEYS = {"sdpa": "attention_fold", "layer_norm": "layer_norm_fold", "linear": "linear_fold"}
+
 _FOLDS = {chain_attention.SDPA: ("sdpa", chain_attention.try_fold),
           chain_norm.LAYER_NORM: ("layer_norm", chain_norm.try_fold),
           chain_linear.LINEAR: ("linear", chain_linear.try_fold_linear),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .chain_attention import AUTOCAST_CASTS, autocast_dtype, chain_first, fold_batch, unfold_batch
+from .chain_attention import AUTOCAST_CASTS, autocast_dtype, chain_first, fold_batch, one_float_dtype, unfold_batch
 
 # Devices whose calls are folded (chain_fold.folding sets them). On a CPU
 # addmm copies the bias into the output before the product, the same bytes
@@ -32,7 +32,6 @@ from .chain_attention import AUTOCAST_CASTS, autocast_dtype, chain_first, fold_b
 FOLD_DEVICES = {"cuda"}
 # 2^21 outputs a chain: 128 tiles of 128 x 128, about one wave on 132 SMs.
 MIN_OUTPUTS_PER_CHAIN = 1 << 21
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 class _ChainAddmm(torch.autograd.Function):
@@ -98,8 +97,7 @@ def _fold(x, m, bias, m_is_weight_t):
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:  # autocast's cast of a matmul's operands, done here
         x, m, bias = (t.to(dtype) if t.dtype in AUTOCAST_CASTS else t for t in (x, m, bias))
-    dtypes = {t.dtype for t in (x, m, bias)}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _FLOATS:
+    if not one_float_dtype(x, m, bias):
         return NotImplemented
     return folded_addmm(x, m, bias, m_is_weight_t)
 
@@ -108,10 +106,10 @@ def try_fold_linear(args, kwargs):
     """The folded F.linear(input, weight, bias) of a call with a bias (without
     one torch's batched matmul is the whole layer already)."""
     call = dict({"bias": None}, **dict(zip(("input", "weight", "bias"), args)), **kwargs)
-    if len(call) != 3 or call["bias"] is None or not isinstance(call["weight"], torch.Tensor):
-        return NotImplemented
     weight = call["weight"]
-    return _fold(call["input"], weight.transpose(0, 1) if weight.dim() == 2 else weight, call["bias"], True)
+    if len(call) != 3 or call["bias"] is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return NotImplemented
+    return _fold(call["input"], weight.transpose(0, 1), call["bias"], True)
 
 
 def try_fold_addmm(args, kwargs):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
-from .chain_attention import FirstOrderBackward, autocast_dtype, fold_batch, unfold_batch
+from .chain_attention import FirstOrderBackward, autocast_dtype, fold_batch, one_float_dtype, unfold_batch
 
 # Devices whose calls are folded (chain_fold.folding sets them). On a CPU
 # torch's vectorised kernels beat the scalar loops here: forward and backward
@@ -31,7 +31,6 @@ from .chain_attention import FirstOrderBackward, autocast_dtype, fold_batch, unf
 # serves the tests, which add "cpu", as the CUDA path's semantics on every
 # machine.
 FOLD_DEVICES = {"cuda"}
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _LOWER = (torch.float16, torch.bfloat16)
 
 
@@ -111,8 +110,7 @@ def try_fold(args, kwargs):
         return NotImplemented
     if x.device.type == "cuda" and autocast_dtype("cuda") is not None:  # float32, as autocast runs layer_norm
         x, weight, bias = (t.float() if t is not None and t.dtype in _LOWER else t for t in (x, weight, bias))
-    dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _FLOATS:
+    if not one_float_dtype(x, weight, bias):
         return NotImplemented
     return folded_layer_norm(x, weight, bias, float(call["eps"]))
 

@@ -45,9 +45,9 @@ VMAP_RULES = hasattr(torch.library, "register_vmap")
 
 @contextlib.contextmanager
 def first_order(fold: bool = True):
-    """Inside: ``token_nll`` may use its fused kernel, and with ``fold`` SDPA
-    and layer-norm calls fold stacked chains into one call each way
-    (chain_fold); none of these backwards has a derivative of its own.
+    """Inside: ``token_nll`` may use its fused kernel, and with ``fold`` SDPA,
+    layer-norm and linear calls fold stacked chains (chain_fold); the fused
+    loss's, SDPA's and layer norm's backwards have no derivative of their own.
     Yields the fold's mode (its ``calls`` counts the calls it folded by
     kind), or None. The kernel flag is process-wide, like torch's backend
     flags; the mode is this thread's."""

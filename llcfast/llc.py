@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.func import grad
 
-from . import reference
+from . import chain_fold, reference
 from ._checks import check_int
 from ._llc_common import (check_callbacks, check_llc_args, check_mala, check_precision, check_sampler_args,
                           default_loss, default_nbeta, draw_slice, finish, first_nonfinite, init_batch_count,
@@ -230,7 +230,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     if run.pass_plan is not None:
         config["pass_plan"] = run.pass_plan
     # SDPA, layer norm and linear layers folded over chains (llcfast.chain_fold)
-    for kind, key in (("sdpa", "attention_fold"), ("layer_norm", "layer_norm_fold"), ("linear", "linear_fold")):
+    for kind, key in chain_fold.CONFIG_KEYS.items():
         if any(r.folds.get(kind) for r in runs):
             config[key] = all(r.folds.get(kind) for r in runs)
     timings = dict(run.timings, total_s=time.perf_counter() - started)

@@ -111,6 +111,22 @@ def gpt2_chains(chains=2, n_layer=2, seed=0):
     return config, loss, params, torch.randint(0, 50, (chains, 3, 16))
 
 
+def gpt2_folded_against_torch(kind):
+    """gpt2_chains' batched loss and gradients with the chain fold of
+    ``kind`` ("sdpa", "layer_norm", "linear") against torch's vmap of those
+    calls, which must agree; returns (config, the calls folded by kind)."""
+    from llcfast import chain_fold, fused_loss
+    from llcfast.engine.functional import vmapped_grads
+    config, loss, params, batch = gpt2_chains()
+    with chain_fold.folding(**{kind: set()}):
+        want_g, want_loss = vmapped_grads(loss, 0)(params, batch)
+    with fused_loss.first_order() as mode:
+        got_g, got_loss = vmapped_grads(loss, 0)(params, batch)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-5)
+    return config, mode.calls
+
+
 def gpt2_batches(n_batches=4, batch_size=4, ctx=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
