@@ -56,6 +56,10 @@ TORCH_LIBRARY(llcfast, m) {
   m.def("token_nll(Tensor logits, Tensor targets) -> (Tensor, Tensor)");
   // Its gradient with respect to logits, given d(loss)/d(nll) as grad.
   m.def("token_nll_backward(Tensor grad, Tensor logits, Tensor lse, Tensor targets) -> Tensor");
+  // Both directions in one pass, where d(loss)/d(nll) is one number for
+  // every row: (nll, lse) as token_nll gives them, and logits overwritten
+  // with their gradient scale * (softmax(logits) - onehot(target)).
+  m.def("token_nll_grad_(Tensor(a!) logits, Tensor targets, float scale) -> (Tensor, Tensor)");
   // Layer norm over the last dimension of x [C, R, D] with a weight and bias
   // [C, D] per chain: (y, mean [C, R], rstd [C, R]).
   m.def("chain_layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");

@@ -6,6 +6,8 @@
 //   lse = log sum_v exp(logits[..., v]),  nll = lse - logits[..., target]
 // token_nll_backward(grad [...], logits, lse, targets) -> grad_logits:
 //   grad * (exp(logits - lse) - [v == target])
+// token_nll_grad_(logits [..., V], targets [...], scale) -> (nll, lse), with
+//   logits overwritten by scale * (exp(logits - lse) - [v == target])
 // Sums run in float (double for double logits); a target outside [0, V)
 // gives a NaN nll, since a device-side check would stall the stream.
 #pragma once

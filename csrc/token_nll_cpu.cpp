@@ -1,6 +1,7 @@
-// CPU kernels for llcfast::token_nll and llcfast::token_nll_backward: one
-// pass over each row per direction instead of log_softmax, gather and their
-// backwards (a zero-filled scatter, then softmax's backward).
+// CPU kernels for llcfast::token_nll, llcfast::token_nll_backward and
+// llcfast::token_nll_grad_ (both at once, in place): one pass over each row
+// per direction instead of log_softmax, gather and their backwards (a
+// zero-filled scatter, then softmax's backward).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -69,11 +70,43 @@ at::Tensor token_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& logi
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> token_nll_grad_cpu(at::Tensor& logits, const at::Tensor& targets, double scale) {
+  const int64_t vocab = check_token_nll(logits, targets, "token_nll_grad_");
+  at::Tensor nll = token_nll_output(logits, targets), lse = token_nll_output(logits, targets);
+  const int64_t rows = targets.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_nll_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* x = logits.data_ptr<scalar_t>();
+    const int64_t* t = targets.data_ptr<int64_t>();
+    acc_t* out_nll = nll.data_ptr<acc_t>();
+    acc_t* out_lse = lse.data_ptr<acc_t>();
+    const acc_t g = static_cast<acc_t>(scale);
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* row = x + r * vocab;
+        acc_t m = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t v = 0; v < vocab; ++v) m = std::max(m, static_cast<acc_t>(row[v]));
+        acc_t s = 0;
+        if (m != -std::numeric_limits<acc_t>::infinity())
+          for (int64_t v = 0; v < vocab; ++v) s += std::exp(static_cast<acc_t>(row[v]) - m);
+        const acc_t l = m + std::log(s);
+        out_lse[r] = l;
+        out_nll[r] = (t[r] >= 0 && t[r] < vocab) ? l - static_cast<acc_t>(row[t[r]])
+                                                 : std::numeric_limits<acc_t>::quiet_NaN();
+        for (int64_t v = 0; v < vocab; ++v)
+          row[v] = static_cast<scalar_t>(g * (std::exp(static_cast<acc_t>(row[v]) - l) - (v == t[r] ? 1 : 0)));
+      }
+    });
+  });
+  return {nll, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llcfast, CPU, m) {
   m.impl("token_nll", &token_nll_cpu);
   m.impl("token_nll_backward", &token_nll_backward_cpu);
+  m.impl("token_nll_grad_", &token_nll_grad_cpu);
 }
 
 }  // namespace llcfast

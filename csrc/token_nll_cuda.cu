@@ -1,7 +1,8 @@
-// CUDA kernels for llcfast::token_nll and llcfast::token_nll_backward. One
-// block per row: the forward reads the row once, keeping a running maximum
-// and a rescaled sum of exponentials per thread (online softmax); the
-// backward reads it once and writes the gradient once, in the logits' dtype.
+// CUDA kernels for llcfast::token_nll, llcfast::token_nll_backward and
+// llcfast::token_nll_grad_. One block per row: the forward reads the row
+// once, keeping a running maximum and a rescaled sum of exponentials per
+// thread (online softmax); the backward reads it once and writes the
+// gradient once, in the logits' dtype; token_nll_grad_ does both in place.
 // Both move 16 bytes an access where the rows allow it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -50,13 +51,12 @@ struct alignas(sizeof(scalar_t) * VEC) Pack {
   scalar_t v[VEC];
 };
 
+// This thread's running (max, sum of exp(x - max)) over its packs of a row.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void token_nll_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ t, acc_t* nll,
-                                 acc_t* lse, int64_t vocab) {
-  const int64_t row = blockIdx.x;
-  const scalar_t* r = x + row * vocab;
+__device__ __forceinline__ void thread_partial(const scalar_t* r, int64_t vocab, acc_t& m, acc_t& s) {
   const auto* packs = reinterpret_cast<const Pack<scalar_t, VEC>*>(r);
-  acc_t m = -INFINITY, s = 0;
+  m = -INFINITY;
+  s = 0;
   for (int64_t j = threadIdx.x; j < vocab / VEC; j += blockDim.x) {
     const Pack<scalar_t, VEC> p = packs[j];
     acc_t xs[VEC];
@@ -78,6 +78,11 @@ __global__ void token_nll_kernel(const scalar_t* __restrict__ x, const int64_t* 
       for (int i = 0; i < VEC; ++i) add_one(m, s, xs[i]);
     }
   }
+}
+
+// The row's log-sum-exp from every thread's partial, valid in thread 0.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_lse(acc_t m, acc_t s) {
   for (int offset = 16; offset > 0; offset >>= 1)
     merge(m, s, __shfl_down_sync(0xffffffffu, m, offset), __shfl_down_sync(0xffffffffu, s, offset));
   __shared__ acc_t warp_m[kMaxThreads / 32], warp_s[kMaxThreads / 32];
@@ -87,12 +92,54 @@ __global__ void token_nll_kernel(const scalar_t* __restrict__ x, const int64_t* 
     warp_s[warp] = s;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0)
     for (int w = 1; w < warps; ++w) merge(m, s, warp_m[w], warp_s[w]);
-    const acc_t l = m + log(s);
+  return m + log(s);
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void token_nll_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ t, acc_t* nll,
+                                 acc_t* lse, int64_t vocab) {
+  const int64_t row = blockIdx.x;
+  const scalar_t* r = x + row * vocab;
+  acc_t m, s;
+  thread_partial<scalar_t, acc_t, VEC>(r, vocab, m, s);
+  const acc_t l = block_lse(m, s);
+  if (threadIdx.x == 0) {
     const int64_t target = t[row];
     lse[row] = l;
     nll[row] = (target >= 0 && target < vocab) ? l - static_cast<acc_t>(r[target]) : acc_t(NAN);
+  }
+}
+
+// The forward, then the row overwritten with scale * (softmax - onehot). The
+// second read of a row comes soon after the first, from cache.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void token_nll_grad_kernel(scalar_t* x, const int64_t* __restrict__ t, acc_t* nll, acc_t* lse,
+                                      int64_t vocab, acc_t scale) {
+  const int64_t row = blockIdx.x;
+  scalar_t* r = x + row * vocab;
+  const int64_t target = t[row];
+  acc_t m, s;
+  thread_partial<scalar_t, acc_t, VEC>(r, vocab, m, s);
+  acc_t l = block_lse(m, s);
+  __shared__ acc_t row_lse;
+  if (threadIdx.x == 0) {  // the target's logit is read before any thread overwrites it
+    lse[row] = l;
+    nll[row] = (target >= 0 && target < vocab) ? l - static_cast<acc_t>(r[target]) : acc_t(NAN);
+    row_lse = l;
+  }
+  __syncthreads();
+  l = row_lse;
+  auto* packs = reinterpret_cast<Pack<scalar_t, VEC>*>(r);
+  for (int64_t j = threadIdx.x; j < vocab / VEC; j += blockDim.x) {
+    Pack<scalar_t, VEC> p = packs[j];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const int64_t v = j * VEC + i;
+      p.v[i] = static_cast<scalar_t>(scale * (exp(static_cast<acc_t>(p.v[i]) - l) - (v == target ? acc_t(1) : acc_t(0))));
+    }
+    packs[j] = p;
   }
 }
 
@@ -171,6 +218,31 @@ std::tuple<at::Tensor, at::Tensor> token_nll_cuda(const at::Tensor& logits, cons
   return {nll, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> token_nll_grad_cuda(at::Tensor& logits, const at::Tensor& targets, double scale) {
+  const int64_t vocab = check_token_nll(logits, targets, "token_nll_grad_");
+  at::Tensor nll = token_nll_output(logits, targets), lse = token_nll_output(logits, targets);
+  const int64_t rows = targets.numel();
+  if (rows == 0) return {nll, lse};
+  LLC_CHECK(rows <= 2147483647LL, "token_nll_grad_: at most 2^31 - 1 rows per call, got ", rows);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_nll_grad_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int vec = 16 / sizeof(scalar_t);
+    const bool wide = packs_fit<scalar_t>(vocab, {logits.data_ptr()});
+    const auto launch = [&](auto kernel, int64_t packs) {
+      kernel<<<static_cast<unsigned>(rows), threads_for(packs), 0, at::cuda::getCurrentCUDAStream()>>>(
+          logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), nll.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+          vocab, static_cast<acc_t>(scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (wide)
+      launch(token_nll_grad_kernel<scalar_t, acc_t, vec>, vocab / vec);
+    else
+      launch(token_nll_grad_kernel<scalar_t, acc_t, 1>, vocab);
+  });
+  return {nll, lse};
+}
+
 at::Tensor token_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& lse,
                                    const at::Tensor& targets) {
   check_token_nll_backward(grad, logits, lse, targets, "token_nll_backward");
@@ -196,6 +268,7 @@ at::Tensor token_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& log
 TORCH_LIBRARY_IMPL(llcfast, CUDA, m) {
   m.impl("token_nll", &token_nll_cuda);
   m.impl("token_nll_backward", &token_nll_backward_cuda);
+  m.impl("token_nll_grad_", &token_nll_grad_cuda);
 }
 
 }  // namespace llcfast

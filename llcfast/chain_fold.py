@@ -14,7 +14,9 @@ from torch.overrides import TorchFunctionMode
 from . import chain_attention, chain_linear, chain_norm
 
 # estimate_llc's config key for each kind of fold: whether every run's batched pass folded such calls
-CONFIG_KEYS = {"sdpa": "attention_fold", "layer_norm": "layer_norm_fold", "linear": "linear_fold"}
+# (and "head": fused_head's unembedding-and-loss, which the models call themselves)
+CONFIG_KEYS = {"sdpa": "attention_fold", "layer_norm": "layer_norm_fold", "linear": "linear_fold",
+               "head": "head_fusion"}
 
 _FOLDS = {chain_attention.SDPA: ("sdpa", chain_attention.try_fold),
           chain_norm.LAYER_NORM: ("layer_norm", chain_norm.try_fold),
@@ -48,21 +50,24 @@ class ChainFold(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def folding(devices=None, *, sdpa=None, layer_norm=None, linear=None):
+def folding(devices=None, *, sdpa=None, layer_norm=None, linear=None, head=None):
     """Inside: the SDPA fold serves calls on the devices ``sdpa`` names, the
-    layer-norm fold on those ``layer_norm`` names and the linear fold on
-    those ``linear`` names, each by default ``devices``; None leaves a fold's
-    own devices (FOLD_DEVICES), an empty set turns it off. As when a
-    benchmark or a test sets them."""
-    wanted = [(chain_attention, devices if sdpa is None else sdpa),
-              (chain_norm, devices if layer_norm is None else layer_norm),
-              (chain_linear, devices if linear is None else linear)]
-    saved = [(module, module.FOLD_DEVICES) for module, _ in wanted]
+    layer-norm fold on those ``layer_norm`` names, the linear fold on those
+    ``linear`` names and fused_head's fusion on those ``head`` names, each
+    by default ``devices``; None leaves a fold's own devices (FOLD_DEVICES,
+    fused_head.DEVICES), an empty set turns it off. As when a benchmark or
+    a test sets them."""
+    from . import fused_head  # which imports this module, through fused_loss
+    wanted = [(chain_attention, "FOLD_DEVICES", devices if sdpa is None else sdpa),
+              (chain_norm, "FOLD_DEVICES", devices if layer_norm is None else layer_norm),
+              (chain_linear, "FOLD_DEVICES", devices if linear is None else linear),
+              (fused_head, "DEVICES", devices if head is None else head)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in wanted]
     try:
-        for module, chosen in wanted:
+        for module, name, chosen in wanted:
             if chosen is not None:
-                module.FOLD_DEVICES = set(chosen)
+                setattr(module, name, set(chosen))
         yield
     finally:
-        for module, devices_before in saved:
-            module.FOLD_DEVICES = devices_before
+        for module, name, devices_before in saved:
+            setattr(module, name, devices_before)

@@ -29,6 +29,7 @@ from .chain_fold import ChainFold
 from ._checks import check_token_nll_args
 
 _first_order_depth = 0
+_fold_modes = []  # the ChainFold modes of the first_order() contexts entered, innermost last
 
 # Devices whose tensors take the kernel. On CPU torch's vectorised
 # log_softmax beats the scalar kernel (4 x 2048 rows of 2000, forward and
@@ -45,22 +46,34 @@ VMAP_RULES = hasattr(torch.library, "register_vmap")
 
 @contextlib.contextmanager
 def first_order(fold: bool = True):
-    """Inside: ``token_nll`` may use its fused kernel, and with ``fold`` SDPA,
-    layer-norm and linear calls fold stacked chains (chain_fold); the fused
-    loss's, SDPA's and layer norm's backwards have no derivative of their own.
-    Yields the fold's mode (its ``calls`` counts the calls it folded by
-    kind), or None. The kernel flag is process-wide, like torch's backend
+    """Inside: ``token_nll`` may use its fused kernel and
+    ``fused_head.linear_token_nll_mean`` its fused form, and with ``fold``
+    SDPA, layer-norm and linear calls fold stacked chains (chain_fold); the
+    fused loss's, SDPA's and layer norm's backwards have no derivative of
+    their own. Yields the fold's mode (its ``calls`` counts the calls it
+    folded by kind, and the fused heads as "head"), or None. The kernel flag is process-wide, like torch's backend
     flags; the mode is this thread's."""
     global _first_order_depth
     _first_order_depth += 1
     try:
         if fold:
             with ChainFold() as mode:
-                yield mode
+                _fold_modes.append(mode)
+                try:
+                    yield mode
+                finally:
+                    _fold_modes.pop()
         else:
             yield None
     finally:
         _first_order_depth -= 1
+
+
+def note_first_order_call(kind: str) -> None:
+    """Counts a call that took a first-order-only path of ``kind`` (e.g.
+    the fused head) with the innermost first_order()'s folded calls."""
+    if _fold_modes:
+        _fold_modes[-1].calls[kind] += 1
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -138,6 +151,10 @@ if _ext.extension_available():
     @torch.library.register_fake("llcfast::token_nll_backward")
     def _token_nll_backward_fake(grad, logits, lse, targets):
         return torch.empty_like(logits)
+
+    @torch.library.register_fake("llcfast::token_nll_grad_")
+    def _token_nll_grad_fake(logits, targets, scale):
+        return _token_nll_fake(logits, targets)
 
 
 if _ext.extension_available() and VMAP_RULES:

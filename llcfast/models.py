@@ -7,11 +7,13 @@ CausalSelfAttention).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_head import linear_token_nll_mean
 from .fused_loss import token_nll
 from .tasks import sample_regression
 
@@ -154,33 +156,82 @@ class AttentionOnlyLM(nn.Module):
         self.unembed = nn.Linear(d_model, vocab)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, vocab]
+        return self.unembed(self.hidden(tokens))
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, D]
+        """The residual stream after the final LayerNorm, which the
+        unembedding maps to logits."""
         h = self.embed(tokens) + self.pos.weight[: tokens.shape[1]]
         for block in self.blocks:
             h = block(h)
-        return self.unembed(self.ln_out(h))
+        return self.ln_out(h)
 
 
 def next_token_loss(model: nn.Module, batch) -> torch.Tensor:
     """Mean cross-entropy of each next token (F.cross_entropy's numbers).
-    Inside the fast engine's batched pass it is one fused kernel per
-    direction over the logits, the LM's largest tensors; elsewhere
-    log_softmax and gather (llcfast.fused_loss)."""
+    Inside the fast engine's batched pass the LM's unembedding and loss are
+    one fused function whose logits, the LM's largest tensors, are never
+    kept (llcfast.fused_head), and another model's loss is one fused kernel
+    per direction over its logits; elsewhere log_softmax and gather
+    (llcfast.fused_loss)."""
     inputs, targets = _inputs_and_targets(batch)
+    if isinstance(model, AttentionOnlyLM):
+        return linear_token_nll_mean(model.hidden(inputs), model.unembed.weight, model.unembed.bias, targets)
     return token_nll(model(inputs), targets).mean()
 
 
 def hf_next_token_loss(model: nn.Module, batch) -> torch.Tensor:
-    """next_token_loss for a Hugging Face causal LM, whose output carries
-    ``.logits``: the same fused kernel over the logits."""
+    """next_token_loss for a Hugging Face causal LM: the mean cross-entropy
+    of each next token of ``input_ids``, the number the model's own
+    ``.loss`` gives with those labels. The batch is the token ids [B, T]
+    (alone, first of a tuple, or a dict's "input_ids" with optional
+    "labels": -100 masks and attention masks need the model's own
+    ``.loss``). GPT-2's unembedding and loss run as one fused
+    function (llcfast.fused_head), other models' loss as one fused kernel
+    over their logits."""
     inputs, targets = _inputs_and_targets(batch)
+    if _plain_gpt2_head(model):
+        hidden = model.transformer(input_ids=inputs).last_hidden_state
+        return linear_token_nll_mean(hidden, model.lm_head.weight, model.lm_head.bias, targets)
     return token_nll(model(input_ids=inputs).logits, targets).mean()
 
 
+def _plain_gpt2_head(model: nn.Module) -> bool:
+    """Whether ``model`` is Hugging Face's GPT2LMHeadModel, whose logits are
+    lm_head (a bias-free linear layer) of its transformer's last hidden
+    state and nothing more."""
+    return (type(model).__name__ == "GPT2LMHeadModel" and isinstance(getattr(model, "lm_head", None), nn.Linear)
+            and hasattr(model, "transformer"))
+
+
+HF_BATCH_KEYS = ("input_ids", "labels")
+
+
 def _inputs_and_targets(batch):
-    """A batch of token sequences (alone, or first of a tuple) split into the
-    model's inputs and the next tokens it predicts."""
+    """A batch of token sequences (alone, first of a tuple, or a dict's
+    "input_ids", with "labels" as the tokens to predict where given) split
+    into the model's inputs and the next tokens it predicts."""
+    if isinstance(batch, Mapping):
+        extra = sorted(set(batch) - set(HF_BATCH_KEYS))
+        if "input_ids" not in batch or extra:
+            raise ValueError(f"a dict batch for the next-token loss holds 'input_ids' and optionally 'labels', got "
+                             f"keys {sorted(batch)}; for attention masks pass loss_fn=None, which takes the "
+                             "model's own .loss")
+        labels = batch.get("labels", batch["input_ids"])
+        if _inspectable(labels) and bool((labels < 0).any()):
+            raise ValueError("the batch's 'labels' hold negative ids (-100 masks?); the next-token loss scores every "
+                             "position: for masked labels pass loss_fn=None, which takes the model's own .loss")
+        return batch["input_ids"][:, :-1], labels[:, 1:]
     tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
     return tokens[:, :-1], tokens[:, 1:]
+
+
+def _inspectable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values is allowed here: not under a torch.func
+    transform, a CUDA graph capture or torch.compile."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return not ((wrapped is not None and wrapped(t)) or torch.compiler.is_compiling()
+                or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -31,12 +31,13 @@ def pytest_report_header(config):
 @pytest.fixture
 def fold_as_on_cuda(monkeypatch):
     """The engine's pass as it runs on CUDA, on a CPU: SDPA, layer norm and
-    linear layers folded over chains (chain_fold runs them on CUDA only;
+    linear layers folded over chains, the LM's unembedding and loss fused (chain_fold runs them on CUDA only;
     here the linear fold takes layers of any size, as it takes large ones on
     CUDA) and the chains stacked (a CPU's pass plan may run them chain by
     chain, which needs no fold)."""
-    from llcfast import chain_attention, chain_linear, chain_norm
+    from llcfast import chain_attention, chain_linear, chain_norm, fused_head
     from llcfast.engine import planner, sampler
+    monkeypatch.setattr(fused_head, "DEVICES", {"cpu", "cuda"})
     monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})
     monkeypatch.setattr(chain_norm, "FOLD_DEVICES", {"cpu", "cuda"})
     monkeypatch.setattr(chain_linear, "FOLD_DEVICES", {"cpu", "cuda"})

@@ -92,6 +92,7 @@ def test_opcheck_token_nll(device):
         nll, lse = torch.ops.llcfast.token_nll(logits, targets)
         torch.library.opcheck(torch.ops.llcfast.token_nll_backward.default,
                               (torch.rand_like(nll), logits, lse, targets))
+        torch.library.opcheck(torch.ops.llcfast.token_nll_grad_.default, (logits.clone(), targets, 0.25))
 
 
 @requires_extension

@@ -11,8 +11,8 @@ from .samplers import rmsprop_sgld_step_, sgnht_step_
 from .llc import estimate_llc
 from .probes import multi_dot_, rademacher
 from .lanczos import lanczos_step_
-from .losses import token_nll
+from .losses import token_nll, token_nll_grad_
 from .norms import chain_layer_norm, chain_layer_norm_backward
 
 __all__ = ["chain_layer_norm", "chain_layer_norm_backward", "estimate_llc", "lanczos_step_", "multi_dot_", "rademacher", "philox4x32_10", "philox_normal", "fold_coefficients", "sgld_step_",
-           "rmsprop_sgld_step_", "sgnht_step_", "token_nll"]
+           "rmsprop_sgld_step_", "sgnht_step_", "token_nll", "token_nll_grad_"]

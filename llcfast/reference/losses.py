@@ -16,3 +16,19 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = logits.to(acc).log_softmax(-1)
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def token_nll_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: float):
+    """Mirrors ``llcfast::token_nll_grad_``: returns (nll, lse) as token_nll
+    and its log-sum-exp, and overwrites ``logits`` with their gradient for
+    d(loss)/d(nll) = ``scale`` on every row, scale * (softmax - onehot)."""
+    targets = check_token_nll_args(logits, targets)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.detach().to(acc)
+    lse = torch.logsumexp(x, -1)
+    nll = lse - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    grad = torch.exp(x - lse.unsqueeze(-1))
+    grad.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(lse, -1.0).unsqueeze(-1))
+    with torch.no_grad():
+        logits.copy_(grad * scale)
+    return nll, lse

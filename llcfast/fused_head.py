@@ -1,0 +1,139 @@
+"""The unembedding and the mean next-token loss as one function, where only
+first derivatives are needed.
+
+Written as ``token_nll(F.linear(h, w, b), targets).mean()``, the logits (a
+language model's largest tensors) make seven passes a step: the product
+writes them, the loss reads them, its backward reads them and writes their
+gradient, and the gradients of h, w and b each read that. Autograd also
+holds the logits from the forward to the backward, and the backward holds
+them and their gradient at once.
+
+Because the loss is a mean, d(loss)/d(nll) is the same number for every
+row: the scalar's own gradient over N. So the backward can run inside the
+forward: ``llcfast::token_nll_grad_`` turns the logits into their gradient
+for a unit scalar gradient in place, in the pass that computes the loss,
+the three gradient products follow, and the logits are freed before the
+forward returns. Six passes, and no logits-sized tensor is held across the
+step. The backward scales the saved gradients (the sizes of h, w and b) by
+the scalar's gradient. The products are torch's batched ones, as vmap runs
+them; for a unit gradient (the engine's) every number equals the composed
+form's.
+
+The kernel's work is not differentiable, so the fusion runs only inside
+``fused_loss.first_order`` (the fast engine's batched loss-and-gradient
+pass); everywhere else the function is the composed form, twice
+differentiable.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _ext, fused_loss
+from .chain_attention import AUTOCAST_CASTS, autocast_dtype, fold_batch, one_float_dtype, unfold_batch
+from .chain_linear import MIN_OUTPUTS_PER_CHAIN
+
+# Devices where the fusion runs (tests add "cpu", as for the other kernels).
+DEVICES = {"cuda"}
+
+
+def linear_token_nll_mean(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
+    """The mean over rows of ``token_nll(F.linear(hidden, weight, bias),
+    targets)``: hidden [..., D], weight [V, D], bias [V] or None, integer
+    targets [...] in [0, V). A scalar, float32 (float64 for float64
+    operands)."""
+    if torch.compiler.is_compiling():
+        return fused_loss.token_nll_for_inductor(F.linear(hidden, weight, bias), targets).mean()
+    fused = _fused(hidden, weight, bias, targets)
+    if fused is not None:
+        return fused
+    return fused_loss.token_nll(F.linear(hidden, weight, bias), targets).mean()
+
+
+def _fused(hidden, weight, bias, targets):
+    """The fused form where it serves the call exactly, else None."""
+    if not (fused_loss._first_order_depth and torch.is_grad_enabled()
+            and all(isinstance(t, torch.Tensor) for t in (hidden, weight, targets))
+            and (bias is None or isinstance(bias, torch.Tensor))):
+        return None
+    device = hidden.device
+    if device.type not in DEVICES or not _ext.kernels_for(device):
+        return None
+    vocab = weight.shape[0] if weight.dim() == 2 else -1
+    if (hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or hidden.numel() == 0
+            or (bias is not None and tuple(bias.shape) != (vocab,)) or tuple(targets.shape) != hidden.shape[:-1]):
+        return None
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    if not any(needs):
+        return None
+    dtype = autocast_dtype(device.type)
+    if dtype is not None:  # autocast's cast of the product's operands, done here
+        hidden, weight, bias = (t.to(dtype) if t is not None and t.dtype in AUTOCAST_CASTS else t
+                                for t in (hidden, weight, bias))
+    if not one_float_dtype(hidden, weight, bias):
+        return None
+    if targets.dtype.is_floating_point or targets.dtype in (torch.bool, torch.complex64, torch.complex128) \
+            or targets.device != device:
+        return None  # the composed form raises its error
+    targets = targets.long()
+    width = hidden.shape[-1]
+    with torch.autocast(device.type, enabled=False):
+        loss = _LinearTokenNLLMean.apply(
+            hidden.reshape(1, -1, width), weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0),
+            targets.reshape(1, -1), needs)[0]
+    fused_loss.note_first_order_call("head")
+    return loss[0]
+
+
+def _logits(x, w, b):
+    """x [C, N, D] @ w [C, V, D]^T + b [C, V] -> [C, N, V], contiguous; per
+    chain with the bias in the matmul's epilogue where chain_linear's fold
+    would do so."""
+    if b is None:
+        return torch.bmm(x, w.transpose(1, 2))
+    if x.shape[1] * w.shape[1] < MIN_OUTPUTS_PER_CHAIN:
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    out = x.new_empty((x.shape[0], x.shape[1], w.shape[1]))
+    for c in range(x.shape[0]):
+        torch.addmm(b[c], x[c], w[c].t(), out=out[c])
+    return out
+
+
+class _LinearTokenNLLMean(torch.autograd.Function):
+    """x [C, N, D], w [C, V, D], b [C, V] or None, targets [C, N] ->
+    (loss [C], dx, dw, db): each chain's mean loss and its gradients for a
+    unit gradient of it (None where ``needs`` says no gradient is wanted)."""
+
+    @staticmethod
+    def forward(x, w, b, targets, needs):
+        logits = _logits(x, w, b)
+        nll, _ = torch.ops.llcfast.token_nll_grad_(logits, targets.contiguous(), 1.0 / x.shape[1])
+        grad = logits  # [C, N, V], now d(mean nll)/d(logits)
+        dx = torch.bmm(grad, w) if needs[0] else None
+        dw = torch.bmm(grad.transpose(1, 2), x) if needs[1] else None
+        db = grad.sum(1) if needs[2] else None
+        return (nll.mean(1), dx, dw, db)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, dx, dw, db = output
+        ctx.save_for_backward(dx, dw, db)
+        ctx.mark_non_differentiable(*(g for g in (dx, dw, db) if g is not None))
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        if grad_loss is None:
+            return None, None, None, None, None
+        scaled = [None if g is None else g * grad_loss.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))
+                  for g in ctx.saved_tensors]
+        return (*scaled, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, x, w, b, targets, needs):
+        n = info.batch_size
+        args = [None if t is None else fold_batch(t, d, n) for t, d in zip((x, w, b, targets), in_dims)]
+        out = _LinearTokenNLLMean.apply(*args, needs)
+        return tuple(None if t is None else unfold_batch(t, n) for t in out), tuple(
+            None if t is None else 0 for t in out)
+
