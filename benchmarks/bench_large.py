@@ -9,7 +9,10 @@ Reported per size: wall time, ms per chain-step, peak memory, the memory
 plan, model FLOP utilisation (6 x parameters x tokens per chain-step, the
 standard dense-transformer count, over the measured bf16 matmul rate) and
 the ratio to devinterp's ms per chain-step (devinterp runs fewer draws:
-its per-step time is what is compared).
+its per-step time is what is compared). Both sample the same loss, the
+mean next-token cross-entropy: devinterp as the model's own ``.loss``,
+llcfast as llcfast.models.hf_next_token_loss, whose fused forms never write
+fp32 logits (``--hf-loss`` gives llcfast the model's ``.loss`` too).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
 from llcfast import chain_fold  # noqa: E402
+from llcfast.models import hf_next_token_loss  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 
 SIZES = {  # GPT-2 family shapes
@@ -113,7 +117,7 @@ def measure(size, args, device, peak_tflops):
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = llcfast.estimate_llc(model, loader, **kw)
+        res = llcfast.estimate_llc(model, loader, None if args.hf_loss else hf_next_token_loss, **kw)
     wall = time.perf_counter() - started
     # llcfast's own warnings say why a run went slower (no CUDA graphs, a sequential fallback); kept, not shown
     notes = sorted({str(w.message).splitlines()[0][:300] for w in caught if str(w.message).startswith("llcfast")})
@@ -126,7 +130,7 @@ def measure(size, args, device, peak_tflops):
            "memory_plan": res.config.get("memory_plan"), "cuda_graphs": res.config.get("cuda_graphs"),
            "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12, "llcfast_warnings": notes,
            **{key: res.config.get(key, False) for key in chain_fold.CONFIG_KEYS.values()},
-           "activation": args.activation}
+           "activation": args.activation, "loss": "model's .loss" if args.hf_loss else "hf_next_token_loss"}
     row["mfu_vs_measured_bf16"] = row["model_tflops"] / peak_tflops
     if not args.skip_devinterp:
         steps = max(2, args.devinterp_draws)
@@ -167,11 +171,17 @@ def main(argv=None):
     p.add_argument("--no-linear-fold", action="store_true",
                    help="leave out the linear fold only (Conv1D's bias added after a batched matmul, not inside "
                         "one matmul per chain)")
+    p.add_argument("--no-head-fusion", action="store_true",
+                   help="leave the unembedding and the loss unfused (the logits kept for the backward)")
+    p.add_argument("--hf-loss", action="store_true",
+                   help="llcfast samples the model's own .loss (Hugging Face's cross-entropy: fp32 logits, "
+                        "log-softmax and gather) instead of llcfast.models.hf_next_token_loss, the same number")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     with chain_fold.folding(set() if args.no_fold else None, layer_norm=set() if args.no_norm_fold else None,
-                            linear=set() if args.no_linear_fold else None):
+                            linear=set() if args.no_linear_fold else None,
+                            head=set() if args.no_head_fusion else None):
         run(args, device)
 
 

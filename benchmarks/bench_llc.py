@@ -199,11 +199,12 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         models.set_attention(case["model"], "sdpa" if "sdpa" in extras else "matmul")  # same weights
         # +nofold: torch's own vmap of SDPA (which runs its backward chain by chain), of layer norm (a
         # weightless norm, a multiply and an add) and of linear layers (a batched matmul and a bias add);
-        # +nonorm and +nolinear leave out one fold each
+        # +nonorm, +nolinear and +nohead (the LM's fused unembedding and loss) leave out one each
         off = set() if "nofold" in extras else None
         try:
             with chain_fold.folding(off, layer_norm=set() if "nonorm" in extras else None,
-                                    linear=set() if "nolinear" in extras else None):
+                                    linear=set() if "nolinear" in extras else None,
+                                    head=set() if "nohead" in extras else None):
                 run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
                 wall, r = run_llcfast(case, steps, device, **kw)
                 if profile_dir:  # before the attention is set back: a "+sdpa" profile must run the sdpa model
@@ -259,9 +260,11 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
 # --precisions suffixes: "bf16+compile" runs estimate_llc(compile=True), and so on;
 # "+sdpa" switches the model's attention to scaled_dot_product_attention;
 # "+nofold" leaves SDPA, layer norm and linear layers to torch's vmap instead
-# of the engine's folds over chains, "+nonorm" the layer norm only and
-# "+nolinear" the linear layers only.
-FOLD_VARIANTS = ("nofold", "nonorm", "nolinear")
+# of the engine's folds over chains and the LM's unembedding and loss
+# unfused, "+nonorm" the layer norm only, "+nolinear" the linear layers only
+# and "+nohead" the unembedding and loss only.
+FOLD_VARIANTS = ("nofold", "nonorm", "nolinear", "nohead")
+PARTIAL_FOLD_VARIANTS = ("nonorm", "nolinear", "nohead")
 COMPILE_VARIANTS = {"compile": True, "autotune": "max-autotune-no-cudagraphs"}
 
 
@@ -273,8 +276,8 @@ def variant_error(variant: str):
     unknown = [e for e in extras if e not in COMPILE_VARIANTS and e != "sdpa" and e not in FOLD_VARIANTS]
     if unknown or len(set(extras)) != len(extras) or sum(e in COMPILE_VARIANTS for e in extras) > 1:
         return (f"{variant!r}: add at most one of +compile, +autotune, and optionally +sdpa and +nofold, or "
-                "+nonorm and +nolinear")
-    for one in ("nonorm", "nolinear"):
+                "any of +nonorm, +nolinear and +nohead")
+    for one in PARTIAL_FOLD_VARIANTS:
         if "nofold" in extras and one in extras:
             return f"{variant!r}: +nofold already leaves out every fold; drop +{one}"
     return None
@@ -307,7 +310,8 @@ def main(argv=None):
                         "or +autotune (compile='max-autotune-no-cudagraphs'), and +sdpa (the models' attention "
                         "through scaled_dot_product_attention); +nofold: without the engine's folds of the chains "
                         "into one SDPA and one layer-norm call each way and of the linear layers' bias adds into "
-                        "their matmuls, +nonorm: without the layer-norm fold, +nolinear: without the linear fold")
+                        "their matmuls, and the LM's unembedding and loss unfused; +nonorm: without the layer-norm "
+                        "fold, +nolinear: without the linear fold, +nohead: the unembedding and loss unfused")
     p.add_argument("--skip-devinterp", action="store_true")
     p.add_argument("--quick", action="store_true", help="small data and LM, few steps: a smoke run")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/llc_<gpu>_<date>.json)")

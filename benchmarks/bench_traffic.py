@@ -48,7 +48,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import chain_fold, fused_loss, models, ops  # noqa: E402
+from llcfast import chain_fold, fused_head, fused_loss, models, ops  # noqa: E402
 from llcfast.engine.functional import chain_loss, vmapped_grads  # noqa: E402
 from llcfast.engine.hvp import HVP, HVP_MODES  # noqa: E402
 from llcfast.engine.hvp import _pass as hvp_pass  # noqa: E402
@@ -63,7 +63,8 @@ FREE = {"view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expa
         "diagonal", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "unfold", "sym_size",
         "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size"}
 _LOW = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.mm, torch.baddbmm,
-        torch.addmm, torch.Tensor.bmm, torch.Tensor.mm}
+        torch.addmm, torch.Tensor.bmm, torch.Tensor.mm,
+        fused_head.linear_token_nll_mean}  # which casts its product's operands as CUDA autocast would
 _FP32 = {"softmax", "log_softmax", "layer_norm", "sum", "exp", "log", "logsumexp", "pow", "mse_loss",
          "cross_entropy", "nll_loss", "cumsum", "norm", "rsqrt", "reciprocal"}
 
@@ -86,12 +87,16 @@ class CudaAutocastBf16(TorchFunctionMode):
         return func(*tree_map(cast, args), **tree_map(cast, kwargs))
 
 
-# The LM's loss as each pass runs it: the kernel, the twin, torch.compile's form.
-LOSS_LABELS = {True: "fused kernel", False: "log_softmax + gather", None: "Inductor form"}
+# The LM's loss as each pass runs it: the unembedding and loss fused
+# (fused_head), the loss kernel after torch's unembedding, the twin,
+# torch.compile's form.
+LOSS_LABELS = {"head": "fused head", True: "fused kernel", False: "log_softmax + gather", None: "Inductor form"}
 
 
 def loss_label(fused) -> str:
-    # Where torch has no vmap rules for the kernel the engine runs the twin.
+    # Where torch has no vmap rules for the loss kernel the engine runs the twin (the fused head needs none).
+    if fused == "head":
+        return LOSS_LABELS["head"]
     return LOSS_LABELS[fused and fused_loss.VMAP_RULES if fused is not None else None]
 
 
@@ -139,8 +144,10 @@ def _cpu_attention_flops(name: str, args) -> int:
     return 0
 
 
-def trace_step(case: dict, precision: str, fused: bool):
-    """The kernels of one step of the fast engine on ``case`` (bench_llc's)."""
+def trace_step(case: dict, precision: str, fused):
+    """The kernels of one step of the fast engine on ``case`` (bench_llc's);
+    ``fused``: "head" (the engine's pass on CUDA), True (the loss kernel,
+    the unembedding and loss unfused) or False (the loss's twin)."""
     model, chains = case["model"], case["chains"]
     batch = next(iter(case["loader"]))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -151,7 +158,7 @@ def trace_step(case: dict, precision: str, fused: bool):
     log = KernelLog()
     try:
         # SDPA, layer norm and linear layers folded over chains, as the engine runs them on CUDA
-        with FakeTensorMode(), chain_fold.folding({"cpu", "cuda"}):
+        with FakeTensorMode(), chain_fold.folding({"cpu", "cuda"}, head=None if fused == "head" else set()):
             params = [torch.empty((chains,) + s) for s in shapes]
             centers = [torch.empty(s) for s in shapes]
             fake_batch = _fake_batch(batch, (chains,))
@@ -314,7 +321,8 @@ def main(argv=None) -> int:
     for case in cases:
         lm = case["name"].startswith("lm")
         # (attention, fused loss): as the engine runs now, then the alternatives.
-        variants = [("matmul", True), ("matmul", False), ("sdpa", True)] if lm else [("matmul", True), ("sdpa", True)]
+        variants = [("matmul", "head"), ("matmul", True), ("matmul", False), ("sdpa", "head"), ("sdpa", True)] \
+            if lm else [("matmul", True), ("sdpa", True)]
         for precision in ("fp32", "bf16"):
             for attention, fused in variants + [("matmul", None)]:  # None: compiled
                 models.set_attention(case["model"], attention)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the CUDA kernels, run the CUDA tests, run
 # the benchmarks. Steps are named on the command line (default: all), each
-# under its own time limit so one hang does not cost the others; logs and
-# JSON go to $OUT (or ./gpu-out).
+# under its own time limit so one hang does not cost the others; the log
+# (session.log), JSON and an archive of profiles go to $OUT (or ./gpu-out),
+# at most 8 files, as many as come back from a device call.
 #
 #   bash benchmarks/gpu_session.sh build tests fold fold_large hessian attention large llc compiled demo
 #
@@ -10,9 +11,11 @@
 # machine start included, so split the steps over calls, most wanted first:
 #   1. build tests   (limits 300 + 300; build 56-62 s and tests 211 s on
 #                    the H100, 2026-11-24)
-#   1b. fold fold_large (240 + 4 x 100: the engine's SDPA, layer-norm and
-#                    linear folds against torch's own vmap of each, on the
-#                    LM and on GPT-2 124M; never measured yet)
+#   1b. fold         (240: the engine's SDPA, layer-norm and linear folds
+#                    and the fused unembedding-and-loss against torch's own
+#                    vmap of each, on the LM; never measured yet)
+#   1c. fold_large   (6 x 90: the same on GPT-2 124M, each left out in turn,
+#                    and the model's own .loss in place of the fused one)
 #   2. hessian       (540: HVP modes, precisions, compiled trace, planner;
 #                    not run since 2026-11-23)
 #   3. attention large (120 + 540: which attention kernels GPT-2 runs under
@@ -54,11 +57,25 @@ fi
 step() {  # name, limit in seconds, command...
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  echo "=== $name (limit ${limit}s)"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 25
+  echo "=== $name (limit ${limit}s)" | tee -a "$OUT/session.log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/session.log" | tail -n 25
   local rc=${PIPESTATUS[0]}
   echo "=== $name rc=$rc in $((SECONDS - t0))s"
   echo "$name rc=$rc $((SECONDS - t0))s" >> "$OUT/summary.txt"
+}
+
+merge_rows() {  # into, reports...: one report holding every report's rows (the first one's header)
+  local into=$1; shift
+  python3 - "$into" "$@" <<'PY'
+import json, os, sys
+reports = [json.load(open(p)) for p in sys.argv[2:] if os.path.exists(p)]
+if reports:
+    merged = dict(reports[0], rows=[row for r in reports for row in r["rows"]])
+    json.dump(merged, open(sys.argv[1], "w"), indent=1)
+    for p in sys.argv[2:]:
+        if os.path.exists(p) and os.path.abspath(p) != os.path.abspath(sys.argv[1]):
+            os.remove(p)
+PY
 }
 
 for s in "${steps[@]}"; do
@@ -66,26 +83,30 @@ for s in "${steps[@]}"; do
     build)
       step build 300 env LLCFAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
         python3 -m pip install -q --no-build-isolation --no-deps -e .
-      python3 -c "import llcfast, json; print(json.dumps(llcfast.build_info()))" | tee "$OUT/build_info.json"
-      cp llcfast/_C*.so "$OUT/" 2>/dev/null ;;
+      python3 -c "import llcfast, json; print(json.dumps(llcfast.build_info()))" | tee "$OUT/build_info.json" ;;
     tests)
       step tests 300 python3 -m pytest -q -p no:cacheprovider --timeout 240 \
         tests/test_cuda.py tests/test_engine_cuda.py tests/test_hessian.py tests/test_sampler_kernels.py tests/test_opcheck.py tests/test_lanczos_step.py \
         tests/test_planner.py tests/test_distributed.py tests/test_token_nll.py tests/test_paper_models.py tests/test_compile.py \
-        tests/test_chain_attention.py tests/test_chain_norm.py tests/test_chain_linear.py ;;
-    fold)  # the chains folded into one SDPA and one layer-norm call each way and the bias adds into their
-           # matmuls, against torch's vmap of each
+        tests/test_chain_attention.py tests/test_chain_norm.py tests/test_chain_linear.py tests/test_fused_head.py ;;
+    fold)  # the chains folded into one SDPA and one layer-norm call each way, the bias adds into their
+           # matmuls and the unembedding and loss fused, against torch's vmap of each
       step fold_llc 240 python3 benchmarks/bench_llc.py --cases lm-8 --skip-devinterp --ref-steps 1 --steps 200 \
-        --precisions bf16+sdpa,bf16+sdpa+nonorm,bf16+sdpa+nolinear,bf16+sdpa+nofold,fp32+sdpa,fp32+sdpa+nofold \
+        --precisions bf16+sdpa,bf16+sdpa+nonorm,bf16+sdpa+nolinear,bf16+sdpa+nohead,bf16+sdpa+nofold,fp32+sdpa,fp32+sdpa+nofold \
         --profile --out "$OUT/llc_fold.json" ;;
     fold_large)  # the same folds on GPT-2 124M, each left out in turn
-      step fold_large 100 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --out "$OUT/large_fold.json"
-      step fold_large_nonorm 100 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
+      step fold_large 90 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --out "$OUT/large_fold.json"
+      step fold_large_nonorm 90 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
         --no-norm-fold --out "$OUT/large_nonorm.json"
-      step fold_large_nolinear 100 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
+      step fold_large_nolinear 90 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
         --no-linear-fold --out "$OUT/large_nolinear.json"
-      step fold_large_off 100 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --no-fold \
-        --out "$OUT/large_nofold.json" ;;
+      step fold_large_nohead 90 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
+        --no-head-fusion --out "$OUT/large_nohead.json"
+      step fold_large_off 90 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --no-fold \
+        --out "$OUT/large_nofold.json"
+      step fold_large_hfloss 90 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --hf-loss \
+        --out "$OUT/large_hfloss.json"
+      merge_rows "$OUT/large_folds.json" "$OUT"/large_fold.json "$OUT"/large_no*.json "$OUT/large_hfloss.json" ;;
     llc)
       step llc 540 python3 benchmarks/bench_llc.py --slow-steps 30 --ref-steps 10 --precisions fp32,tf32,bf16,fp32+sdpa,bf16+sdpa,bf16+sdpa+nofold --profile --out "$OUT/llc.json" ;;
     compiled)  # the fast engine with compile=True, next to plain fp32 and bf16
@@ -103,4 +124,8 @@ for s in "${steps[@]}"; do
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
+# At most 8 files come back from a call: the profiles travel as one archive.
+if ls "$OUT"/profile_*.txt >/dev/null 2>&1; then
+  tar czf "$OUT/profiles.tar.gz" -C "$OUT" $(cd "$OUT" && ls profile_*.txt) && rm "$OUT"/profile_*.txt
+fi
 cat "$OUT/summary.txt"

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_large import ACTIVATIONS, gpt2  # noqa: E402 (it puts the repository on the path)
 from bench_large import SIZES as SIZES_BY_NAME  # noqa: E402
 from bench_traffic import HBM_GBPS, PEAK_TFLOPS, CudaAutocastBf16, summarize, trace_step  # noqa: E402
-from llcfast import fused_loss  # noqa: E402
+from llcfast import chain_fold, fused_loss  # noqa: E402
 from llcfast.engine.planner import measure_saved_tensors  # noqa: E402
 from llcfast.models import hf_next_token_loss  # noqa: E402
 from results_io import save_report  # noqa: E402
@@ -42,7 +42,7 @@ QUICK_SIZES = [("tiny", 2, 2)]
 
 def saved_bytes(size: str, batch: int, context: int, activation: str) -> int:
     """The bytes autograd saves for one chain's backward pass, as the engine
-    runs it on CUDA (CUDA autocast's bf16 policy, the fused loss kernel),
+    runs it on CUDA (CUDA autocast's bf16 policy, the fused unembedding and loss),
     counted on the CPU with real tensors: models of 1 and 2 layers at full
     width give the base and the per-layer share, extrapolated to the size's
     depth. Gradients and the bf16 copies of the weights come on top."""
@@ -51,8 +51,9 @@ def saved_bytes(size: str, batch: int, context: int, activation: str) -> int:
     kernels = fused_loss.KERNEL_DEVICES
     fused_loss.KERNEL_DEVICES = {"cpu", "cuda"}
     try:
-        for layers in (1, 2):
-            totals.append(_saved_by(gpt2(size, context, activation, layers=layers), ids))
+        with chain_fold.folding(head={"cpu", "cuda"}):
+            for layers in (1, 2):
+                totals.append(_saved_by(gpt2(size, context, activation, layers=layers), ids))
     finally:
         fused_loss.KERNEL_DEVICES = kernels
     per_layer = totals[1] - totals[0]
@@ -68,7 +69,7 @@ def row_for(size: str, chains: int, batch: int, context: int, activation: str) -
     model = gpt2(size, context, activation)
     case = dict(model=model, loss_fn=hf_next_token_loss, chains=chains, epsilon=1e-5, nbeta=30.0, gamma=100.0,
                 loader=[(torch.zeros(batch, context + 1, dtype=torch.long),)])
-    s = summarize(trace_step(case, "bf16", True), chains, "bf16")
+    s = summarize(trace_step(case, "bf16", "head"), chains, "bf16")
     params = sum(p.numel() for p in model.parameters())
     model_gflop = 6 * params * batch * context / 1e9
     floor_s = s["floor_ms_per_chain_step"] / 1e3

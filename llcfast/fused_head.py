@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function
 
 from . import _ext, fused_loss
 from .chain_attention import AUTOCAST_CASTS, autocast_dtype, fold_batch, one_float_dtype, unfold_batch
@@ -44,6 +45,10 @@ def linear_token_nll_mean(hidden: torch.Tensor, weight: torch.Tensor, bias, targ
     operands)."""
     if torch.compiler.is_compiling():
         return fused_loss.token_nll_for_inductor(F.linear(hidden, weight, bias), targets).mean()
+    # a torch function, so that torch-function modes see the call (a traffic model's autocast, as for F.linear)
+    operands = tuple(t for t in (hidden, weight, bias, targets) if isinstance(t, torch.Tensor))
+    if has_torch_function(operands):
+        return handle_torch_function(linear_token_nll_mean, operands, hidden, weight, bias, targets)
     fused = _fused(hidden, weight, bias, targets)
     if fused is not None:
         return fused

@@ -44,12 +44,17 @@ def test_devinterp_out_of_memory_is_recorded(tmp_path, monkeypatch, capsys):
 
 
 def test_no_fold_is_recorded_and_undone(tmp_path, fold_as_on_cuda):
-    from llcfast import chain_attention, chain_linear, chain_norm
+    from llcfast import chain_attention, chain_linear, chain_norm, fused_head
     folds = []
-    for extra in ([], ["--no-norm-fold"], ["--no-linear-fold"], ["--no-fold"]):
+    for extra in ([], ["--no-norm-fold"], ["--no-linear-fold"], ["--no-head-fusion"], ["--no-fold"], ["--hf-loss"]):
         out = tmp_path / "large.json"
         bench_large.main(ARGS + ["--skip-devinterp", "--out", str(out)] + extra)
         row = json.loads(out.read_text())["rows"][0]
-        folds.append((row["attention_fold"], row["layer_norm_fold"], row["linear_fold"]))
+        folds.append((row["attention_fold"], row["layer_norm_fold"], row["linear_fold"], row["head_fusion"],
+                      row["loss"]))
         assert chain_attention.FOLD_DEVICES == chain_norm.FOLD_DEVICES == chain_linear.FOLD_DEVICES == {"cpu", "cuda"}
-    assert folds == [(True, True, True), (True, False, True), (True, True, False), (False, False, False)]
+        assert fused_head.DEVICES == {"cpu", "cuda"}
+    ours, own = "hf_next_token_loss", "model's .loss"
+    assert folds == [(True, True, True, True, ours), (True, False, True, True, ours), (True, True, False, True, ours),
+                     (True, True, True, False, ours), (False, False, False, False, ours),
+                     (True, True, True, False, own)]

@@ -21,18 +21,23 @@ def test_each_profile_runs_its_own_variant(tmp_path):
     assert "scaled_dot_product" in sdpa and "scaled_dot_product" not in matmul
 
 
-def test_nofold_nonorm_and_nolinear_leave_folds_to_torch_for_their_run_only(tmp_path, monkeypatch, fold_as_on_cuda):
-    from llcfast import chain_attention, chain_linear, chain_norm
+def test_nofold_nonorm_nolinear_and_nohead_leave_folds_to_torch_for_their_run_only(tmp_path, monkeypatch,
+                                                                                    fold_as_on_cuda):
+    from llcfast import chain_attention, chain_linear, chain_norm, fused_head
     assert bench_llc.variant_error("bf16+sdpa+nofold") is None and bench_llc.variant_error("bf16+nonorm") is None
-    assert bench_llc.variant_error("bf16+sdpa+nonorm+nolinear") is None
+    assert bench_llc.variant_error("bf16+sdpa+nonorm+nolinear+nohead") is None
     assert "drop +nonorm" in bench_llc.variant_error("bf16+nofold+nonorm")
     assert "drop +nolinear" in bench_llc.variant_error("bf16+nolinear+nofold")
+    assert "drop +nohead" in bench_llc.variant_error("bf16+nohead+nofold")
     folds = {}
-    for variant in ("fp32+sdpa+nofold", "fp32+sdpa+nonorm", "fp32+sdpa+nolinear", "fp32+sdpa"):
+    variants = ("fp32+sdpa+nofold", "fp32+sdpa+nonorm", "fp32+sdpa+nolinear", "fp32+sdpa+nohead", "fp32+sdpa")
+    for variant in variants:
         bench_llc.main(["--quick", "--device", "cpu", "--cases", "lm-8", "--precisions", variant, "--skip-devinterp",
                         "--steps", "3", "--ref-steps", "1", "--out", str(tmp_path / "llc.json")])
         run = json.loads((tmp_path / "llc.json").read_text())["cases"][0]["runs"][f"llcfast-{variant}"]
-        folds[variant] = (run["attention_fold"], run["layer_norm_fold"], run["linear_fold"])
+        folds[variant] = (run["attention_fold"], run["layer_norm_fold"], run["linear_fold"], run["head_fusion"])
         assert chain_attention.FOLD_DEVICES == chain_norm.FOLD_DEVICES == chain_linear.FOLD_DEVICES == {"cpu", "cuda"}
-    assert folds == {"fp32+sdpa+nofold": (False, False, False), "fp32+sdpa+nonorm": (True, False, True),
-                     "fp32+sdpa+nolinear": (True, True, False), "fp32+sdpa": (True, True, True)}
+        assert fused_head.DEVICES == {"cpu", "cuda"}
+    assert folds == {"fp32+sdpa+nofold": (False, False, False, False), "fp32+sdpa+nonorm": (True, False, True, True),
+                     "fp32+sdpa+nolinear": (True, True, False, True), "fp32+sdpa+nohead": (True, True, True, False),
+                     "fp32+sdpa": (True, True, True, True)}

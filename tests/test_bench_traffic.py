@@ -56,6 +56,25 @@ def test_fused_loss_and_bf16_show_in_the_counts():
     assert bf16["kernels"] > fused["kernels"]  # autocast's casts
 
 
+@requires_extension
+@pytest.mark.filterwarnings("ignore:the loader holds")
+def test_the_fused_head_saves_a_pass_over_the_logits():
+    case = lm_case(2, "cpu", quick=True)
+    with count_or_skip():
+        head_rows = bench_traffic.trace_step(case, "bf16", "head")
+        kernel_rows = bench_traffic.trace_step(case, "bf16", True)
+    names = [r[0] for r in head_rows]
+    assert "token_nll_grad_" in names and "token_nll" not in names and "token_nll_backward" not in names
+    head, kernel = (bench_traffic.summarize(rows, 2, "bf16") for rows in (head_rows, kernel_rows))
+    # the logits: [2 chains, 16 x 256 rows... quick: as lm_case builds them], bf16
+    model, batch = case["model"], next(iter(case["loader"]))
+    tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
+    logits_bytes = 2 * tokens.shape[0] * (tokens.shape[1] - 1) * model.unembed.out_features * 2
+    saved = (kernel["other_GB"] + kernel["matmul_GB"] - head["other_GB"] - head["matmul_GB"]) * 1e9
+    assert saved >= 0.9 * logits_bytes  # one read of the logits less (a few small scaling passes more)
+    assert head["matmul_GFLOP"] == pytest.approx(kernel["matmul_GFLOP"])
+
+
 @pytest.mark.filterwarnings("ignore:the loader holds")
 def test_hessian_pass_counts_grow_by_a_constant_per_probe_and_the_modes_differ():
     """From 3 probes on, a probe adds the same traffic whatever the pass
