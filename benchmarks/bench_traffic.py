@@ -63,14 +63,24 @@ FREE = {"view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expa
         "diagonal", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "unfold", "sym_size",
         "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size"}
 _LOW = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.mm, torch.baddbmm,
-        torch.addmm, torch.Tensor.bmm, torch.Tensor.mm,
-        fused_head.linear_token_nll_mean}  # which casts its product's operands as CUDA autocast would
+        torch.addmm, torch.Tensor.bmm, torch.Tensor.mm}
 _FP32 = {"softmax", "log_softmax", "layer_norm", "sum", "exp", "log", "logsumexp", "pow", "mse_loss",
          "cross_entropy", "nll_loss", "cumsum", "norm", "rsqrt", "reciprocal"}
 
 
 class CudaAutocastBf16(TorchFunctionMode):
-    """CUDA autocast's bf16 policy at the torch-function level."""
+    """CUDA autocast's bf16 policy at the torch-function level. The fused
+    head, which casts its product's operands itself where autocast is on
+    (not a torch function the mode could see), is told bf16 too."""
+
+    def __enter__(self):
+        self._head_autocast = fused_head.autocast_dtype
+        fused_head.autocast_dtype = lambda device_type: torch.bfloat16
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        fused_head.autocast_dtype = self._head_autocast
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

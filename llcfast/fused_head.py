@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import handle_torch_function, has_torch_function
 
 from . import _ext, fused_loss
 from .chain_attention import AUTOCAST_CASTS, autocast_dtype, fold_batch, one_float_dtype, unfold_batch
@@ -45,10 +44,6 @@ def linear_token_nll_mean(hidden: torch.Tensor, weight: torch.Tensor, bias, targ
     operands)."""
     if torch.compiler.is_compiling():
         return fused_loss.token_nll_for_inductor(F.linear(hidden, weight, bias), targets).mean()
-    # a torch function, so that torch-function modes see the call (a traffic model's autocast, as for F.linear)
-    operands = tuple(t for t in (hidden, weight, bias, targets) if isinstance(t, torch.Tensor))
-    if has_torch_function(operands):
-        return handle_torch_function(linear_token_nll_mean, operands, hidden, weight, bias, targets)
     fused = _fused(hidden, weight, bias, targets)
     if fused is not None:
         return fused
@@ -71,21 +66,26 @@ def _fused(hidden, weight, bias, targets):
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     if not any(needs):
         return None
+    # autocast's cast of the product's operands happens inside the function, so that the backward can
+    # return each gradient scaled and in its operand's dtype in one pass, the pass autocast's cast back
+    # would make anyway
     dtype = autocast_dtype(device.type)
-    if dtype is not None:  # autocast's cast of the product's operands, done here
-        hidden, weight, bias = (t.to(dtype) if t is not None and t.dtype in AUTOCAST_CASTS else t
-                                for t in (hidden, weight, bias))
-    if not one_float_dtype(hidden, weight, bias):
+    compute = [t.to(dtype) if dtype is not None and t is not None and t.dtype in AUTOCAST_CASTS else t
+               for t in (hidden, weight, bias)]
+    if not one_float_dtype(*compute) or not one_float_dtype(hidden, weight, bias):
+        return None
+    rows, width = hidden.numel() // hidden.shape[-1], hidden.shape[-1]
+    if compute[1].dtype == weight.dtype and rows < 2 * width:
+        # no cast to fold the scaling into: scaling the weight's gradient (V x D) costs more than the pass
+        # over the logits (rows x V) saved
         return None
     if targets.dtype.is_floating_point or targets.dtype in (torch.bool, torch.complex64, torch.complex128) \
             or targets.device != device:
         return None  # the composed form raises its error
-    targets = targets.long()
-    width = hidden.shape[-1]
     with torch.autocast(device.type, enabled=False):
         loss = _LinearTokenNLLMean.apply(
             hidden.reshape(1, -1, width), weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0),
-            targets.reshape(1, -1), needs)[0]
+            targets.long().reshape(1, -1), needs, compute[0].dtype)[0]
     fused_loss.note_first_order_call("head")
     return loss[0]
 
@@ -105,12 +105,14 @@ def _logits(x, w, b):
 
 
 class _LinearTokenNLLMean(torch.autograd.Function):
-    """x [C, N, D], w [C, V, D], b [C, V] or None, targets [C, N] ->
-    (loss [C], dx, dw, db): each chain's mean loss and its gradients for a
-    unit gradient of it (None where ``needs`` says no gradient is wanted)."""
+    """x [C, N, D], w [C, V, D], b [C, V] or None, targets [C, N], the
+    product's dtype -> (loss [C], dx, dw, db): each chain's mean loss and its
+    gradients for a unit gradient of it, in the product's dtype (None where
+    ``needs`` says no gradient is wanted)."""
 
     @staticmethod
-    def forward(x, w, b, targets, needs):
+    def forward(x, w, b, targets, needs, dtype):
+        x, w, b = (None if t is None else t.to(dtype) for t in (x, w, b))
         logits = _logits(x, w, b)
         nll, _ = torch.ops.llcfast.token_nll_grad_(logits, targets.contiguous(), 1.0 / x.shape[1])
         grad = logits  # [C, N, V], now d(mean nll)/d(logits)
@@ -125,20 +127,21 @@ class _LinearTokenNLLMean(torch.autograd.Function):
         ctx.save_for_backward(dx, dw, db)
         ctx.mark_non_differentiable(*(g for g in (dx, dw, db) if g is not None))
         ctx.set_materialize_grads(False)
+        ctx.dtypes = [None if t is None else t.dtype for t in inputs[:3]]
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         if grad_loss is None:
-            return None, None, None, None, None
-        scaled = [None if g is None else g * grad_loss.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))
-                  for g in ctx.saved_tensors]
-        return (*scaled, None, None)
+            return None, None, None, None, None, None
+        # one pass each: the scale, and the operand's dtype (fp32 under autocast) by type promotion
+        scaled = [None if g is None else g * grad_loss.to(dtype).view((-1,) + (1,) * (g.dim() - 1))
+                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*scaled, None, None, None)
 
     @staticmethod
-    def vmap(info, in_dims, x, w, b, targets, needs):
+    def vmap(info, in_dims, x, w, b, targets, needs, dtype):
         n = info.batch_size
         args = [None if t is None else fold_batch(t, d, n) for t, d in zip((x, w, b, targets), in_dims)]
-        out = _LinearTokenNLLMean.apply(*args, needs)
+        out = _LinearTokenNLLMean.apply(*args, needs, dtype)
         return tuple(None if t is None else unfold_batch(t, n) for t in out), tuple(
             None if t is None else 0 for t in out)
-

@@ -136,7 +136,7 @@ def test_batching_patterns_and_a_scaled_loss(fused_on_cpu, bias, shared):
     # chains with their own or a shared weight (a restricted run's frozen unembedding) or input; the loss
     # times 3 minus 1 scales the saved gradients by the scalar's own gradient
     gen = torch.Generator().manual_seed(2)
-    chains, rows, width, vocab = 3, 10, 6, 23
+    chains, rows, width, vocab = 3, 14, 6, 23
     hidden = torch.randn(chains, 2, rows // 2, width, generator=gen, dtype=torch.float64)
     weight = torch.randn(chains, vocab, width, generator=gen, dtype=torch.float64)
     b = torch.randn(chains, vocab, generator=gen, dtype=torch.float64) if bias else None
@@ -164,10 +164,10 @@ def test_only_the_wanted_gradients_are_computed(fused_on_cpu, monkeypatch):
     seen = []
     forward = fused_head._LinearTokenNLLMean.forward
     monkeypatch.setattr(fused_head._LinearTokenNLLMean, "forward",
-                        staticmethod(lambda *a: seen.append(a[-1]) or forward(*a)))
+                        staticmethod(lambda *a: seen.append(a[-2]) or forward(*a)))
     gen = torch.Generator().manual_seed(0)
-    h, w, b = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((5, 4), (7, 4), (7,)))
-    t = torch.randint(0, 7, (5,), generator=gen)
+    h, w, b = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((9, 4), (7, 4), (7,)))
+    t = torch.randint(0, 7, (9,), generator=gen)
     with fused_loss.first_order():
         got = grad(_head_loss, argnums=1)(h, w, b, t)
     assert seen == [(False, True, False)]
@@ -177,16 +177,20 @@ def test_only_the_wanted_gradients_are_computed(fused_on_cpu, monkeypatch):
 @requires_extension
 def test_where_it_does_not_fuse(fused_on_cpu, monkeypatch):
     gen = torch.Generator().manual_seed(0)
-    h, w, b = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((5, 4), (7, 4), (7,)))
-    t = torch.randint(0, 7, (5,), generator=gen)
+    h, w, b = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((9, 4), (7, 4), (7,)))
+    t = torch.randint(0, 7, (9,), generator=gen)
     want = reference.token_nll(torch.nn.functional.linear(h, w, b), t).mean()
-    cases = {"outside first_order": (False, {"cpu"}), "no gradient wanted": (True, {"cpu"}),
-             "device left out": (True, set())}
-    for name, (inside, devices) in cases.items():
+    tracked = h.clone().requires_grad_()
+    cases = {"outside first_order": (False, {"cpu"}, tracked), "no gradient wanted": (True, {"cpu"}, h),
+             "device left out": (True, set(), tracked),
+             # fp32 without autocast, fewer rows than twice the width: the gradient scalings would cost more
+             "too few rows": (True, {"cpu"}, tracked[:7])}
+    for name, (inside, devices, hh) in cases.items():
         monkeypatch.setattr(fused_head, "DEVICES", devices)
         with fused_loss.first_order() if inside else torch.enable_grad() as mode:
-            got = _head_loss(h, w, b, t)
+            got = _head_loss(hh, w, b, t[:hh.shape[0]])
         assert head_calls(mode) == 0, name
+        want = reference.token_nll(torch.nn.functional.linear(hh, w, b), t[:hh.shape[0]]).mean()
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     # outside first_order it is twice differentiable: a Hessian-vector product through it
     monkeypatch.setattr(fused_head, "DEVICES", {"cpu"})
