@@ -130,7 +130,8 @@ def measure(size, args, device, peak_tflops):
            "memory_plan": res.config.get("memory_plan"), "cuda_graphs": res.config.get("cuda_graphs"),
            "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12, "llcfast_warnings": notes,
            **{key: res.config.get(key, False) for key in chain_fold.CONFIG_KEYS.values()},
-           "activation": args.activation, "loss": "model's .loss" if args.hf_loss else "hf_next_token_loss"}
+           "activation": args.activation,
+           "loss": "model's .loss" if args.hf_loss else "hf_next_token_loss"}
     row["mfu_vs_measured_bf16"] = row["model_tflops"] / peak_tflops
     if not args.skip_devinterp:
         steps = max(2, args.devinterp_draws)

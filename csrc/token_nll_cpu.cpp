@@ -17,19 +17,23 @@
 namespace llcfast {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> token_nll_cpu(const at::Tensor& logits, const at::Tensor& targets) {
-  const int64_t vocab = check_token_nll(logits, targets, "token_nll");
+// Each row's (nll, lse); with `grad`, the row is then overwritten by
+// scale * (softmax - onehot), in place (token_nll_grad_).
+std::tuple<at::Tensor, at::Tensor> forward_rows(const at::Tensor& logits, const at::Tensor& targets, const char* op,
+                                                bool grad, double scale) {
+  const int64_t vocab = check_token_nll(logits, targets, op);
   at::Tensor nll = token_nll_output(logits, targets), lse = token_nll_output(logits, targets);
   const int64_t rows = targets.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_nll_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_nll_forward_rows", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = logits.data_ptr<scalar_t>();
+    scalar_t* x = logits.data_ptr<scalar_t>();
     const int64_t* t = targets.data_ptr<int64_t>();
     acc_t* out_nll = nll.data_ptr<acc_t>();
     acc_t* out_lse = lse.data_ptr<acc_t>();
+    const acc_t g = static_cast<acc_t>(scale);
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = x + r * vocab;
+        scalar_t* row = x + r * vocab;
         acc_t m = -std::numeric_limits<acc_t>::infinity();
         for (int64_t v = 0; v < vocab; ++v) m = std::max(m, static_cast<acc_t>(row[v]));
         acc_t s = 0;
@@ -39,10 +43,21 @@ std::tuple<at::Tensor, at::Tensor> token_nll_cpu(const at::Tensor& logits, const
         out_lse[r] = l;
         out_nll[r] = (t[r] >= 0 && t[r] < vocab) ? l - static_cast<acc_t>(row[t[r]])
                                                  : std::numeric_limits<acc_t>::quiet_NaN();
+        if (grad)
+          for (int64_t v = 0; v < vocab; ++v)
+            row[v] = static_cast<scalar_t>(g * (std::exp(static_cast<acc_t>(row[v]) - l) - (v == t[r] ? 1 : 0)));
       }
     });
   });
   return {nll, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> token_nll_cpu(const at::Tensor& logits, const at::Tensor& targets) {
+  return forward_rows(logits, targets, "token_nll", false, 0.0);
+}
+
+std::tuple<at::Tensor, at::Tensor> token_nll_grad_cpu(at::Tensor& logits, const at::Tensor& targets, double scale) {
+  return forward_rows(logits, targets, "token_nll_grad_", true, scale);
 }
 
 at::Tensor token_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& lse,
@@ -68,37 +83,6 @@ at::Tensor token_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& logi
     });
   });
   return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> token_nll_grad_cpu(at::Tensor& logits, const at::Tensor& targets, double scale) {
-  const int64_t vocab = check_token_nll(logits, targets, "token_nll_grad_");
-  at::Tensor nll = token_nll_output(logits, targets), lse = token_nll_output(logits, targets);
-  const int64_t rows = targets.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_nll_grad_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* x = logits.data_ptr<scalar_t>();
-    const int64_t* t = targets.data_ptr<int64_t>();
-    acc_t* out_nll = nll.data_ptr<acc_t>();
-    acc_t* out_lse = lse.data_ptr<acc_t>();
-    const acc_t g = static_cast<acc_t>(scale);
-    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        scalar_t* row = x + r * vocab;
-        acc_t m = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t v = 0; v < vocab; ++v) m = std::max(m, static_cast<acc_t>(row[v]));
-        acc_t s = 0;
-        if (m != -std::numeric_limits<acc_t>::infinity())
-          for (int64_t v = 0; v < vocab; ++v) s += std::exp(static_cast<acc_t>(row[v]) - m);
-        const acc_t l = m + std::log(s);
-        out_lse[r] = l;
-        out_nll[r] = (t[r] >= 0 && t[r] < vocab) ? l - static_cast<acc_t>(row[t[r]])
-                                                 : std::numeric_limits<acc_t>::quiet_NaN();
-        for (int64_t v = 0; v < vocab; ++v)
-          row[v] = static_cast<scalar_t>(g * (std::exp(static_cast<acc_t>(row[v]) - l) - (v == t[r] ? 1 : 0)));
-      }
-    });
-  });
-  return {nll, lse};
 }
 
 }  // namespace

@@ -97,49 +97,46 @@ __device__ __forceinline__ acc_t block_lse(acc_t m, acc_t s) {
   return m + log(s);
 }
 
+// g * (softmax - onehot) of one row's packs, from src into dst (the same
+// row where the gradient overwrites the logits).
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void token_nll_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ t, acc_t* nll,
-                                 acc_t* lse, int64_t vocab) {
-  const int64_t row = blockIdx.x;
-  const scalar_t* r = x + row * vocab;
-  acc_t m, s;
-  thread_partial<scalar_t, acc_t, VEC>(r, vocab, m, s);
-  const acc_t l = block_lse(m, s);
-  if (threadIdx.x == 0) {
-    const int64_t target = t[row];
-    lse[row] = l;
-    nll[row] = (target >= 0 && target < vocab) ? l - static_cast<acc_t>(r[target]) : acc_t(NAN);
+__device__ __forceinline__ void write_grad(const scalar_t* src, scalar_t* dst, int64_t vocab, int64_t target,
+                                           acc_t g, acc_t l) {
+  const auto* in = reinterpret_cast<const Pack<scalar_t, VEC>*>(src);
+  auto* out = reinterpret_cast<Pack<scalar_t, VEC>*>(dst);
+  for (int64_t j = threadIdx.x; j < vocab / VEC; j += blockDim.x) {
+    const Pack<scalar_t, VEC> p = in[j];
+    Pack<scalar_t, VEC> q;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const int64_t v = j * VEC + i;
+      q.v[i] = static_cast<scalar_t>(g * (exp(static_cast<acc_t>(p.v[i]) - l) - (v == target ? acc_t(1) : acc_t(0))));
+    }
+    out[j] = q;
   }
 }
 
-// The forward, then the row overwritten with scale * (softmax - onehot). The
-// second read of a row comes soon after the first, from cache.
-template <typename scalar_t, typename acc_t, int VEC>
-__global__ void token_nll_grad_kernel(scalar_t* x, const int64_t* __restrict__ t, acc_t* nll, acc_t* lse,
-                                      int64_t vocab, acc_t scale) {
+// Each row's (nll, lse); with GRAD (token_nll_grad_) the row is then
+// overwritten by scale * (softmax - onehot), its second read coming soon
+// after the first, from cache.
+template <typename scalar_t, typename acc_t, int VEC, bool GRAD>
+__global__ void token_nll_kernel(scalar_t* x, const int64_t* __restrict__ t, acc_t* nll, acc_t* lse, int64_t vocab,
+                                 acc_t scale) {
   const int64_t row = blockIdx.x;
   scalar_t* r = x + row * vocab;
   const int64_t target = t[row];
   acc_t m, s;
   thread_partial<scalar_t, acc_t, VEC>(r, vocab, m, s);
-  acc_t l = block_lse(m, s);
+  const acc_t l = block_lse(m, s);
   __shared__ acc_t row_lse;
   if (threadIdx.x == 0) {  // the target's logit is read before any thread overwrites it
     lse[row] = l;
     nll[row] = (target >= 0 && target < vocab) ? l - static_cast<acc_t>(r[target]) : acc_t(NAN);
     row_lse = l;
   }
-  __syncthreads();
-  l = row_lse;
-  auto* packs = reinterpret_cast<Pack<scalar_t, VEC>*>(r);
-  for (int64_t j = threadIdx.x; j < vocab / VEC; j += blockDim.x) {
-    Pack<scalar_t, VEC> p = packs[j];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const int64_t v = j * VEC + i;
-      p.v[i] = static_cast<scalar_t>(scale * (exp(static_cast<acc_t>(p.v[i]) - l) - (v == target ? acc_t(1) : acc_t(0))));
-    }
-    packs[j] = p;
+  if (GRAD) {
+    __syncthreads();
+    write_grad<scalar_t, acc_t, VEC>(r, r, vocab, target, scale, row_lse);
   }
 }
 
@@ -148,20 +145,7 @@ __global__ void token_nll_backward_kernel(const acc_t* __restrict__ g, const sca
                                           const acc_t* __restrict__ lse, const int64_t* __restrict__ t,
                                           scalar_t* y, int64_t vocab) {
   const int64_t row = blockIdx.x;
-  const acc_t gr = g[row], lr = lse[row];
-  const int64_t target = t[row];
-  const auto* src = reinterpret_cast<const Pack<scalar_t, VEC>*>(x + row * vocab);
-  auto* dst = reinterpret_cast<Pack<scalar_t, VEC>*>(y + row * vocab);
-  for (int64_t j = threadIdx.x; j < vocab / VEC; j += blockDim.x) {
-    const Pack<scalar_t, VEC> p = src[j];
-    Pack<scalar_t, VEC> q;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const int64_t v = j * VEC + i;
-      q.v[i] = static_cast<scalar_t>(gr * (exp(static_cast<acc_t>(p.v[i]) - lr) - (v == target ? acc_t(1) : acc_t(0))));
-    }
-    dst[j] = q;
-  }
+  write_grad<scalar_t, acc_t, VEC>(x + row * vocab, y + row * vocab, vocab, t[row], g[row], lse[row]);
 }
 
 // Whole warps, no more threads than a row has packs (up to kMaxThreads).
@@ -181,12 +165,13 @@ bool packs_fit(int64_t vocab, std::initializer_list<const void*> bases) {
   return true;
 }
 
-template <typename scalar_t, typename acc_t, int VEC>
+template <typename scalar_t, typename acc_t, int VEC, bool GRAD>
 void launch_forward(const at::Tensor& logits, const at::Tensor& targets, at::Tensor& nll, at::Tensor& lse,
-                    int64_t rows, int64_t vocab) {
-  token_nll_kernel<scalar_t, acc_t, VEC><<<static_cast<unsigned>(rows), threads_for(vocab / VEC), 0,
-                                           at::cuda::getCurrentCUDAStream()>>>(
-      logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), nll.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), vocab);
+                    int64_t rows, int64_t vocab, double scale) {
+  token_nll_kernel<scalar_t, acc_t, VEC, GRAD><<<static_cast<unsigned>(rows), threads_for(vocab / VEC), 0,
+                                                 at::cuda::getCurrentCUDAStream()>>>(
+      logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), nll.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), vocab,
+      static_cast<acc_t>(scale));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -200,47 +185,34 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& logits, const at:
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> token_nll_cuda(const at::Tensor& logits, const at::Tensor& targets) {
-  const int64_t vocab = check_token_nll(logits, targets, "token_nll");
+// Each row's (nll, lse); with `grad`, the rows overwritten in place by
+// scale * (softmax - onehot) (token_nll_grad_).
+template <bool GRAD>
+std::tuple<at::Tensor, at::Tensor> forward_rows(const at::Tensor& logits, const at::Tensor& targets, const char* op,
+                                                double scale) {
+  const int64_t vocab = check_token_nll(logits, targets, op);
   at::Tensor nll = token_nll_output(logits, targets), lse = token_nll_output(logits, targets);
   const int64_t rows = targets.numel();
   if (rows == 0) return {nll, lse};
-  LLC_CHECK(rows <= 2147483647LL, "token_nll: at most 2^31 - 1 rows per call, got ", rows);
+  LLC_CHECK(rows <= 2147483647LL, op, ": at most 2^31 - 1 rows per call, got ", rows);
   const c10::cuda::CUDAGuard guard(logits.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_nll_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_nll_forward_rows", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int vec = 16 / sizeof(scalar_t);
     if (packs_fit<scalar_t>(vocab, {logits.data_ptr()}))
-      launch_forward<scalar_t, acc_t, vec>(logits, targets, nll, lse, rows, vocab);
+      launch_forward<scalar_t, acc_t, vec, GRAD>(logits, targets, nll, lse, rows, vocab, scale);
     else
-      launch_forward<scalar_t, acc_t, 1>(logits, targets, nll, lse, rows, vocab);
+      launch_forward<scalar_t, acc_t, 1, GRAD>(logits, targets, nll, lse, rows, vocab, scale);
   });
   return {nll, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> token_nll_cuda(const at::Tensor& logits, const at::Tensor& targets) {
+  return forward_rows<false>(logits, targets, "token_nll", 0.0);
+}
+
 std::tuple<at::Tensor, at::Tensor> token_nll_grad_cuda(at::Tensor& logits, const at::Tensor& targets, double scale) {
-  const int64_t vocab = check_token_nll(logits, targets, "token_nll_grad_");
-  at::Tensor nll = token_nll_output(logits, targets), lse = token_nll_output(logits, targets);
-  const int64_t rows = targets.numel();
-  if (rows == 0) return {nll, lse};
-  LLC_CHECK(rows <= 2147483647LL, "token_nll_grad_: at most 2^31 - 1 rows per call, got ", rows);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_nll_grad_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int vec = 16 / sizeof(scalar_t);
-    const bool wide = packs_fit<scalar_t>(vocab, {logits.data_ptr()});
-    const auto launch = [&](auto kernel, int64_t packs) {
-      kernel<<<static_cast<unsigned>(rows), threads_for(packs), 0, at::cuda::getCurrentCUDAStream()>>>(
-          logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), nll.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
-          vocab, static_cast<acc_t>(scale));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (wide)
-      launch(token_nll_grad_kernel<scalar_t, acc_t, vec>, vocab / vec);
-    else
-      launch(token_nll_grad_kernel<scalar_t, acc_t, 1>, vocab);
-  });
-  return {nll, lse};
+  return forward_rows<true>(logits, targets, "token_nll_grad_", scale);
 }
 
 at::Tensor token_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& lse,

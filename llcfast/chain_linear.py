@@ -34,6 +34,15 @@ FOLD_DEVICES = {"cuda"}
 MIN_OUTPUTS_PER_CHAIN = 1 << 21
 
 
+def addmm_per_chain(x: torch.Tensor, m: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x [C, R, I] @ m [C, I, O] + bias [C, O] -> [C, R, O], contiguous: one
+    addmm a chain, with the bias in the matmul's epilogue."""
+    out = x.new_empty((x.shape[0], x.shape[1], m.shape[2]))
+    for c in range(x.shape[0]):
+        torch.addmm(bias[c], x[c], m[c], out=out[c])
+    return out
+
+
 class _ChainAddmm(torch.autograd.Function):
     """x [C, R, I] @ m [C, I, O] + bias [C, O] -> [C, R, O], one addmm a
     chain; ``m_is_weight_t``: m is a linear layer's weight [C, O, I]
@@ -41,10 +50,7 @@ class _ChainAddmm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, m, bias, m_is_weight_t):
-        out = x.new_empty((x.shape[0], x.shape[1], m.shape[2]))
-        for c in range(x.shape[0]):
-            torch.addmm(bias[c], x[c], m[c], out=out[c])
-        return out
+        return addmm_per_chain(x, m, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -29,9 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _ext, fused_loss
+from . import _ext, chain_linear, fused_loss
 from .chain_attention import AUTOCAST_CASTS, autocast_dtype, fold_batch, one_float_dtype, unfold_batch
-from .chain_linear import MIN_OUTPUTS_PER_CHAIN
 
 # Devices where the fusion runs (tests add "cpu", as for the other kernels).
 DEVICES = {"cuda"}
@@ -96,12 +95,9 @@ def _logits(x, w, b):
     would do so."""
     if b is None:
         return torch.bmm(x, w.transpose(1, 2))
-    if x.shape[1] * w.shape[1] < MIN_OUTPUTS_PER_CHAIN:
+    if x.shape[1] * w.shape[1] < chain_linear.MIN_OUTPUTS_PER_CHAIN:
         return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
-    out = x.new_empty((x.shape[0], x.shape[1], w.shape[1]))
-    for c in range(x.shape[0]):
-        torch.addmm(b[c], x[c], w[c].t(), out=out[c])
-    return out
+    return chain_linear.addmm_per_chain(x, w.transpose(1, 2), b)
 
 
 class _LinearTokenNLLMean(torch.autograd.Function):
