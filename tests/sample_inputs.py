@@ -1,5 +1,7 @@
 """Inputs for the SGLD-step tests, shared by correctness, opcheck and CUDA
-tests (one generator, as in pytorch/extension-cpp)."""
+tests (one generator, as in pytorch/extension-cpp), and the logits the
+next-token loss kernels' CUDA tests read both 16 bytes and one element an
+access."""
 from __future__ import annotations
 
 import math
@@ -80,3 +82,26 @@ def exact_update(case: StepCase, xi: List[torch.Tensor]) -> List[torch.Tensor]:
             new = torch.where(case.masks[i], new, p64)
         out.append(new)
     return out
+
+
+def aligned_and_shifted_logits(dtype: torch.dtype):
+    """(logits, targets) on the CPU, and the same logits on the GPU twice:
+    starting on a 16-byte boundary (the kernels read them 16 bytes an
+    access) and one element past one (one element an access). Rows with a
+    masked vocabulary, nothing left, +inf and NaN."""
+    torch.manual_seed(0)
+    rows, vocab = 7, 64
+    logits = 4 * torch.randn(rows, vocab, dtype=torch.float64)
+    logits[0, :40] = float("-inf")  # a masked vocabulary
+    logits[1] = float("-inf")  # a row with nothing left
+    logits[2, 50] = float("inf")
+    logits[3, 17] = float("nan")
+    logits[4, 3] = logits[4, 60] = float("inf")
+    logits = logits.to(dtype)
+    targets = torch.tensor([45, 0, 50, 2, 3, 63, 8])
+    flat = torch.empty(rows * vocab + 1, dtype=dtype, device="cuda")
+    shifted = flat[1:].view(rows, vocab)  # contiguous, one element past a 16-byte boundary
+    shifted.copy_(logits.cuda())
+    aligned = logits.cuda()
+    assert aligned.data_ptr() % 16 == 0 and shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
+    return logits, targets, aligned, shifted

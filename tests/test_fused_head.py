@@ -10,6 +10,7 @@ import llcfast
 from conftest import HAS_CUDA, requires_cuda, requires_extension
 from llcfast import chain_fold, fused_head, fused_loss, models, reference
 from llcfast.engine.functional import chain_loss, vmapped_grads
+from sample_inputs import aligned_and_shifted_logits
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 # As in test_token_nll: both sides sum exp in float32 in different orders; a
@@ -74,23 +75,19 @@ def test_kernel_rejects_bad_arguments():
 
 @requires_cuda
 @requires_extension
-def test_cuda_wide_accesses_equal_element_accesses():
-    # The same logits read 16 bytes an access (aligned rows) and one element an access (one element off).
-    gen = torch.Generator().manual_seed(0)
-    for dtype in (torch.bfloat16, torch.float32, torch.float64):
-        vocab = 16 // torch.finfo(dtype).bits * 8 * 37
-        base = (3 * torch.randn(6 * vocab + 1, generator=gen, dtype=torch.float64)).to(dtype)
-        base[5] = float("-inf")
-        targets = torch.randint(0, vocab, (6,), generator=gen).cuda()
-        aligned = base[:6 * vocab].cuda().view(6, vocab).clone()
-        shifted_buf = torch.empty(6 * vocab + 1, dtype=dtype, device="cuda")
-        shifted_buf[1:] = aligned.view(-1)
-        shifted = shifted_buf[1:].view(6, vocab)
-        nll_a, lse_a = torch.ops.llcfast.token_nll_grad_(aligned, targets, 0.25)
-        nll_s, lse_s = torch.ops.llcfast.token_nll_grad_(shifted, targets, 0.25)
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        torch.testing.assert_close(nll_a, nll_s, **TOL[acc])
-        torch.testing.assert_close(aligned, shifted, **TOL[dtype])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_cuda_wide_accesses_equal_element_accesses(dtype):
+    """The same logits read 16 bytes an access (aligned rows) and one element
+    an access (one element off): the same losses and gradients, -inf, +inf
+    and NaN included."""
+    _, targets, aligned, shifted = aligned_and_shifted_logits(dtype)
+    t = targets.cuda()
+    wide, narrow = (torch.ops.llcfast.token_nll_grad_(x, t, 0.25) for x in (aligned, shifted))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for a, b, tol in [(wide[0], narrow[0], acc), (wide[1], narrow[1], acc), (aligned.to(acc), shifted.to(acc), dtype)]:
+        assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b))
+        finite = torch.isfinite(a)
+        torch.testing.assert_close(a[finite], b[finite], **TOL[tol])
 
 
 def lm(vocab=97, d_model=32, dtype=torch.float64):

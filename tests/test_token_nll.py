@@ -12,6 +12,7 @@ from torch.func import grad, grad_and_value, jvp, vmap
 import llcfast
 from conftest import HAS_CUDA, requires_cuda, requires_extension
 from llcfast import fused_loss, models, reference
+from sample_inputs import aligned_and_shifted_logits
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 # Both sides sum exp in float32 (float64 for float64 logits), in different
@@ -257,21 +258,8 @@ def test_cuda_wide_accesses_equal_element_accesses(dtype):
     """Rows that start on 16-byte boundaries are read 16 bytes at a time; the
     same logits one element off those boundaries are read element by
     element. Both give the same numbers, -inf, +inf and NaN included."""
-    torch.manual_seed(0)
-    rows, vocab = 7, 64
-    logits = 4 * torch.randn(rows, vocab, dtype=torch.float64)
-    logits[0, :40] = float("-inf")  # a masked vocabulary
-    logits[1] = float("-inf")  # a row with nothing left
-    logits[2, 50] = float("inf")
-    logits[3, 17] = float("nan")
-    logits[4, 3] = logits[4, 60] = float("inf")
-    logits = logits.to(dtype)
-    targets = torch.tensor([45, 0, 50, 2, 3, 63, 8])
-    flat = torch.empty(rows * vocab + 1, dtype=dtype, device="cuda")
-    shifted = flat[1:].view(rows, vocab)  # contiguous, one element past a 16-byte boundary
-    shifted.copy_(logits.cuda())
-    aligned = logits.cuda()
-    assert aligned.data_ptr() % 16 == 0 and shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
+    logits, targets, aligned, shifted = aligned_and_shifted_logits(dtype)
+    rows = logits.shape[0]
     t = targets.cuda()
     wide, narrow = kernel(aligned, t), kernel(shifted, t)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
