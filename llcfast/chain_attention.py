@@ -130,9 +130,10 @@ def autocast_dtype(device_type: str):
 
 
 def one_float_dtype(*tensors) -> bool:
-    """Whether the tensors given (None skipped) share one floating dtype,
-    as a fold's single-dtype kernel or product needs."""
-    dtypes = {t.dtype for t in tensors if t is not None}
+    """Whether the tensors given (None skipped; a dtype stands for a tensor
+    of it) share one floating dtype, as a fold's single-dtype kernel or
+    product needs."""
+    dtypes = {t if isinstance(t, torch.dtype) else t.dtype for t in tensors if t is not None}
     return len(dtypes) == 1 and next(iter(dtypes)) in _FLOATS
 
 

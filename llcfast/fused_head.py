@@ -69,12 +69,14 @@ def _fused(hidden, weight, bias, targets):
     # return each gradient scaled and in its operand's dtype in one pass, the pass autocast's cast back
     # would make anyway
     dtype = autocast_dtype(device.type)
-    compute = [t.to(dtype) if dtype is not None and t is not None and t.dtype in AUTOCAST_CASTS else t
+    # the dtypes the product runs in (casting here would copy the operands for nothing); under autocast the
+    # operands may differ (an engine's bf16 working copy of the weight beside fp32 activations)
+    compute = [None if t is None else dtype if dtype is not None and t.dtype in AUTOCAST_CASTS else t.dtype
                for t in (hidden, weight, bias)]
-    if not one_float_dtype(*compute) or not one_float_dtype(hidden, weight, bias):
+    if not one_float_dtype(*compute):
         return None
     rows, width = hidden.numel() // hidden.shape[-1], hidden.shape[-1]
-    if compute[1].dtype == weight.dtype and rows < 2 * width:
+    if compute[1] == weight.dtype and rows < 2 * width:
         # no cast to fold the scaling into: scaling the weight's gradient (V x D) costs more than the pass
         # over the logits (rows x V) saved
         return None
@@ -84,7 +86,7 @@ def _fused(hidden, weight, bias, targets):
     with torch.autocast(device.type, enabled=False):
         loss = _LinearTokenNLLMean.apply(
             hidden.reshape(1, -1, width), weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0),
-            targets.long().reshape(1, -1), needs, compute[0].dtype)[0]
+            targets.long().reshape(1, -1), needs, compute[0])[0]
     fused_loss.note_first_order_call("head")
     return loss[0]
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch.func import grad, grad_and_value, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import llcfast
 from conftest import HAS_CUDA, requires_cuda, requires_extension
@@ -198,6 +199,49 @@ def test_where_it_does_not_fuse(fused_on_cpu, monkeypatch):
     # bad targets get the composed form's errors
     with fused_loss.first_order(), pytest.raises(TypeError, match="integer tensor"):
         grad(_head_loss, argnums=1)(h, w, b, t.double())
+
+
+class _Casts(TorchDispatchMode):
+    """Counts the dtype casts (aten._to_copy) that reach the backend."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # the per-chain loss gradients (2 chains) are not counted
+        self.count += func.overloadpacket.__name__ == "_to_copy" and args[0].numel() > 2
+        return func(*args, **(kwargs or {}))
+
+
+@requires_extension
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32-weight", "bf16-weight"])
+def test_under_autocast_operands_are_cast_once(fused_on_cpu, weight_dtype):
+    # each operand is cast to bf16 once, inside the function (not also to learn the dtypes); a weight that is
+    # already bf16 (the engine's working copy) beside fp32 activations fuses too, with the composed form's values
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 40, 8, generator=gen)
+    weight = torch.randn(30, 8, generator=gen).to(weight_dtype)
+    bias = torch.randn(30, generator=gen).to(weight_dtype)
+    targets = torch.randint(0, 30, (2, 40), generator=gen)
+    pass_ = vmap(grad_and_value(_head_loss, argnums=(0, 1, 2)), in_dims=(0, None, None, 0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _Casts() as composed_casts:
+            want = pass_(hidden, weight, bias, targets)
+        with fused_loss.first_order() as mode, _Casts() as casts:
+            got = pass_(hidden, weight, bias, targets)
+    assert head_calls(mode) == 1
+    # autocast casts each fp32 operand, the logits up and their gradient down, and the operands' gradients
+    # back; the fusion casts each fp32 operand once and scales its gradient back into fp32 in one pass
+    fp32_operands = sum(t.dtype == torch.float32 for t in (hidden, weight, bias))
+    assert composed_casts.count == 2 * fp32_operands + 2 and casts.count == fp32_operands
+    # bf16 logits with the bias added before rounding (the fusion) or after (torch's linear on a CPU)
+    torch.testing.assert_close(got[1], want[1], rtol=2 ** -8, atol=0)
+    for g, w in zip(got[0], want[0]):
+        assert g.dtype == w.dtype
+        # products of bf16 operands (each rounded to 2^-9 relative) with the logits' gradient rounded in
+        # different places: compared as whole tensors
+        assert ((g.float() - w.float()).norm() / w.float().norm()).item() < 2 ** -6
 
 
 @requires_extension
