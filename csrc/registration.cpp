@@ -23,10 +23,13 @@ TORCH_LIBRARY(llcfast, m) {
   // In-place SGLD step over a list of chain-stacked tensors ([C, ...] each).
   // The noise step is step + step_tensor[0] when step_tensor (int64 [1], on
   // the params' device) is given, so a captured CUDA graph can advance it.
+  // Grads may be bfloat16; bf16_copies (an empty tensor: none) get the new
+  // parameters rounded to bfloat16 in the same pass.
   m.def(
       "sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] centers, Tensor[]? masks, Tensor[]? noise, "
-      "Tensor(b!)? stats, Tensor? step_tensor, int seed, int step, int chain_offset, float eps, float nbeta, float gamma, "
-      "float weight_decay, float noise_scale, float bounding_box=0.) -> ()");
+      "Tensor(b!)? stats, Tensor? step_tensor, int seed, int step, int chain_offset, float eps, float nbeta, "
+      "float gamma, float weight_decay, float noise_scale, float bounding_box=0., Tensor(c!)[]? bf16_copies=None) "
+      "-> ()");
   // RMSprop-preconditioned SGLD: square_avg ([C, ...] each) is the running
   // mean of g^2, updated in the same pass.
   m.def(

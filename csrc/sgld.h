@@ -166,12 +166,17 @@ int64_t check_sgnht_inputs(const at::TensorList& params, const at::TensorList& m
 void update_thermostat(at::Tensor& thermostat, const at::Tensor& energy, at::TensorList params,
                        const c10::optional<at::TensorList>& masks, double eps);
 
-// Validates the tensor lists of one sgld_step_ call; returns the chain count.
+// Validates the tensor lists of one sgld_step_ call (grads float32 or
+// bfloat16, the others float32); returns the chain count.
 int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& grads,
                           const at::TensorList& centers, const c10::optional<at::TensorList>& masks,
                           const c10::optional<at::TensorList>& noise, const c10::optional<at::Tensor>& stats,
                           const c10::optional<at::Tensor>& step_tensor, int64_t seed, int64_t step,
                           int64_t chain_offset);
+
+// Validates sgld_step_'s bf16_copies: one per parameter tensor, each empty
+// (no copy) or bfloat16, contiguous and shaped like its parameter.
+void check_bf16_copies(const at::TensorList& params, const at::TensorList& copies);
 
 // Validates philox_normal_'s (or philox_rademacher_'s) output tensor and
 // key; returns the group count.

@@ -14,10 +14,12 @@ void check_list_length(const char* name, size_t got, size_t want) {
             "; the lists must have one entry per parameter tensor");
 }
 
-void check_tensor(const char* name, size_t i, const at::Tensor& t, at::ScalarType dtype, const at::Device& device) {
+void check_tensor(const char* name, size_t i, const at::Tensor& t, at::ScalarType dtype, const at::Device& device,
+                  at::ScalarType or_dtype = at::ScalarType::Undefined) {
   LLC_CHECK(t.defined(), "sgld_step_: ", name, "[", i, "] is undefined");
-  LLC_CHECK(t.scalar_type() == dtype, "sgld_step_: ", name, "[", i, "] has dtype ", t.scalar_type(),
-            "; allowed: ", dtype);
+  LLC_CHECK(t.scalar_type() == dtype || t.scalar_type() == or_dtype, "sgld_step_: ", name, "[", i, "] has dtype ",
+            t.scalar_type(), "; allowed: ", dtype, or_dtype == at::ScalarType::Undefined ? "" : " or ",
+            or_dtype == at::ScalarType::Undefined ? "" : c10::toString(or_dtype));
   LLC_CHECK(t.device() == device, "sgld_step_: ", name, "[", i, "] is on ", t.device(),
             " but params[0] is on ", device, "; all tensors must share one device");
   LLC_CHECK(t.is_contiguous(), "sgld_step_: ", name, "[", i,
@@ -52,7 +54,7 @@ int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& gr
     check_tensor("params", i, p, at::kFloat, device);
     LLC_CHECK(p.dim() >= 1 && p.size(0) == chains, "sgld_step_: params[", i, "] has shape ", p.sizes(),
               "; expected a leading chain dimension of ", chains);
-    check_tensor("grads", i, grads[i], at::kFloat, device);
+    check_tensor("grads", i, grads[i], at::kFloat, device, at::kBFloat16);
     LLC_CHECK(grads[i].sizes() == p.sizes(), "sgld_step_: grads[", i, "] has shape ", grads[i].sizes(),
               " but params[", i, "] has shape ", p.sizes());
     check_tensor("centers", i, centers[i], at::kFloat, device);
@@ -89,6 +91,17 @@ int64_t check_sgld_inputs(const at::TensorList& params, const at::TensorList& gr
               " ", t.sizes(), " on ", t.device());
   }
   return chains;
+}
+
+void check_bf16_copies(const at::TensorList& params, const at::TensorList& copies) {
+  check_list_length("bf16_copies", copies.size(), params.size());
+  for (size_t i = 0; i < copies.size(); ++i) {
+    if (copies[i].numel() == 0) continue;  // none for this tensor
+    check_tensor("bf16_copies", i, copies[i], at::kBFloat16, params[i].device());
+    LLC_CHECK(copies[i].sizes() == params[i].sizes(), "sgld_step_: bf16_copies[", i, "] has shape ",
+              copies[i].sizes(), " but params[", i, "] has shape ", params[i].sizes(),
+              "; pass an empty tensor where a parameter has no copy");
+  }
 }
 
 int64_t check_philox_out(const at::Tensor& out, int64_t seed, int64_t step, int64_t chain_offset,

@@ -31,7 +31,8 @@ template <Sampler S>
 void step_cpu(at::TensorList params, c10::optional<at::TensorList> state, const at::Tensor* thermostat,
               at::TensorList grads, at::TensorList centers, c10::optional<at::TensorList> masks,
               c10::optional<at::TensorList> noise, const c10::optional<at::Tensor>& stats, double* energy_out,
-              int64_t chains, int64_t seed, int64_t step, int64_t chain_offset, const StepScalars& k) {
+              int64_t chains, int64_t seed, int64_t step, int64_t chain_offset, const StepScalars& k,
+              const c10::optional<at::TensorList>& copies = c10::nullopt) {
   const std::vector<int64_t> goff = group_offsets(params);
   std::vector<BlockRef> blocks;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -49,7 +50,12 @@ void step_cpu(at::TensorList params, c10::optional<at::TensorList> state, const 
       const int64_t n = params[ti].numel() / chains;
       float* p = params[ti].data_ptr<float>();
       float* st = state.has_value() ? (*state)[ti].data_ptr<float>() : nullptr;
-      const float* g = grads[ti].data_ptr<float>();
+      // bf16 gradients widen exactly to float32
+      const bool g_bf16 = grads[ti].scalar_type() == at::kBFloat16;
+      const float* g = g_bf16 ? nullptr : grads[ti].data_ptr<float>();
+      const c10::BFloat16* gb = g_bf16 ? grads[ti].data_ptr<c10::BFloat16>() : nullptr;
+      c10::BFloat16* cp = copies.has_value() && (*copies)[ti].numel() > 0
+                              ? (*copies)[ti].data_ptr<c10::BFloat16>() : nullptr;
       const float* c = centers[ti].data_ptr<float>();
       const bool* m = masks.has_value() ? (*masks)[ti].data_ptr<bool>() : nullptr;
       const float* z = noise.has_value() ? (*noise)[ti].data_ptr<float>() : nullptr;
@@ -67,9 +73,13 @@ void step_cpu(at::TensorList params, c10::optional<at::TensorList> state, const 
           }
           float* pc = p + ch * n + e0;
           float* sc = st != nullptr ? st + ch * n + e0 : nullptr;
-          const float* gc = g + ch * n + e0;
+          float gc[4];
+          for (int j = 0; j < lanes; ++j) gc[j] = g_bf16 ? static_cast<float>(gb[ch * n + e0 + j]) : g[ch * n + e0 + j];
           for (int j = 0; j < lanes; ++j) {
-            if (m != nullptr && !m[e0 + j]) continue;
+            if (m != nullptr && !m[e0 + j]) {
+              if (cp != nullptr) cp[ch * n + e0 + j] = c10::BFloat16(pc[j]);
+              continue;
+            }
             const float x = (z != nullptr) ? z[ch * n + e0 + j] : xi[j];
             const float w = pc[j];
             float added = 0.0f;
@@ -94,6 +104,7 @@ void step_cpu(at::TensorList params, c10::optional<at::TensorList> state, const 
               if (S == Sampler::kSgnht) acc[ch * kSlots + 3] += static_cast<double>(sc[j]) * sc[j];
             }
             pc[j] = out;
+            if (cp != nullptr) cp[ch * n + e0 + j] = c10::BFloat16(out);  // round to nearest even, as .to()
           }
         }
       }
@@ -116,13 +127,15 @@ void sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList c
                    c10::optional<at::TensorList> masks, c10::optional<at::TensorList> noise,
                    const c10::optional<at::Tensor>& stats, const c10::optional<at::Tensor>& step_tensor,
                    int64_t seed, int64_t step, int64_t chain_offset, double eps, double nbeta, double gamma,
-                   double weight_decay, double noise_scale, double bounding_box) {
+                   double weight_decay, double noise_scale, double bounding_box,
+                   c10::optional<at::TensorList> bf16_copies) {
   const int64_t chains =
       check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
+  if (bf16_copies.has_value()) check_bf16_copies(params, *bf16_copies);
   if (step_tensor.has_value()) step += step_tensor->item<int64_t>();
   const StepScalars k = sgld_scalars(eps, nbeta, gamma, weight_decay, noise_scale, bounding_box);
   step_cpu<Sampler::kSgld>(params, c10::nullopt, nullptr, grads, centers, masks, noise, stats, nullptr, chains, seed,
-                           step, chain_offset, k);
+                           step, chain_offset, k, bf16_copies);
 }
 
 void rmsprop_sgld_step_cpu(at::TensorList params, at::TensorList square_avg, at::TensorList grads,

@@ -2,7 +2,8 @@
 // list (multi-tensor apply through a pointer table passed by value) and every
 // chain. A thread owns one noise group of four elements: it reads the centre
 // (and mask) once and loops over the chains, so w* is read once per step
-// whatever the chain count. 16-byte loads where the table says alignment allows.
+// whatever the chain count. 16-byte loads where the table says alignment allows
+// (8-byte for bf16 gradients and copies).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,14 +21,16 @@ constexpr int kThreads = 256;
 struct Entry {
   float* p;             // [C, n]
   float* s;             // [C, n] sampler state (RMSprop's V, SGNHT's momentum) or null
-  const float* g;       // [C, n]
+  const void* g;        // [C, n] float32, or bfloat16 where g_bf16
   const float* c;       // [n]
   const bool* m;        // [n] or null
   const float* z;       // [C, n] or null
+  uint16_t* copy;       // [C, n] bfloat16 bits of the new w, or null
   int64_t n;            // elements per chain
   int64_t first;        // first launch-wide group index owned by this tensor
   uint32_t noise_group; // global noise group of the tensor's element 0
-  int32_t vec;          // 16-byte accesses legal for every chain row
+  int16_t vec;          // vector accesses legal for every chain row
+  int16_t g_bf16;
 };
 
 template <int MaxT>
@@ -66,6 +69,37 @@ __device__ __forceinline__ void store4(float* ptr, float4 v, bool vec, int lanes
   }
   const float a[4] = {v.x, v.y, v.z, v.w};
   for (int j = 0; j < lanes; ++j) ptr[j] = a[j];
+}
+
+// A bfloat16 widens to float32 exactly: its bits are the float's top half.
+__device__ __forceinline__ float4 load_grad4(const Entry& E, int64_t row, bool vec, int lanes) {
+  if (!E.g_bf16) return load4(static_cast<const float*>(E.g) + row, vec, lanes);
+  const uint16_t* ptr = static_cast<const uint16_t*>(E.g) + row;
+  uint32_t lo = 0, hi = 0;  // elements 0, 1 and 2, 3, little end first
+  if (vec) {
+    const uint2 u = *reinterpret_cast<const uint2*>(ptr);
+    lo = u.x;
+    hi = u.y;
+  } else {
+    uint32_t b[4] = {0u, 0u, 0u, 0u};
+    for (int j = 0; j < lanes; ++j) b[j] = ptr[j];
+    lo = b[0] | (b[1] << 16);
+    hi = b[2] | (b[3] << 16);
+  }
+  return make_float4(__uint_as_float(lo << 16), __uint_as_float(lo & 0xffff0000u), __uint_as_float(hi << 16),
+                     __uint_as_float(hi & 0xffff0000u));
+}
+
+// Rounds to nearest even through c10::BFloat16, as torch's .to(torch.bfloat16).
+__device__ __forceinline__ void store_copy4(uint16_t* ptr, const float* v, bool vec, int lanes) {
+  uint32_t b[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) b[j] = c10::BFloat16(v[j]).x;
+  if (vec) {
+    *reinterpret_cast<uint2*>(ptr) = make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+    return;
+  }
+  for (int j = 0; j < lanes; ++j) ptr[j] = static_cast<uint16_t>(b[j]);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -115,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) sgld_kernel(const __grid_constant__ 
       if (active) {
         const int64_t row = static_cast<int64_t>(ch) * E.n + e0;
         const float4 w = load4(E.p + row, vec, lanes);
-        const float4 g = load4(E.g + row, vec, lanes);
+        const float4 g = load_grad4(E, row, vec, lanes);
         float4 st = make_float4(0.f, 0.f, 0.f, 0.f);
         if (S != Sampler::kSgld) st = load4(E.s + row, vec, lanes);
         float sa[4] = {st.x, st.y, st.z, st.w};
@@ -155,6 +189,7 @@ __global__ void __launch_bounds__(kThreads) sgld_kernel(const __grid_constant__ 
           }
         }
         store4(E.p + row, make_float4(out[0], out[1], out[2], out[3]), vec, lanes);
+        if (E.copy != nullptr) store_copy4(E.copy + row, out, vec, lanes);
         if (S != Sampler::kSgld) store4(E.s + row, make_float4(sa[0], sa[1], sa[2], sa[3]), vec, lanes);
       }
       if (kStats) {
@@ -231,6 +266,7 @@ void launch_table(const Table<MaxT>& tab, const Launch& L, Sampler sampler, bool
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+bool aligned8(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 7u) == 0; }
 
 // Fills a table with entries [begin, end) and launches it with the smallest
 // table type that holds them.
@@ -251,9 +287,10 @@ void launch_range(const std::vector<Entry>& entries, size_t begin, size_t end, c
 
 constexpr int kSmallTable = 16;
 constexpr int kMediumTable = 64;
-// 400 entries of 72 bytes stay under the 32 KB kernel-parameter limit
-// (CUDA >= 12.1, Volta and newer).
-constexpr int kLargeTable = 400;
+// The largest table and the launch scalars stay under the 32,764-byte
+// kernel-parameter limit (CUDA >= 12.1, Volta and newer).
+constexpr int kLargeTable = 384;
+static_assert(sizeof(Table<kLargeTable>) + sizeof(Launch) <= 32764, "sgld kernel parameters exceed 32,764 bytes");
 
 // The host side shared by the three ops: builds the tensor table and
 // launches. state and thermostat/energy are null for plain SGLD.
@@ -261,7 +298,8 @@ void step_cuda(Sampler sampler, at::TensorList params, const at::TensorList* sta
                at::TensorList centers, const c10::optional<at::TensorList>& masks,
                const c10::optional<at::TensorList>& noise, const c10::optional<at::Tensor>& stats,
                const c10::optional<at::Tensor>& step_tensor, const float* thermostat, double* energy,
-               int64_t chains, int64_t seed, int64_t step, int64_t chain_offset, const StepScalars& k) {
+               int64_t chains, int64_t seed, int64_t step, int64_t chain_offset, const StepScalars& k,
+               const c10::optional<at::TensorList>& copies = c10::nullopt) {
   LLC_CHECK(chains <= 4096, "at most 4096 chains per call on CUDA, got ", chains);
   const int device = params[0].device().index();
   const std::vector<int64_t> goff = group_offsets(params);
@@ -274,14 +312,18 @@ void step_cuda(Sampler sampler, at::TensorList params, const at::TensorList* sta
     Entry e{};
     e.p = params[i].data_ptr<float>();
     e.s = state != nullptr ? (*state)[i].data_ptr<float>() : nullptr;
-    e.g = grads[i].data_ptr<float>();
+    e.g_bf16 = grads[i].scalar_type() == at::kBFloat16;
+    e.g = grads[i].data_ptr();
     e.c = centers[i].data_ptr<float>();
     e.m = masks.has_value() ? (*masks)[i].data_ptr<bool>() : nullptr;
     e.z = noise.has_value() ? (*noise)[i].data_ptr<float>() : nullptr;
+    e.copy = copies.has_value() && (*copies)[i].numel() > 0
+                 ? reinterpret_cast<uint16_t*>((*copies)[i].data_ptr<c10::BFloat16>()) : nullptr;
     e.n = n;
     e.noise_group = static_cast<uint32_t>(goff[i]);
-    e.vec = (n % 4 == 0) && aligned16(e.p) && aligned16(e.g) && aligned16(e.c) &&
-            (e.z == nullptr || aligned16(e.z)) && (e.s == nullptr || aligned16(e.s));
+    e.vec = (n % 4 == 0) && aligned16(e.p) && (e.g_bf16 ? aligned8(e.g) : aligned16(e.g)) && aligned16(e.c) &&
+            (e.z == nullptr || aligned16(e.z)) && (e.s == nullptr || aligned16(e.s)) &&
+            (e.copy == nullptr || aligned8(e.copy));
     entries.push_back(e);
   }
   Launch L{k, static_cast<uint64_t>(seed), static_cast<uint64_t>(step), static_cast<uint32_t>(chain_offset),
@@ -305,13 +347,15 @@ void sgld_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     c10::optional<at::TensorList> masks, c10::optional<at::TensorList> noise,
                     const c10::optional<at::Tensor>& stats, const c10::optional<at::Tensor>& step_tensor,
                     int64_t seed, int64_t step, int64_t chain_offset, double eps, double nbeta, double gamma,
-                    double weight_decay, double noise_scale, double bounding_box) {
+                    double weight_decay, double noise_scale, double bounding_box,
+                    c10::optional<at::TensorList> bf16_copies) {
   const int64_t chains =
       check_sgld_inputs(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset);
+  if (bf16_copies.has_value()) check_bf16_copies(params, *bf16_copies);
   const StepScalars k = sgld_scalars(eps, nbeta, gamma, weight_decay, noise_scale, bounding_box);
   const c10::cuda::CUDAGuard guard(params[0].device());
   step_cuda(Sampler::kSgld, params, nullptr, grads, centers, masks, noise, stats, step_tensor, nullptr, nullptr,
-            chains, seed, step, chain_offset, k);
+            chains, seed, step, chain_offset, k, bf16_copies);
 }
 
 void rmsprop_sgld_step_cuda(at::TensorList params, at::TensorList square_avg, at::TensorList grads,

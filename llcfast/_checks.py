@@ -38,9 +38,11 @@ def _tensor_list(name: str, value) -> list:
     return list(value)
 
 
-def _check_entry(name: str, i: int, t: torch.Tensor, dtype: torch.dtype, device: torch.device, shape) -> None:
-    if t.dtype != dtype:
-        raise TypeError(f"{name}[{i}] has dtype {t.dtype}; allowed: {dtype}")
+def _check_entry(name: str, i: int, t: torch.Tensor, dtype, device: torch.device, shape) -> None:
+    """``dtype``: the allowed dtype, or a tuple of them."""
+    allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.dtype not in allowed:
+        raise TypeError(f"{name}[{i}] has dtype {t.dtype}; allowed: {' or '.join(map(str, allowed))}")
     if t.device != device:
         raise ValueError(f"{name}[{i}] is on {t.device} but params[0] is on {device}; all tensors must share one device")
     if tuple(t.shape) != tuple(shape):
@@ -87,7 +89,7 @@ def check_sgld_args(params, grads, centers, masks, noise, stats, *, seed, step, 
         if p.dim() < 1 or p.shape[0] != chains:
             raise ValueError(f"params[{i}] has shape {tuple(p.shape)}; expected a leading chain dimension of {chains}")
         _check_entry("params", i, p, torch.float32, device, p.shape)
-        _check_entry("grads", i, grads[i], torch.float32, device, p.shape)
+        _check_entry("grads", i, grads[i], (torch.float32, torch.bfloat16), device, p.shape)
         _check_entry("centers", i, centers[i], torch.float32, device, p.shape[1:])
         if masks is not None:
             _check_entry("masks", i, masks[i], torch.bool, device, p.shape[1:])
@@ -107,6 +109,27 @@ def check_sgld_args(params, grads, centers, masks, noise, stats, *, seed, step, 
             raise ValueError(f"step_tensor must be a one-element torch.int64 tensor on {device}, got "
                              f"{step_tensor.dtype} of shape {tuple(step_tensor.shape)} on {step_tensor.device}")
     return params, grads, centers, masks, noise, hyper
+
+
+def check_bf16_copies(params, copies):
+    """sgld_step_'s ``bf16_copies``: None, or one entry per params tensor,
+    each None or a contiguous bfloat16 tensor of its shape on its device.
+    Returns the list (or None)."""
+    if copies is None:
+        return None
+    if isinstance(copies, torch.Tensor) or not isinstance(copies, Sequence):
+        raise TypeError(f"bf16_copies must be a list or tuple of tensors or None, got {type(copies).__name__}")
+    if len(copies) != len(params):
+        raise ValueError(f"bf16_copies has {len(copies)} entries but params has {len(params)}; "
+                         "the lists must have one entry per parameter tensor (None: no copy)")
+    for i, (c, p) in enumerate(zip(copies, params)):
+        if c is None:
+            continue
+        if not isinstance(c, torch.Tensor):
+            raise TypeError(f"bf16_copies[{i}] must be a torch.Tensor or None, got {type(c).__name__}")
+        if isinstance(p, torch.Tensor):
+            _check_entry("bf16_copies", i, c, torch.bfloat16, p.device, p.shape)
+    return list(copies)
 
 
 def _check_entry_stats(stats: torch.Tensor, chains: int, device: torch.device) -> None:

@@ -14,14 +14,14 @@ import torch
 
 from . import _ext
 from . import reference
-from ._checks import (check_float, check_lanczos_step_args, check_multi_dot_args, check_philox_args, check_rademacher_args,
+from ._checks import (check_bf16_copies, check_float, check_lanczos_step_args, check_multi_dot_args, check_philox_args, check_rademacher_args,
                       check_rmsprop_step_args, check_sgld_args, check_sgnht_step_args)
 
 if _ext.extension_available():
 
     @torch.library.register_fake("llcfast::sgld_step_")
     def _sgld_step_fake(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset, eps,
-                        nbeta, gamma, weight_decay, noise_scale, bounding_box=0.0):
+                        nbeta, gamma, weight_decay, noise_scale, bounding_box=0.0, bf16_copies=None):
         return None
 
     @torch.library.register_fake("llcfast::rmsprop_sgld_step_")
@@ -58,7 +58,7 @@ LANCZOS_KERNEL_MAX_STEPS = 2048
 
 def sgld_step_(
     params: Sequence[torch.Tensor],  # each [C, *shape_i], float32, updated in place
-    grads: Sequence[torch.Tensor],  # each [C, *shape_i]
+    grads: Sequence[torch.Tensor],  # each [C, *shape_i], float32 or bfloat16
     centers: Sequence[torch.Tensor],  # each [*shape_i]: w*
     *,
     eps: float,
@@ -74,6 +74,7 @@ def sgld_step_(
     stats: Optional[torch.Tensor] = None,  # [C, 3] float64, added to
     step_tensor: Optional[torch.Tensor] = None,  # int64 [1]: added to step (read on the device)
     bounding_box: float = 0.0,  # > 0: clamp each element to [w* - b, w* + b] after the step
+    bf16_copies: Optional[Sequence[Optional[torch.Tensor]]] = None,  # each [C, *shape_i] bfloat16 or None
 ) -> None:
     """One SGLD step for every chain and every tensor, in place, in one pass:
 
@@ -88,11 +89,15 @@ def sgld_step_(
     ``stats[c]`` is incremented by the sums over moving elements of g^2,
     (w - w*)^2 (w before the step) and (sqrt(eps) * noise_scale * xi)^2.
     ``bounding_box`` > 0 clamps every moved element to [w* - b, w* + b].
+    ``bf16_copies[i]`` (where not None) is overwritten with the new
+    ``params[i]`` rounded to bfloat16, in the same pass: a bf16 working copy
+    of the weights that a bf16 forward pass can take without casting them.
     """
     params, grads, centers, masks, noise, hyper = check_sgld_args(
         params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
         eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale,
         step_tensor=step_tensor)
+    copies = check_bf16_copies(params, bf16_copies)
     box = check_float("bounding_box", bounding_box, minimum=0.0)
     if not params:
         return
@@ -100,11 +105,15 @@ def sgld_step_(
     if not _ext.kernels_for(device):
         _ext.warn_fallback(device)
         reference.sgld_step_(params, grads, centers, seed=seed, step=step, chain_offset=chain_offset, masks=masks,
-                             noise=noise, stats=stats, step_tensor=step_tensor, bounding_box=box, **hyper)
+                             noise=noise, stats=stats, step_tensor=step_tensor, bounding_box=box,
+                             bf16_copies=bf16_copies, **hyper)
         return
+    if copies is not None:  # the kernel takes an empty tensor where a parameter has no copy
+        none = params[0].new_empty(0, dtype=torch.bfloat16)
+        copies = [none if c is None else c for c in copies]
     torch.ops.llcfast.sgld_step_(params, grads, centers, masks, noise, stats, step_tensor, seed, step, chain_offset,
                                  hyper["eps"], hyper["nbeta"], hyper["gamma"], hyper["weight_decay"],
-                                 hyper["noise_scale"], box)
+                                 hyper["noise_scale"], box, copies)
 
 
 def rmsprop_sgld_step_(params, square_avg, grads, centers, *, eps: float, nbeta: float, gamma: float,

@@ -54,6 +54,12 @@ def mutate(name):
         "tensor not list": (dict(params=p[0]), TypeError, "params must be a list or tuple of tensors"),
         "list of arrays": (dict(grads=[1.0, 2.0]), TypeError, r"grads\[0\] must be a torch.Tensor"),
         "step_tensor dtype": (dict(step_tensor=torch.tensor([1.0])), ValueError, "step_tensor must be a one-element torch.int64"),
+        "copy dtype": (dict(bf16_copies=[None, torch.zeros(2, 5, dtype=torch.float16)]), TypeError,
+                       r"bf16_copies\[1\] has dtype torch.float16; allowed: torch.bfloat16"),
+        "copy shape": (dict(bf16_copies=[torch.zeros(2, 3, 4, dtype=torch.bfloat16), None]), ValueError,
+                       r"bf16_copies\[0\] has shape \(2, 3, 4\); expected \(2, 4, 3\)"),
+        "copy count": (dict(bf16_copies=[None]), ValueError, "bf16_copies has 1 entries but params has 2"),
+        "copy not tensor": (dict(bf16_copies=[None, 1.0]), TypeError, r"bf16_copies\[1\] must be a torch.Tensor or None"),
     }
     return cases[name]
 
@@ -61,7 +67,8 @@ def mutate(name):
 NAMES = ["grads dtype", "params dtype", "list lengths", "center shape", "grad shape", "chain count", "no chain dim",
          "non-contiguous", "device", "mask dtype", "noise shape", "stats dtype", "stats shape", "negative eps",
          "nan nbeta", "inf gamma", "negative gamma", "negative noise", "string eps", "negative seed", "float step",
-         "tensor not list", "list of arrays", "step_tensor dtype"]
+         "tensor not list", "list of arrays", "step_tensor dtype", "copy dtype", "copy shape", "copy count",
+         "copy not tensor"]
 
 
 @pytest.mark.parametrize("fn", FNS)
@@ -91,6 +98,23 @@ def test_registered_op_checks_without_wrapper(name):
         torch.ops.llcfast.sgld_step_(params, grads, centers, h["masks"], h["noise"], h["stats"], None, h["seed"],
                                      h["step"], h["chain_offset"], h["eps"], h["nbeta"], h["gamma"],
                                      h["weight_decay"], h["noise_scale"])
+
+
+@requires_extension
+def test_registered_op_checks_the_copies():
+    c = base()
+    h = c.hyper
+    args = (c.params, c.grads, c.centers, None, None, None, None, h["seed"], h["step"], 0, 1e-3, 1.0, 1.0, 0.0, 1.0,
+            0.0)
+    empty = torch.zeros(0, dtype=torch.bfloat16)
+    for copies, match in [([empty], r"bf16_copies has 1 tensors but params has 2"),
+                          ([empty, torch.zeros(2, 5)], r"bf16_copies\[1\] has dtype Float; allowed: BFloat16"),
+                          ([torch.zeros(2, 3, 4, dtype=torch.bfloat16), empty],
+                           r"bf16_copies\[0\] has shape \[2, 3, 4\] but params\[0\] has shape \[2, 4, 3\]")]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.llcfast.sgld_step_(*args, copies)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has dtype Half; allowed: Float or BFloat16"):
+        torch.ops.llcfast.sgld_step_(c.params, [c.grads[0].half(), c.grads[1]], *args[2:])
 
 
 @requires_extension

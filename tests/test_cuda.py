@@ -75,6 +75,31 @@ def test_cuda_unaligned_rows_take_the_scalar_path():
     assert_within([p.cpu() for p in gpu.params], cpu.params, bound)
 
 
+@pytest.mark.parametrize("shifted", [False, True], ids=["aligned", "shifted"])
+@pytest.mark.parametrize("count", [3, 70, 400])
+def test_cuda_bf16_grads_and_copies(shifted, count):
+    """bf16 gradients and bf16 copies of the new parameters, through the
+    8-byte and the element-wise accesses (views one element into their
+    storage) and across table sizes: the CPU kernel's parameters to fp32
+    rounding, and each copy the parameters as .to(torch.bfloat16) rounds them."""
+    shapes = [(1031,), (64,), (4, 4)] + [((i * 7) % 13 + 1,) for i in range(count - 3)]
+    cpu = make_case(shapes, 3, masked=True, stats=True)
+    cpu.grads = [g.bfloat16() for g in cpu.grads]
+    gpu = cpu.to("cuda")
+    copies = [torch.zeros(p.shape, dtype=torch.bfloat16, device="cuda") for p in gpu.params]
+    if shifted:
+        shift = lambda t: torch.cat([t.new_zeros(1), t.reshape(-1)])[1:].view_as(t)  # noqa: E731
+        gpu.params, gpu.grads, copies = ([shift(t) for t in ts] for ts in (gpu.params, gpu.grads, copies))
+        assert gpu.grads[1].data_ptr() % 8 != 0 and copies[1].data_ptr() % 8 != 0
+    bound = update_bound(cpu, drawn_noise(cpu))
+    cpu_copies = [torch.zeros(p.shape, dtype=torch.bfloat16) for p in cpu.params]
+    cpu.run(lambda *a, **kw: ops.sgld_step_(*a, bf16_copies=cpu_copies, **kw))
+    gpu.run(lambda *a, **kw: ops.sgld_step_(*a, bf16_copies=copies, **kw))
+    assert_within([p.cpu() for p in gpu.params], cpu.params, bound)
+    torch.testing.assert_close(gpu.stats.cpu(), cpu.stats, rtol=1e-5, atol=1e-9)
+    assert all(torch.equal(c, p.bfloat16()) for c, p in zip(copies, gpu.params))
+
+
 def test_cuda_large_step_matches_twin():
     cpu = make_case([(3_000_001,), (1024, 1024)], 4)
     gpu = cpu.to("cuda")

@@ -37,6 +37,18 @@ def test_opcheck_sgld_step(device):
 
 @requires_extension
 @pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_sgld_step_with_bf16_grads_and_copies(device):
+    c = make_case([(4, 3), (97,), (1,)], 3, device=device, masked=True)
+    h = c.hyper
+    copies = [torch.zeros_like(c.params[0], dtype=torch.bfloat16), torch.zeros(0, dtype=torch.bfloat16, device=device),
+              torch.zeros_like(c.params[2], dtype=torch.bfloat16)]
+    args = (c.params, [g.bfloat16() for g in c.grads], c.centers, c.masks, None, None, None, h["seed"], h["step"],
+            h["chain_offset"], h["eps"], h["nbeta"], h["gamma"], h["weight_decay"], h["noise_scale"], 0.0, copies)
+    opcheck_list_mutation(torch.ops.llcfast.sgld_step_.default, args)
+
+
+@requires_extension
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_sgld_step_with_step_tensor(device):
     c = make_case([(5,)], 2, device=device)
     h = c.hyper

@@ -120,3 +120,46 @@ def test_zero_step_size_and_empty_list_are_no_ops():
     case.run(ops.sgld_step_)
     assert all(torch.equal(a, b) for a, b in zip(case.params, before.params))
     ops.sgld_step_([], [], [], eps=1e-3, nbeta=1.0, gamma=1.0, seed=0, step=0)
+
+
+def with_bf16_grads(case):
+    """The case with its gradients rounded to bf16, and the same numbers in
+    float32 (bf16 widens to float32 exactly)."""
+    rounded = case.clone()
+    rounded.grads = [g.bfloat16() for g in case.grads]
+    widened = case.clone()
+    widened.grads = [g.float() for g in rounded.grads]
+    return rounded, widened
+
+
+def blank_copies(params, every_other: bool):
+    """A NaN-filled bf16 copy per tensor (None for every other one when asked)."""
+    return [None if every_other and i % 2 else torch.full(p.shape, float("nan"), dtype=torch.bfloat16)
+            for i, p in enumerate(params)]
+
+
+@requires_extension
+@given(shapes=st.lists(shape_st, min_size=1, max_size=4), chains=st.integers(1, 4), masked=st.booleans(),
+       explicit_noise=st.booleans(), stats=st.booleans(), every_other=st.booleans(),
+       box=st.sampled_from([0.0, 0.01]), seed=st.integers(0, 10**6))
+def test_bf16_grads_and_copies(shapes, chains, masked, explicit_noise, stats, every_other, box, seed):
+    # bf16 gradients give the update of the same numbers in float32, bit for bit; each copy is the new
+    # parameter rounded as .to(torch.bfloat16) rounds it (masked elements included); None entries are skipped
+    case = make_case(shapes, chains, seed=seed, masked=masked, explicit_noise=explicit_noise, stats=stats,
+                     step=seed % 5, chain_offset=seed % 3)
+    case.hyper["bounding_box"] = box
+    rounded, widened = with_bf16_grads(case)
+    twin = rounded.clone()
+    copies, twin_copies = blank_copies(case.params, every_other), blank_copies(case.params, every_other)
+    rounded.run(lambda *a, **kw: ops.sgld_step_(*a, bf16_copies=copies, **kw))
+    widened.run(ops.sgld_step_)
+    twin.run(lambda *a, **kw: reference.sgld_step_(*a, bf16_copies=twin_copies, **kw))
+    assert all(torch.equal(a, b) for a, b in zip(rounded.params, widened.params))
+    if stats:
+        assert torch.equal(rounded.stats, widened.stats)
+    assert_within(twin.params, rounded.params, update_bound(widened, drawn_noise(widened)))
+    for i, (p, c, tp, tc) in enumerate(zip(rounded.params, copies, twin.params, twin_copies)):
+        if every_other and i % 2:
+            assert c is None and tc is None
+            continue
+        assert torch.equal(c, p.bfloat16()) and torch.equal(tc, tp.bfloat16())

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._checks import check_float, check_sgld_args, noise_group_offsets
+from .._checks import check_bf16_copies, check_float, check_sgld_args, noise_group_offsets
 from .philox import philox_normal_list
 
 
@@ -24,7 +24,7 @@ def fold_coefficients(eps: float, nbeta: float, gamma: float, weight_decay: floa
 
 def sgld_step_(
     params: Sequence[torch.Tensor],  # each [C, *shape_i], float32, updated in place
-    grads: Sequence[torch.Tensor],  # each [C, *shape_i]
+    grads: Sequence[torch.Tensor],  # each [C, *shape_i], float32 or bfloat16
     centers: Sequence[torch.Tensor],  # each [*shape_i]: w*
     *,
     eps: float,
@@ -40,12 +40,14 @@ def sgld_step_(
     stats: Optional[torch.Tensor] = None,  # [C, 3] float64, added to
     step_tensor: Optional[torch.Tensor] = None,  # int64 [1]: added to step (read on the device)
     bounding_box: float = 0.0,  # > 0: clamp each element to [w* - b, w* + b] after the step
+    bf16_copies: Optional[Sequence[Optional[torch.Tensor]]] = None,  # each [C, *shape_i] bfloat16 or None
 ) -> None:
     """Mirrors the ``llcfast::sgld_step_`` kernel; see llcfast.ops.sgld_step_."""
     params, grads, centers, masks, noise, hyper = check_sgld_args(
         params, grads, centers, masks, noise, stats, seed=seed, step=step, chain_offset=chain_offset,
         eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, noise_scale=noise_scale,
         step_tensor=step_tensor)
+    copies = check_bf16_copies(params, bf16_copies)
     box = check_float("bounding_box", bounding_box, minimum=0.0)
     if not params:
         return
@@ -55,6 +57,8 @@ def sgld_step_(
         new = clamp_box(new, c, box)
         add_stats(stats, p, g, c, s * xi, moves)
         p.copy_(new if moves is None else torch.where(moves, new, p))
+        if copies is not None and copies[i] is not None:
+            copies[i].copy_(p)
 
 
 def f32(value: float, device) -> torch.Tensor:
@@ -85,7 +89,8 @@ def walk(params, grads, centers, masks, noise, seed, step, chain_offset, step_te
     for i, p in enumerate(params):
         if p.numel() == 0:
             continue
-        yield i, p, grads[i], centers[i], noise[i], None if masks is None else masks[i].expand_as(p)
+        # bf16 gradients widen exactly to float32
+        yield i, p, grads[i].float(), centers[i], noise[i], None if masks is None else masks[i].expand_as(p)
 
 
 def philox_noise(params, seed: int, step: int, chain_offset: int) -> list:
