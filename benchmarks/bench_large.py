@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
 from llcfast import chain_fold  # noqa: E402
+from llcfast.engine import bf16_copies  # noqa: E402
 from llcfast.models import hf_next_token_loss  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 
@@ -130,6 +131,7 @@ def measure(size, args, device, peak_tflops):
            "memory_plan": res.config.get("memory_plan"), "cuda_graphs": res.config.get("cuda_graphs"),
            "model_tflops": 6 * params * tokens / (ms / 1e3) / 1e12, "llcfast_warnings": notes,
            **{key: res.config.get(key, False) for key in chain_fold.CONFIG_KEYS.values()},
+           "bf16_copies": bool(res.config.get("bf16_copies")),
            "activation": args.activation,
            "loss": "model's .loss" if args.hf_loss else "hf_next_token_loss"}
     row["mfu_vs_measured_bf16"] = row["model_tflops"] / peak_tflops
@@ -174,6 +176,9 @@ def main(argv=None):
                         "one matmul per chain)")
     p.add_argument("--no-head-fusion", action="store_true",
                    help="leave the unembedding and the loss unfused (the logits kept for the backward)")
+    p.add_argument("--no-bf16-copies", action="store_true",
+                   help="cast every weight to bf16 each step, as autocast does, instead of the bf16 copies the SGLD "
+                        "step writes (llcfast.engine.bf16_copies)")
     p.add_argument("--hf-loss", action="store_true",
                    help="llcfast samples the model's own .loss (Hugging Face's cross-entropy: fp32 logits, "
                         "log-softmax and gather) instead of llcfast.models.hf_next_token_loss, the same number")
@@ -182,7 +187,8 @@ def main(argv=None):
     device = torch.device(args.device)
     with chain_fold.folding(set() if args.no_fold else None, layer_norm=set() if args.no_norm_fold else None,
                             linear=set() if args.no_linear_fold else None,
-                            head=set() if args.no_head_fusion else None):
+                            head=set() if args.no_head_fusion else None), \
+            bf16_copies.left_out(args.no_bf16_copies):
         run(args, device)
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
 from llcfast import chain_fold, models, tasks  # noqa: E402
+from llcfast.engine import bf16_copies  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 
 # Dense matmul peaks (TFLOP/s) of the GPUs these benchmarks run on, from the
@@ -204,7 +205,8 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         try:
             with chain_fold.folding(off, layer_norm=set() if "nonorm" in extras else None,
                                     linear=set() if "nolinear" in extras else None,
-                                    head=set() if "nohead" in extras else None):
+                                    head=set() if "nohead" in extras else None), \
+                    bf16_copies.left_out("nocopies" in extras):
                 run_llcfast(case, 3, device, **kw)  # warm-up: lazy init, graph pools, kernels, compilation
                 wall, r = run_llcfast(case, steps, device, **kw)
                 if profile_dir:  # before the attention is set back: a "+sdpa" profile must run the sdpa model
@@ -218,7 +220,7 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
             ms_per_chain_step=1e3 * wall / (chains * steps), sampling_ms_per_chain_step=1e3 * sampling / (chains * steps),
             llc_mean=r.llc_mean, llc_std=r.llc_std, diverged=list(r.diagnostics.get("diverged_chains", [])),
             backend=r.config.get("backend"), cuda_graphs=r.config.get("cuda_graphs"),
-            compiled=r.config.get("compile", False), timings=r.timings,
+            compiled=r.config.get("compile", False), timings=r.timings, bf16_copies=r.config.get("bf16_copies"),
             **{key: r.config.get(key, False) for key in chain_fold.CONFIG_KEYS.values()},
             achieved_tflops=tflops, peak_fraction=peak_fraction(device, precision, tflops))
     fp32, bf16 = out["runs"].get("llcfast-fp32"), out["runs"].get("llcfast-bf16")
@@ -262,8 +264,10 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
 # "+nofold" leaves SDPA, layer norm and linear layers to torch's vmap instead
 # of the engine's folds over chains and the LM's unembedding and loss
 # unfused, "+nonorm" the layer norm only, "+nolinear" the linear layers only
-# and "+nohead" the unembedding and loss only.
+# and "+nohead" the unembedding and loss only; "+nocopies" casts every
+# weight to bf16 each step (no bf16 copies written by the step).
 FOLD_VARIANTS = ("nofold", "nonorm", "nolinear", "nohead")
+OTHER_VARIANTS = ("nocopies",)
 PARTIAL_FOLD_VARIANTS = ("nonorm", "nolinear", "nohead")
 COMPILE_VARIANTS = {"compile": True, "autotune": "max-autotune-no-cudagraphs"}
 
@@ -273,10 +277,11 @@ def variant_error(variant: str):
     precision, *extras = variant.split("+")
     if precision not in ("fp32", "tf32", "bf16"):
         return f"{variant!r}: the precision must be fp32, tf32 or bf16"
-    unknown = [e for e in extras if e not in COMPILE_VARIANTS and e != "sdpa" and e not in FOLD_VARIANTS]
+    unknown = [e for e in extras if e not in COMPILE_VARIANTS and e != "sdpa" and e not in FOLD_VARIANTS
+               and e not in OTHER_VARIANTS]
     if unknown or len(set(extras)) != len(extras) or sum(e in COMPILE_VARIANTS for e in extras) > 1:
         return (f"{variant!r}: add at most one of +compile, +autotune, and optionally +sdpa and +nofold, or "
-                "any of +nonorm, +nolinear and +nohead")
+                "any of +nonorm, +nolinear and +nohead, and +nocopies")
     for one in PARTIAL_FOLD_VARIANTS:
         if "nofold" in extras and one in extras:
             return f"{variant!r}: +nofold already leaves out every fold; drop +{one}"
@@ -311,7 +316,8 @@ def main(argv=None):
                         "through scaled_dot_product_attention); +nofold: without the engine's folds of the chains "
                         "into one SDPA and one layer-norm call each way and of the linear layers' bias adds into "
                         "their matmuls, and the LM's unembedding and loss unfused; +nonorm: without the layer-norm "
-                        "fold, +nolinear: without the linear fold, +nohead: the unembedding and loss unfused")
+                        "fold, +nolinear: without the linear fold, +nohead: the unembedding and loss unfused; "
+                        "+nocopies: every weight cast to bf16 each step instead of the step's bf16 copies")
     p.add_argument("--skip-devinterp", action="store_true")
     p.add_argument("--quick", action="store_true", help="small data and LM, few steps: a smoke run")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/llc_<gpu>_<date>.json)")

@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
 from llcfast import chain_fold, fused_head, fused_loss, models, ops  # noqa: E402
+from llcfast.engine import bf16_copies  # noqa: E402
 from llcfast.engine.functional import chain_loss, vmapped_grads  # noqa: E402
 from llcfast.engine.hvp import HVP, HVP_MODES  # noqa: E402
 from llcfast.engine.hvp import _pass as hvp_pass  # noqa: E402
@@ -154,10 +155,13 @@ def _cpu_attention_flops(name: str, args) -> int:
     return 0
 
 
-def trace_step(case: dict, precision: str, fused):
+def trace_step(case: dict, precision: str, fused, copies: bool = True):
     """The kernels of one step of the fast engine on ``case`` (bench_llc's);
     ``fused``: "head" (the engine's pass on CUDA), True (the loss kernel,
-    the unembedding and loss unfused) or False (the loss's twin)."""
+    the unembedding and loss unfused) or False (the loss's twin). In bf16
+    the weights whose one use is autocast's cast enter as the step's bf16
+    copies, as in the engine's eager pass (``copies`` False: cast every
+    step)."""
     model, chains = case["model"], case["chains"]
     batch = next(iter(case["loader"]))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -172,11 +176,12 @@ def trace_step(case: dict, precision: str, fused):
             params = [torch.empty((chains,) + s) for s in shapes]
             centers = [torch.empty(s) for s in shapes]
             fake_batch = _fake_batch(batch, (chains,))
+            working, bf16 = _bf16_copies(loss, params, batch, precision, copies)
             # autocast's casts above the folds, as CUDA's autocast sits below torch functions: a fold sees
             # the operands autocast gives the function it takes over
             with log, fused_loss.first_order(), _autocast(precision):
                 try:
-                    grads, _ = vmapped_grads(loss, 0)(tuple(params), fake_batch)
+                    grads, _ = vmapped_grads(loss, 0)(working, fake_batch)
                 except RuntimeError as exc:
                     if "INTERNAL ASSERT FAILED" not in str(exc):
                         raise
@@ -186,10 +191,24 @@ def trace_step(case: dict, precision: str, fused):
                                       f"{str(exc).splitlines()[0][:160]}") from None
             with log:
                 ops.sgld_step_(params, [g.contiguous() for g in grads], centers, eps=case["epsilon"],
-                               nbeta=case["nbeta"], gamma=case["gamma"], seed=0, step=0)
+                               nbeta=case["nbeta"], gamma=case["gamma"], seed=0, step=0, bf16_copies=bf16)
     finally:
         fused_loss.KERNEL_DEVICES = saved
     return log.rows
+
+
+def _bf16_copies(loss, params, batch, precision: str, copies: bool):
+    """(the parameters the pass takes, the step's bf16_copies) as the engine
+    chooses them (llcfast.engine.bf16_copies), for stacked ``params``; the
+    choice is traced on fake tensors."""
+    if precision != "bf16" or not copies:
+        return tuple(params), None
+    with FakeTensorMode(allow_non_fake_inputs=True), fused_loss.first_order(False), _autocast(precision):
+        use = bf16_copies.cast_only(loss, [torch.empty(p.shape[1:]) for p in params], _fake_batch(batch))
+    made = bf16_copies.make_copies(params, use)
+    if made is None:
+        return tuple(params), None
+    return tuple(p if c is None else c for p, c in zip(params, made)), made
 
 
 def trace_compiled_step(case: dict, precision: str):

@@ -13,9 +13,11 @@
 #                    the H100, 2026-11-24)
 #   1b. fold         (240: the engine's SDPA, layer-norm and linear folds
 #                    and the fused unembedding-and-loss against torch's own
-#                    vmap of each, on the LM; never measured yet)
-#   1c. fold_large   (6 x 90: the same on GPT-2 124M, each left out in turn,
-#                    and the model's own .loss in place of the fused one)
+#                    vmap of each, and the bf16 copies against casts, on the
+#                    LM; never measured yet)
+#   1c. fold_large   (7 x 80: the same on GPT-2 124M, each left out in turn,
+#                    the weights cast each step instead of the step's bf16
+#                    copies, and the model's own .loss in place of the fused one)
 #   2. hessian       (540: HVP modes, precisions, compiled trace, planner;
 #                    not run since 2026-11-23)
 #   3. attention large (120 + 540: which attention kernels GPT-2 runs under
@@ -92,19 +94,21 @@ for s in "${steps[@]}"; do
     fold)  # the chains folded into one SDPA and one layer-norm call each way, the bias adds into their
            # matmuls and the unembedding and loss fused, against torch's vmap of each
       step fold_llc 240 python3 benchmarks/bench_llc.py --cases lm-8 --skip-devinterp --ref-steps 1 --steps 200 \
-        --precisions bf16+sdpa,bf16+sdpa+nonorm,bf16+sdpa+nolinear,bf16+sdpa+nohead,bf16+sdpa+nofold,fp32+sdpa,fp32+sdpa+nofold \
+        --precisions bf16+sdpa,bf16+sdpa+nonorm,bf16+sdpa+nolinear,bf16+sdpa+nohead,bf16+sdpa+nocopies,bf16+sdpa+nofold,fp32+sdpa,fp32+sdpa+nofold \
         --profile --out "$OUT/llc_fold.json" ;;
     fold_large)  # the same folds on GPT-2 124M, each left out in turn
-      step fold_large 90 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --out "$OUT/large_fold.json"
-      step fold_large_nonorm 90 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
+      step fold_large 80 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --out "$OUT/large_fold.json"
+      step fold_large_nonorm 80 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
         --no-norm-fold --out "$OUT/large_nonorm.json"
-      step fold_large_nolinear 90 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
+      step fold_large_nolinear 80 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
         --no-linear-fold --out "$OUT/large_nolinear.json"
-      step fold_large_nohead 90 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
+      step fold_large_nohead 80 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
         --no-head-fusion --out "$OUT/large_nohead.json"
-      step fold_large_off 90 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --no-fold \
+      step fold_large_nocopies 80 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp \
+        --no-bf16-copies --out "$OUT/large_nocopies.json"
+      step fold_large_off 80 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --no-fold \
         --out "$OUT/large_nofold.json"
-      step fold_large_hfloss 90 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --hf-loss \
+      step fold_large_hfloss 80 python3 benchmarks/bench_large.py --sizes 124M --draws 30 --skip-devinterp --hf-loss \
         --out "$OUT/large_hfloss.json"
       merge_rows "$OUT/large_folds.json" "$OUT"/large_fold.json "$OUT"/large_no*.json "$OUT/large_hfloss.json" ;;
     llc)

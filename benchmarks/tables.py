@@ -76,7 +76,7 @@ COLUMNS: Dict[str, List[Column]] = {
               ("checkpointing", "checkpointing", _plain), ("activation", "activation", _plain),
               ("attention fold", "attention_fold", _plain), ("layer-norm fold", "layer_norm_fold", _plain),
               ("linear fold", "linear_fold", _plain), ("head fusion", "head_fusion", _plain),
-              ("loss", "loss", _plain),
+              ("bf16 copies", "bf16_copies", _plain), ("loss", "loss", _plain),
               ("wall (s)", "wall_s", _num(".1f")), ("ms per chain-step", "ms_per_chain_step", _num(".1f")),
               ("peak memory (GiB)", "peak_memory_GiB", _num(".1f")),
               ("MFU (of measured bf16)", "mfu_vs_measured_bf16", _pct),
@@ -107,7 +107,7 @@ MEASURED = [("copy bandwidth", "copy_bandwidth_GBps", lambda v: f"{v:.0f} GB/s")
 KEYS = {"sgld_step": ("params_per_chain", "chains", "tensors"), "samplers": ("sampler", "params_per_chain", "chains"),
         "llc": ("case",), "hessian": ("case",),
         "large": ("size", "batch", "precision", "checkpointing", "activation", "attention_fold", "layer_norm_fold",
-                  "linear_fold", "head_fusion", "loss"),
+                  "linear_fold", "head_fusion", "bf16_copies", "loss"),
         "traffic": ("case", "precision", "pass", "attention", "loss"),
         "traffic_large": ("case", "activation", "chains", "batch"),
         "traffic_hessian": ("case", "precision", "pass", "hvp_mode")}

@@ -233,6 +233,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     for kind, key in chain_fold.CONFIG_KEYS.items():
         if any(r.folds.get(kind) for r in runs):
             config[key] = all(r.folds.get(kind) for r in runs)
+    if run.bf16_copies is not None:  # weights the pass took as bf16 copies (the same in every chain group)
+        config["bf16_copies"] = run.bf16_copies
     timings = dict(run.timings, total_s=time.perf_counter() - started)
     for key in ("capture_s", "sampling_s"):
         timings[key] = sum(r.timings.get(key, 0.0) for r in runs)

@@ -69,12 +69,15 @@ class Stepper:
 
     def step(self, params, grads, centers, *, eps: float, nbeta: float, gamma: float, weight_decay: float,
              noise_scale: float, seed: int, step: int, chain_offset: int = 0, masks=None, stats=None,
-             step_tensor=None, noise=None) -> None:
+             step_tensor=None, noise=None, bf16_copies=None) -> None:
+        """``bf16_copies`` (SGLD only): see llcfast.ops.sgld_step_."""
+        if bf16_copies is not None and self.sampler != "sgld":
+            raise ValueError(f"bf16_copies are written by the SGLD step only, not by {self.sampler!r}")
         common = dict(eps=eps, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay, seed=seed, step=step,
                       chain_offset=chain_offset, masks=masks, noise=noise, stats=stats, step_tensor=step_tensor,
                       bounding_box=self.box)
         if self.sampler == "sgld":
-            self.impl.sgld_step_(params, grads, centers, noise_scale=noise_scale, **common)
+            self.impl.sgld_step_(params, grads, centers, noise_scale=noise_scale, bf16_copies=bf16_copies, **common)
         elif self.sampler == "rmsprop_sgld":
             self.impl.rmsprop_sgld_step_(params, self.state, grads, centers, noise_scale=noise_scale,
                                          **self.kwargs, **common)

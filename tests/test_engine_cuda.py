@@ -80,6 +80,22 @@ def test_low_precision_estimate_within_the_chains_error(precision):
     assert abs(full.llc_mean - exact_sgld_llc(x, 50.0, 1.0, 1e-3)) < 4 * full.llc_std / math.sqrt(32)
 
 
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_bf16_copies_give_the_numbers_without_them(monkeypatch, cuda_graphs):
+    """The weights' bf16 copies, written by the step, against autocast's casts
+    (engine/bf16_copies.py): the same numbers, under graph replay too."""
+    from llcfast.engine import bf16_copies
+    model = TinyTransformer().cuda()
+    kw = dict(num_chains=4, num_draws=12, epsilon=1e-3, nbeta=8.0, seed=7, progress=False, backend="fast",
+              precision="bf16", cuda_graphs=cuda_graphs)
+    copied = llcfast.estimate_llc(model, token_loader(), token_loss, **kw)
+    monkeypatch.setattr(bf16_copies, "DEVICES", set())
+    cast = llcfast.estimate_llc(model, token_loader(), token_loss, **kw)
+    assert copied.config["bf16_copies"]["tensors"] > 0 and "bf16_copies" not in cast.config
+    assert copied.config["cuda_graphs"] is cuda_graphs
+    np.testing.assert_array_equal(copied.loss_trace, cast.loss_trace)
+
+
 def test_cuda_matches_cpu_engine():
     """Same noise bits on both devices, so the trajectories differ only by
     the devices' matmul rounding."""

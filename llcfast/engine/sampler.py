@@ -18,6 +18,7 @@ from .._llc_common import first_line, precision_context, progress_bar, restricti
 from ..fused_loss import first_order
 from ..interrupt import ChainsInterrupted
 from ..samplers import Stepper
+from . import bf16_copies
 from .batches import ChainBatches
 from .compiled import GuardedCompile
 from .functional import chain_loss, sequential_grads, vmap_failure, vmapped_grads
@@ -41,6 +42,7 @@ class SamplerRun:
     compiled: bool = False  # whether the batched pass ran through torch.compile to the end
     pass_plan: Optional[dict] = None  # on CPUs: stacked passes (how many chains each) or chain by chain
     folds: Dict[str, int] = field(default_factory=dict)  # calls per batched pass folded over chains, by kind
+    bf16_copies: Optional[dict] = None  # the weights the pass took as bf16 copies (bf16_copies.summary)
 
 
 @dataclass
@@ -109,6 +111,9 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         pass_plan = _cpu_pass_plan(loss, params, probe[2][0], cfg)
         cfg = replace(cfg, chain_chunk=pass_plan["chain_chunk"], sequential=pass_plan["sequential"])
     mode, folds = _choose_mode(loss, params, probe, cfg, device)
+    copies = _bf16_copies(loss, params, probe[2][0], cfg, device, mode)
+    # what the batched pass takes: the bf16 copy of a weight where it has one
+    working = tuple(p if copies is None or copies[i] is None else copies[i] for i, p in enumerate(params))
     use_graphs = cfg.cuda_graphs and device.type == "cuda" and mode == "vmap"
     grad_buf: List[torch.Tensor] = []  # filled on first use: steps whose batches cannot be stacked need it too
     trace = torch.full((cfg.steps, cfg.num_chains), float("nan"), dtype=torch.float32, device=device)
@@ -123,7 +128,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
 
     def grads_of(batch, dims, per_chain):
         if mode == "vmap" and batch is not None:
-            grads, losses = passes(dims)(tuple(params), batch)
+            grads, losses = passes(dims)(working, batch)
             return [g.contiguous() for g in grads], losses
         if not grad_buf:
             grad_buf.extend(torch.empty_like(p) for p in params)
@@ -151,7 +156,8 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
                 mala.observe(params, grads, losses, step_tensor)
             stepper.step(params, grads, centers, eps=cfg.epsilon, nbeta=cfg.nbeta, gamma=cfg.gamma,
                          weight_decay=cfg.weight_decay, noise_scale=cfg.noise_scale, seed=cfg.seed, step=0,
-                         chain_offset=cfg.chain_offset, masks=masks, stats=stats, step_tensor=step_tensor)
+                         chain_offset=cfg.chain_offset, masks=masks, stats=stats, step_tensor=step_tensor,
+                         bf16_copies=copies)
         step_tensor.add_(1)
 
     views = dict(zip(names, params))
@@ -170,7 +176,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
                           mala.result(done) if mala is not None else None,
                           compiled=passes.compiled and mode == "vmap",  # the sequential path is not compiled
-                          pass_plan=pass_plan, folds=folds)
+                          pass_plan=pass_plan, folds=folds, bf16_copies=bf16_copies.summary(params, copies))
 
     done = 0  # steps finished, callbacks included
     try:
@@ -228,6 +234,21 @@ def _cpu_pass_plan(loss: Callable, params: List[torch.Tensor], batch, cfg: Sampl
     with precision_context(cfg.precision, torch.device("cpu")), loss_context(cfg, fold=False):
         total, largest = measure_saved_tensors(lambda: loss(point, batch))
     return cpu_pass_plan(cfg.num_chains, total, largest, stack=cfg.compile is not None)
+
+
+def _bf16_copies(loss: Callable, params: List[torch.Tensor], batch, cfg: SamplerConfig, device, mode: str):
+    """The bf16 working copies the batched pass takes (engine/bf16_copies.py),
+    or None: only for SGLD's eager batched pass under bf16 autocast, one
+    gradient a step (an accumulated one would be summed in bf16) and no MALA
+    (which reads the gradients itself). A compiled pass keeps the casts,
+    which Inductor schedules with its other kernels, and the code measured
+    with them."""
+    if (cfg.precision != "bf16" or mode != "vmap" or cfg.sampler != "sgld" or cfg.grad_accum_steps != 1
+            or cfg.mala or cfg.compile is not None or device.type not in bf16_copies.DEVICES):
+        return None
+    with precision_context(cfg.precision, device), loss_context(cfg, fold=False):
+        use = bf16_copies.cast_only(loss, [p[0] for p in params], batch)
+    return bf16_copies.make_copies(params, use)
 
 
 def loss_context(cfg: SamplerConfig, fold: bool = True):
