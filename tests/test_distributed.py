@@ -36,6 +36,10 @@ def _worker(rank, world, port, out_dir):
                    for s, k, shuffle in SAMPLERS]
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump([r.to_dict() for r in results], f)
+        # both ranks done before either tears gloo down, as llcfast sweep does: a rank that destroyed
+        # its group while the other was still finishing aborted once ("terminate called without an
+        # active exception", CI on a clean clone, 2026-11-24)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -76,6 +80,7 @@ def _too_few_chains(rank, world, port, out_dir):
             except ValueError as exc:
                 with open(os.path.join(out_dir, f"{backend}{rank}.txt"), "w") as f:
                     f.write(str(exc))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
