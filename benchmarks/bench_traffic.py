@@ -206,9 +206,7 @@ def _bf16_copies(loss, params, batch, precision: str, copies: bool):
     with FakeTensorMode(allow_non_fake_inputs=True), fused_loss.first_order(False), _autocast(precision):
         use = bf16_copies.cast_only(loss, [torch.empty(p.shape[1:]) for p in params], _fake_batch(batch))
     made = bf16_copies.make_copies(params, use)
-    if made is None:
-        return tuple(params), None
-    return tuple(p if c is None else c for p, c in zip(params, made)), made
+    return bf16_copies.pass_inputs(params, made), made
 
 
 def trace_compiled_step(case: dict, precision: str):

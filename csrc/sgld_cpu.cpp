@@ -76,10 +76,7 @@ void step_cpu(at::TensorList params, c10::optional<at::TensorList> state, const 
           float gc[4];
           for (int j = 0; j < lanes; ++j) gc[j] = g_bf16 ? static_cast<float>(gb[ch * n + e0 + j]) : g[ch * n + e0 + j];
           for (int j = 0; j < lanes; ++j) {
-            if (m != nullptr && !m[e0 + j]) {
-              if (cp != nullptr) cp[ch * n + e0 + j] = c10::BFloat16(pc[j]);
-              continue;
-            }
+            if (m != nullptr && !m[e0 + j]) continue;
             const float x = (z != nullptr) ? z[ch * n + e0 + j] : xi[j];
             const float w = pc[j];
             float added = 0.0f;
@@ -104,8 +101,10 @@ void step_cpu(at::TensorList params, c10::optional<at::TensorList> state, const 
               if (S == Sampler::kSgnht) acc[ch * kSlots + 3] += static_cast<double>(sc[j]) * sc[j];
             }
             pc[j] = out;
-            if (cp != nullptr) cp[ch * n + e0 + j] = c10::BFloat16(out);  // round to nearest even, as .to()
           }
+          // every lane, masked ones too; rounds to nearest even, as .to(torch.bfloat16)
+          if (cp != nullptr)
+            for (int j = 0; j < lanes; ++j) cp[ch * n + e0 + j] = c10::BFloat16(pc[j]);
         }
       }
     }

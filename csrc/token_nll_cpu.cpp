@@ -17,6 +17,14 @@
 namespace llcfast {
 namespace {
 
+// g * (softmax - onehot) of one row with log-sum-exp l, from src into dst
+// (the same row where the gradient overwrites the logits).
+template <typename scalar_t, typename acc_t>
+void write_grad(const scalar_t* src, scalar_t* dst, int64_t vocab, int64_t target, acc_t g, acc_t l) {
+  for (int64_t v = 0; v < vocab; ++v)
+    dst[v] = static_cast<scalar_t>(g * (std::exp(static_cast<acc_t>(src[v]) - l) - (v == target ? 1 : 0)));
+}
+
 // Each row's (nll, lse); with `grad`, the row is then overwritten by
 // scale * (softmax - onehot), in place (token_nll_grad_).
 std::tuple<at::Tensor, at::Tensor> forward_rows(const at::Tensor& logits, const at::Tensor& targets, const char* op,
@@ -43,9 +51,7 @@ std::tuple<at::Tensor, at::Tensor> forward_rows(const at::Tensor& logits, const 
         out_lse[r] = l;
         out_nll[r] = (t[r] >= 0 && t[r] < vocab) ? l - static_cast<acc_t>(row[t[r]])
                                                  : std::numeric_limits<acc_t>::quiet_NaN();
-        if (grad)
-          for (int64_t v = 0; v < vocab; ++v)
-            row[v] = static_cast<scalar_t>(g * (std::exp(static_cast<acc_t>(row[v]) - l) - (v == t[r] ? 1 : 0)));
+        if (grad) write_grad(row, row, vocab, t[r], g, l);
       }
     });
   });
@@ -74,12 +80,7 @@ at::Tensor token_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& logi
     const acc_t* l = lse.data_ptr<acc_t>();
     scalar_t* y = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = x + r * vocab;
-        scalar_t* dst = y + r * vocab;
-        for (int64_t v = 0; v < vocab; ++v)
-          dst[v] = static_cast<scalar_t>(g[r] * (std::exp(static_cast<acc_t>(row[v]) - l[r]) - (v == t[r] ? 1 : 0)));
-      }
+      for (int64_t r = r0; r < r1; ++r) write_grad(x + r * vocab, y + r * vocab, vocab, t[r], g[r], l[r]);
     });
   });
   return out;

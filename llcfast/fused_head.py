@@ -65,12 +65,11 @@ def _fused(hidden, weight, bias, targets):
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     if not any(needs):
         return None
-    # autocast's cast of the product's operands happens inside the function, so that the backward can
-    # return each gradient scaled and in its operand's dtype in one pass, the pass autocast's cast back
-    # would make anyway
+    # the dtypes the product runs in: autocast's cast of the operands happens inside the function, so that
+    # the backward can return each gradient scaled and in its operand's dtype in one pass, the pass
+    # autocast's cast back would make anyway (casting here would copy them for nothing). Under autocast
+    # the operands may differ: the engine's bf16 working copy of the weight beside fp32 activations.
     dtype = autocast_dtype(device.type)
-    # the dtypes the product runs in (casting here would copy the operands for nothing); under autocast the
-    # operands may differ (an engine's bf16 working copy of the weight beside fp32 activations)
     compute = [None if t is None else dtype if dtype is not None and t.dtype in AUTOCAST_CASTS else t.dtype
                for t in (hidden, weight, bias)]
     if not one_float_dtype(*compute):

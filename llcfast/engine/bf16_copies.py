@@ -45,8 +45,8 @@ class _Uses(TorchDispatchMode):
         owners = {self.owner[id(t)] for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, torch.Tensor) and id(t) in self.owner}
         for i in owners:
-            if func is _TO_COPY and args[0] is not None and self.owner.get(id(args[0])) == i \
-                    and kwargs.get("dtype") == torch.bfloat16 and len(owners) == 1:
+            if func is _TO_COPY and self.owner.get(id(args[0])) == i and kwargs.get("dtype") == torch.bfloat16 \
+                    and len(owners) == 1:
                 self.casts[i] += 1
             elif func._schema.is_mutable or not getattr(func, "is_view", False) or len(owners) != 1:
                 self.other[i] = True
@@ -90,6 +90,14 @@ def make_copies(params: Sequence[torch.Tensor], use: Sequence[bool]) -> Optional
     if not any(use):
         return None
     return [p.to(torch.bfloat16) if u else None for p, u in zip(params, use)]
+
+
+def pass_inputs(params: Sequence[torch.Tensor], copies) -> tuple:
+    """What the batched pass takes: each weight's bf16 copy where it has one,
+    else the float32 weight."""
+    if copies is None:
+        return tuple(params)
+    return tuple(p if c is None else c for p, c in zip(params, copies))
 
 
 def summary(params: Sequence[torch.Tensor], copies) -> Optional[dict]:

@@ -112,8 +112,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         cfg = replace(cfg, chain_chunk=pass_plan["chain_chunk"], sequential=pass_plan["sequential"])
     mode, folds = _choose_mode(loss, params, probe, cfg, device)
     copies = _bf16_copies(loss, params, probe[2][0], cfg, device, mode)
-    # what the batched pass takes: the bf16 copy of a weight where it has one
-    working = tuple(p if copies is None or copies[i] is None else copies[i] for i, p in enumerate(params))
+    working = bf16_copies.pass_inputs(params, copies)
     use_graphs = cfg.cuda_graphs and device.type == "cuda" and mode == "vmap"
     grad_buf: List[torch.Tensor] = []  # filled on first use: steps whose batches cannot be stacked need it too
     trace = torch.full((cfg.steps, cfg.num_chains), float("nan"), dtype=torch.float32, device=device)
