@@ -174,24 +174,56 @@ def draw_slice(num_burnin: int, steps_between_draws: int) -> slice:
     return slice(num_burnin + steps_between_draws - 1, None, steps_between_draws)
 
 
-def init_batch_count(num_init_batches, num_chains: int, loader) -> Tuple[int, bool]:
-    """How many batches the init loss averages, and whether the user chose
-    that number. None: one per chain, as in devinterp 1.x. "all": every
-    batch of the fixed set the chains draw from, which makes the init loss
-    the exact loss at w* on that data and its error 0."""
-    if num_init_batches is None:
-        return num_chains, False
+INIT_LOSSES = ("auto", "exact", "paired", "batches")
+
+
+def init_loss_plan(init_loss: str, num_init_batches, num_chains: int, num_draws: int, loader,
+                   grad_accum_steps: int = 1) -> Tuple[str, int, bool]:
+    """(method, batches the loss at w* averages up front, whether the user
+    chose that count) for estimate_llc's ``init_loss``:
+
+    "exact": the mean loss at w* over every batch of a loader that is one
+        fixed set (a list, a DataLoader over a map-style dataset without
+        replacement); no sampling error.
+    "paired": at every step the loss at w* on the very batch of each chain's
+        draw, so each draw is L_B(w_t) - L_B(w*): w* is one more chain that
+        never moves. No fixed set needed, and its error shows in the spread
+        across chains.
+    "batches": the mean over ``num_init_batches`` batches (default one per
+        chain, devinterp 1.x's estimate), whose sampling error, times nbeta,
+        shifts every chain alike and is not in the spread across chains.
+    "auto": exact where the loader is a fixed set of no more batches than
+        the pairing would evaluate (chains x draws), else paired; an int
+        ``num_init_batches`` means "batches", "all" means "exact"."""
+    if init_loss not in INIT_LOSSES:
+        raise ValueError(f"init_loss must be one of {INIT_LOSSES}, got {init_loss!r}")
     if num_init_batches == "all":
-        total = finite_batches(loader)
-        if total is None:
-            raise ValueError(f"num_init_batches='all' needs a loader that is one fixed set of batches (a list of "
-                             f"batches, or a DataLoader over a map-style dataset without replacement); this "
-                             f"{type(loader).__name__} is not one, so pass a number of batches instead")
-        return total, True
-    return num_init_batches, True
+        if init_loss not in ("auto", "exact"):
+            raise ValueError(f"num_init_batches='all' is init_loss='exact'; it does not go with "
+                             f"init_loss={init_loss!r}")
+        init_loss = "exact"
+    elif num_init_batches is not None:
+        if init_loss not in ("auto", "batches"):
+            raise ValueError(f"num_init_batches={num_init_batches!r} sets how many batches init_loss='batches' "
+                             f"averages; it does not go with init_loss={init_loss!r}")
+        return "batches", num_init_batches, True
+    total = finite_batches(loader)
+    if init_loss == "auto":
+        init_loss = "exact" if total is not None and total <= num_chains * num_draws * grad_accum_steps else "paired"
+    if init_loss == "batches":
+        return "batches", num_chains, False
+    if init_loss == "paired":
+        return "paired", 0, False
+    if total is None:
+        shown = "num_init_batches='all'" if num_init_batches == "all" else "init_loss='exact'"
+        raise ValueError(f"{shown} needs a loader that is one fixed set of batches (a list of "
+                         f"batches, or a DataLoader over a map-style dataset without replacement); this "
+                         f"{type(loader).__name__} is not one, so use init_loss='paired' (the loss at w* on "
+                         "each draw's batch) or pass a number of batches")
+    return "exact", total, True
 
 
-def init_loss(model, loader, loss_fn: Callable, num_batches: int, device, *, seed: int = 0,
+def loss_at_w_star(model, loader, loss_fn: Callable, num_batches: int, device, *, seed: int = 0,
               requested: bool = False) -> Tuple[float, dict]:
     """Mean minibatch loss at w* over the loader's first ``num_batches``
     batches (fetched on the init stream of loader_batches), each once: a
@@ -238,17 +270,24 @@ def finite_batches(loader) -> Optional[int]:
     return None
 
 
-def init_loss_diagnostics(spread: dict, nbeta: float) -> dict:
+def paired_spread(loader) -> dict:
+    """init_loss's spread for init_loss="paired", which averages no batches up front."""
+    return {"init_loss_per_batch": [], "init_loss_se": math.nan, "loader_batches": finite_batches(loader)}
+
+
+def init_loss_diagnostics(spread: dict, nbeta: float, method: str = "batches") -> dict:
     """llc_se_from_init_loss: nbeta times the init loss's standard error,
     with the finite-population correction sqrt(1 - k/N) where its k batches
     are drawn from the N the chains sample: an init loss over all N is the
-    exact loss at w* on the data the chains see."""
+    exact loss at w* on the data the chains see. A paired init loss hides
+    no error: it varies with each draw's batch, so the spread across
+    chains carries it."""
     k, total = len(spread["init_loss_per_batch"]), spread.get("loader_batches")
     correction = math.sqrt(max(1.0 - k / total, 0.0)) if total else 1.0
     se = spread["init_loss_se"]
-    if correction == 0.0:  # the whole set: no sampling error, even from one batch
+    if correction == 0.0 or method == "paired":  # the whole set, or paired: no hidden error, even from one batch
         se = 0.0
-    return dict(spread, llc_se_from_init_loss=nbeta * se * correction)
+    return dict(spread, init_loss_method=method, llc_se_from_init_loss=nbeta * se * correction)
 
 
 def trainable(model: torch.nn.Module) -> List[tuple]:
@@ -358,14 +397,20 @@ def first_nonfinite(trace: np.ndarray) -> dict:
 
 
 def finish(trace, l0: float, nbeta: float, stats: np.ndarray, steps_run: np.ndarray, *, config: dict,
-           timings: dict, diagnostics: Optional[dict] = None, stacklevel: int = 3):
+           timings: dict, diagnostics: Optional[dict] = None, stacklevel: int = 3, init_trace=None):
     """The LLCResult of a finished run, with the warnings a user must see:
-    diverged chains (left out) and a negative estimate."""
+    diverged chains (left out) and a negative estimate. ``init_trace``
+    [C, draws]: the paired losses at w* on the draws' batches (l0 is then
+    ignored: the result's init_loss is their mean)."""
     from .result import LLCResult
     per_step = stats / np.maximum(steps_run, 1)[:, None]
     diag = {"grad_norm_sq_mean": per_step[:, 0], "distance_sq_mean": per_step[:, 1],
             "noise_norm_sq_mean": per_step[:, 2], **(diagnostics or {})}
-    result = LLCResult.from_traces(trace, l0, nbeta, config=config, diagnostics=diag, timings=timings)
+    if init_trace is not None:
+        finite = np.asarray(init_trace)[np.isfinite(init_trace)]
+        l0 = float(finite.mean()) if finite.size else math.nan
+    result = LLCResult.from_traces(trace, l0, nbeta, config=config, diagnostics=diag, timings=timings,
+                                   init_trace=init_trace)
     diverged = result.diagnostics["diverged_chains"]
     if diverged:
         warnings.warn(f"chains {diverged} diverged (non-finite loss) and were left out of the estimate; "

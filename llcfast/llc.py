@@ -14,9 +14,9 @@ from torch.func import grad
 from . import chain_fold, reference
 from ._checks import check_int
 from ._llc_common import (check_callbacks, check_llc_args, check_mala, check_precision, check_sampler_args,
-                          default_loss, default_nbeta, draw_slice, finish, first_nonfinite, init_batch_count,
-                          init_loss, init_loss_diagnostics, mala_diagnostics, precision_context, resolve_device,
-                          to_device, trainable, warn_if_dropout)
+                          default_loss, default_nbeta, draw_slice, finish, first_nonfinite, init_loss_diagnostics,
+                          init_loss_plan, loss_at_w_star, mala_diagnostics, paired_spread, precision_context,
+                          resolve_device, to_device, trainable, warn_if_dropout)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
@@ -34,7 +34,8 @@ BACKENDS = ("auto", "fast", "reference")
 def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 4,
                  num_draws: int = 200, num_burnin: int = 0, steps_between_draws: int = 1, epsilon: float = 1e-4,
                  gamma: float = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
-                 noise_scale: float = 1.0, num_init_batches: Union[int, str, None] = None, restrict=None, seed: int = 0,
+                 noise_scale: float = 1.0, init_loss: str = "auto", num_init_batches: Union[int, str, None] = None,
+                 restrict=None, seed: int = 0,
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), backend: str = "auto",
                  precision: str = "fp32", cuda_graphs: bool = True, chain_chunk: Optional[int] = None,
                  sampler: str = "sgld", sampler_kwargs: Optional[dict] = None,
@@ -55,11 +56,19 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: the model's
         output ``.loss`` (Hugging Face models), called as model(**batch) for a
         dict, model(*batch) for a tuple, else model(batch).
-    num_init_batches: batches the loss at w* averages, each once. None: one
-        per chain (devinterp 1.x). "all": every batch of a loader that is one
-        fixed set (a list, or a DataLoader without replacement), which makes
-        it the exact loss at w* on the data the chains draw;
-        ``diagnostics["llc_se_from_init_loss"]`` is the error it adds.
+    init_loss: how the loss at w* is found (``diagnostics["init_loss_method"]``
+        says which ran). "exact": the mean over every batch of a loader that
+        is one fixed set (a list, a DataLoader over a map-style dataset
+        without replacement). "paired": at every draw, the loss at w* on that
+        draw's own batch, subtracted draw by draw, so no fixed set is needed
+        and the error shows in the chains' spread. "batches": the mean over
+        ``num_init_batches`` batches (default one per chain: devinterp 1.x),
+        whose error, times nbeta, moves every chain alike
+        (``diagnostics["llc_se_from_init_loss"]``). "auto" (default): exact
+        where the loader is a fixed set of at most chains x draws batches,
+        else paired.
+    num_init_batches: batches init_loss="batches" averages, each once (an int
+        here implies it); "all" is init_loss="exact".
     restrict: parameter-name globs or {name: bool mask}; only those elements move.
     backend: "fast" runs all chains stacked in one batched pass (torch.func.vmap)
         with the fused update; "auto" does the same but falls back, with a
@@ -131,7 +140,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     check_llc_args(**args)
     callbacks = check_callbacks(callbacks)
     check_loader(loader)
-    init_batches, init_chosen = init_batch_count(num_init_batches, num_chains, loader)
+    init_method, init_batches, init_chosen = init_loss_plan(init_loss, num_init_batches, num_chains, num_draws,
+                                                            loader, grad_accum_steps)
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     check_mala(mala, sampler, box, noise_scale)
     sampling = dict(sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box or None)
@@ -143,7 +153,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                              "use backend='auto' or 'fast', which split the chains across ranks")
         try:
             with precision_context(precision, device):
-                result = reference.estimate_llc(model, loader, loss_fn, restrict=restrict, device=device,
+                result = reference.estimate_llc(model, loader, loss_fn, init_loss=init_loss, restrict=restrict,
+                                                device=device,
                                                 progress=progress, callbacks=callbacks,
                                                 activation_checkpointing=activation_checkpointing, mala=mala,
                                                 **args, **sampling)
@@ -160,9 +171,11 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
     checkpointed = checkpointing.apply(base, activation_checkpointing)
-    with precision_context(precision, device):
-        l0, l0_spread = init_loss(base, loader, loss_fn, init_batches, device, seed=seed,
-                                  requested=init_chosen)
+    l0, l0_spread = math.nan, paired_spread(loader)
+    if init_method != "paired":
+        with precision_context(precision, device):
+            l0, l0_spread = loss_at_w_star(base, loader, loss_fn, init_batches, device, seed=seed,
+                                         requested=init_chosen)
     steps = num_burnin + num_draws * steps_between_draws
     warn_if_cycled(loader, steps, grad_accum_steps)
     local_chains, offset = (num_chains, 0) if split is None else (split.count, split.start)
@@ -172,7 +185,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                         progress=progress and (split is None or split.rank == 0),
                         chain_chunk=chain_chunk, sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box,
                         grad_accum_steps=grad_accum_steps, sequential=bool(checkpointed), mala=mala,
-                        compile=compile_mode)
+                        compile=compile_mode, paired=init_method == "paired")
     plan = None
     group = chain_group or local_chains
     if device.type == "cuda" and chain_group is None:
@@ -202,11 +215,13 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     run = runs[-1]
 
     losses = np.concatenate([r.losses[:, :steps] for r in runs])
+    stars = np.concatenate([r.star[:, :steps] for r in runs]) if init_method == "paired" else None
     stats = np.concatenate([r.stats for r in runs])
     accept = np.concatenate([r.mala[:, :max(steps - 1, 0)] for r in runs]) if mala else None
     if split is not None:  # every rank gets all chains, in global order
         losses, stats = gather_rows(split, losses), gather_rows(split, stats)
         accept = gather_rows(split, accept) if mala else None
+        stars = gather_rows(split, stars) if stars is not None else None
     diverged_at = first_nonfinite(losses)
     # The steps each chain ran (its stats sum over them); more than `steps` for
     # chains that finished when an interrupted estimate keeps fewer.
@@ -216,7 +231,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         losses[c, t:] = np.nan  # a diverged chain stops counting where its loss first went non-finite
         steps_run[c] = t
     draws = losses[:, draw_slice(num_burnin, steps_between_draws)][:, :num_draws]
-    config = dict(args, backend="fast" if run.mode == "vmap" else "fast-sequential", nbeta=nbeta,
+    init_trace = stars[:, draw_slice(num_burnin, steps_between_draws)][:, :num_draws] if stars is not None else None
+    config = dict(args, init_loss=init_method, backend="fast" if run.mode == "vmap" else "fast-sequential", nbeta=nbeta,
                   num_init_batches=len(l0_spread["init_loss_per_batch"]), device=str(device), precision=precision,
                   cuda_graphs=all(r.cuda_graphs for r in runs),
                   chain_chunk=run.pass_plan["chain_chunk"] if run.pass_plan else cfg.chain_chunk, chain_group=group,
@@ -246,8 +262,9 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     if interrupted is not None:
         config["interrupted"] = interrupted
     result = finish(draws, l0, nbeta, stats, steps_run, config=config, timings=timings,
-                    diagnostics={**init_loss_diagnostics(l0_spread, nbeta), **mala_diagnostics(accept, diverged_at)},
-                    stacklevel=3)
+                    diagnostics={**init_loss_diagnostics(l0_spread, nbeta, init_method),
+                                 **mala_diagnostics(accept, diverged_at)},
+                    stacklevel=3, init_trace=init_trace)
     if interrupted is not None:
         raise_interrupted(result, "estimate_llc")
     return result

@@ -26,18 +26,28 @@ class LLCResult:
     # [C, draws]: the running estimate nbeta * (mean of draws 0..k - init_loss)
     # per chain, to see whether it has settled; NaN from a chain's divergence on.
     llc_trace: Optional[np.ndarray] = None
+    # [C, draws]: with init_loss="paired", the loss at w* on each draw's batch; None otherwise.
+    init_trace: Optional[np.ndarray] = None
 
     @classmethod
     def from_traces(cls, loss_trace, init_loss: float, nbeta: float, *, config: Optional[dict] = None,
-                    timings: Optional[dict] = None, diagnostics: Optional[dict] = None) -> "LLCResult":
+                    timings: Optional[dict] = None, diagnostics: Optional[dict] = None,
+                    init_trace=None) -> "LLCResult":
         """llc_chain[c] = nbeta * (mean_t loss_trace[c, t] - init_loss), over
-        chains whose whole trace is finite; the rest are reported diverged."""
+        chains whose whole trace is finite; the rest are reported diverged.
+        With ``init_trace`` [C, draws] (paired), each draw subtracts its own
+        loss at w*: nbeta * mean_t (loss_trace[c, t] - init_trace[c, t])."""
         trace = np.asarray(loss_trace, dtype=np.float64)
         if trace.ndim != 2 or trace.shape[1] == 0:
             raise ValueError(f"loss_trace must be [chains, draws] with draws >= 1, got shape {trace.shape}")
-        ok = np.isfinite(trace).all(axis=1)
+        if init_trace is not None:
+            init_trace = np.asarray(init_trace, dtype=np.float64)
+            if init_trace.shape != trace.shape:
+                raise ValueError(f"init_trace must have loss_trace's shape {trace.shape}, got {init_trace.shape}")
+        excess = trace - (init_trace if init_trace is not None else init_loss)  # [C, draws]
+        ok = np.isfinite(excess).all(axis=1)
         per_chain = np.full(trace.shape[0], np.nan)
-        per_chain[ok] = nbeta * (trace[ok].mean(axis=1) - init_loss)
+        per_chain[ok] = nbeta * excess[ok].mean(axis=1)
         good = per_chain[ok]
         mean = float(good.mean()) if good.size else math.nan
         std = float(good.std(ddof=1)) if good.size > 1 else (0.0 if good.size == 1 else math.nan)
@@ -48,9 +58,9 @@ class LLCResult:
             if trace.shape[1] >= 4:
                 diag["rhat"] = split_rhat(trace[ok])
                 diag["ess"] = ess(trace[ok])
-        running = nbeta * (np.cumsum(trace, axis=1) / np.arange(1, trace.shape[1] + 1) - init_loss)
+        running = nbeta * np.cumsum(excess, axis=1) / np.arange(1, trace.shape[1] + 1)
         return cls(mean, std, per_chain, trace, float(init_loss), diag, dict(config or {}), dict(timings or {}),
-                   running)
+                   running, init_trace)
 
     def wbic(self, num_samples: int) -> tuple:
         """(WBIC, its standard error across chains): n times the mean draw
@@ -143,6 +153,7 @@ class LLCResult:
             "llc_mean": self.llc_mean, "llc_std": self.llc_std, "llc_per_chain": self.llc_per_chain,
             "loss_trace": self.loss_trace, "init_loss": self.init_loss, "diagnostics": self.diagnostics,
             "config": self.config, "timings": self.timings, "llc_trace": self.llc_trace,
+            "init_trace": self.init_trace,
         })
 
     def to_json(self) -> str:

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_flatten
 
 from .. import ops
 from .._llc_common import first_line, precision_context, progress_bar, restriction_masks, trainable
@@ -43,6 +44,7 @@ class SamplerRun:
     pass_plan: Optional[dict] = None  # on CPUs: stacked passes (how many chains each) or chain by chain
     folds: Dict[str, int] = field(default_factory=dict)  # calls per batched pass folded over chains, by kind
     bf16_copies: Optional[dict] = None  # the weights the pass took as bf16 copies (bf16_copies.summary)
+    star: Optional[np.ndarray] = None  # [C, steps] with cfg.paired: the loss at w* on each step's batches
 
 
 @dataclass
@@ -68,6 +70,7 @@ class SamplerConfig:
     sequential: bool = False  # chains one after another by request (activation checkpointing needs it)
     mala: bool = False  # record each step's MALA acceptance probability (engine/mala.py)
     compile: Optional[str] = None  # torch.compile mode for the batched loss-and-gradient pass; None: eager
+    paired: bool = False  # also record the loss at w* on every step's batches (init_loss="paired")
 
 
 def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerConfig, *, restrict=None,
@@ -116,6 +119,9 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     use_graphs = cfg.cuda_graphs and device.type == "cuda" and mode == "vmap"
     grad_buf: List[torch.Tensor] = []  # filled on first use: steps whose batches cannot be stacked need it too
     trace = torch.full((cfg.steps, cfg.num_chains), float("nan"), dtype=torch.float32, device=device)
+    star = torch.full_like(trace, float("nan")) if cfg.paired else None
+    star_pass = _AtCenter(loss, tuple(centers), cfg.num_chains, cfg.chain_chunk, mode == "vmap") \
+        if cfg.paired else None
     stats = torch.zeros(cfg.num_chains, 3, dtype=torch.float64, device=device)
     step_tensor = torch.zeros(1, dtype=torch.int64, device=device)
     stepper = Stepper(ops, cfg.sampler, cfg.sampler_kwargs, cfg.bounding_box, params, epsilon=cfg.epsilon,
@@ -150,6 +156,12 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
                 grads = [g.div_(accum) for g in grads]
                 losses = losses / accum
         trace.index_copy_(0, step_tensor, losses.detach().to(torch.float32).reshape(1, -1))
+        if star is not None:  # w* as one more chain that never moves, on the same batches
+            with precision_context(cfg.precision, device):
+                at_star = star_pass(batch, dims, per_chain) if accum == 1 else sum(
+                    star_pass(None if batch is None else batch[i], None if dims is None else dims[i],
+                              per_chain[i] if per_chain is not None else None) for i in range(accum)) / accum
+            star.index_copy_(0, step_tensor, at_star.to(torch.float32).reshape(1, -1))
         with torch.no_grad():
             if mala is not None:
                 mala.observe(params, grads, losses, step_tensor)
@@ -175,7 +187,8 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         return SamplerRun(losses, stats.cpu().numpy(), mode, graph is not None, timings,
                           mala.result(done) if mala is not None else None,
                           compiled=passes.compiled and mode == "vmap",  # the sequential path is not compiled
-                          pass_plan=pass_plan, folds=folds, bf16_copies=bf16_copies.summary(params, copies))
+                          pass_plan=pass_plan, folds=folds, bf16_copies=bf16_copies.summary(params, copies),
+                          star=star[:done].t().double().cpu().numpy() if star is not None else None)
 
     done = 0  # steps finished, callbacks included
     try:
@@ -200,6 +213,30 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         # The step under way may be half applied; the steps before it are whole.
         raise ChainsInterrupted(result(done), done) from None
     return result(cfg.steps)
+
+
+class _AtCenter:
+    """The loss at w* on each chain's batch of a step, [C], without
+    gradients: one batched forward (vmap over the batches only) where the
+    batches stack, one shared forward where all chains got the same batch,
+    else chain by chain."""
+
+    def __init__(self, loss: Callable, centers: tuple, num_chains: int, chain_chunk: Optional[int], batched: bool):
+        self.loss, self.centers, self.num_chains, self.chain_chunk = loss, centers, num_chains, chain_chunk
+        self.batched = batched  # False where vmap cannot run the model: chain by chain, as the steps run
+        self._fns: Dict[str, Callable] = {}
+
+    def __call__(self, batch, dims, per_chain) -> torch.Tensor:
+        with torch.no_grad():
+            if batch is None or not self.batched:
+                return torch.stack([self.loss(self.centers, b).detach() for b in per_chain])
+            if all(d is None for d in tree_flatten(dims)[0]):
+                return self.loss(self.centers, batch).detach().expand(self.num_chains)
+            key = repr(dims)
+            if key not in self._fns:
+                self._fns[key] = torch.func.vmap(self.loss, in_dims=(None, dims), randomness="different",
+                                                 chunk_size=self.chain_chunk)
+            return self._fns[key](self.centers, batch).detach()
 
 
 class BatchedPasses:

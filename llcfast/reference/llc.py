@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .._llc_common import (check_callbacks, check_llc_args, check_mala, check_sampler_args, checked_loss, default_loss,
-                           default_nbeta, draw_slice, finish, init_batch_count, init_loss, init_loss_diagnostics,
-                           mala_diagnostics, progress_bar, resolve_device, restriction_masks, to_device, trainable,
+                           default_nbeta, draw_slice, finish, init_loss_diagnostics, init_loss_plan, loss_at_w_star,
+                           mala_diagnostics, paired_spread, progress_bar, resolve_device, restriction_masks, to_device, trainable,
                            warn_if_dropout)
 from ..engine import checkpointing
 from ..interrupt import partial_plan, raise_interrupted
@@ -30,7 +30,8 @@ from .. import reference as ref_ops
 def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 4,
                  num_draws: int = 200, num_burnin: int = 0, steps_between_draws: int = 1, epsilon: float = 1e-4,
                  gamma: float = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
-                 noise_scale: float = 1.0, num_init_batches: Union[int, str, None] = None, restrict=None, seed: int = 0,
+                 noise_scale: float = 1.0, init_loss: str = "auto", num_init_batches: Union[int, str, None] = None,
+                 restrict=None, seed: int = 0,
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), sampler: str = "sgld",
                  sampler_kwargs: Optional[dict] = None, bounding_box: Optional[float] = None,
                  grad_accum_steps: int = 1, activation_checkpointing=False, mala: bool = False) -> LLCResult:
@@ -40,7 +41,9 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     ``cb(step=t, chains=range(c, c + 1), loss=<[1] tensor>, params={name: <[1, ...] tensor>})``:
     the loss whose gradient drove step t and the parameters after it (live
     views: clone to keep). The fast engine calls the same with all chains.
-    ``activation_checkpointing`` and ``mala`` are as in llcfast.estimate_llc.
+    ``init_loss``, ``activation_checkpointing`` and ``mala`` are as in
+    llcfast.estimate_llc; a paired init loss evaluates an unmoved copy of
+    the model at w* on each draw's batch.
     """
     check_llc_args(num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                    steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
@@ -50,7 +53,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     check_mala(mala, sampler, box, noise_scale)
     callbacks = check_callbacks(callbacks)
     check_loader(loader)
-    init_batches, init_chosen = init_batch_count(num_init_batches, num_chains, loader)
+    init_method, init_batches, init_chosen = init_loss_plan(init_loss, num_init_batches, num_chains, num_draws,
+                                                            loader, grad_accum_steps)
     warn_if_dropout(model)
     loss_fn = loss_fn or default_loss
     device = resolve_device(device, model)
@@ -58,8 +62,11 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
     checkpointed = checkpointing.apply(base, activation_checkpointing)
-    l0, l0_spread = init_loss(base, loader, loss_fn, init_batches, device, seed=seed,
-                              requested=init_chosen)
+    l0, l0_spread = math.nan, paired_spread(loader)
+    if init_method != "paired":
+        l0, l0_spread = loss_at_w_star(base, loader, loss_fn, init_batches, device, seed=seed,
+                                       requested=init_chosen)
+    paired = np.full((num_chains, num_draws), np.nan) if init_method == "paired" else None
     masks = restriction_masks(trainable(base), restrict)
     total_steps = num_burnin + num_draws * steps_between_draws
     draw_steps = range(total_steps)[draw_slice(num_burnin, steps_between_draws)]
@@ -87,11 +94,12 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
             for t in range(total_steps):
                 chain_model.zero_grad(set_to_none=True)
                 where = f"(chain {c}, step {t})"
-                loss = checked_loss(loss_fn(chain_model, to_device(next(batches), device)), where)
-                for _ in range(grad_accum_steps - 1):  # the mean over the step's micro-batches
-                    loss = loss + checked_loss(loss_fn(chain_model, to_device(next(batches), device)), where)
-                if grad_accum_steps > 1:
-                    loss = loss / grad_accum_steps
+                micro = [to_device(next(batches), device) for _ in range(grad_accum_steps)]
+                loss = sum(checked_loss(loss_fn(chain_model, b), where) for b in micro) / grad_accum_steps
+                if paired is not None and t in draw_steps:  # the unmoved model at w* on the same batches
+                    with torch.no_grad():
+                        paired[c, draw_steps.index(t)] = float(sum(
+                            checked_loss(loss_fn(base, b), where) for b in micro)) / grad_accum_steps
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     steps_run[c] = t
@@ -123,7 +131,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         stopped, keep = False, None
     bar.close()
     now = time.perf_counter()
-    config = dict(backend="reference", num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
+    config = dict(backend="reference", init_loss=init_method, num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                   steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                   weight_decay=weight_decay, noise_scale=noise_scale,
                   num_init_batches=len(l0_spread["init_loss_per_batch"]),
@@ -141,13 +149,15 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         steps_run[c] = min(steps_run[c], step_now)
         chain_steps = int(steps_run[:c + 1].sum())
         trace, stats, steps_run = trace[:chains, :keep.draws], stats[:chains], steps_run[:chains]
+        paired = paired[:chains, :keep.draws] if paired is not None else None
         accept = accept[:chains, :max(used - 1, 0)] if mala else None
         config["interrupted"] = keep.config
     timings = {"total_s": now - started, "sampling_s": now - sampling_started,
                "ms_per_chain_step": 1e3 * (now - sampling_started) / max(chain_steps, 1)}
     result = finish(trace, l0, nbeta, stats, steps_run, config=config, timings=timings,
-                    diagnostics={**init_loss_diagnostics(l0_spread, nbeta),
-                                 **mala_diagnostics(accept, {c: int(t) for c, t in enumerate(steps_run) if t < used})})
+                    diagnostics={**init_loss_diagnostics(l0_spread, nbeta, init_method),
+                                 **mala_diagnostics(accept, {c: int(t) for c, t in enumerate(steps_run) if t < used})},
+                    init_trace=paired)
     if stopped:
         raise_interrupted(result, "estimate_llc")
     return result
