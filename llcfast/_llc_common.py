@@ -253,6 +253,22 @@ def loss_at_w_star(model, loader, loss_fn: Callable, num_batches: int, device, *
     return mean, {"init_loss_per_batch": values, "init_loss_se": se, "loader_batches": finite_batches(loader)}
 
 
+def check_differentiable(model, loss_fn: Callable, loader, device, *, seed: int = 0) -> None:
+    """The loss on the loader's first batch must reach the parameters through
+    autograd: a loss_fn that detaches (``.detach()``, ``.item()``, a
+    ``torch.no_grad()`` block) would give every chain a zero gradient, and
+    the chains would sample the prior alone."""
+    batch = next(loader_batches(loader, seed, endless=False), None)
+    if batch is None:
+        raise ValueError("the loader yielded no batches; pass a non-empty loader")
+    with torch.enable_grad():
+        loss = checked_loss(loss_fn(model, to_device(batch, device)), "at w*")
+    if not loss.requires_grad:
+        raise ValueError("loss_fn's loss has no gradient path to the model's parameters (a .detach(), .item(), "
+                         "torch.no_grad() or a tensor rebuilt from numbers inside it?); the chains would see a "
+                         "zero gradient. Return the loss as computed from model(...)")
+
+
 def finite_batches(loader) -> Optional[int]:
     """How many batches the chains draw from, where they are one fixed set:
     a list of batches, or a DataLoader over a map-style dataset sampled

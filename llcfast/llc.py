@@ -13,9 +13,9 @@ from torch.func import grad
 
 from . import chain_fold, reference
 from ._checks import check_int
-from ._llc_common import (check_callbacks, check_llc_args, check_mala, check_precision, check_sampler_args,
-                          default_loss, default_nbeta, draw_slice, finish, first_nonfinite, init_loss_diagnostics,
-                          init_loss_plan, loss_at_w_star, mala_diagnostics, paired_spread, precision_context,
+from ._llc_common import (check_callbacks, check_differentiable, check_llc_args, check_mala, check_precision,
+                          check_sampler_args, default_loss, default_nbeta, draw_slice, finish, first_nonfinite,
+                          init_loss_diagnostics, init_loss_plan, loss_at_w_star, mala_diagnostics, paired_spread, precision_context,
                           resolve_device, to_device, trainable, warn_if_dropout)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
@@ -27,6 +27,7 @@ from .engine.planner import (free_device_bytes, measure_activation_bytes, out_of
 from .interrupt import ChainsInterrupted, LLCInterrupted, partial_plan, raise_interrupted
 from .loaders import check_loader, loader_batches, warn_if_cycled
 from .result import LLCResult
+from .trust import trust_diagnostics
 
 BACKENDS = ("auto", "fast", "reference")
 
@@ -41,7 +42,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  sampler: str = "sgld", sampler_kwargs: Optional[dict] = None,
                  bounding_box: Optional[float] = None, split_chains: bool = True,
                  grad_accum_steps: int = 1, chain_group: Optional[int] = None,
-                 activation_checkpointing=False, mala: bool = False, compile=False) -> LLCResult:
+                 activation_checkpointing=False, mala: bool = False, compile=False,
+                 trust_checks: bool = True) -> LLCResult:
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
@@ -119,6 +121,13 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     split_chains: inside a torch.distributed job (torchrun), each rank runs
         its share of the chains and all ranks get the gathered result, equal
         to a one-process run's; False runs every chain in this process.
+    trust_checks: after sampling, measure the Hessian's top eigenvalue at
+        the end points of a few chains (a short batched Lanczos run) to check
+        the step-size rule epsilon * (nbeta * lambda_max + gamma) / 2 <= 0.1
+        where the chains went, and the loss's gradient at w* (the slope that
+        can pull the estimate down); ``diagnostics["step_check"]``,
+        ``["grad_norm_sq_at_w_star"]``, ``["slope_shift_bound"]``, read by
+        ``result.checks()``. Their seconds are in ``timings``.
     callbacks: called after every step as ``cb(step=t, chains=range(C),
         loss=<[C] tensor>, params={name: <[C, ...] tensor>})`` (the loss that
         drove step t, the parameters after it; live tensors, clone to keep).
@@ -154,7 +163,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         try:
             with precision_context(precision, device):
                 result = reference.estimate_llc(model, loader, loss_fn, init_loss=init_loss, restrict=restrict,
-                                                device=device,
+                                                device=device, trust_checks=trust_checks,
                                                 progress=progress, callbacks=callbacks,
                                                 activation_checkpointing=activation_checkpointing, mala=mala,
                                                 **args, **sampling)
@@ -171,6 +180,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
     checkpointed = checkpointing.apply(base, activation_checkpointing)
+    check_differentiable(base, loss_fn, loader, device, seed=seed)
     l0, l0_spread = math.nan, paired_spread(loader)
     if init_method != "paired":
         with precision_context(precision, device):
@@ -261,9 +271,16 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         config["world_size"] = split.world_size
     if interrupted is not None:
         config["interrupted"] = interrupted
+    trust = {}
+    if trust_checks and interrupted is None:
+        trust = trust_diagnostics(base, loss_fn, loader, run.final if split is None else None, epsilon=epsilon,
+                                  nbeta=nbeta, gamma=gamma, restrict=restrict, precision=precision, device=device,
+                                  seed=seed, sampler=sampler)
+        timings["trust_checks_s"] = trust["gradient_check_s"] + trust["step_check"].get("seconds", 0.0)
+        timings["total_s"] = time.perf_counter() - started
     result = finish(draws, l0, nbeta, stats, steps_run, config=config, timings=timings,
                     diagnostics={**init_loss_diagnostics(l0_spread, nbeta, init_method),
-                                 **mala_diagnostics(accept, diverged_at)},
+                                 **mala_diagnostics(accept, diverged_at), **trust},
                     stacklevel=3, init_trace=init_trace)
     if interrupted is not None:
         raise_interrupted(result, "estimate_llc")

@@ -9,8 +9,11 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from .diagnostics import TREND_T, ess, split_rhat, trend_t
+from .trust import GRADIENT_SHARE
 
 RHAT_OK = 1.05  # README, choosing hyperparameters
+# The failed check the verdict names first: the one whose fix changes most of what the others see.
+VERDICT_ORDER = ("interrupted", "divergence", "gradient", "step_size", "init_loss", "rhat", "trend", "sign")
 
 
 @dataclass
@@ -110,18 +113,61 @@ class LLCResult:
         if d.get("ess") is not None and math.isfinite(d["ess"]):
             out.append(("ess", None, f"bulk ESS {d['ess']:.0f} of {self.loss_trace.size} draws"))
         from_l0, se = d.get("llc_se_from_init_loss"), self.llc_se
-        if from_l0 is not None and math.isfinite(from_l0) and math.isfinite(se):
+        method = d.get("init_loss_method")
+        if method == "exact":
+            out.append(("init_loss", True, f"loss at w* exact (all {self.config.get('num_init_batches')} batches)"))
+        elif method == "paired":
+            out.append(("init_loss", True, "loss at w* paired with each draw's batch (its error is in the "
+                                           "standard error)"))
+        elif from_l0 is not None and math.isfinite(from_l0) and math.isfinite(se):
             small = from_l0 <= se
             out.append(("init_loss", small, f"init loss error ± {from_l0:.3g} in LLC" + (
-                "" if small else f" exceeds the chains' standard error {se:.3g}: raise num_init_batches"
-                + (f" (it used {self.config['num_init_batches']}; 'all' averages every batch of a fixed loader)"
-                   if self.config.get("num_init_batches") else ""))))
+                "" if small else f" exceeds the chains' standard error {se:.3g}: use init_loss='auto' (exact or "
+                "paired), or raise num_init_batches"
+                + (f" (it used {self.config['num_init_batches']})" if self.config.get("num_init_batches") else ""))))
         if d.get("mala_acceptance") is not None and math.isfinite(d["mala_acceptance"]):
             out.append(("mala", None, f"MALA acceptance {d['mala_acceptance']:.3f}"))
+        out.extend(self._trust_checks())
         if math.isfinite(self.llc_mean) and self.llc_mean < 0:
             out.append(("sign", False, "negative LLC: w* is not a local minimum of the sampled loss, "
                                        "or the chains have not equilibrated"))
         return out
+
+    def _trust_checks(self) -> list:
+        """The step-size rule where the chains went, and the slope at w*
+        (llcfast.trust), where they were measured."""
+        d, out = self.diagnostics, []
+        step = d.get("step_check")
+        if step and "skipped" in step:
+            out.append(("step_size", None, f"step size not checked at the chains' end points ({step['skipped']})"))
+        elif step:
+            ok = step["step_rule"] <= step["step_rule_limit"]
+            lam = float(np.max(step["lambda_max_at_chains"]))
+            out.append(("step_size", ok, f"step-size rule epsilon (nbeta lambda_max + gamma) / 2 = "
+                        f"{step['step_rule']:.3g} at the chains' end points (lambda_max {lam:.3g})" + (
+                            f" <= {step['step_rule_limit']:g}" if ok else
+                            f" > {step['step_rule_limit']:g}: lower epsilon to {step['safe_epsilon']:.2g} or below "
+                            "(or epsilon='auto')")))
+        bound = d.get("slope_shift_bound")
+        if bound is not None and math.isfinite(self.llc_mean):
+            allowed = max(GRADIENT_SHARE * abs(self.llc_mean), 2 * self.llc_se if math.isfinite(self.llc_se) else 0.0)
+            g = math.sqrt(d["grad_norm_sq_at_w_star"])
+            if bound <= allowed:
+                out.append(("gradient", True, f"slope at w*: |grad L| {g:.2g} moves the estimate by at most "
+                                              f"{bound:.2g}"))
+            else:
+                out.append(("gradient", False, f"w* is not a minimum: its slope |grad L| {g:.2g} can pull the "
+                                               f"estimate down by up to {bound:.3g} (nbeta^2 |grad L|^2 / gamma); "
+                                               "measure at a trained checkpoint, or raise gamma"))
+        return out
+
+    def verdict(self) -> str:
+        """One line: trustworthy, or the one thing to change first."""
+        failed = {name: message for name, passed, message in self.checks() if passed is False}
+        for name in VERDICT_ORDER:
+            if name in failed:
+                return f"verdict: not yet trustworthy; fix the {name} CHECK above first"
+        return "verdict: trustworthy (every check passed)"
 
     def summary(self) -> str:
         """The estimate and its checks, one per line ("ok", "CHECK" or "-")."""
@@ -130,6 +176,7 @@ class LLCResult:
                  f"chains x {self.loss_trace.shape[1]} draws; nbeta {self.config.get('nbeta', float('nan')):.4g})"]
         for _, passed, message in self.checks():
             lines.append(f"  {'-    ' if passed is None else 'ok   ' if passed else 'CHECK'} {message}")
+        lines.append(self.verdict())
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -8,6 +8,10 @@ import pytest
 from llcfast.result import LLCResult
 
 
+def quiet_verdict(flat):
+    return LLCResult.from_traces(flat, 0.9, 10.0, diagnostics={"llc_se_from_init_loss": 1e-4}).verdict()
+
+
 def test_llc_from_traces_by_hand():
     r = LLCResult.from_traces([[1.0, 2.0], [3.0, 4.0]], init_loss=1.0, nbeta=2.0)
     np.testing.assert_allclose(r.llc_per_chain, [1.0, 5.0])
@@ -78,7 +82,9 @@ def test_summary_passes_stationary_chains_and_flags_what_is_wrong():
     assert _status(noisy_l0, "init_loss") is False and "raise num_init_batches" in noisy_l0.summary()
     used = LLCResult.from_traces(flat, 0.9, 10.0, diagnostics={"llc_se_from_init_loss": 1.0},
                                  config={"num_init_batches": 4})
-    assert "raise num_init_batches (it used 4; 'all' averages every batch of a fixed loader)" in used.summary()
+    assert "use init_loss='auto' (exact or paired), or raise num_init_batches (it used 4)" in used.summary()
+    assert used.verdict() == "verdict: not yet trustworthy; fix the init_loss CHECK above first"
+    assert quiet_verdict(flat) == "verdict: trustworthy (every check passed)"
     quiet_l0 = LLCResult.from_traces(flat, 0.9, 10.0, diagnostics={"llc_se_from_init_loss": 1e-4})
     assert _status(quiet_l0, "init_loss") is True
 

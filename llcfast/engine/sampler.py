@@ -45,6 +45,7 @@ class SamplerRun:
     folds: Dict[str, int] = field(default_factory=dict)  # calls per batched pass folded over chains, by kind
     bf16_copies: Optional[dict] = None  # the weights the pass took as bf16 copies (bf16_copies.summary)
     star: Optional[np.ndarray] = None  # [C, steps] with cfg.paired: the loss at w* on each step's batches
+    final: Optional[List[torch.Tensor]] = None  # the chains' parameters after their last step, [C, ...] each
 
 
 @dataclass
@@ -188,7 +189,8 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
                           mala.result(done) if mala is not None else None,
                           compiled=passes.compiled and mode == "vmap",  # the sequential path is not compiled
                           pass_plan=pass_plan, folds=folds, bf16_copies=bf16_copies.summary(params, copies),
-                          star=star[:done].t().double().cpu().numpy() if star is not None else None)
+                          star=star[:done].t().double().cpu().numpy() if star is not None else None,
+                          final=params)
 
     done = 0  # steps finished, callbacks included
     try:

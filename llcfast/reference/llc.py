@@ -14,15 +14,16 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .._llc_common import (check_callbacks, check_llc_args, check_mala, check_sampler_args, checked_loss, default_loss,
-                           default_nbeta, draw_slice, finish, init_loss_diagnostics, init_loss_plan, loss_at_w_star,
-                           mala_diagnostics, paired_spread, progress_bar, resolve_device, restriction_masks, to_device, trainable,
-                           warn_if_dropout)
+from .._llc_common import (check_callbacks, check_differentiable, check_llc_args, check_mala, check_sampler_args,
+                           checked_loss, default_loss, default_nbeta, draw_slice, finish, init_loss_diagnostics,
+                           init_loss_plan, loss_at_w_star, mala_diagnostics, paired_spread, progress_bar,
+                           resolve_device, restriction_masks, to_device, trainable, warn_if_dropout)
 from ..engine import checkpointing
 from ..interrupt import partial_plan, raise_interrupted
 from ..loaders import check_loader, loader_batches, warn_if_cycled
 from ..result import LLCResult
 from ..samplers import Stepper
+from ..trust import STEP_CHECK_CHAINS, trust_diagnostics
 from .mala import ChainMala
 from .. import reference as ref_ops
 
@@ -34,14 +35,15 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  restrict=None, seed: int = 0,
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), sampler: str = "sgld",
                  sampler_kwargs: Optional[dict] = None, bounding_box: Optional[float] = None,
-                 grad_accum_steps: int = 1, activation_checkpointing=False, mala: bool = False) -> LLCResult:
+                 grad_accum_steps: int = 1, activation_checkpointing=False, mala: bool = False,
+                 trust_checks: bool = True) -> LLCResult:
     """The LLC of ``model`` at its current weights w*; ``model`` is not changed.
 
     After every SGLD step each callback is called as
     ``cb(step=t, chains=range(c, c + 1), loss=<[1] tensor>, params={name: <[1, ...] tensor>})``:
     the loss whose gradient drove step t and the parameters after it (live
     views: clone to keep). The fast engine calls the same with all chains.
-    ``init_loss``, ``activation_checkpointing`` and ``mala`` are as in
+    ``init_loss``, ``activation_checkpointing``, ``mala`` and ``trust_checks`` are as in
     llcfast.estimate_llc; a paired init loss evaluates an unmoved copy of
     the model at w* on each draw's batch.
     """
@@ -62,6 +64,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
     checkpointed = checkpointing.apply(base, activation_checkpointing)
+    check_differentiable(base, loss_fn, loader, device, seed=seed)
     l0, l0_spread = math.nan, paired_spread(loader)
     if init_method != "paired":
         l0, l0_spread = loss_at_w_star(base, loader, loss_fn, init_batches, device, seed=seed,
@@ -78,6 +81,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     bar = progress_bar(progress, num_chains * total_steps, "SGLD (reference)")
     sampling_started = time.perf_counter()
     c, step_now, tracker = 0, 0, None  # the chain under way and the steps it finished
+    ends = []  # the first chains' end points, for the step-size check
     try:
         for c in range(num_chains):
             step_now, tracker = 0, None
@@ -122,6 +126,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                 step_now = t + 1
             if tracker is not None:
                 accept[c, :len(tracker.values)] = tracker.values
+            if c < STEP_CHECK_CHAINS:
+                ends.append([p.detach().clone() for p in params])
     except KeyboardInterrupt:
         # The step under way may be half applied; the steps before it are whole.
         if tracker is not None:
@@ -131,7 +137,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         stopped, keep = False, None
     bar.close()
     now = time.perf_counter()
-    config = dict(backend="reference", init_loss=init_method, num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
+    config = dict(backend="reference", init_loss=init_method, num_chains=num_chains, num_draws=num_draws,
+                  num_burnin=num_burnin,
                   steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                   weight_decay=weight_decay, noise_scale=noise_scale,
                   num_init_batches=len(l0_spread["init_loss_per_batch"]),
@@ -154,9 +161,16 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         config["interrupted"] = keep.config
     timings = {"total_s": now - started, "sampling_s": now - sampling_started,
                "ms_per_chain_step": 1e3 * (now - sampling_started) / max(chain_steps, 1)}
+    trust = {}
+    if trust_checks and not stopped:
+        final = [torch.stack(column) for column in zip(*ends)]
+        trust = trust_diagnostics(base, loss_fn, loader, final, epsilon=epsilon, nbeta=nbeta, gamma=gamma,
+                                  restrict=restrict, precision="fp32", device=device, seed=seed,
+                                  sampler=sampler)
     result = finish(trace, l0, nbeta, stats, steps_run, config=config, timings=timings,
                     diagnostics={**init_loss_diagnostics(l0_spread, nbeta, init_method),
-                                 **mala_diagnostics(accept, {c: int(t) for c, t in enumerate(steps_run) if t < used})},
+                                 **mala_diagnostics(accept, {c: int(t) for c, t in enumerate(steps_run) if t < used}),
+                                 **trust},
                     init_trace=paired)
     if stopped:
         raise_interrupted(result, "estimate_llc")
