@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -147,6 +148,13 @@ def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *
     values, vecs = ritz(run)
     idx = wanted(values).to(values.device)
     resid = residuals(run, values, vecs)
+    scale = values.abs().amax(1, keepdim=True)
+    loose = resid > tol * scale
+    if bool(loose.any()):
+        worst = float((resid / scale.clamp_min(1e-30)).max())
+        warnings.warn(f"hessian_eigs: Lanczos stopped at max_iter={max_iter} before every wanted eigenvalue "
+                      f"converged (largest residual {worst:.2g} of the largest |eigenvalue|, tol {tol:g}); the "
+                      "values may be off by about that much: raise max_iter", RuntimeWarning, stacklevel=2)
     vectors = None
     if return_vectors:
         flat = torch.bmm(vecs[:, :, idx].transpose(1, 2).float(), run.basis)  # [R, k, N]

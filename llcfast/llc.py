@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import replace
 from typing import Callable, Optional, Sequence, Union
 
@@ -27,13 +28,17 @@ from .engine.planner import (free_device_bytes, measure_activation_bytes, out_of
 from .interrupt import ChainsInterrupted, LLCInterrupted, partial_plan, raise_interrupted
 from .loaders import check_loader, loader_batches, warn_if_cycled
 from .result import LLCResult
-from .trust import trust_diagnostics
+from .trust import first_batches, relaxation_steps, safe_epsilon, top_eigenvalues, trust_diagnostics
 
 BACKENDS = ("auto", "fast", "reference")
+# epsilon="auto": pilot chains, rounds at most, and the share of the last epsilon a new one may fall to and stop
+AUTO_PILOT_CHAINS, AUTO_ROUNDS, AUTO_STABLE = 4, 4, 0.8
+AUTO_PILOT_MIN_STEPS, AUTO_PILOT_MAX_STEPS = 100, 5000
 
 
 def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 4,
-                 num_draws: int = 200, num_burnin: int = 0, steps_between_draws: int = 1, epsilon: float = 1e-4,
+                 num_draws: int = 200, num_burnin: Union[int, str] = 0, steps_between_draws: int = 1,
+                 epsilon: Union[float, str] = 1e-4,
                  gamma: float = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
                  noise_scale: float = 1.0, init_loss: str = "auto", num_init_batches: Union[int, str, None] = None,
                  restrict=None, seed: int = 0,
@@ -58,6 +63,14 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: the model's
         output ``.loss`` (Hugging Face models), called as model(**batch) for a
         dict, model(*batch) for a tuple, else model(batch).
+    num_burnin: steps before the first draw; "auto": the slow modes'
+        relaxation time 2 / (epsilon * gamma), the steps the prior's pull
+        takes to forget the start along flat directions.
+    epsilon: the SGLD step size. "auto" sets it from the step-size rule
+        epsilon * (nbeta * lambda_max + gamma) / 2 <= 0.1 with lambda_max
+        the Hessian's top eigenvalue where short pilot runs' chains end,
+        repeated until it is stable (``config["epsilon_auto"]`` lists the
+        pilots, ``timings["epsilon_auto_s"]`` their cost).
     init_loss: how the loss at w* is found (``diagnostics["init_loss_method"]``
         says which ran). "exact": the mean over every batch of a loader that
         is one fixed set (a list, a DataLoader over a map-style dataset
@@ -132,6 +145,13 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         loss=<[C] tensor>, params={name: <[C, ...] tensor>})`` (the loss that
         drove step t, the parameters after it; live tensors, clone to keep).
     """
+    if isinstance(epsilon, str):
+        if epsilon != "auto":
+            raise ValueError(f"epsilon must be a number > 0 or 'auto', got {epsilon!r}")
+        settings = {k: v for k, v in locals().items() if k not in ("model", "loader", "loss_fn", "epsilon")}
+        return _with_auto_epsilon(model, loader, loss_fn, settings)
+    if num_burnin == "auto":
+        num_burnin = relaxation_steps(epsilon, gamma)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_precision(precision)  # fail before copying the model; precision_context shares the check
@@ -284,6 +304,51 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                     stacklevel=3, init_trace=init_trace)
     if interrupted is not None:
         raise_interrupted(result, "estimate_llc")
+    return result
+
+
+def _with_auto_epsilon(model, loader, loss_fn, settings: dict) -> LLCResult:
+    """estimate_llc at the epsilon the step-size rule allows where pilot
+    chains go: start from the rule at w*, run AUTO_PILOT_CHAINS chains for
+    the slow modes' relaxation time 2 / (epsilon * gamma) (at most the run's
+    own length), take the top eigenvalue at their end points, and repeat
+    from the epsilon it allows until that epsilon stops falling."""
+    started = time.perf_counter()
+    check_loader(loader)
+    device = resolve_device(settings["device"], model)
+    nbeta = settings["nbeta"]
+    nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, settings["grad_accum_steps"])
+    gamma, seed = settings["gamma"], settings["seed"]
+    lam = float(top_eigenvalues(model, loss_fn or default_loss, first_batches(loader, seed), None,
+                                restrict=settings["restrict"], precision=settings["precision"], device=device,
+                                seed=seed)[0][0])
+    epsilon = safe_epsilon(nbeta, gamma, lam)
+    history = [{"pilot": 0, "lambda_max": lam, "epsilon": epsilon, "steps": 0}]
+    burn = settings["num_burnin"]
+    pilot = dict(settings, num_chains=min(settings["num_chains"], AUTO_PILOT_CHAINS), num_burnin=0,
+                 steps_between_draws=1, nbeta=nbeta, progress=False, callbacks=(), init_loss="batches",
+                 num_init_batches=1, mala=False, trust_checks=True)
+    for round_ in range(1, AUTO_ROUNDS + 1):
+        total = (relaxation_steps(epsilon, gamma) if burn == "auto" else burn) + \
+            settings["num_draws"] * settings["steps_between_draws"]
+        steps = int(min(total, AUTO_PILOT_MAX_STEPS, max(AUTO_PILOT_MIN_STEPS, 2 / (epsilon * gamma))
+                        if gamma > 0 else total))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the pilots' own verdicts are not the user's
+            run = estimate_llc(model, loader, loss_fn, **dict(pilot, epsilon=epsilon, num_draws=steps))
+        check = run.diagnostics["step_check"]
+        if "skipped" in check:
+            raise ValueError(f"epsilon='auto' needs the Hessian at the pilot chains' end points, which could not "
+                             f"be taken ({check['skipped']}); pass a number for epsilon")
+        lam = max(lam, float(np.max(check["lambda_max_at_chains"])))
+        allowed = safe_epsilon(nbeta, gamma, lam)
+        history.append({"pilot": round_, "lambda_max": lam, "epsilon": allowed, "steps": steps})
+        if allowed >= AUTO_STABLE * epsilon:  # the rule holds where the pilot chains went
+            break
+        epsilon = allowed
+    result = estimate_llc(model, loader, loss_fn, epsilon=epsilon, **settings)
+    result.config["epsilon_auto"] = history
+    result.timings["epsilon_auto_s"] = time.perf_counter() - started - result.timings.get("total_s", 0.0)
     return result
 
 

@@ -137,16 +137,23 @@ def batch_size_of(loader) -> int:
     return int(leaf.shape[0]) if leaf.dim() else 1
 
 
+FEW_BATCHES = 8  # a loader this short, cycled, repeats the same handful of minibatches
+
+
 def warn_if_cycled(loader, steps: int, per_step: int = 1) -> None:
-    """A chain that needs more batches than the loader holds reuses them;
-    users should know their chains see repeated data. A single batch is
-    full-batch sampling, reused by design, so it passes silently."""
+    """A chain that needs more batches than the loader holds passes over it
+    again, as training does in epochs; users should know only where the
+    loader is a handful of batches, so the same few minibatches drive every
+    step. A single batch is full-batch sampling, reused by design, so it
+    passes silently."""
     try:
         n = len(loader)
     except TypeError:
         return
     need = steps * per_step
-    if 1 < n < need:
+    if 1 < n < min(need, FEW_BATCHES):
         took = f"{steps} steps" if per_step == 1 else f"{steps} steps of {per_step} micro-batches"
         warnings.warn(f"the loader holds {n} batches but each chain takes {took}; it is cycled, so every "
-                      f"batch is used about {need / n:.1f} times per chain", UserWarning, stacklevel=3)
+                      f"batch is used about {need / n:.1f} times per chain and the same few minibatches drive "
+                      "every step (pass one full batch, [(x, y)], for full-batch sampling)",
+                      UserWarning, stacklevel=3)

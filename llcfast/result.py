@@ -148,6 +148,12 @@ class LLCResult:
                             f" <= {step['step_rule_limit']:g}" if ok else
                             f" > {step['step_rule_limit']:g}: lower epsilon to {step['safe_epsilon']:.2g} or below "
                             "(or epsilon='auto')")))
+        eps, gamma, burn = (self.config.get(k) for k in ("epsilon", "gamma", "num_burnin"))
+        if all(isinstance(v, (int, float)) for v in (eps, gamma, burn)) and gamma > 0:
+            tau = 2 / (eps * gamma)
+            out.append(("burn_in", None, f"burn-in {burn} steps, {burn / tau:.2g} x the slow modes' relaxation "
+                                         f"time 2 / (epsilon gamma) = {tau:.0f} steps" + (
+                                             "" if burn >= tau else "; num_burnin='auto' waits that long")))
         bound = d.get("slope_shift_bound")
         if bound is not None and math.isfinite(self.llc_mean):
             allowed = max(GRADIENT_SHARE * abs(self.llc_mean), 2 * self.llc_se if math.isfinite(self.llc_se) else 0.0)

@@ -38,6 +38,16 @@ def safe_epsilon(nbeta: float, gamma: float, lambda_max: float) -> float:
     return 2 * STEP_RULE / (nbeta * max(lambda_max, 0.0) + gamma)
 
 
+def relaxation_steps(epsilon: float, gamma: float) -> int:
+    """The slow modes' relaxation time in steps: along a flat direction only
+    the prior's pull gamma acts, and each step keeps 1 - epsilon * gamma / 2
+    of the distance from equilibrium."""
+    if not gamma > 0:
+        raise ValueError("num_burnin='auto' needs gamma > 0: with no prior's pull the flat directions never relax; "
+                         "pass a number of burn-in steps")
+    return int(math.ceil(2 / (epsilon * gamma)))
+
+
 def first_batches(loader, seed: int, count: int = 1) -> list:
     """The loader's first ``count`` batches, on the init loss's stream."""
     out = []

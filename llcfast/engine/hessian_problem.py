@@ -3,6 +3,7 @@ HVP at its weights (or at stacked points), the check of its second
 derivative, and on a GPU the number of probes a trace pass can hold."""
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import List, Optional
 
@@ -23,6 +24,18 @@ from .planner import free_device_bytes, items_per_pass, measure_activation_bytes
 FD_GAP_WARN = 0.05
 
 
+def refuse_train_mode_batch_norm(model: torch.nn.Module) -> None:
+    """Batch norm in train mode normalises by each batch's own statistics and
+    updates its running ones on every pass: the batched products cannot
+    run it, and the Hessian of such a loss changes with the batch split."""
+    found = [n or type(model).__name__ for n, m in model.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    if found:
+        raise ValueError(f"batch norm in train mode ({', '.join(found[:3])}): the Hessian statistics need the "
+                         "model's loss as one function of its weights; call model.eval() first (it uses the "
+                         "running statistics)")
+
+
 class Problem:
     """The model's parameters as flat [R, N] rows and back, with the HVP."""
 
@@ -37,7 +50,9 @@ class Problem:
             raise ValueError("batches is empty; pass at least one batch")
         loss_fn = loss_fn or default_loss
         device = resolve_device(device, model)
-        model = model.to(device)
+        refuse_train_mode_batch_norm(model)
+        # A copy: the passes must leave the caller's model (device, buffers, running statistics) as it was.
+        model = copy.deepcopy(model).to(device)
         named = trainable(model)
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
