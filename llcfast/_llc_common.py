@@ -159,6 +159,32 @@ def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
     return m / math.log(m)
 
 
+HOT_NBETA = 4.0  # nbeta this many times m / log m, with minibatches, heats the chains measurably
+
+
+def resolve_nbeta(nbeta, loader, grad_accum_steps: int = 1, stacklevel: int = 3) -> float:
+    """nbeta as given, or m / log m; a warning where a given nbeta is far
+    above m / log m and the chains step on minibatches: each step's gradient
+    noise is then amplified by nbeta beyond what the temperature allows, the
+    chains run hot, and the estimate comes out high."""
+    if nbeta is None:
+        return default_nbeta(loader, grad_accum_steps)
+    nbeta = float(nbeta)
+    total = finite_batches(loader)
+    if total == 1:  # full-batch sampling: no minibatch noise
+        return nbeta
+    try:
+        m = batch_size_of(loader) * grad_accum_steps
+    except ValueError:
+        return nbeta
+    if m >= 2 and nbeta > HOT_NBETA * m / math.log(m):
+        warnings.warn(f"nbeta={nbeta:.4g} is {nbeta / (m / math.log(m)):.1f} x m / log m = {m / math.log(m):.4g} for "
+                      f"minibatches of m = {m}: the minibatch gradient noise, scaled by nbeta, heats the chains and "
+                      "biases the estimate up; use larger batches (or grad_accum_steps), full-batch sampling, or "
+                      "a smaller nbeta", UserWarning, stacklevel=stacklevel)
+    return nbeta
+
+
 def checked_loss(loss, where: str) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__

@@ -16,8 +16,8 @@ from . import chain_fold, reference
 from ._checks import check_int
 from ._llc_common import (check_callbacks, check_differentiable, check_llc_args, check_mala, check_precision,
                           check_sampler_args, default_loss, default_nbeta, draw_slice, finish, first_nonfinite,
-                          init_loss_diagnostics, init_loss_plan, loss_at_w_star, mala_diagnostics, paired_spread, precision_context,
-                          resolve_device, to_device, trainable, warn_if_dropout)
+                          init_loss_diagnostics, init_loss_plan, loss_at_w_star, mala_diagnostics, paired_spread,
+                          precision_context, resolve_device, resolve_nbeta, to_device, trainable, warn_if_dropout)
 from .distributed import current_split, gather_rows
 from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
@@ -197,7 +197,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     warn_if_dropout(model)
     started = time.perf_counter()
     loss_fn = loss_fn or default_loss
-    nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
+    nbeta = resolve_nbeta(nbeta, loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
     checkpointed = checkpointing.apply(base, activation_checkpointing)
     check_differentiable(base, loss_fn, loader, device, seed=seed)

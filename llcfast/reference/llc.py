@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from .._llc_common import (check_callbacks, check_differentiable, check_llc_args, check_mala, check_sampler_args,
-                           checked_loss, default_loss, default_nbeta, draw_slice, finish, init_loss_diagnostics,
+                           checked_loss, default_loss, draw_slice, finish, init_loss_diagnostics,
                            init_loss_plan, loss_at_w_star, mala_diagnostics, paired_spread, progress_bar,
-                           resolve_device, restriction_masks, to_device, trainable, warn_if_dropout)
+                           resolve_device, resolve_nbeta, restriction_masks, to_device, trainable, warn_if_dropout)
 from ..engine import checkpointing
 from ..interrupt import partial_plan, raise_interrupted
 from ..loaders import check_loader, loader_batches, warn_if_cycled
@@ -61,7 +61,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     loss_fn = loss_fn or default_loss
     device = resolve_device(device, model)
     started = time.perf_counter()
-    nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, grad_accum_steps)
+    nbeta = resolve_nbeta(nbeta, loader, grad_accum_steps)
     base = copy.deepcopy(model).to(device)
     checkpointed = checkpointing.apply(base, activation_checkpointing)
     check_differentiable(base, loss_fn, loader, device, seed=seed)
