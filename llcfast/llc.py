@@ -343,9 +343,10 @@ def _with_auto_epsilon(model, loader, loss_fn, settings: dict) -> LLCResult:
         lam = max(lam, float(np.max(check["lambda_max_at_chains"])))
         allowed = safe_epsilon(nbeta, gamma, lam)
         history.append({"pilot": round_, "lambda_max": lam, "epsilon": allowed, "steps": steps})
-        if allowed >= AUTO_STABLE * epsilon:  # the rule holds where the pilot chains went
+        stable = allowed >= AUTO_STABLE * epsilon  # the rule holds, or nearly, where the pilot chains went
+        epsilon = min(epsilon, allowed)
+        if stable:
             break
-        epsilon = allowed
     result = estimate_llc(model, loader, loss_fn, epsilon=epsilon, **settings)
     result.config["epsilon_auto"] = history
     result.timings["epsilon_auto_s"] = time.perf_counter() - started - result.timings.get("total_s", 0.0)

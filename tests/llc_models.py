@@ -158,3 +158,41 @@ def orthogonal_noise_data(n, seed=0):
     y = 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
     y = y - x * (x @ y) / (x @ x)
     return x, y
+
+
+def deep_linear_at_rank(n, seed=0):
+    """A 3-4-3 deep linear network fitted (L-BFGS, to its minimum) to data
+    from a rank-1 3x3 map plus noise: a singular model whose learning
+    coefficient is Aoyagi's 4.5 asymptotically. Returns (model, x, y)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g)
+    truth = torch.randn(3, 1, generator=g) @ torch.randn(1, 3, generator=g)
+    y = x @ truth.T + 0.5 * torch.randn(n, 3, generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 3, bias=False))
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model, x, y
+
+
+def reduced_rank_at_zero(n, m=5, h=4, out=6, seed=0):
+    """Reduced-rank regression m -> h -> out at B A = 0, made a minimum of the
+    empirical loss exactly: the targets are noise with the inputs projected
+    out (mean x y^T = 0). Its Hessian vanishes there. Returns (model, x, y)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, m, generator=g, dtype=torch.float64)
+    y = 0.5 * torch.randn(n, out, generator=g, dtype=torch.float64)
+    y = y - x @ torch.linalg.lstsq(x, y).solution
+    model = nn.Sequential(nn.Linear(m, h, bias=False), nn.Linear(h, out, bias=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model, x.float(), y.float()
