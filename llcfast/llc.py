@@ -28,7 +28,7 @@ from .engine.planner import (free_device_bytes, measure_activation_bytes, out_of
 from .interrupt import ChainsInterrupted, LLCInterrupted, partial_plan, raise_interrupted
 from .loaders import check_loader, loader_batches, warn_if_cycled
 from .result import LLCResult
-from .trust import first_batches, relaxation_steps, safe_epsilon, top_eigenvalues, trust_diagnostics
+from .trust import check_trust_checks, first_batches, relaxation_steps, safe_epsilon, top_eigenvalues, trust_diagnostics
 
 BACKENDS = ("auto", "fast", "reference")
 # epsilon="auto": pilot chains, rounds at most, and the share of the last epsilon a new one may fall to and stop
@@ -48,7 +48,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  bounding_box: Optional[float] = None, split_chains: bool = True,
                  grad_accum_steps: int = 1, chain_group: Optional[int] = None,
                  activation_checkpointing=False, mala: bool = False, compile=False,
-                 trust_checks: bool = True) -> LLCResult:
+                 trust_checks: Union[bool, str] = "auto") -> LLCResult:
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
@@ -134,13 +134,16 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     split_chains: inside a torch.distributed job (torchrun), each rank runs
         its share of the chains and all ranks get the gathered result, equal
         to a one-process run's; False runs every chain in this process.
-    trust_checks: after sampling, measure the Hessian's top eigenvalue at
+    trust_checks: "auto" (default), True or False. After sampling, measure
+        the Hessian's top eigenvalue at
         the end points of a few chains (a short batched Lanczos run) to check
         the step-size rule epsilon * (nbeta * lambda_max + gamma) / 2 <= 0.1
         where the chains went, and the loss's gradient at w* (the slope that
         can pull the estimate down); ``diagnostics["step_check"]``,
         ``["grad_norm_sq_at_w_star"]``, ``["slope_shift_bound"]``, read by
-        ``result.checks()``. Their seconds are in ``timings``.
+        ``result.checks()``. Their seconds are in ``timings``. "auto" does
+        as much of them as costs at most a tenth of the sampling's gradient
+        passes; True all of them.
     callbacks: called after every step as ``cb(step=t, chains=range(C),
         loss=<[C] tensor>, params={name: <[C, ...] tensor>})`` (the loss that
         drove step t, the parameters after it; live tensors, clone to keep).
@@ -167,6 +170,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                 weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
                 grad_accum_steps=grad_accum_steps)
     check_llc_args(**args)
+    check_trust_checks(trust_checks)
     callbacks = check_callbacks(callbacks)
     check_loader(loader)
     init_method, init_batches, init_chosen = init_loss_plan(init_loss, num_init_batches, num_chains, num_draws,
@@ -295,7 +299,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     if trust_checks and interrupted is None:
         trust = trust_diagnostics(base, loss_fn, loader, run.final if split is None else None, epsilon=epsilon,
                                   nbeta=nbeta, gamma=gamma, restrict=restrict, precision=precision, device=device,
-                                  seed=seed, sampler=sampler)
+                                  seed=seed, sampler=sampler, mode=trust_checks,
+                                  chain_steps=num_chains * steps * grad_accum_steps)
         timings["trust_checks_s"] = trust["gradient_check_s"] + trust["step_check"].get("seconds", 0.0)
         timings["total_s"] = time.perf_counter() - started
     result = finish(draws, l0, nbeta, stats, steps_run, config=config, timings=timings,

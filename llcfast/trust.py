@@ -26,6 +26,9 @@ from .loaders import loader_batches
 STEP_RULE = 0.1  # epsilon * (nbeta * lambda_max + gamma) / 2 at the chains' end points
 STEP_CHECK_CHAINS = 4  # end points whose top eigenvalue is measured (the cost grows with them)
 STEP_CHECK_ITERS = 20  # Lanczos steps: the top eigenvalue converges first
+CHECK_SHARE = 0.1  # by default the checks cost at most this share of the sampling's gradient passes
+HVP_PASSES = 2  # a Hessian-vector product costs about two gradient passes
+GRADIENT_BATCHES = 16
 GRADIENT_SHARE = 0.5  # the slope may move the estimate by at most this share of its size
 
 
@@ -128,22 +131,45 @@ def slope_shift_bound(grad_norm_sq: float, nbeta: float, gamma: float) -> float:
     return nbeta ** 2 * grad_norm_sq / gamma if gamma > 0 else math.inf
 
 
+def check_budget(mode, chain_steps: int, num_chains: int) -> tuple:
+    """(chains whose end points the step check measures, batches the slope
+    averages) for trust_checks ``mode``: True, the full checks; "auto", as
+    much of them as costs at most CHECK_SHARE of the run's chain-steps
+    (gradient passes), so a short run is not doubled by its checks."""
+    if mode is True:
+        return min(STEP_CHECK_CHAINS, num_chains), GRADIENT_BATCHES
+    budget = CHECK_SHARE * chain_steps
+    chains = min(STEP_CHECK_CHAINS, num_chains, int(budget // (HVP_PASSES * STEP_CHECK_ITERS)))
+    return chains, int(min(GRADIENT_BATCHES, max(2, budget)))
+
+
+def check_trust_checks(mode) -> None:
+    if mode not in (True, False, "auto"):
+        raise ValueError(f"trust_checks must be True, False or 'auto', got {mode!r}")
+
+
 def trust_diagnostics(model: torch.nn.Module, loss_fn: Callable, loader, final: Optional[Sequence[torch.Tensor]], *,
                       epsilon: float, nbeta: float, gamma: float, restrict, precision: str, device, seed: int,
-                      sampler: str) -> dict:
+                      sampler: str, mode="auto", chain_steps: int = 0) -> dict:
     """The step-size check at the chains' end points (``final``; None where
     there are none to check) and the slope at w*, as estimate_llc's
-    diagnostics: {"step_check": {...}, "grad_norm_sq_at_w_star": ..., ...}."""
+    diagnostics: {"step_check": {...}, "grad_norm_sq_at_w_star": ..., ...},
+    within check_budget's share of the run's ``chain_steps``."""
     started = time.perf_counter()
+    chains, batches = check_budget(mode, chain_steps, final[0].shape[0] if final is not None else 0)
     out = gradient_at_w_star(model, loader, loss_fn, restrict=restrict, device=device, precision=precision,
-                             seed=seed)
+                             seed=seed, max_batches=batches)
     out["slope_shift_bound"] = slope_shift_bound(out["grad_norm_sq_at_w_star"], nbeta, gamma)
     out["gradient_check_s"] = time.perf_counter() - started
     if sampler != "sgld":
         out["step_check"] = {"skipped": f"the rule is for plain SGLD; sampler={sampler!r} scales its steps"}
     elif final is None:
         out["step_check"] = {"skipped": "no chain end points to check"}
+    elif chains == 0:
+        out["step_check"] = {"skipped": f"it would cost over {CHECK_SHARE:.0%} of this short run; "
+                                        "trust_checks=True runs it anyway"}
     else:
+        final = [p[:chains] for p in final]
         out["step_check"] = step_size_check(model, loss_fn, loader, final, epsilon=epsilon, nbeta=nbeta,
                                             gamma=gamma, restrict=restrict, precision=precision, device=device,
                                             seed=seed)

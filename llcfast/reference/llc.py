@@ -23,7 +23,7 @@ from ..interrupt import partial_plan, raise_interrupted
 from ..loaders import check_loader, loader_batches, warn_if_cycled
 from ..result import LLCResult
 from ..samplers import Stepper
-from ..trust import STEP_CHECK_CHAINS, trust_diagnostics
+from ..trust import STEP_CHECK_CHAINS, check_trust_checks, trust_diagnostics
 from .mala import ChainMala
 from .. import reference as ref_ops
 
@@ -36,7 +36,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), sampler: str = "sgld",
                  sampler_kwargs: Optional[dict] = None, bounding_box: Optional[float] = None,
                  grad_accum_steps: int = 1, activation_checkpointing=False, mala: bool = False,
-                 trust_checks: bool = True) -> LLCResult:
+                 trust_checks="auto") -> LLCResult:
     """The LLC of ``model`` at its current weights w*; ``model`` is not changed.
 
     After every SGLD step each callback is called as
@@ -47,6 +47,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     llcfast.estimate_llc; a paired init loss evaluates an unmoved copy of
     the model at w* on each draw's batch.
     """
+    check_trust_checks(trust_checks)
     check_llc_args(num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                    steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                    weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
@@ -166,7 +167,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         final = [torch.stack(column) for column in zip(*ends)]
         trust = trust_diagnostics(base, loss_fn, loader, final, epsilon=epsilon, nbeta=nbeta, gamma=gamma,
                                   restrict=restrict, precision="fp32", device=device, seed=seed,
-                                  sampler=sampler)
+                                  sampler=sampler, mode=trust_checks,
+                                  chain_steps=num_chains * total_steps * grad_accum_steps)
     result = finish(trace, l0, nbeta, stats, steps_run, config=config, timings=timings,
                     diagnostics={**init_loss_diagnostics(l0_spread, nbeta, init_method),
                                  **mala_diagnostics(accept, {c: int(t) for c, t in enumerate(steps_run) if t < used}),
