@@ -140,7 +140,7 @@ def check_budget(mode, chain_steps: int, num_chains: int) -> tuple:
         return min(STEP_CHECK_CHAINS, num_chains), GRADIENT_BATCHES
     budget = CHECK_SHARE * chain_steps
     chains = min(STEP_CHECK_CHAINS, num_chains, int(budget // (HVP_PASSES * STEP_CHECK_ITERS)))
-    return chains, int(min(GRADIENT_BATCHES, max(2, budget)))
+    return chains, int(min(GRADIENT_BATCHES, budget))
 
 
 def check_trust_checks(mode) -> None:
@@ -157,9 +157,11 @@ def trust_diagnostics(model: torch.nn.Module, loss_fn: Callable, loader, final: 
     within check_budget's share of the run's ``chain_steps``."""
     started = time.perf_counter()
     chains, batches = check_budget(mode, chain_steps, final[0].shape[0] if final is not None else 0)
-    out = gradient_at_w_star(model, loader, loss_fn, restrict=restrict, device=device, precision=precision,
-                             seed=seed, max_batches=batches)
-    out["slope_shift_bound"] = slope_shift_bound(out["grad_norm_sq_at_w_star"], nbeta, gamma)
+    out = {}
+    if batches >= 1:
+        out = gradient_at_w_star(model, loader, loss_fn, restrict=restrict, device=device, precision=precision,
+                                 seed=seed, max_batches=batches)
+        out["slope_shift_bound"] = slope_shift_bound(out["grad_norm_sq_at_w_star"], nbeta, gamma)
     out["gradient_check_s"] = time.perf_counter() - started
     if sampler != "sgld":
         out["step_check"] = {"skipped": f"the rule is for plain SGLD; sampler={sampler!r} scales its steps"}
