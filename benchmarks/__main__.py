@@ -3,7 +3,7 @@ on the paper's two models (llcfast vs its reference vs devinterp 1.3.2 where
 installed), the Hessian statistics, GPT-2 124M/774M (bench_large) and the
 kernels and bytes of one engine step (bench_traffic, counted without a GPU), each
 writing its JSON into benchmarks/results/; a full run then rewrites the
-README's result tables from it (benchmarks/tables.py).
+result tables of docs/performance.md from it (benchmarks/tables.py).
 
     python -m benchmarks                  # everything, on CUDA if present
     python -m benchmarks --quick          # a smoke run of each (CPU is fine; JSON to a temp folder)
@@ -62,9 +62,9 @@ def main(argv=None) -> int:
             failed.append(name)
             print(f"bench_{name} failed: {type(exc).__name__}: {exc}", flush=True)
         print(f"== bench_{name}: {time.perf_counter() - started:.0f} s", flush=True)
-    if not args.quick:  # the README's result blocks follow the new JSON
+    if not args.quick:  # docs/performance.md's result blocks follow the new JSON
         import tables
-        tables.main(["--readme", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")])
+        tables.main(["--readme", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "performance.md")])
     if failed:
         print("failed:", ", ".join(failed))
     return 1 if failed else 0

@@ -5,7 +5,7 @@ same number of gradient evaluations, in one run.
     python benchmarks/bench_llc.py                      # GPU, all cases, JSON into benchmarks/results/
     python benchmarks/bench_llc.py --quick --device cpu # a small smoke run
 
-Cases (PAPER.md's two models): the in-context linear regression transformer
+Cases (docs/paper.md's two models): the in-context linear regression transformer
 (batch 256 sequences of 16 (x, y) pairs; 8 and 32 chains) and the 2-layer
 attention-only language model (vocab 5000, d_model 256, 8 heads, 1024
 positions; batch 16 sequences of 256 tokens; 8 chains). Reported: ms per

@@ -1,5 +1,5 @@
-"""The LLC at initialisation of the regression transformer, PAPER.md's size
-against the demo's, under PAPER.md's main LLC settings (eps 3e-4, nbeta 66.67,
+"""The LLC at initialisation of the regression transformer, docs/paper.md's size
+against the demo's, under docs/paper.md's main LLC settings (eps 3e-4, nbeta 66.67,
 gamma 6.67). The paper reports about 0 at init. A freshly initialised model
 predicts y-hat with E[y-hat^2] well above 0, which the chains can lower in a
 few steps, so a small model can read well below 0; ``--unembed-scale`` shrinks

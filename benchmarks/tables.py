@@ -1,8 +1,8 @@
 """Markdown tables from the benchmark JSON in benchmarks/results/, and the
-README's result blocks rewritten from them.
+result blocks of docs/performance.md rewritten from them.
 
     python benchmarks/tables.py                    # print every table
-    python benchmarks/tables.py --readme README.md # rewrite its <!-- results:KIND --> blocks
+    python benchmarks/tables.py --readme docs/performance.md # rewrite its <!-- results:KIND --> blocks
 
 For each benchmark and device the newest date's reports are used (smoke
 runs, marked "quick", never). Reports of one day on one device are merged: a figure
@@ -236,7 +236,7 @@ def update_readme(text: str, tables: Dict[str, str]) -> str:
         if start not in text:
             continue
         if text.count(start) != 1 or text.count(end) != 1 or text.index(end) < text.index(start):
-            raise ValueError(f"the README must hold exactly one {start} ... {end} block, in that order")
+            raise ValueError(f"the page must hold exactly one {start} ... {end} block, in that order")
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{table}\n{end}", text,
                       flags=re.S)
     return text

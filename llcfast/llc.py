@@ -52,7 +52,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
-    steps_between_draws`` steps from w* (DESIGN.md's update) and returns
+    steps_between_draws`` steps from w* (docs/design.md's update) and returns
     ``nbeta * (mean draw loss - loss at w*)`` per chain, with diagnostics.
     A draw is the loss of the last step of each interval of
     ``steps_between_draws`` after burn-in, as in devinterp 1.x.
@@ -106,7 +106,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         and batching only adds vmap's costs), else stacked in passes whose
         largest activation stays under 16 MiB (bigger tensors are
         page-faulted in afresh at every step).
-    sampler: "sgld" (DESIGN.md's update), "rmsprop_sgld" (gradient and prior
+    sampler: "sgld" (docs/design.md's update), "rmsprop_sgld" (gradient and prior
         terms scaled per element by G = 1/(sqrt(V) + rms_eps), the noise by
         sqrt(G), V the running mean of g^2; sampler_kwargs alpha=0.99,
         rms_eps=0.1) or "sgnht" (Nose-Hoover thermostat with momentum;

@@ -1,4 +1,4 @@
-"""The paper's two transformers (PAPER.md) and their losses.
+"""The paper's two transformers (docs/paper.md) and their losses.
 
 Attention is written with matmuls by default, which vmap batches over chains
 everywhere; ``attention="sdpa"`` uses the fused kernels instead (see

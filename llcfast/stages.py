@@ -1,4 +1,4 @@
-"""Stage detection (PAPER.md, the authors' procedure): a Gaussian process
+"""Stage detection (docs/paper.md, the authors' procedure): a Gaussian process
 fitted to the LLC against log(step + 1), its mean's slope, and stage
 boundaries where that slope crosses zero or comes near it.
 
@@ -141,7 +141,7 @@ def _check_inputs(steps, values, errors):
 
 def detect_stages(steps, values, errors=None, *, length_scale: float = 3.0, plateau: float = 0.2,
                   restarts: int = 4, grid: int = 500, seed: int = 0) -> StageFit:
-    """Developmental stages from an LLC curve (PAPER.md's procedure).
+    """Developmental stages from an LLC curve (docs/paper.md's procedure).
 
     steps, values: the checkpoints' training steps and LLC estimates (any
         order; NaN/Inf points are dropped with a warning).

@@ -1,4 +1,4 @@
-"""The data the paper's models learn from (PAPER.md).
+"""The data the paper's models learn from (docs/paper.md).
 
 Every task draws the batch of training step t from its own generator seeded by
 (seed, stream, t) through numpy's SeedSequence (torch's CPU generator keeps
@@ -50,7 +50,7 @@ class _Task:
         return self._draw(num_sequences, _EVAL, device)
 
     def llc_batches(self, num_sequences: int, batch_size: int, device="cpu"):
-        """A fixed pre-sampled set cut into minibatches (PAPER.md's LLC data)."""
+        """A fixed pre-sampled set cut into minibatches (docs/paper.md's LLC data)."""
         return _batches(self._draw(num_sequences, _LLC, device), batch_size)
 
 
@@ -84,7 +84,7 @@ class RegressionTask(_Task):
 
     def shifted_set(self, num_sequences: int, x_var: float, device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
         """A fixed evaluation set with inputs x ~ N(0, x_var I) (tasks and noise
-        as in training): PAPER.md's out-of-distribution inputs."""
+        as in training): docs/paper.md's out-of-distribution inputs."""
         check_float("x_var", x_var, minimum=0.0)
         return self._draw(num_sequences, _SHIFTED, device, x_var=x_var)
 

@@ -1,4 +1,4 @@
-"""The README's benchmark tables: rendered from the results JSON, ranges over
+"""The benchmark tables of docs/performance.md: rendered from the results JSON, ranges over
 same-day repeats, the newest date only, smoke runs left out, and only the
 marked blocks rewritten."""
 import copy
@@ -75,8 +75,8 @@ def test_only_marked_blocks_are_rewritten():
 
 def test_the_readme_tables_match_the_results_folder():
     """Results JSON committed without the README regenerated fails here:
-    python benchmarks/tables.py --readme README.md"""
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    python benchmarks/tables.py --readme docs/performance.md"""
+    readme = open(os.path.join(ROOT, "docs", "performance.md")).read()
     rendered = {kind: tables.render(kind, reports) for kind, reports in tables.load().items()}
     assert rendered, "benchmarks/results/ holds no full reports"
     assert tables.update_readme(readme, rendered) == readme

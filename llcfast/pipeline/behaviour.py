@@ -1,4 +1,4 @@
-"""Behavioural metrics of the paper's two models (PAPER.md), measured at every
+"""Behavioural metrics of the paper's two models (docs/paper.md), measured at every
 checkpoint beside the LLC, so that each stage the LLC finds can be read
 against what the model learned in it.
 

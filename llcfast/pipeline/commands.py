@@ -20,7 +20,7 @@ TRAIN_EPILOG = """examples:
   llcfast train --preset demo --out runs/demo
   llcfast train --preset regression --out runs/lr --device cuda
   llcfast train --config my_run.json --out runs/mine     (JSON: {"preset": "language", "train": {"steps": 2000}})
-presets: demo, regression (PAPER.md's LR model), language (PAPER.md's LM model on the synthetic language),
+presets: demo, regression (docs/paper.md's LR model), language (docs/paper.md's LM model on the synthetic language),
 language-demo (a small LM on a small synthetic language: minutes on a CPU).
 An interrupted run resumes when the same command is run again."""
 
@@ -56,7 +56,7 @@ IMPORT_EPILOG = """examples:
   llcfast import runs/my-gpt --tokens data/train.bin              HF Trainer's checkpoint-N folders
   llcfast import pythia-70m --tokens pile.npy --context 512 --chains 8 --draws 200
 then: llcfast estimate runs/my-gpt (one checkpoint, to settle the settings), llcfast sweep runs/my-gpt,
-llcfast report runs/my-gpt. The LLC settings start from PAPER.md's language model (eps 3e-3, gamma 300,
+llcfast report runs/my-gpt. The LLC settings start from docs/paper.md's language model (eps 3e-3, gamma 300,
 nbeta 21.7, 20 chains x 200 draws, batches of 100 sequences); sweep and estimate take overrides too.
 Run it again after more checkpoints are written: the list is refreshed, and the settings, the context and
 the results already measured are kept (options given then change the settings)."""
@@ -340,7 +340,7 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", default="uint16", help="the .bin file's integer type (default uint16, as nanoGPT)")
     p.add_argument("--context", type=_positive(int),
                    help="tokens per sequence (default: the model's positions, at most 1024)")
-    d = p.add_argument_group("data the LLC sees (default: PAPER.md's language model)")
+    d = p.add_argument_group("data the LLC sees (default: docs/paper.md's language model)")
     d.add_argument("--llc-sequences", type=_positive(int), help="the fixed set the chains draw batches from")
     d.add_argument("--llc-batch-size", type=_positive(int), help="sequences per SGLD step")
     d.add_argument("--eval-sequences", type=_positive(int), help="held-out sequences for the test loss")

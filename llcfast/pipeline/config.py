@@ -1,5 +1,5 @@
 """What a run is: task, model, training and the LLC sweep settings, as one
-JSON-able config, with the paper's settings (PAPER.md) and the demo's as
+JSON-able config, with the paper's settings (docs/paper.md) and the demo's as
 presets."""
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def _check_keys(where: str, d: dict, allowed: set) -> None:
 PRESETS: Dict[str, dict] = {
     # Small enough for a laptop CPU in a few minutes; still shows the
     # regression model's first stages (predicting 0, then in-context learning).
-    # Every preset's init loss takes all of its LLC set, as PAPER.md's LR
+    # Every preset's init loss takes all of its LLC set, as docs/paper.md's LR
     # sweep does ("on the full fixed set"): in this one, 4 of its 16 batches
     # left an error above the chains' at 27 of 28 checkpoints.
     "demo": dict(
@@ -181,7 +181,7 @@ PRESETS: Dict[str, dict] = {
         sweep=dict(num_chains=4, num_draws=150, num_burnin=50, epsilon=1e-3, gamma=6.0, nbeta=60.0,
                    llc_sequences=1024, llc_batch_size=64, eval_sequences=1024, hessian=True, hessian_probes=16,
                    hessian_batch=256, num_init_batches="all")),
-    # PAPER.md's LR model and its later, cheaper LLC sweep.
+    # docs/paper.md's LR model and its later, cheaper LLC sweep.
     "regression": dict(
         task="regression", task_args=dict(task_dim=4, pairs=8),
         model_args=dict(d_model=64, heads=4, layers=2, mlp_width=64),
@@ -201,7 +201,7 @@ PRESETS: Dict[str, dict] = {
         sweep=dict(num_chains=4, num_draws=100, num_burnin=50, epsilon=1e-3, gamma=300.0, nbeta=20.0,
                    llc_sequences=256, llc_batch_size=16, eval_sequences=128, hessian=True, hessian_probes=8,
                    hessian_batch=16, num_init_batches="all")),
-    # PAPER.md's LM model on the synthetic language.
+    # docs/paper.md's LM model on the synthetic language.
     "language": dict(
         task="language", task_args=dict(vocab=5000, context=1024),
         model_args=dict(d_model=256, heads=8, layers=2),

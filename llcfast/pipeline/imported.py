@@ -17,10 +17,10 @@ from .sweep import RESULTS
 
 # HF Trainer writes checkpoint-N; Pythia's revisions and many scripts use stepN.
 CHECKPOINT_DIR = re.compile(r"^(?:checkpoint|step|global_step|iter)[-_]?(\d+)$")
-# Where the LLC settings start: PAPER.md's language-model sweep. Behavioural
+# Where the LLC settings start: docs/paper.md's language-model sweep. Behavioural
 # metrics need llcfast's own attention modules, so they are off.
 DEFAULT_SWEEP = replace(SweepSettings(**PRESETS["language"]["sweep"]), behaviour=False, hessian=False)
-MAX_CONTEXT = 1024  # PAPER.md's LM context; longer windows only cost more per step
+MAX_CONTEXT = 1024  # docs/paper.md's LM context; longer windows only cost more per step
 
 
 def find_checkpoints(run_dir: str) -> List[Tuple[int, str]]:

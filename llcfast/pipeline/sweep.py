@@ -129,7 +129,7 @@ def checkpoint_llc(model, loss_fn: Callable, llc_batches: Sequence, s: SweepSett
     """The LLCResult of one checkpoint under sweep settings ``s``: what a
     sweep records for it, and what ``llcfast estimate`` shows."""
     with warnings.catch_warnings():
-        # The chains draw from a fixed pre-sampled set by design (PAPER.md), so reuse is expected.
+        # The chains draw from a fixed pre-sampled set by design (docs/paper.md), so reuse is expected.
         warnings.filterwarnings("ignore", message="the loader holds", category=UserWarning)
         return estimate_llc(model, llc_batches, loss_fn, num_chains=s.num_chains, num_draws=s.num_draws,
                             num_burnin=s.num_burnin, epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta,

@@ -1,5 +1,5 @@
 """Pure-torch reference estimate_llc: chains one after another, a deep copy of
-the model per chain, exactly DESIGN.md's SGLD with devinterp 1.x's semantics
+the model per chain, exactly docs/design.md's SGLD with devinterp 1.x's semantics
 (draw loss = the minibatch loss whose gradient drives the step; loss at w*
 averaged over num_init_batches batches, default num_chains; nbeta default
 m/log m). Noise is keyed by (seed, step, chain), so the fast engine, which
