@@ -242,7 +242,7 @@ class LLCResult:
         if l0_se is not None and math.isfinite(l0_se):  # the init loss's own sampling error
             ax.axhspan(self.init_loss - l0_se, self.init_loss + l0_se, color="k", alpha=0.12, lw=0)
         rhat = self.diagnostics.get("rhat")
-        title = f"LLC = {self.llc_mean:.3g} ± {self.llc_std:.2g}"
+        title = f"LLC = {self.llc_mean:.3g} ± {self.llc_se:.2g} (standard error; chains' spread {self.llc_std:.2g})"
         from_l0 = self.diagnostics.get("llc_se_from_init_loss")
         if from_l0 is not None and math.isfinite(from_l0):
             title += f" (init loss ± {from_l0:.2g})"

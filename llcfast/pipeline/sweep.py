@@ -204,6 +204,7 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
         todo, out = todo[rank::world], _part(final_out, rank)
     shown = progress and bool(todo) and rank == 0
     bar = progress_bar(shown, len(todo), "checkpoints", unit="ckpt", leave=True)
+    flagged: Dict[int, List[str]] = {}  # step -> its estimate's warnings, shown once at the end
     try:
         with warnings_above_bars(shown):
             for step, path in todo:
@@ -221,13 +222,18 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
                         record = measure(model, loss_fn, llc_batches, eval_set, settings, device=device,
                                          progress=progress, engine=engine, behaviour=behaviour)
                     notes = sorted({str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)})
-                    if notes:  # kept with the record, and shown once per checkpoint
-                        record["warnings"] = notes
-                        warnings.warn(f"step {step}: " + " | ".join(notes), RuntimeWarning, stacklevel=2)
+                    if notes:  # kept with the record, and summed up in one line after the sweep
+                        record["warnings"] = flagged[int(step)] = notes
                     append_record(out, {**base, **record})
                 bar.update(1)
     finally:
         bar.close()
+    if flagged:
+        steps = sorted(flagged)
+        shown_steps = ", ".join(map(str, steps[:8])) + (f" and {len(steps) - 8} more" if len(steps) > 8 else "")
+        warnings.warn(f"{len(steps)} of {len(todo)} checkpoints measured with warnings (steps {shown_steps}), kept "
+                      f"in their records of {out}; the report circles them. First, step {steps[0]}: "
+                      + " | ".join(flagged[steps[0]]), RuntimeWarning, stacklevel=2)
     out = final_out
     if world > 1:
         torch.distributed.barrier()
