@@ -1,15 +1,22 @@
-"""Builds llcfast._C: C++ CPU kernels always, CUDA kernels when possible.
+"""Builds llcfast._C: C++ CPU kernels always, CUDA kernels when wanted.
 
 LLCFAST_CUDA=0 builds CPU kernels only; LLCFAST_CUDA=1 requires CUDA and fails
-if it cannot build it; unset, CUDA is built when torch is a CUDA build and a
-CUDA toolkit (nvcc) is found. MAX_JOBS and TORCH_CUDA_ARCH_LIST are honoured
-(torch's extension tooling reads them).
+if it cannot build it. Unset, CUDA is built where torch is a CUDA build, a
+CUDA toolkit (nvcc) is found, a GPU is visible or TORCH_CUDA_ARCH_LIST names
+archs, and a one-file probe that includes torch's CUDA headers compiles in
+the environment the build runs in (under pip's build isolation those headers'
+own dependencies may be missing); otherwise it says in one line why it built
+the CPU kernels only. MAX_JOBS and TORCH_CUDA_ARCH_LIST are honoured (torch's
+extension tooling reads them). Objects are kept in build/ between builds, so
+an unchanged tree is not compiled again.
 """
 import glob
 import os
 import shutil
 import site
+import subprocess
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -61,7 +68,48 @@ def want_cuda():
         return True
     if not (torch_cuda and toolkit):
         print(f"llcfast: building CPU kernels only (torch CUDA build: {torch_cuda}, nvcc found: {toolkit})")
-    return torch_cuda and toolkit
+        return False
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        print("llcfast: building CPU kernels only: no GPU is visible and TORCH_CUDA_ARCH_LIST is not set "
+              "(LLCFAST_CUDA=1 or TORCH_CUDA_ARCH_LIST=9.0 builds the CUDA kernels without a GPU)")
+        return False
+    failure = cuda_probe_failure()
+    if failure:
+        print(f"llcfast: building CPU kernels only: a CUDA file that includes torch's CUDA headers does not "
+              f"compile here ({failure}); install with --no-build-isolation into the environment that has "
+              "torch's CUDA packages, or set LLCFAST_CUDA=1 to see the whole error")
+        return False
+    return True
+
+
+PROBE = "#include <ATen/cuda/CUDAContext.h>\n__global__ void llcfast_probe(float* x) { x[0] = 1.0f; }\n"
+
+
+def cuda_probe_failure():
+    """None if one .cu file including torch's CUDA headers compiles, else
+    the compiler's first error line."""
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    try:
+        dirs = cpp_extension.include_paths(device_type="cuda")
+    except TypeError:  # torch before 2.6
+        dirs = cpp_extension.include_paths(cuda=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cu")
+        with open(src, "w") as f:
+            f.write(PROBE)
+        first = None
+        for std in ("c++17", "c++20"):  # newer torch needs C++20, as its own extension builds ask for
+            cmd = [nvcc, "-c", src, "-o", os.path.join(tmp, "probe.o"), f"-std={std}"]
+            cmd += [f"-I{d}" for d in dirs + cuda_wheel_includes()]
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return f"{type(exc).__name__}: {exc}"
+            if res.returncode == 0:
+                return None
+            lines = [ln for ln in (res.stderr + res.stdout).splitlines() if "error" in ln.lower()]
+            first = first or (lines[0] if lines else f"nvcc exited with {res.returncode}").strip()
+    return first
 
 
 def cuda_arch_list():
@@ -114,8 +162,19 @@ def extension():
                                        extra_compile_args={"cxx": cxx, "nvcc": nvcc})
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """Keeps the objects in build/ of the checkout, whatever temporary folder
+    pip gives the build (an editable install gets a new one each time), so
+    ninja finds them up to date and compiles only what changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        tag = f"{sys.implementation.cache_tag}-torch{torch.__version__}"
+        self.build_temp = os.path.join(ROOT, "build", f"objects-{tag}")
+
+
 setup(
     packages=find_packages(include=["llcfast", "llcfast.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )

@@ -312,14 +312,18 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model with checkpoints (resumable)", formatter_class=F,
-                       epilog=TRAIN_EPILOG)
+                       epilog=TRAIN_EPILOG,
+                       description="Train one of the presets' models (or a JSON config's) on its task, writing "
+                                   "checkpoints at log-spaced and evenly spaced steps and a manifest.json into "
+                                   "--out. A killed or interrupted run resumes from where it stopped when the "
+                                   "same command is run again.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", choices=sorted(PRESETS))
+    src.add_argument("--preset", choices=sorted(PRESETS), help="a named run config (docs/pipeline.md lists them)")
     src.add_argument("--config", help="a JSON run config (may start from a preset)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, manifest.json)")
     p.add_argument("--steps", type=_positive(int), help="override the number of training steps")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="LLC (and Hessian statistics) at every checkpoint of a run", formatter_class=F,
@@ -385,9 +389,12 @@ def add_commands(sub) -> None:
                        epilog=CALIBRATE_EPILOG)
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, help="checkpoint step (default: the last)")
-    p.add_argument("--epsilons", type=_positive(float), nargs="+")
-    p.add_argument("--gammas", type=_positive(float), nargs="+")
-    p.add_argument("--nbetas", type=_positive(float), nargs="+")
+    p.add_argument("--epsilons", type=_positive(float), nargs="+",
+                   help="step sizes to try (default: the run's sweep.epsilon times 0.1, 0.3, 1, 3 and 10)")
+    p.add_argument("--gammas", type=_positive(float), nargs="+",
+                   help="localisation strengths to try (default: the run's sweep.gamma times 0.1, 1 and 10)")
+    p.add_argument("--nbetas", type=_positive(float), nargs="+",
+                   help="inverse temperatures to try (default: the run's sweep.nbeta only)")
     p.add_argument("--samplers", nargs="+", metavar="SAMPLER[:KEY=VALUE,...]",
                    help="samplers to compare, each with optional hyperparameters, e.g. sgld "
                         "rmsprop_sgld:alpha=0.9999 sgnht:diffusion=0.01 (default: sgld)")
