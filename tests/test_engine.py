@@ -142,8 +142,10 @@ def test_short_loader_is_cycled_with_a_warning():
 
 
 class PoisonedPassLoader:
-    """Pass p (iter call) is chain p - 1's (pass 0 is the loss at w*); the
-    pass of chain ``bad_chain`` turns to NaN targets from step ``at``."""
+    """Pass p (iter call) is chain p - 3's (pass 0 reads the batch size for
+    the nbeta check, pass 1 checks that the loss has a gradient, pass 2 is the
+    loss at w*); the pass of chain ``bad_chain`` turns to NaN targets from
+    step ``at``."""
 
     def __init__(self, steps, bad_chain, at):
         self.steps, self.bad_chain, self.at, self.passes = steps, bad_chain, at, 0
@@ -154,7 +156,7 @@ class PoisonedPassLoader:
         return self.steps
 
     def __iter__(self):
-        poisoned = self.passes == self.bad_chain + 1
+        poisoned = self.passes == self.bad_chain + 3
         self.passes += 1
         for t in range(self.steps):
             y = torch.sin(self.x.sum(-1))
