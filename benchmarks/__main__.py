@@ -64,7 +64,8 @@ def main(argv=None) -> int:
         print(f"== bench_{name}: {time.perf_counter() - started:.0f} s", flush=True)
     if not args.quick:  # docs/performance.md's result blocks follow the new JSON
         import tables
-        tables.main(["--readme", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "performance.md")])
+        page = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "performance.md")
+        tables.main(["--readme", page])
     if failed:
         print("failed:", ", ".join(failed))
     return 1 if failed else 0
