@@ -39,8 +39,13 @@ class Stage:
     def delta(self) -> float:
         return self.llc_end - self.llc_start
 
+    @property
+    def number(self) -> int:
+        """The stage's number as reports print it: 1 for the first."""
+        return self.index + 1
+
     def to_dict(self) -> dict:
-        return {"index": self.index, "start": self.start, "end": self.end, "kind": self.kind,
+        return {"stage": self.number, "start": self.start, "end": self.end, "kind": self.kind,
                 "llc_start": self.llc_start, "llc_end": self.llc_end, "delta": self.delta}
 
 

@@ -222,13 +222,13 @@ def test_sweep_records_carry_the_behaviour_and_the_report_shows_it(swept, tmp_pa
                                        "ln_rms/blocks.0.ln_mlp", "ln_rms/ln_out"}
     assert records[-1]["behaviour"]["pred_sq"] < records[0]["behaviour"]["pred_sq"]  # learning y_hat ~ 0
     panels = series(records)
-    assert list(panels)[:3] == [r"E[$\hat y^2$]", "ICL score", "loss, x ~ N(0, 4I)"]
+    assert list(panels)[:3] == ["E[ŷ²]", "ICL score", "loss, x ~ N(0, 4I)"]
     assert len(panels["LayerNorm weight RMS"]) == 3
     paths = write_report(records, str(tmp_path))
     summary = json.load(open(paths["summary"]))
     rows = summary["behaviour_by_stage"]
-    assert [r["stage"] for r in rows] == [s["index"] + 1 for s in summary["stages"]]
-    first, last = rows[0]["metrics"][r"E[$\hat y^2$]"]["pred_sq"], rows[-1]["metrics"][r"E[$\hat y^2$]"]["pred_sq"]
+    assert [r["stage"] for r in rows] == [s["stage"] for s in summary["stages"]] == list(range(1, len(rows) + 1))
+    first, last = rows[0]["metrics"]["E[ŷ²]"]["pred_sq"], rows[-1]["metrics"]["E[ŷ²]"]["pred_sq"]
     assert first[0] == records[0]["behaviour"]["pred_sq"] and last[1] == records[-1]["behaviour"]["pred_sq"]
     import pandas as pd
     csv = pd.read_csv(paths["csv"])

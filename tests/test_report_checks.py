@@ -110,3 +110,17 @@ def test_num_init_batches_reaches_the_estimate_and_keeps_older_keys(tmp_path):
     assert [r["llc_se_from_init_loss"] for r in every] == [r["llc_se_from_init_loss"] for r in default] \
         == [0.0] * len(records)
     assert all("init_loss" not in r["failed_checks"] for r in every)
+
+
+def test_results_csv_has_the_standard_error_and_stages_count_from_one(tmp_path):
+    import json
+    import pandas as pd
+    steps = [0, 1, 3, 10, 30, 100, 300, 1000]
+    records = [_record(s, 5 + np.log1p(s)) for s in steps]
+    records[2]["llc_per_chain"] = [7.0, None, 7.2, 7.1]  # a diverged chain is left out of the count
+    paths = write_report(records, str(tmp_path))
+    frame = pd.read_csv(paths["csv"])
+    np.testing.assert_allclose(frame["llc_se"], [0.1 / 2] * 2 + [0.1 / np.sqrt(3)] + [0.1 / 2] * 5)
+    summary = json.load(open(paths["summary"]))
+    assert [s["stage"] for s in summary["stages"]] == list(range(1, len(summary["stages"]) + 1))
+    assert all("index" not in s for s in summary["stages"])

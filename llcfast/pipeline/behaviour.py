@@ -220,7 +220,7 @@ def for_task(task, eval_set, llc_batches: Sequence) -> "RegressionBehaviour | La
 
 
 _PANELS = {"prev_token": "previous-token score", "prefix_match": "prefix matching", "ln_rms": "LayerNorm weight RMS"}
-_LABELS = {"pred_sq": r"E[$\hat y^2$]", "icl_score": "ICL score", "ood_loss": "loss, x ~ N(0, 4I)",
+_LABELS = {"pred_sq": "E[ŷ²]", "icl_score": "ICL score", "ood_loss": "loss, x ~ N(0, 4I)",
            "bigram_kl": "KL(bigram || model)"}
 
 
@@ -275,7 +275,7 @@ def stage_changes(stages, records: Sequence[dict]) -> List[dict]:
     rows = []
     for s in stages:
         i, j = nearest(s.start), nearest(s.end)
-        rows.append({"stage": s.index + 1, "start": records[i]["step"], "end": records[j]["step"],
+        rows.append({"stage": s.number, "start": records[i]["step"], "end": records[j]["step"],
                      "metrics": {p: {line: [v[i], v[j]] for line, v in lines.items()} for p, lines in panels.items()}})
     return rows
 

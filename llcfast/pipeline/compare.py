@@ -189,7 +189,7 @@ def comparison_lines(summary: dict) -> List[str]:
     the first run beside the others' nearest, and the spread across runs."""
     lines = [f"{'run':>16} {'checkpoints':>11} {'final LLC':>10}  stages (type, end step, LLC change)"]
     for run in summary["runs"]:
-        stages = ", ".join(f"{s['kind']}{s['index'] + 1} to {s['end']:.0f} {s['delta']:+.1f}" for s in run["stages"])
+        stages = ", ".join(f"{s['kind']}{s['stage']} to {s['end']:.0f} {s['delta']:+.1f}" for s in run["stages"])
         final = run["final_llc"]
         lines.append(f"{run['label']:>16} {run['checkpoints']:>11} "
                      f"{'n/a' if final is None else format(final, '.1f'):>10}  {stages}")

@@ -37,11 +37,19 @@ def stage_fit(records: Sequence[dict], **kwargs) -> StageFit:
     return detect_stages(steps, llc, err, **kwargs)
 
 
+def llc_se(record: dict) -> Optional[float]:
+    """The standard error of a record's LLC: the spread over its chains that did not diverge, / sqrt(count)."""
+    finite = [v for v in record.get("llc_per_chain") or [] if v is not None and math.isfinite(v)]
+    if record.get("llc_std") is None or len(finite) < 2:
+        return None
+    return record["llc_std"] / math.sqrt(len(finite))
+
+
 def _frame(records: Sequence[dict]):
     import pandas as pd
-    cols = ["step", "llc_mean", "llc_std", "test_loss", "init_loss", "rhat", "ess", "trend_t", "hessian_trace",
+    cols = ["step", "llc_mean", "llc_se", "llc_std", "test_loss", "init_loss", "rhat", "ess", "trend_t", "hessian_trace",
             "hessian_trace_se", "hessian_top_eig", "seconds", "checkpoint"]
-    rows = [{c: r.get(c) for c in cols} | {"diverged_chains": len(r.get("diverged_chains") or []),
+    rows = [{c: r.get(c) for c in cols} | {"llc_se": llc_se(r), "diverged_chains": len(r.get("diverged_chains") or []),
                                             "failed_checks": ", ".join(r.get("failed_checks") or []),
                                             "warnings": " | ".join(r.get("warnings") or [])}
             | (r.get("behaviour") or {}) for r in records]
@@ -125,7 +133,7 @@ def stage_strip(ax, fit: StageFit, label: str) -> None:
     for s in fit.stages:
         ax.axvspan(max(s.start, 0), s.end, color=STAGE_COLORS[s.kind], alpha=0.7, lw=0)
         mid = math.exp((math.log(s.start + 1) + math.log(s.end + 1)) / 2) - 1
-        ax.text(mid, 0.5, f"{s.kind}{s.index + 1}\n{s.delta:+.0f}", ha="center", va="center", fontsize=7,
+        ax.text(mid, 0.5, f"{s.kind}{s.number}\n{s.delta:+.0f}", ha="center", va="center", fontsize=7,
                 color="white")
     for b in fit.boundaries:
         ax.axvline(b, color="white", lw=2)
@@ -175,7 +183,7 @@ def stage_table(fit: StageFit, curvature: Optional[Dict[str, StageFit]] = None,
     Hessian statistics' own fits."""
     lines = [f"{'stage':>6} {'type':>4} {'start':>10} {'end':>10} {'LLC change':>11}"]
     for s in fit.stages:
-        lines.append(f"{s.index + 1:>6} {s.kind:>4} {s.start:>10.0f} {s.end:>10.0f} {s.delta:>+11.1f}")
+        lines.append(f"{s.number:>6} {s.kind:>4} {s.start:>10.0f} {s.end:>10.0f} {s.delta:>+11.1f}")
     if behaviour:
         lines += [""] + change_lines(behaviour)
     if curvature and fit.boundaries:
@@ -184,7 +192,9 @@ def stage_table(fit: StageFit, curvature: Optional[Dict[str, StageFit]] = None,
 
 
 CHECK_MEANINGS = {"divergence": "chains diverged", "rhat": f"split R-hat above {RHAT_OK}",
-                  "trend": f"the loss was still drifting (|t| > {TREND_T:g})", "sign": "negative LLC"}
+                  "trend": f"the loss was still drifting (|t| > {TREND_T:g})", "sign": "negative LLC",
+                  "gradient": "w* is not a minimum: its slope can move the estimate by over half of it",
+                  "step_size": "the step-size rule failed where the chains went (lower epsilon)"}
 
 
 def _own_checks(record: dict) -> List[str]:
