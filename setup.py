@@ -52,6 +52,8 @@ DEFAULT_ARCHS_WITHOUT_GPU = "8.0;9.0"
 
 
 def want_cuda():
+    """(build the CUDA kernels?, why): the reason is printed when they are
+    skipped, and `llcfast info` shows it either way."""
     flag = os.environ.get("LLCFAST_CUDA", "").strip()
     if flag not in ("", "0", "1"):
         sys.exit(f"LLCFAST_CUDA={flag!r} is not allowed; use 0 (CPU only), 1 (require CUDA) or leave it unset (auto)")
@@ -59,27 +61,30 @@ def want_cuda():
     toolkit = cpp_extension.CUDA_HOME is not None and os.path.exists(
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     if flag == "0":
-        return False
+        return False, "skipped: LLCFAST_CUDA=0"
     if flag == "1":
         if not torch_cuda:
             sys.exit(f"LLCFAST_CUDA=1 but torch {torch.__version__} is not a CUDA build")
         if not toolkit:
             sys.exit("LLCFAST_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to a directory with bin/nvcc")
-        return True
+        return True, "built: LLCFAST_CUDA=1"
     if not (torch_cuda and toolkit):
-        print(f"llcfast: building CPU kernels only (torch CUDA build: {torch_cuda}, nvcc found: {toolkit})")
-        return False
+        return skipped(f"torch CUDA build: {torch_cuda}, nvcc found: {toolkit}")
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        print("llcfast: building CPU kernels only: no GPU is visible and TORCH_CUDA_ARCH_LIST is not set "
-              "(LLCFAST_CUDA=1 or TORCH_CUDA_ARCH_LIST=9.0 builds the CUDA kernels without a GPU)")
-        return False
+        return skipped("no GPU is visible and TORCH_CUDA_ARCH_LIST is not set; LLCFAST_CUDA=1 or "
+                       "TORCH_CUDA_ARCH_LIST=9.0 builds the CUDA kernels without a GPU")
     failure = cuda_probe_failure()
     if failure:
-        print(f"llcfast: building CPU kernels only: a CUDA file that includes torch's CUDA headers does not "
-              f"compile here ({failure}); install with --no-build-isolation into the environment that has "
-              "torch's CUDA packages, or set LLCFAST_CUDA=1 to see the whole error")
-        return False
-    return True
+        return skipped(f"a CUDA file that includes torch's CUDA headers does not compile here ({failure}); install "
+                       "with --no-build-isolation into the environment that has torch's CUDA packages, or set "
+                       "LLCFAST_CUDA=1 to see the whole error")
+    return True, ("built: a GPU is visible" if torch.cuda.is_available() else
+                  f"built: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+
+
+def skipped(why):
+    print(f"llcfast: building CPU kernels only: {why}")
+    return False, f"skipped: {why}"
 
 
 PROBE = "#include <ATen/cuda/CUDAContext.h>\n__global__ void llcfast_probe(float* x) { x[0] = 1.0f; }\n"
@@ -147,10 +152,20 @@ def write_build_config(with_cuda, archs):
             f.write(text)
 
 
+def write_build_choice(why):
+    """llcfast/_build_choice.py: why the CUDA kernels were built or skipped, for `llcfast info`."""
+    text = f'"""Written by setup.py: why this build has, or lacks, CUDA kernels."""\nCUDA = {why!r}\n'
+    path = os.path.join(ROOT, "llcfast", "_build_choice.py")
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+
+
 def extension():
-    with_cuda = want_cuda()
+    with_cuda, why = want_cuda()
     archs = cuda_arch_list() if with_cuda else ""
     write_build_config(with_cuda, archs)
+    write_build_choice(why)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cxx = ["-O3", "-ffp-contract=off"]
     if not with_cuda:

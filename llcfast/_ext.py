@@ -71,6 +71,11 @@ def build_info() -> dict:
     if _C is not None:
         info.update(_C.build_info())
         info["extension_path"] = _C.__file__
+    try:
+        from ._build_choice import CUDA as why
+    except ImportError:  # built before the build recorded its choice
+        why = None
+    info["cuda_build_choice"] = why
     info.update({
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,

@@ -47,7 +47,8 @@ def _info(args) -> int:
           + ("" if info["extension_loaded"] else f"  ({info['extension_error']})"))
     print(f"  CPU kernels        : {yes(info['cpu_kernels'])}")
     archs = info["cuda_archs"] or "-"
-    print(f"  CUDA kernels       : {yes(info['cuda_kernels'])}  (archs: {archs})")
+    print(f"  CUDA kernels       : {yes(info['cuda_kernels'])}  (archs: {archs})"
+          + (f"; {info['cuda_build_choice']}" if info.get("cuda_build_choice") else ""))
     print(f"  built with         : torch {info['built_with_torch'] or '-'}, CUDA {info['built_with_cuda'] or '-'}, "
           f"{info['compiler'] or '-'}")
     print(f"  running on         : torch {info['torch']} (CUDA {info['torch_cuda'] or '-'}), "

@@ -20,6 +20,8 @@ def test_build_info_reports_kernels_and_versions():
     assert info["torch"] == torch.__version__
     if info["cuda_kernels"]:
         assert info["cuda_archs"], "a CUDA build must name its archs"
+    # Why the build has, or lacks, its CUDA kernels (setup.py records it; llcfast info prints it).
+    assert info["cuda_build_choice"].startswith("built: " if info["cuda_kernels"] else "skipped: ")
     assert hasattr(torch.ops.llcfast, "sgld_step_")
 
 
@@ -27,6 +29,7 @@ def test_info_command_prints_build(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "CPU kernels" in out and "CUDA kernels" in out and torch.__version__ in out
+    assert llcfast.build_info()["cuda_build_choice"] in out
     assert cli.main(["info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["torch"] == torch.__version__
 
