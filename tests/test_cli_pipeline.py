@@ -137,3 +137,18 @@ def test_warnings_from_the_command_line_are_one_line_without_our_source(capsys, 
     assert capsys.readouterr().err == "llcfast: RuntimeWarning: step 0: the LLC estimate is negative\n"
     assert warnings.formatwarning is before
 
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import argparse
+    from llcfast.cli import build_parser
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sub in commands.choices.items():
+        if name == "bench":  # the benchmark suite documents its own options
+            continue
+        assert sub.description or sub.epilog, f"llcfast {name} has neither a description nor examples"
+        missing += [f"{name} {a.option_strings or a.dest}" for a in sub._actions
+                    if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not missing, missing

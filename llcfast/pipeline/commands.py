@@ -99,7 +99,7 @@ def _hessian_switch(parser) -> None:
     h = parser.add_mutually_exclusive_group()
     h.add_argument("--hessian", dest="hessian", action="store_true", default=None,
                    help="also Hessian trace and top eigenvalue (default: as the run's config says)")
-    h.add_argument("--no-hessian", dest="hessian", action="store_false")
+    h.add_argument("--no-hessian", dest="hessian", action="store_false", help="skip the Hessian statistics")
 
 
 def _llc_overrides(parser, engine: bool = True):
@@ -304,7 +304,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", help="output directory (default: ./llcfast-demo, or ./llcfast-demo-language)")
     p.add_argument("--language", action="store_true",
                    help="the attention-only language model on a synthetic language (about 11 minutes on 2 CPU cores)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     p.add_argument("--full", action="store_true",
                    help="the paper-scale run (500k training steps, or 50k with --language: use a GPU)")
     p.add_argument("--no-hessian", dest="hessian", action="store_false", help="skip the Hessian statistics")
@@ -328,9 +328,9 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("sweep", help="LLC (and Hessian statistics) at every checkpoint of a run", formatter_class=F,
                        epilog=SWEEP_EPILOG)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run folder (from llcfast train or llcfast import)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if visible")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     _sweep_overrides(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -339,7 +339,7 @@ def add_commands(sub) -> None:
                        description="Write RUN_DIR/manifest.json for its Hugging Face causal-LM checkpoint folders "
                        "(checkpoint-N, stepN, ... each with a config.json) and the token file they were trained on, "
                        "so that sweep, estimate, calibrate, report and compare work on it.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run folder (from llcfast train or llcfast import)")
     p.add_argument("--tokens", required=True, help="token ids: a .npy file, or a raw .bin (see --dtype)")
     p.add_argument("--dtype", default="uint16", help="the .bin file's integer type (default uint16, as nanoGPT)")
     p.add_argument("--context", type=_positive(int),
@@ -354,18 +354,18 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("estimate", help="the LLC of one checkpoint, with its checks and loss traces",
                        formatter_class=F, epilog=ESTIMATE_EPILOG)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run folder (from llcfast train or llcfast import)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the last)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if visible")
     p.add_argument("--out", help="output directory (default: RUN_DIR/estimates)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     _hessian_switch(p)
     _llc_overrides(p)
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("report", help="detect stages and draw the report of a sweep", formatter_class=F,
                        epilog=REPORT_EPILOG)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run folder (from llcfast train or llcfast import)")
     p.add_argument("--out", help="directory for the report (default: the run directory)")
     p.add_argument("--settings", help="which sweep to report when results.jsonl holds several (the key in its "
                                       "'settings' column; default: the latest sweep)")
@@ -375,7 +375,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("compare", help="several runs' sweeps side by side (seeds, settings)", formatter_class=F,
                        epilog=COMPARE_EPILOG)
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="two or more run folders")
     p.add_argument("--out", default="llcfast-compare", help="directory for the comparison (default: ./llcfast-compare)")
     p.add_argument("--labels", nargs="+", help="one name per run (default: the run directories' names)")
     p.add_argument("--settings", nargs="+", metavar="KEY",
@@ -387,7 +387,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("calibrate", help="choose epsilon, gamma (and nbeta) on one checkpoint", formatter_class=F,
                        epilog=CALIBRATE_EPILOG)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run folder (from llcfast train or llcfast import)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the last)")
     p.add_argument("--epsilons", type=_positive(float), nargs="+",
                    help="step sizes to try (default: the run's sweep.epsilon times 0.1, 0.3, 1, 3 and 10)")
@@ -400,7 +400,7 @@ def add_commands(sub) -> None:
                         "rmsprop_sgld:alpha=0.9999 sgnht:diffusion=0.01 (default: sgld)")
     p.add_argument("--chains", type=_positive(int), help="chains per setting (default: the run's)")
     p.add_argument("--draws", type=_positive(int), help="draws per chain (default: the run's)")
-    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if visible")
     p.add_argument("--out", help="output directory (default: RUN_DIR/calibration)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.set_defaults(func=cmd_calibrate)
