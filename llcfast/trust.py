@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ._llc_common import first_line, precision_context, restriction_masks, to_device, trainable
+from .hessian import hessian_eigs
 from .loaders import loader_batches
 
 STEP_RULE = 0.1  # epsilon * (nbeta * lambda_max + gamma) / 2 at the chains' end points
@@ -66,7 +67,6 @@ def top_eigenvalues(model: torch.nn.Module, loss_fn: Callable, batches: list, po
     """(lambda_max [P], Ritz residuals [P]) of the loss's Hessian on
     ``batches`` at each stacked point ({name: [P, ...]}, None: the model's
     own weights), by a short batched Lanczos run."""
-    from .hessian import hessian_eigs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an unconverged Ritz value is reported here, with its residual
         eigs = hessian_eigs(model, loss_fn, batches, k=1, max_iter=max_iter, tol=1e-3, points=points,
