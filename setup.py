@@ -52,8 +52,8 @@ DEFAULT_ARCHS_WITHOUT_GPU = "8.0;9.0"
 
 
 def want_cuda():
-    """(build the CUDA kernels?, why): the reason is printed when they are
-    skipped, and `llcfast info` shows it either way."""
+    """(build the CUDA kernels?, why): build_ext prints the reason when they
+    are skipped, and `llcfast info` shows it either way."""
     flag = os.environ.get("LLCFAST_CUDA", "").strip()
     if flag not in ("", "0", "1"):
         sys.exit(f"LLCFAST_CUDA={flag!r} is not allowed; use 0 (CPU only), 1 (require CUDA) or leave it unset (auto)")
@@ -83,7 +83,6 @@ def want_cuda():
 
 
 def skipped(why):
-    print(f"llcfast: building CPU kernels only: {why}")
     return False, f"skipped: {why}"
 
 
@@ -161,8 +160,12 @@ def write_build_choice(why):
             f.write(text)
 
 
+CUDA_CHOICE = []  # why, as extension() decided it: setup.py runs once per build hook, build_ext once
+
+
 def extension():
     with_cuda, why = want_cuda()
+    CUDA_CHOICE.append(why)
     archs = cuda_arch_list() if with_cuda else ""
     write_build_config(with_cuda, archs)
     write_build_choice(why)
@@ -178,9 +181,15 @@ def extension():
 
 
 class BuildExtension(cpp_extension.BuildExtension):
-    """Keeps the objects in build/ of the checkout, whatever temporary folder
-    pip gives the build (an editable install gets a new one each time), so
-    ninja finds them up to date and compiles only what changed."""
+    """Says once why the CUDA kernels were left out, and keeps the objects in
+    build/ of the checkout, whatever temporary folder pip gives the build (an
+    editable install gets a new one each time), so ninja finds them up to
+    date and compiles only what changed."""
+
+    def run(self):
+        if CUDA_CHOICE and CUDA_CHOICE[-1].startswith("skipped: "):
+            print("llcfast: building CPU kernels only: " + CUDA_CHOICE[-1][len("skipped: "):])
+        super().run()
 
     def finalize_options(self):
         super().finalize_options()
