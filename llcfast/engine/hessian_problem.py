@@ -4,6 +4,7 @@ derivative, and on a GPU the number of probes a trace pass can hold."""
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from typing import List, Optional
 
@@ -51,8 +52,11 @@ class Problem:
         loss_fn = loss_fn or default_loss
         device = resolve_device(device, model)
         refuse_train_mode_batch_norm(model)
-        # A copy: the passes must leave the caller's model (device, buffers, running statistics) as it was.
-        model = copy.deepcopy(model).to(device)
+        # The passes must leave the caller's model as it was: with train-mode batch norm refused, torch's
+        # modules write no buffer in a forward, so only a move to another device needs a copy (a model already there is used as is,
+        # which spares large models, and estimate_llc's own copy, a second copy).
+        if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
+            model = copy.deepcopy(model).to(device)
         named = trainable(model)
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")

@@ -47,8 +47,9 @@ def llc_se(record: dict) -> Optional[float]:
 
 def _frame(records: Sequence[dict]):
     import pandas as pd
-    cols = ["step", "llc_mean", "llc_se", "llc_std", "test_loss", "init_loss", "rhat", "ess", "trend_t", "hessian_trace",
-            "hessian_trace_se", "hessian_top_eig", "seconds", "checkpoint"]
+    # llc_se is derived below; naming it here keeps its column beside llc_mean
+    cols = ["step", "llc_mean", "llc_se", "llc_std", "test_loss", "init_loss", "rhat", "ess", "trend_t",
+            "hessian_trace", "hessian_trace_se", "hessian_top_eig", "seconds", "checkpoint"]
     rows = [{c: r.get(c) for c in cols} | {"llc_se": llc_se(r), "diverged_chains": len(r.get("diverged_chains") or []),
                                             "failed_checks": ", ".join(r.get("failed_checks") or []),
                                             "warnings": " | ".join(r.get("warnings") or [])}
