@@ -52,9 +52,9 @@ class Problem:
         loss_fn = loss_fn or default_loss
         device = resolve_device(device, model)
         refuse_train_mode_batch_norm(model)
-        # The passes must leave the caller's model as it was: with train-mode batch norm refused, torch's
-        # modules write no buffer in a forward, so only a move to another device needs a copy (a model already there is used as is,
-        # which spares large models, and estimate_llc's own copy, a second copy).
+        # The passes must leave the caller's model as it was. With train-mode batch norm refused, torch's
+        # modules write no buffer in a forward, so only a move to another device needs a copy; a model already
+        # there is used as is, which spares large models (and estimate_llc's own copy) a second copy.
         if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
             model = copy.deepcopy(model).to(device)
         named = trainable(model)
