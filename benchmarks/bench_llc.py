@@ -139,7 +139,7 @@ def run_llcfast(case, steps, device, loader=None, **kw):
     r = llcfast.estimate_llc(case["model"], loader if loader is not None else case["loader"], case["loss_fn"],
                              num_chains=case["chains"],
                              num_draws=steps, epsilon=case["epsilon"], nbeta=case["nbeta"], gamma=case["gamma"],
-                             seed=0, device=device, progress=False, trust_checks=False, **kw)
+                             num_burnin=0, seed=0, device=device, progress=False, trust_checks=False, **kw)
     sync(device)
     return time.perf_counter() - started, r
 

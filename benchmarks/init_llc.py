@@ -23,7 +23,7 @@ SIZES = {
     "paper": (dict(task_dim=4, pairs=8), dict(d_model=64, heads=4, layers=2, mlp_width=64)),
     "demo": (dict(task_dim=3, pairs=8), dict(d_model=32, heads=2, layers=2, mlp_width=32)),
 }
-SETTINGS = dict(epsilon=3e-4, nbeta=66.67, gamma=6.67)
+SETTINGS = dict(epsilon=3e-4, nbeta=66.67, gamma=6.67, num_burnin=0)
 
 
 def init_llc(size: str, seed: int, draws: int, chains: int, unembed_scale: float) -> dict:

@@ -185,6 +185,22 @@ def resolve_nbeta(nbeta, loader, grad_accum_steps: int = 1, stacklevel: int = 3)
     return nbeta
 
 
+def cool_accumulation(nbeta: float, loader) -> int:
+    """The fewest micro-batches per step (grad_accum_steps) whose effective
+    batch M keeps nbeta within HOT_NBETA x M / log M, so that the minibatch
+    noise does not heat the chains; at most one epoch of a fixed set of
+    batches (the full-batch gradient), 1 where the batch size is unknown."""
+    total = finite_batches(loader)
+    try:
+        m = batch_size_of(loader)
+    except ValueError:
+        return 1
+    k = 1
+    while (total is None or k < total) and (m * k < 2 or nbeta > HOT_NBETA * m * k / math.log(m * k)):
+        k += 1
+    return k
+
+
 def checked_loss(loss, where: str) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
 from dataclasses import replace
 from typing import Callable, Optional, Sequence, Union
 
@@ -15,7 +14,7 @@ from torch.func import grad
 from . import chain_fold, reference
 from ._checks import check_int
 from ._llc_common import (check_callbacks, check_differentiable, check_llc_args, check_mala, check_precision,
-                          check_sampler_args, default_loss, default_nbeta, draw_slice, finish, first_nonfinite,
+                          check_sampler_args, cool_accumulation, default_loss, draw_slice, finish, first_nonfinite,
                           init_loss_diagnostics, init_loss_plan, loss_at_w_star, mala_diagnostics, paired_spread,
                           precision_context, resolve_device, resolve_nbeta, to_device, trainable, warn_if_dropout)
 from .distributed import current_split, gather_rows
@@ -23,23 +22,21 @@ from .engine import SamplerConfig, checkpointing, run_chains
 from .engine.compiled import check_compile
 from .engine.functional import chain_loss
 from .engine.sampler import loss_context
-from .engine.planner import (free_device_bytes, measure_activation_bytes, out_of_memory_message, plan_memory,
-                             state_bytes)
+from .engine.planner import (cpu_out_of_memory, free_device_bytes, measure_activation_bytes, out_of_memory_message,
+                             plan_memory, state_bytes)
 from .interrupt import ChainsInterrupted, LLCInterrupted, partial_plan, raise_interrupted
 from .loaders import check_loader, loader_batches, warn_if_cycled
 from .result import LLCResult
-from .trust import check_trust_checks, first_batches, relaxation_steps, safe_epsilon, top_eigenvalues, trust_diagnostics
+from .auto import auto_epsilon, auto_gamma, check_auto
+from .trust import check_trust_checks, relaxation_steps, trust_diagnostics
 
 BACKENDS = ("auto", "fast", "reference")
-# epsilon="auto": pilot chains, rounds at most, and the share of the last epsilon a new one may fall to and stop
-AUTO_PILOT_CHAINS, AUTO_ROUNDS, AUTO_STABLE = 4, 4, 0.8
-AUTO_PILOT_MIN_STEPS, AUTO_PILOT_MAX_STEPS = 100, 5000
 
 
-def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 4,
-                 num_draws: int = 200, num_burnin: Union[int, str] = 0, steps_between_draws: int = 1,
-                 epsilon: Union[float, str] = 1e-4,
-                 gamma: float = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
+def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 8,
+                 num_draws: int = 200, num_burnin: Union[int, str] = "auto", steps_between_draws: int = 1,
+                 epsilon: Union[float, str] = "auto",
+                 gamma: Union[float, str] = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
                  noise_scale: float = 1.0, init_loss: str = "auto", num_init_batches: Union[int, str, None] = None,
                  restrict=None, seed: int = 0,
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), backend: str = "auto",
@@ -63,14 +60,19 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default: the model's
         output ``.loss`` (Hugging Face models), called as model(**batch) for a
         dict, model(*batch) for a tuple, else model(batch).
-    num_burnin: steps before the first draw; "auto": the slow modes'
-        relaxation time 2 / (epsilon * gamma), the steps the prior's pull
-        takes to forget the start along flat directions.
-    epsilon: the SGLD step size. "auto" sets it from the step-size rule
+    num_burnin: steps before the first draw; "auto" (default): the slow
+        modes' relaxation time 2 / (epsilon * gamma), the steps the prior's
+        pull takes to forget the start along flat directions.
+    epsilon: the SGLD step size. "auto" (default) sets it from the step-size rule
         epsilon * (nbeta * lambda_max + gamma) / 2 <= 0.1 with lambda_max
         the Hessian's top eigenvalue where short pilot runs' chains end,
         repeated until it is stable (``config["epsilon_auto"]`` lists the
         pilots, ``timings["epsilon_auto_s"]`` their cost).
+    gamma: the prior's pull towards w*, a setting of the estimate: compare
+        checkpoints at one gamma. "auto" halves it from 100 until the
+        estimates at gamma and gamma / 2 agree within their combined
+        standard error, and returns the one at the larger gamma
+        (``config["gamma_auto"]`` lists the ladder; each rung is a full run).
     init_loss: how the loss at w* is found (``diagnostics["init_loss_method"]``
         says which ran). "exact": the mean over every batch of a loader that
         is one fixed set (a list, a DataLoader over a map-style dataset
@@ -148,13 +150,9 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         loss=<[C] tensor>, params={name: <[C, ...] tensor>})`` (the loss that
         drove step t, the parameters after it; live tensors, clone to keep).
     """
-    if isinstance(epsilon, str):
-        if epsilon != "auto":
-            raise ValueError(f"epsilon must be a number > 0 or 'auto', got {epsilon!r}")
-        settings = {k: v for k, v in locals().items() if k not in ("model", "loader", "loss_fn", "epsilon")}
-        return _with_auto_epsilon(model, loader, loss_fn, settings)
-    if num_burnin == "auto":
-        num_burnin = relaxation_steps(epsilon, gamma)
+    settings = {k: v for k, v in locals().items() if k not in ("model", "loader", "loss_fn")}
+    auto = {name for name, value in (("gamma", gamma), ("epsilon", epsilon), ("num_burnin", num_burnin))
+            if check_auto(name, value)}
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_precision(precision)  # fail before copying the model; precision_context shares the check
@@ -165,11 +163,15 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         check_int("chain_chunk", chain_chunk, minimum=1)
     if chain_group is not None:
         check_int("chain_group", chain_group, minimum=1)
-    args = dict(num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
-                steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
+    # Every argument is checked before any pilot runs: "auto" values stand in as numbers here
+    args = dict(num_chains=num_chains, num_draws=num_draws, num_burnin=0 if "num_burnin" in auto else num_burnin,
+                steps_between_draws=steps_between_draws, epsilon=1.0 if "epsilon" in auto else epsilon,
+                gamma=1.0 if "gamma" in auto else gamma, nbeta=nbeta,
                 weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
                 grad_accum_steps=grad_accum_steps)
     check_llc_args(**args)
+    if "num_burnin" in auto and "gamma" not in auto:
+        relaxation_steps(1.0, gamma)  # refuses gamma = 0, whose flat directions never relax
     check_trust_checks(trust_checks)
     callbacks = check_callbacks(callbacks)
     check_loader(loader)
@@ -178,6 +180,12 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     check_mala(mala, sampler, box, noise_scale)
     sampling = dict(sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box or None)
+    if "gamma" in auto:
+        return auto_gamma(estimate_llc, model, loader, loss_fn, {k: v for k, v in settings.items() if k != "gamma"})
+    if "epsilon" in auto:
+        return auto_epsilon(estimate_llc, model, loader, loss_fn, {k: v for k, v in settings.items() if k != "epsilon"})
+    if "num_burnin" in auto:
+        args["num_burnin"] = num_burnin = relaxation_steps(epsilon, gamma)
     device = resolve_device(device, model)
     split = current_split(num_chains) if split_chains else None
     if backend == "reference":
@@ -234,6 +242,10 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
             part = replace(cfg, num_chains=min(group, local_chains - first), chain_offset=offset + first)
             runs.append(run_chains(base, loader, loss_fn, part, restrict=restrict, callbacks=callbacks))
     except torch.OutOfMemoryError as exc:
+        raise MemoryError(out_of_memory_message(exc, plan, num_chains)) from exc
+    except RuntimeError as exc:
+        if not cpu_out_of_memory(exc):
+            raise
         raise MemoryError(out_of_memory_message(exc, plan, num_chains)) from exc
     except ChainsInterrupted as stop:
         if split is not None:  # the other ranks cannot be gathered from: stop plainly
@@ -312,52 +324,6 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     return result
 
 
-def _with_auto_epsilon(model, loader, loss_fn, settings: dict) -> LLCResult:
-    """estimate_llc at the epsilon the step-size rule allows where pilot
-    chains go: start from the rule at w*, run AUTO_PILOT_CHAINS chains for
-    the slow modes' relaxation time 2 / (epsilon * gamma) (at most the run's
-    own length), take the top eigenvalue at their end points, and repeat
-    from the epsilon it allows until that epsilon stops falling."""
-    started = time.perf_counter()
-    check_loader(loader)
-    device = resolve_device(settings["device"], model)
-    nbeta = settings["nbeta"]
-    nbeta = float(nbeta) if nbeta is not None else default_nbeta(loader, settings["grad_accum_steps"])
-    gamma, seed = settings["gamma"], settings["seed"]
-    lam = float(top_eigenvalues(model, loss_fn or default_loss, first_batches(loader, seed), None,
-                                restrict=settings["restrict"], precision=settings["precision"], device=device,
-                                seed=seed)[0][0])
-    epsilon = safe_epsilon(nbeta, gamma, lam)
-    history = [{"pilot": 0, "lambda_max": lam, "epsilon": epsilon, "steps": 0}]
-    burn = settings["num_burnin"]
-    pilot = dict(settings, num_chains=min(settings["num_chains"], AUTO_PILOT_CHAINS), num_burnin=0,
-                 steps_between_draws=1, nbeta=nbeta, progress=False, callbacks=(), init_loss="batches",
-                 num_init_batches=1, mala=False, trust_checks=True)
-    for round_ in range(1, AUTO_ROUNDS + 1):
-        total = (relaxation_steps(epsilon, gamma) if burn == "auto" else burn) + \
-            settings["num_draws"] * settings["steps_between_draws"]
-        steps = int(min(total, AUTO_PILOT_MAX_STEPS, max(AUTO_PILOT_MIN_STEPS, 2 / (epsilon * gamma))
-                        if gamma > 0 else total))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the pilots' own verdicts are not the user's
-            run = estimate_llc(model, loader, loss_fn, **dict(pilot, epsilon=epsilon, num_draws=steps))
-        check = run.diagnostics["step_check"]
-        if "skipped" in check:
-            raise ValueError(f"epsilon='auto' needs the Hessian at the pilot chains' end points, which could not "
-                             f"be taken ({check['skipped']}); pass a number for epsilon")
-        lam = max(lam, float(np.max(check["lambda_max_at_chains"])))
-        allowed = safe_epsilon(nbeta, gamma, lam)
-        history.append({"pilot": round_, "lambda_max": lam, "epsilon": allowed, "steps": steps})
-        stable = allowed >= AUTO_STABLE * epsilon  # the rule holds, or nearly, where the pilot chains went
-        epsilon = min(epsilon, allowed)
-        if stable:
-            break
-    result = estimate_llc(model, loader, loss_fn, epsilon=epsilon, **settings)
-    result.config["epsilon_auto"] = history
-    result.timings["epsilon_auto_s"] = time.perf_counter() - started - result.timings.get("total_s", 0.0)
-    return result
-
-
 def _plan(base, loader, loss_fn, cfg: SamplerConfig, device):
     """The memory plan for ``cfg`` on a CUDA device, with the activations of
     one chain's loss and gradient measured on the loader's first batch."""
@@ -389,10 +355,19 @@ def estimate_wbic(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = 
     nbeta = n / log n (any other estimate_llc argument passes through) and
     stores the value and its standard error across chains in
     ``result.diagnostics["wbic"]`` and ``["wbic_se"]``; the result's LLC is
-    the LLC at that temperature."""
+    the LLC at that temperature.
+
+    n / log n is far above m / log m for minibatches of m, where minibatch
+    noise heats the chains; unless grad_accum_steps is given, each step
+    therefore averages the gradient over as many micro-batches as keep nbeta
+    within 4 x M / log M for the effective batch M (the whole set of a fixed
+    loader at most)."""
     n = check_int("num_samples", num_samples, minimum=2)
     if kwargs.get("nbeta") is not None:
         raise ValueError("estimate_wbic sets nbeta = num_samples / log(num_samples); do not pass nbeta")
-    result = estimate_llc(model, loader, loss_fn, nbeta=n / math.log(n), **kwargs)
+    nbeta = n / math.log(n)
+    if kwargs.get("grad_accum_steps") is None:
+        kwargs["grad_accum_steps"] = cool_accumulation(nbeta, loader)
+    result = estimate_llc(model, loader, loss_fn, nbeta=nbeta, **kwargs)
     result.diagnostics["wbic"], result.diagnostics["wbic_se"] = result.wbic(n)
     return result

@@ -76,16 +76,21 @@ def top_eigenvalues(model: torch.nn.Module, loss_fn: Callable, batches: list, po
 
 def step_size_check(model: torch.nn.Module, loss_fn: Callable, loader, final: Sequence[torch.Tensor], *,
                     epsilon: float, nbeta: float, gamma: float, restrict, precision: str, device,
-                    seed: int = 0) -> dict:
-    """The rule's value at the end points of up to STEP_CHECK_CHAINS chains
+                    seed: int = 0, limit: int = STEP_CHECK_CHAINS) -> dict:
+    """The rule's value at the end points of up to ``limit`` (at most
+    STEP_CHECK_CHAINS) chains that did not diverge
     (``final``: the stacked parameters [C, ...] in trainable order), with the
     largest epsilon it allows there and the seconds it took; {"skipped":
     reason} where the Hessian cannot be taken (a loss that is not twice
     differentiable, say)."""
     started = time.perf_counter()
     names = [n for n, _ in trainable(model)]
-    count = min(STEP_CHECK_CHAINS, final[0].shape[0])
-    points = {n: p[:count].detach() for n, p in zip(names, final)}
+    finite = torch.stack([p.detach().reshape(p.shape[0], -1).isfinite().all(1) for p in final]).all(0).nonzero()[:, 0]
+    if len(finite) == 0:
+        return {"skipped": "every chain diverged, so no end point is left to check"}
+    keep = finite[:min(limit, STEP_CHECK_CHAINS)]  # a diverged chain's end point has no Hessian
+    count = len(keep)
+    points = {n: p.detach()[keep] for n, p in zip(names, final)}
     try:
         lams, resid = top_eigenvalues(model, loss_fn, first_batches(loader, seed), points, restrict=restrict,
                                       precision=precision, device=device, seed=seed)
@@ -171,8 +176,7 @@ def trust_diagnostics(model: torch.nn.Module, loss_fn: Callable, loader, final: 
         out["step_check"] = {"skipped": f"it would cost over {CHECK_SHARE:.0%} of this short run; "
                                         "trust_checks=True runs it anyway"}
     else:
-        final = [p[:chains] for p in final]
         out["step_check"] = step_size_check(model, loss_fn, loader, final, epsilon=epsilon, nbeta=nbeta,
                                             gamma=gamma, restrict=restrict, precision=precision, device=device,
-                                            seed=seed)
+                                            seed=seed, limit=chains)
     return out

@@ -72,7 +72,7 @@ def trajectory(model, loader, loss_fn, on, **kwargs):
     saved = bf16_copies.DEVICES
     bf16_copies.DEVICES = {"cpu"} if on else set()
     try:
-        res = llcfast.estimate_llc(model, loader, loss_fn, callbacks=[keep], **dict(dict(
+        res = llcfast.estimate_llc(model, loader, loss_fn, callbacks=[keep], **dict(dict(num_burnin=0, 
             num_chains=3, num_draws=5, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3,
             precision="bf16"), **kwargs))
     finally:

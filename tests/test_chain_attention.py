@@ -194,7 +194,7 @@ def test_a_fold_that_breaks_vmap_is_left_out_not_the_batched_pass(monkeypatch):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         r = llcfast.estimate_llc(lm("sdpa"), loader, models.next_token_loss, num_chains=2, num_draws=3,
-                                 nbeta=5.0, progress=False)
+                                 nbeta=5.0, progress=False, num_burnin=0, epsilon=1e-4)
     assert r.config["backend"] == "fast" and torch.isfinite(torch.tensor(r.llc_mean))
     assert not any("one after another" in str(w.message) for w in seen)
 
@@ -206,7 +206,7 @@ def test_a_fold_that_breaks_vmap_is_left_out_not_the_batched_pass(monkeypatch):
 def test_estimate_llc_with_the_fold_equals_it_without(monkeypatch, attend_calls, extra):
     loader = lm_batches(4)
     # Stacked passes, as on CUDA (a CPU's plan might go chain by chain).
-    kwargs = dict(dict(num_chains=3, num_draws=4, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3,
+    kwargs = dict(dict(num_burnin=0, num_chains=3, num_draws=4, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3,
                        chain_chunk=3), **extra)
     folded = llcfast.estimate_llc(lm("sdpa"), loader, models.next_token_loss, **kwargs)
     assert attend_calls and folded.config["backend"] == "fast" and folded.config["attention_fold"] is True
@@ -255,7 +255,7 @@ def test_cuda_graph_replay_of_the_folded_pass_walks_the_reference_trajectory():
     from test_engine_agreement import assert_same_trajectory, record_into
     model = lm("sdpa").cuda()
     loader = [b.cuda() for b in lm_batches(4)]
-    kw = dict(num_chains=3, num_draws=8, epsilon=1e-3, nbeta=5.0, gamma=100.0, seed=2, progress=False, device="cuda")
+    kw = dict(num_burnin=0, num_chains=3, num_draws=8, epsilon=1e-3, nbeta=5.0, gamma=100.0, seed=2, progress=False, device="cuda")
     ref, graphed = {}, {}
     r = reference.estimate_llc(model, loader, models.next_token_loss, callbacks=[record_into(ref)], **kw)
     with fused_loss.first_order() as probe:  # the fold is what the engine's pass runs here

@@ -183,7 +183,7 @@ def lm_batches(n):
 def test_estimate_llc_with_the_fold_equals_it_without(monkeypatch, extra):
     monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})
     monkeypatch.setattr(chain_norm, "FOLD_DEVICES", {"cpu", "cuda"})
-    kwargs = dict(dict(num_chains=3, num_draws=4, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3,
+    kwargs = dict(dict(num_burnin=0, num_chains=3, num_draws=4, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3,
                        chain_chunk=3), **extra)
     folded = llcfast.estimate_llc(lm(), lm_batches(4), models.next_token_loss, **kwargs)
     assert folded.config["linear_fold"] is True

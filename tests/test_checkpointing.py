@@ -13,7 +13,7 @@ import llcfast
 from llcfast.engine import checkpointing
 from llc_models import TinyTransformer, gpt2_batches, mlp, mse, regression_loader, tiny_gpt2, token_loader, token_loss
 
-KW = dict(num_chains=3, num_draws=6, epsilon=1e-3, gamma=100.0, nbeta=20.0, seed=4, progress=False)
+KW = dict(num_burnin=0, num_chains=3, num_draws=6, epsilon=1e-3, gamma=100.0, nbeta=20.0, seed=4, progress=False)
 
 
 def test_same_trajectory_as_without_and_the_modules_are_recorded():

@@ -8,7 +8,7 @@ import torch
 import llcfast
 from llc_models import mlp, mse, regression_loader
 
-KW = dict(num_chains=3, num_draws=6, epsilon=1e-3, gamma=100.0, nbeta=20.0, seed=2, progress=False,
+KW = dict(num_burnin=0, num_chains=3, num_draws=6, epsilon=1e-3, gamma=100.0, nbeta=20.0, seed=2, progress=False,
           num_init_batches=1)
 pytestmark = pytest.mark.filterwarnings("ignore:the loader holds")
 

@@ -63,7 +63,7 @@ def devinterp_llc(model, loader, *, method, epsilon, nbeta, gamma=0.0, weight_de
     return r
 
 
-SGLD_KW = dict(epsilon=1e-3, gamma=100.0, nbeta=10.0)
+SGLD_KW = dict(epsilon=1e-3, gamma=100.0, nbeta=10.0, num_burnin=0)
 # name: (llcfast's arguments, devinterp's); sampler hyperparameters as each library names them.
 SETTINGS = {
     "plain": (SGLD_KW, dict(method="sgld", **SGLD_KW)),
@@ -78,7 +78,7 @@ SETTINGS = {
                      dict(method="sgld", **dict(SGLD_KW, gamma=10.0), bounding_box_size=0.01)),
     "rmsprop_sgld": (dict(SGLD_KW, epsilon=1e-4, sampler="rmsprop_sgld", sampler_kwargs=dict(alpha=0.99, rms_eps=0.1)),
                      dict(method="rmsprop_sgld", **dict(SGLD_KW, epsilon=1e-4), alpha=0.99, eps=0.1)),
-    "sgnht": (dict(epsilon=1e-4, gamma=0.0, nbeta=10.0, sampler="sgnht", sampler_kwargs=dict(diffusion=0.01)),
+    "sgnht": (dict(epsilon=1e-4, gamma=0.0, nbeta=10.0, num_burnin=0, sampler="sgnht", sampler_kwargs=dict(diffusion=0.01)),
               dict(method="sgnht", epsilon=1e-4, nbeta=10.0, diffusion_factor=0.01)),
 }
 
@@ -125,5 +125,5 @@ def assert_same_mean(ours, theirs, what):
 def test_default_nbeta_is_devinterps(trained, accum):
     from devinterp.utils import default_nbeta
     model, loader = trained
-    ours = llcfast.estimate_llc(model, loader, mse, num_chains=1, num_draws=1, grad_accum_steps=accum, progress=False)
+    ours = llcfast.estimate_llc(model, loader, mse, num_chains=1, num_draws=1, grad_accum_steps=accum, progress=False, num_burnin=0, epsilon=1e-4)
     assert ours.config["nbeta"] == pytest.approx(float(default_nbeta(loader, grad_accum_steps=accum)), rel=1e-12)

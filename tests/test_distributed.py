@@ -75,7 +75,8 @@ def _too_few_chains(rank, world, port, out_dir):
     try:
         for backend, kw in (("fast", dict(num_chains=1)), ("reference", dict(num_chains=4))):
             try:
-                llcfast.estimate_llc(mlp(), regression_loader(), mse, num_draws=2, progress=False, backend=backend,
+                llcfast.estimate_llc(mlp(), regression_loader(), mse, num_draws=2, epsilon=1e-3, num_burnin=0, progress=False,
+                                     backend=backend,
                                      **kw)
             except ValueError as exc:
                 with open(os.path.join(out_dir, f"{backend}{rank}.txt"), "w") as f:

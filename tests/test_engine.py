@@ -36,7 +36,7 @@ def test_bad_arguments_name_the_value_and_what_is_allowed(kwargs, exc, match):
 def test_bad_loader_and_loss():
     model, loader, _ = linear_problem(2)
     with pytest.raises(ValueError, match="no batches"):
-        llcfast.estimate_llc(model, [], mse, nbeta=1.0, progress=False)
+        llcfast.estimate_llc(model, [], mse, nbeta=1.0, progress=False, num_burnin=0, epsilon=1e-4, num_chains=4)
     with pytest.raises(ValueError, match="no batches"):
         llcfast.estimate_llc(model, [], mse, progress=False)  # the nbeta default needs a batch too
     with pytest.raises(ValueError, match="scalar tensor"):
@@ -53,7 +53,7 @@ def test_loaders_that_cannot_be_passed_over_again_are_refused(estimate):
     batches = list(loader)
     for one_shot, kind in [((b for b in batches), "generator"), (iter(batches), "list_iterator")]:
         with pytest.raises(TypeError, match=rf"loader is a one-shot iterator \({kind}\).*list\(loader\)"):
-            estimate(model, one_shot, mse, nbeta=1.0, progress=False)
+            estimate(model, one_shot, mse, nbeta=1.0, progress=False, num_burnin=0, epsilon=1e-4, num_chains=4)
     with pytest.raises(TypeError, match=r"loader is a tensor of shape \(4, 2\)"):
         estimate(model, torch.zeros(4, 2), mse, nbeta=1.0, progress=False)
     with pytest.raises(TypeError, match="loader must be an iterable of batches.*got int"):
@@ -71,13 +71,13 @@ def test_a_restriction_that_selects_nothing_and_uncallable_callbacks_are_refused
     nothing = {names[0]: torch.zeros_like(model.get_parameter(names[0]), dtype=torch.bool)}
     for restrict, shown in [({}, r"restrict=\{\}"), ([], r"restrict=\[\]"), (nothing, rf"masks for \['{names[0]}'\]")]:
         with pytest.raises(ValueError, match=shown + " selects no parameter element"):
-            estimate(model, loader, mse, nbeta=1.0, restrict=restrict, progress=False)
+            estimate(model, loader, mse, nbeta=1.0, restrict=restrict, progress=False, num_burnin=0, epsilon=1e-4, num_chains=4)
     with pytest.raises(TypeError, match=r"callbacks\[1\] is 'log', which is not callable"):
         estimate(model, loader, mse, nbeta=1.0, callbacks=[print, "log"], progress=False)
     with pytest.raises(TypeError, match="callbacks must be a list of functions, got int"):
         estimate(model, loader, mse, nbeta=1.0, callbacks=3, progress=False)
     steps = []
-    estimate(model, loader, mse, nbeta=1.0, num_chains=1, num_draws=3, progress=False,
+    estimate(model, loader, mse, nbeta=1.0, num_chains=1, num_draws=3, num_burnin=0, epsilon=1e-4, progress=False,
              callbacks=lambda step, **_: steps.append(step))  # one function alone is taken as the list
     assert steps == [0, 1, 2]
 
@@ -92,7 +92,7 @@ def test_a_draw_is_the_loss_of_the_last_step_of_each_interval(estimate):
     def record(step, chains, loss, params):
         seen.setdefault(step, []).extend(loss.tolist() if loss.dim() else [loss.item()])
     res = estimate(model, loader, mse, num_chains=2, num_draws=3, num_burnin=3, steps_between_draws=2, nbeta=2.0,
-                   progress=False, callbacks=[record])
+                   progress=False, callbacks=[record], epsilon=1e-4)
     assert sorted(seen) == list(range(9))
     np.testing.assert_allclose(res.loss_trace, np.array([seen[t] for t in (4, 6, 8)]).T, rtol=1e-6)
 
@@ -103,9 +103,10 @@ def test_active_dropout_is_named_in_a_warning_and_eval_mode_is_quiet(estimate, r
     model = nn.Sequential(nn.Linear(5, 12), nn.Dropout(0.1), nn.Tanh(), nn.Linear(12, 1))
     loader = regression_loader(n=64, batch_size=16)
     with pytest.warns(UserWarning, match=r"dropout is active \(1: the model is in train mode\).*model.eval\(\)"):
-        estimate(model, loader, mse, nbeta=1.0, num_chains=1, num_draws=2, progress=False)
+        estimate(model, loader, mse, nbeta=1.0, num_chains=1, num_draws=2, progress=False, num_burnin=0, epsilon=1e-4)
     recwarn.clear()
-    estimate(model.eval(), loader, mse, nbeta=1.0, num_chains=1, num_draws=2, progress=False)
+    estimate(model.eval(), loader, mse, nbeta=1.0, num_chains=1, num_draws=2, num_burnin=0, epsilon=1e-4,
+             progress=False)
     assert not [w for w in recwarn if "dropout" in str(w.message)]
 
 
@@ -119,7 +120,7 @@ def test_active_dropout_is_named_in_a_warning_and_eval_mode_is_quiet(estimate, r
 def test_unusable_devices_are_named(device, match):
     model, loader, _ = linear_problem(2)
     with pytest.raises(ValueError, match=match):
-        llcfast.estimate_llc(model, loader, mse, nbeta=1.0, progress=False, device=device)
+        llcfast.estimate_llc(model, loader, mse, nbeta=1.0, progress=False, device=device, num_burnin=0, epsilon=1e-4, num_chains=4)
     with pytest.raises(ValueError, match=match):
         llcfast.hessian_trace(model, mse, list(loader), num_probes=2, progress=False, device=device)
 
@@ -128,13 +129,13 @@ def test_non_float32_parameters_are_refused_by_name():
     model, loader, _ = linear_problem(2)
     model = model.double()
     with pytest.raises(TypeError, match=r"parameter 'weight' is torch.float64.*call model.float\(\) first"):
-        llcfast.estimate_llc(model, [(x.double(), y.double()) for x, y in loader], mse, nbeta=1.0, progress=False)
+        llcfast.estimate_llc(model, [(x.double(), y.double()) for x, y in loader], mse, nbeta=1.0, progress=False, num_burnin=0, epsilon=1e-4, num_chains=4)
 
 
 def test_short_loader_is_cycled_with_a_warning():
     loader = regression_loader(n=48, batch_size=16)  # 3 batches, 10 steps
     with pytest.warns(UserWarning, match="holds 3 batches but each chain takes 10 steps; it is cycled"):
-        r = llcfast.estimate_llc(mlp(), loader, mse, num_chains=2, num_draws=10, nbeta=5.0, progress=False)
+        r = llcfast.estimate_llc(mlp(), loader, mse, num_chains=2, num_draws=10, nbeta=5.0, progress=False, num_burnin=0, epsilon=1e-4)
     assert np.isfinite(r.loss_trace).all()
     # Batches repeat with the loader's period: the losses at steps t and t + 3
     # are of the same batch at nearby weights.
@@ -178,7 +179,7 @@ def test_all_chains_diverging_gives_nan_with_a_warning():
     model, loader, _ = linear_problem(2)
     with pytest.warns(RuntimeWarning, match="diverged"):
         r = llcfast.estimate_llc(model, loader, mse, num_chains=2, num_draws=200, epsilon=5.0, nbeta=50.0,
-                                 progress=False)
+                                 progress=False, num_burnin=0)
     assert r.diagnostics["diverged_chains"] == [0, 1] and math.isnan(r.llc_mean)
 
 
@@ -188,7 +189,7 @@ def test_negative_llc_warns():
         model.weight.add_(0.5)  # w* is no longer the minimum: the chains walk downhill
     with pytest.warns(RuntimeWarning, match="negative"):
         r = llcfast.estimate_llc(model, loader, mse, num_chains=2, num_draws=200, epsilon=1e-3, nbeta=50.0,
-                                 gamma=1.0, progress=False)
+                                 gamma=1.0, progress=False, num_burnin=0)
     assert r.llc_mean < 0
 
 
@@ -214,7 +215,7 @@ def batchnorm_mlp():
 @pytest.mark.parametrize("accum", [1, 2])
 @pytest.mark.parametrize("make", [batchnorm_mlp, ParamBranch], ids=["batchnorm-train", "param-control-flow"])
 def test_models_vmap_cannot_batch_fall_back_with_one_warning(make, accum):
-    kw = dict(num_chains=3, num_draws=8, epsilon=1e-3, nbeta=10.0, seed=2, progress=False, grad_accum_steps=accum)
+    kw = dict(num_burnin=0, num_chains=3, num_draws=8, epsilon=1e-3, nbeta=10.0, seed=2, progress=False, grad_accum_steps=accum)
     with pytest.warns(RuntimeWarning, match="cannot be batched over chains") as caught:
         f = llcfast.estimate_llc(make(), regression_loader(), mse, **kw)
     assert sum("cannot be batched" in str(w.message) for w in caught) == 1
@@ -229,7 +230,7 @@ def test_the_users_model_is_left_untouched():
     model = batchnorm_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.warns(RuntimeWarning):
-        llcfast.estimate_llc(model, regression_loader(), mse, num_chains=2, num_draws=5, nbeta=10.0, progress=False)
+        llcfast.estimate_llc(model, regression_loader(), mse, num_chains=2, num_draws=5, nbeta=10.0, progress=False, num_burnin=0, epsilon=1e-4)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -282,7 +283,7 @@ def test_result_carries_config_timings_and_diagnostics():
 
 def test_reference_backend_through_the_public_api():
     model, loader, _ = linear_problem(2)
-    kw = dict(num_chains=2, num_draws=30, epsilon=1e-3, nbeta=20.0, num_init_batches=1, progress=False)
+    kw = dict(num_burnin=0, num_chains=2, num_draws=30, epsilon=1e-3, nbeta=20.0, num_init_batches=1, progress=False)
     r = llcfast.estimate_llc(model, loader, mse, backend="reference", **kw)
     f = llcfast.estimate_llc(model, loader, mse, backend="fast", **kw)
     assert r.config["backend"] == "reference" and f.config["backend"] == "fast"
@@ -290,7 +291,7 @@ def test_reference_backend_through_the_public_api():
 
 
 def test_chain_chunks_walk_the_same_trajectory():
-    kw = dict(num_chains=5, num_draws=10, epsilon=1e-3, nbeta=10.0, seed=4, progress=False)
+    kw = dict(num_burnin=0, num_chains=5, num_draws=10, epsilon=1e-3, nbeta=10.0, seed=4, progress=False)
     whole = llcfast.estimate_llc(mlp(), regression_loader(), mse, **kw)
     chunked = llcfast.estimate_llc(mlp(), regression_loader(), mse, chain_chunk=2, **kw)
     assert chunked.config["chain_chunk"] == 2

@@ -84,7 +84,7 @@ def test_mlp(chains, restrict):
 @pytest.mark.parametrize("chains,restrict", [(3, None), (2, ["blocks.0.attn.*", "unembed.bias"])])
 def test_small_transformer(chains, restrict):
     model = TinyTransformer()
-    kw = dict(num_chains=chains, num_draws=10, epsilon=1e-3, nbeta=8.0, gamma=100.0, seed=11, restrict=restrict)
+    kw = dict(num_burnin=0, num_chains=chains, num_draws=10, epsilon=1e-3, nbeta=8.0, gamma=100.0, seed=11, restrict=restrict)
     r, f, ref, fast = run_both(model, token_loader(), token_loss, **kw)
     assert f.config["backend"] == "fast"
     assert_same_trajectory(r, f, ref, fast, steps=10, nbeta=8.0, eps=1e-3)
@@ -93,7 +93,7 @@ def test_small_transformer(chains, restrict):
 @pytest.mark.filterwarnings("ignore:the LLC estimate is negative")
 def test_hugging_face_gpt2_without_loss_fn():
     model = tiny_gpt2()
-    kw = dict(num_chains=2, num_draws=6, epsilon=1e-4, nbeta=10.0, seed=2)
+    kw = dict(num_burnin=0, num_chains=2, num_draws=6, epsilon=1e-4, nbeta=10.0, seed=2)
     r, f, ref, fast = run_both(model, gpt2_batches(), None, **kw)
     assert f.config["backend"] == "fast"
     assert_same_trajectory(r, f, ref, fast, steps=6, nbeta=10.0, eps=1e-4)
@@ -123,7 +123,7 @@ class PassLoader:
 @pytest.mark.filterwarnings("ignore:the LLC estimate is negative")
 def test_unstackable_batches_fall_back_per_step():
     model = mlp()
-    kw = dict(num_chains=3, num_draws=6, epsilon=1e-3, nbeta=20.0, seed=4, num_init_batches=1)
+    kw = dict(num_burnin=0, num_chains=3, num_draws=6, epsilon=1e-3, nbeta=20.0, seed=4, num_init_batches=1)
     ref, fast = {}, {}
     r = reference.estimate_llc(model, PassLoader(6), mse, progress=False, callbacks=[record_into(ref)], **kw)
     f = llcfast.estimate_llc(model, PassLoader(6), mse, progress=False, callbacks=[record_into(fast)], **kw)
@@ -149,7 +149,7 @@ def test_gradient_accumulation_matches_the_reference_and_one_big_batch(chains):
         for name in fast[key][1]:
             torch.testing.assert_close(fast[key][1][name], big[key][1][name], rtol=1e-5, atol=1e-6)
     # The default nbeta counts the effective batch of 16.
-    d = llcfast.estimate_llc(mlp(), micro, mse, num_chains=1, num_draws=2, grad_accum_steps=2, progress=False)
+    d = llcfast.estimate_llc(mlp(), micro, mse, num_chains=1, num_draws=2, grad_accum_steps=2, progress=False, num_burnin=0, epsilon=1e-4)
     assert d.config["nbeta"] == pytest.approx(16 / np.log(16))
     with pytest.raises(ValueError, match=r"grad_accum_steps must be in \[1, "):
         llcfast.estimate_llc(mlp(), micro, mse, grad_accum_steps=0, progress=False)

@@ -271,7 +271,7 @@ def test_estimate_llc_with_the_fusion_equals_it_without(fold_as_on_cuda, extra):
     model = lm(vocab=40, d_model=16, dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     loader = [torch.randint(0, 40, (3, 17), generator=g) for _ in range(4)]
-    kwargs = dict(dict(num_chains=3, num_draws=4, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3),
+    kwargs = dict(dict(num_burnin=0, num_chains=3, num_draws=4, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3),
                   **extra)
     fused = llcfast.estimate_llc(model, loader, models.next_token_loss, **kwargs)
     with chain_fold.folding(head=set()):

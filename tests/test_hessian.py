@@ -155,7 +155,7 @@ def test_the_readme_recipe_for_the_hessian_where_the_chains_ended(backend):
                 last.setdefault(name, {}).update({c: p[i].clone() for i, c in enumerate(chains)})
 
     kw = dict(chain_group=2) if backend == "fast" else {}
-    llcfast.estimate_llc(model, batches, loss_fn, num_chains=4, num_draws=steps, epsilon=1e-3, nbeta=10.0,
+    llcfast.estimate_llc(model, batches, loss_fn, num_chains=4, num_draws=steps, epsilon=1e-3, nbeta=10.0, num_burnin=0,
                          callbacks=[keep_last], backend=backend, progress=False, **kw)
     points = {name: torch.stack([rows[c] for c in sorted(rows)]) for name, rows in last.items()}
     assert all(len(rows) == 4 for rows in last.values())

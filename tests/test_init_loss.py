@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 import llcfast
 from llc_models import mlp, mse, regression_loader
 
-KW = dict(num_chains=2, num_draws=5, epsilon=1e-4, gamma=100.0, nbeta=30.0, seed=0, progress=False)
+KW = dict(num_burnin=0, num_chains=2, num_draws=5, epsilon=1e-4, gamma=100.0, nbeta=30.0, seed=0, progress=False)
 
 
 @pytest.mark.parametrize("backend", ["fast", "reference"])

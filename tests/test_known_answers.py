@@ -78,3 +78,28 @@ def test_quadrature_approaches_the_asymptotic_coefficient_slowly():
               for nb in (1e2, 1e4, 1e6)]
     assert values[0] < values[1] < values[2] < 0.25
     assert 0.25 - values[2] < 0.01
+
+
+def test_the_gibbs_sampler_for_reduced_rank_regression_matches_quadrature():
+    """With M = H = N = 1, RRR is f = a b x: the blocked Gibbs sampler's value
+    must match 2-D quadrature of the same posterior."""
+    import torch
+    from llcfast.reference.rrr_exact import rrr_exact_llc
+    x, y = orthogonal_noise_data(1000)
+    sxx, syy = float((x * x).mean()), float((y * y).mean())
+    nbeta, gamma = 1000 / math.log(1000), 10.0
+    want = localized_llc_2d(lambda a, b: syy + a ** 2 * b ** 2 * sxx, (0.0, 0.0), nbeta=nbeta, gamma=gamma)
+    zero = torch.zeros(1, 1, dtype=torch.float64)
+    got, se = rrr_exact_llc(x[:, None], y[:, None], zero, zero, nbeta=nbeta, gamma=gamma, chains=8, sweeps=3000,
+                            burnin=200)
+    assert abs(got - want) < 4 * se, (got, want, se)
+
+
+@pytest.mark.parametrize("shape,rank,want", [((5, 4, 6), 0, 9.0), ((3, 4, 3), 1, 4.5), ((1, 1, 1), 1, 0.5),
+                                             ((2, 1, 6), 1, 3.5), ((3, 5, 2), 2, 3.0)])
+def test_aoyagis_formula_on_known_cases(shape, rank, want):
+    """(3, 4, 3) at rank 1: the deep linear network's 4.5; (1, 1, 1) at rank
+    1 is regular with one effective parameter; (2, 1, 6) at rank 1 has
+    H (M + N - 1) = 7 parameters, 7 / 2; (3, 5, 2) at full rank 2: M N / 2."""
+    from llcfast.reference.rrr_exact import aoyagi_rrr
+    assert aoyagi_rrr(*shape, rank) == want

@@ -12,7 +12,7 @@ import llcfast
 from llcfast._llc_common import mala_diagnostics
 from llc_models import linear_problem, mlp, mse, regression_loader
 
-KW = dict(num_chains=3, num_draws=25, gamma=100.0, nbeta=30.0, seed=1, progress=False, mala=True)
+KW = dict(num_burnin=0, num_chains=3, num_draws=25, gamma=100.0, nbeta=30.0, seed=1, progress=False, mala=True)
 
 
 @pytest.mark.parametrize("restrict", [None, ["2.*"]])
@@ -38,9 +38,9 @@ def test_equals_the_closed_form_on_a_quadratic_loss():
     visited = []
     llcfast.estimate_llc(model, data, mse, num_chains=chains, num_draws=40, epsilon=eps, gamma=gamma, nbeta=nbeta,
                          seed=3, progress=False,
-                         callbacks=[lambda step, chains, loss, params: visited.append(params["weight"].clone())])
+                         callbacks=[lambda step, chains, loss, params: visited.append(params["weight"].clone())], num_burnin=0)
     res = llcfast.estimate_llc(model, data, mse, num_chains=chains, num_draws=40, epsilon=eps, gamma=gamma,
-                               nbeta=nbeta, seed=3, progress=False, mala=True)
+                               nbeta=nbeta, seed=3, progress=False, mala=True, num_burnin=0)
     path = torch.stack([w_star.expand(chains, 2)] + [v[:, 0].double() for v in visited[:-1]], dim=1)  # [C, T, 2]
 
     def u(w):

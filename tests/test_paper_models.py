@@ -43,7 +43,7 @@ def test_sdpa_gives_the_matmul_loss_and_gradients(which):
 
 def test_sdpa_in_the_engine_and_the_hessian():
     model, data = lm_and_batches()
-    kw = dict(num_chains=3, num_draws=5, epsilon=1e-3, nbeta=20.0, gamma=100.0, seed=1, progress=False,
+    kw = dict(num_burnin=0, num_chains=3, num_draws=5, epsilon=1e-3, nbeta=20.0, gamma=100.0, seed=1, progress=False,
               backend="fast")
     matmul = llcfast.estimate_llc(model, data, models.next_token_loss, **kw)
     trace = llcfast.hessian_trace(model, models.next_token_loss, data[:1], num_probes=6)

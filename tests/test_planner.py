@@ -64,7 +64,7 @@ def test_state_counts_the_samplers_extra_tensor():
 @pytest.mark.filterwarnings("ignore:the LLC estimate is negative")
 @pytest.mark.parametrize("sampler", ["sgld", "sgnht"])
 def test_chain_groups_give_the_numbers_of_one_stacked_run(sampler):
-    kw = dict(num_chains=5, num_draws=10, epsilon=1e-3, nbeta=20.0, gamma=50.0, seed=4, progress=False,
+    kw = dict(num_burnin=0, num_chains=5, num_draws=10, epsilon=1e-3, nbeta=20.0, gamma=50.0, seed=4, progress=False,
               backend="fast", sampler=sampler)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -85,7 +85,7 @@ def test_out_of_memory_becomes_a_memory_error_naming_the_settings(monkeypatch):
     monkeypatch.setattr(llc_module, "run_chains", no_memory)
     with pytest.raises(MemoryError, match=r"ran out of device memory \(CUDA out of memory. Tried to allocate 3.00 GiB.\); "
                                           r"set chain_group .* or chain_chunk .* lower"):
-        llcfast.estimate_llc(mlp(), regression_loader(), mse, num_draws=2, progress=False)
+        llcfast.estimate_llc(mlp(), regression_loader(), mse, num_draws=2, progress=False, num_burnin=0, epsilon=1e-4, num_chains=4)
     with pytest.raises(ValueError, match=r"chain_group must be in \[1, "):
         llcfast.estimate_llc(mlp(), regression_loader(), mse, chain_group=0, progress=False)
 
@@ -140,7 +140,7 @@ def test_cpu_passes_are_planned_from_one_chains_activations(monkeypatch):
         # A loader shuffled from the global generator: a pass more over it (to plan) would move every batch.
         torch.manual_seed(0)
         loader = DataLoader(regression_loader().dataset, batch_size=16, shuffle=True)
-        return llcfast.estimate_llc(mlp(), loader, mse, num_chains=5, num_draws=10, epsilon=1e-3, nbeta=10.0,
+        return llcfast.estimate_llc(mlp(), loader, mse, num_chains=5, num_draws=10, epsilon=1e-3, nbeta=10.0, num_burnin=0,
                                     seed=4, progress=False, **extra)
 
     whole = run()
@@ -166,7 +166,7 @@ def test_cpu_runs_chains_one_by_one_where_one_chain_fills_the_cores(monkeypatch)
     assert cpu_pass_plan(8, 40 * MiB, 4 * MiB, stack=True)["chain_chunk"] == 4  # compiled passes stay stacked
     assert cpu_pass_plan(8, MiB, MiB // 8) == dict(sequential=False, chain_chunk=None, activation_bytes_per_chain=MiB,
                                                   largest_activation_bytes=MiB // 8)
-    kw = dict(num_chains=3, num_draws=8, epsilon=1e-3, nbeta=10.0, seed=2, progress=False)
+    kw = dict(num_burnin=0, num_chains=3, num_draws=8, epsilon=1e-3, nbeta=10.0, seed=2, progress=False)
     stacked = llcfast.estimate_llc(mlp(), regression_loader(), mse, **kw)
     monkeypatch.setattr(planner, "CPU_SEQUENTIAL_BYTES", 1)
     one_by_one = llcfast.estimate_llc(mlp(), regression_loader(), mse, **kw)

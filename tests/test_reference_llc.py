@@ -36,7 +36,7 @@ def test_restricted_parameters_stay_at_w_star():
     def cb(step, chains, loss, params):
         final.update({chains[0]: {k: v[0].clone() for k, v in params.items()}})
     reference.estimate_llc(model, data, mse, num_chains=2, num_draws=5, epsilon=1e-3, nbeta=10.0,
-                           restrict=["2.*"], progress=False, callbacks=[cb])
+                           restrict=["2.*"], progress=False, callbacks=[cb], num_burnin=0)
     for c in range(2):
         assert torch.equal(final[c]["0.weight"], model[0].weight) and torch.equal(final[c]["0.bias"], model[0].bias)
         assert not torch.equal(final[c]["2.weight"], model[2].weight)
@@ -46,7 +46,7 @@ def test_divergent_chains_are_reported_not_fatal():
     model, loader, _ = linear_problem(2)
     with pytest.warns(RuntimeWarning, match="diverged"):
         r = reference.estimate_llc(model, loader, mse, num_chains=2, num_draws=200, epsilon=5.0, nbeta=50.0,
-                                   progress=False)
+                                   progress=False, num_burnin=0)
     assert r.diagnostics["diverged_chains"] == [0, 1]
     assert math.isnan(r.llc_mean)
 
@@ -78,7 +78,7 @@ def test_bad_arguments(kwargs, exc, match):
 def test_bad_loader_and_loss():
     model, loader, _ = linear_problem(2)
     with pytest.raises(ValueError, match="no batches"):
-        reference.estimate_llc(model, [], mse, nbeta=1.0, progress=False)
+        reference.estimate_llc(model, [], mse, nbeta=1.0, progress=False, num_burnin=0, epsilon=1e-4, num_chains=4)
     with pytest.raises(ValueError, match="scalar tensor"):
         reference.estimate_llc(model, loader, lambda m, b: m(b[0]), nbeta=1.0, progress=False)
     with pytest.raises(ValueError, match="loss at w\\* is nan"):

@@ -107,13 +107,13 @@ def test_an_untrained_checkpoint_is_named_not_a_minimum():
     _, x, y = deep_linear_at_rank(1000)
     untrained = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 3, bias=False))
     r = llcfast.estimate_llc(untrained, [(x, y)], mse, num_chains=4, num_draws=50, epsilon=1e-4, gamma=100.0,
-                             progress=False)
+                             progress=False, num_burnin=0)
     checks = {n: ok for n, ok, _ in r.checks()}
     assert checks["gradient"] is False and "w* is not a minimum" in r.summary()
     assert r.verdict() == "verdict: not yet trustworthy; fix the gradient CHECK above first"
     trained, x, y = deep_linear_at_rank(1000)
     fine = llcfast.estimate_llc(trained, [(x, y)], mse, num_chains=4, num_draws=50, epsilon=1e-4, gamma=100.0,
-                                progress=False)
+                                num_burnin=0, progress=False)
     assert {n: ok for n, ok, _ in fine.checks()}["gradient"] is True
 
 
@@ -175,8 +175,8 @@ def test_unconverged_lanczos_warns_with_its_residual():
 
 def test_auto_values_are_checked_by_name():
     model, x, y = deep_linear_at_rank(200)
-    with pytest.raises(ValueError, match="epsilon must be a number > 0 or 'auto', got 'fast'"):
-        llcfast.estimate_llc(model, [(x, y)], mse, epsilon="fast", nbeta=10.0, progress=False)
+    with pytest.raises(ValueError, match="epsilon must be a number or 'auto', got 'fast'"):
+        llcfast.estimate_llc(model, [(x, y)], mse, epsilon="fast", nbeta=10.0, progress=False, num_burnin=0, num_chains=4)
     with pytest.raises(ValueError, match="num_burnin='auto' needs gamma > 0"):
         llcfast.estimate_llc(model, [(x, y)], mse, num_burnin="auto", gamma=0.0, nbeta=10.0, progress=False)
     with pytest.raises(ValueError, match=r"init_loss must be one of \('auto', 'exact', 'paired', 'batches'\)"):
@@ -184,3 +184,94 @@ def test_auto_values_are_checked_by_name():
     with pytest.raises(ValueError, match="does not go with init_loss='paired'"):
         llcfast.estimate_llc(model, [(x, y)], mse, init_loss="paired", num_init_batches=2, nbeta=10.0,
                              progress=False)
+
+
+def regular_quadratic(n=1000, d=3):
+    """Least squares at its minimum, full batch: each eigenmode s of X^T X / n
+    contributes nbeta s / (2 nbeta s + gamma) exactly."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    y = x @ torch.randn(d, generator=g) + 0.5 * torch.randn(n, generator=g)
+    model = nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y[:, None]).solution.T)
+    return model, [(x, y)], torch.linalg.eigvalsh((x.T @ x / n).double())
+
+
+def test_gamma_auto_halves_until_neighbours_agree_and_lands_on_the_exact_value_at_its_gamma():
+    model, full, s = regular_quadratic()
+    r = llcfast.estimate_llc(model, full, mse, gamma="auto", num_chains=16, num_draws=200, nbeta=20.0,
+                             progress=False)
+    ladder = r.config["gamma_auto"]
+    assert [rung["gamma"] for rung in ladder] == [100.0 / 2 ** i for i in range(len(ladder))]
+    last, before = ladder[-1], ladder[-2]
+    assert abs(before["llc_mean"] - last["llc_mean"]) <= math.hypot(before["llc_se"], last["llc_se"])
+    for a, b in zip(ladder[:-2], ladder[1:-1]):  # every earlier pair disagreed
+        assert abs(a["llc_mean"] - b["llc_mean"]) > math.hypot(a["llc_se"], b["llc_se"])
+    assert r.config["gamma"] == before["gamma"] and r.llc_mean == before["llc_mean"]
+    exact = float((20.0 * s / (2 * 20.0 * s + r.config["gamma"])).sum())
+    assert abs(r.llc_mean - exact) < 4 * r.llc_se
+    assert r.timings["gamma_auto_s"] > 0
+    with pytest.raises(ValueError, match="gamma must be a number or 'auto', got 'small'"):
+        llcfast.estimate_llc(model, full, mse, gamma="small", progress=False)
+
+
+def test_the_reference_runs_the_same_auto_procedure():
+    model, full, _ = regular_quadratic()
+    kw = dict(num_chains=4, num_draws=50, nbeta=20.0, gamma=10.0, progress=False)
+    fast = llcfast.estimate_llc(model, full, mse, backend="fast", **kw)
+    ref = llcfast.reference.estimate_llc(model, full, mse, **kw)
+    assert ref.config["epsilon"] == pytest.approx(fast.config["epsilon"], rel=1e-3)
+    assert ref.config["num_burnin"] == fast.config["num_burnin"] == math.ceil(2 / (ref.config["epsilon"] * 10.0))
+    assert len(ref.config["epsilon_auto"]) == len(fast.config["epsilon_auto"])
+    np.testing.assert_allclose(ref.llc_per_chain, fast.llc_per_chain, rtol=1e-3, atol=1e-3)
+
+
+def test_auto_epsilon_recovers_from_pilots_that_diverge():
+    """f = a b x at a = b = 0: the Hessian vanishes at w*, the rule there
+    allows a step that sends every pilot chain off; the pilots cut it and
+    measure again, and the run's own check holds."""
+    from llc_models import TwoParam, orthogonal_noise_data
+    x, y = orthogonal_noise_data(1000)
+    r = llcfast.estimate_llc(TwoParam(1), [(x.float(), y.float())], mse, gamma=1.0, num_draws=100, progress=False)
+    pilots = r.config["epsilon_auto"]
+    assert pilots[0]["lambda_max"] == pytest.approx(0.0, abs=1e-6)
+    assert any("diverged_chains" in p for p in pilots) and "lambda_max" in pilots[-1]
+    assert r.diagnostics["diverged_chains"] == [] and r.diagnostics["step_check"]["step_rule"] <= 0.1
+
+
+def test_calibrate_names_the_gamma_whose_estimate_halving_no_longer_moves():
+    from llcfast.pipeline.calibrate import gamma_agreement
+    row = dict(sampler="sgld", nbeta=10.0, epsilon=1e-3, flags=[], llc_se=0.1)
+    rows = [dict(row, gamma=g, llc_mean=v) for g, v in [(100, 2.0), (50, 3.0), (25, 3.6), (12.5, 3.7)]]
+    assert gamma_agreement(rows).startswith("25, whose LLC 3.6 agrees with gamma 12.5's 3.7")
+    rows.append(dict(row, gamma=25, epsilon=1e-4, llc_mean=3.2))  # the smaller epsilon speaks for gamma 25
+    assert gamma_agreement(rows).startswith("no two neighbouring gammas agree (down to 12.5)")
+
+
+def test_wbic_averages_enough_micro_batches_not_to_heat_the_chains():
+    from llcfast._llc_common import HOT_NBETA, cool_accumulation
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 3, generator=g)
+    y = x.sum(1) + 0.5 * torch.randn(4000, generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=100, shuffle=True)
+    nbeta = 4000 / math.log(4000)
+    k = cool_accumulation(nbeta, loader)
+    assert nbeta <= HOT_NBETA * 100 * k / math.log(100 * k) and nbeta > HOT_NBETA * 100 * (k - 1) / math.log(
+        100 * (k - 1))
+    assert cool_accumulation(nbeta, [(x, y)]) == 1  # full batch: no minibatch noise
+    assert cool_accumulation(1e9, DataLoader(TensorDataset(x, y), batch_size=1000)) == 4  # at most one epoch
+    model = nn.Linear(3, 1, bias=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no heating warning
+        r = llcfast.estimate_wbic(model, loader, mse, num_samples=4000, num_chains=2, num_draws=5, epsilon=1e-4,
+                                  num_burnin=0, progress=False)
+    assert r.config["grad_accum_steps"] == k
+
+
+def test_more_chains_than_the_cpu_can_hold_is_a_guided_memory_error():
+    model = nn.Linear(1000, 1000)
+    x = torch.randn(4, 1000)
+    with pytest.raises(MemoryError, match=r"ran out of device memory \(.*can't allocate memory.*\); set chain_group"):
+        llcfast.estimate_llc(model, [(x, x)], lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), num_chains=10 ** 7,
+                             num_draws=1, num_burnin=0, epsilon=1e-4, nbeta=1.0, progress=False, trust_checks=False)

@@ -101,7 +101,7 @@ def test_rmsprop_reaches_d_over_2_where_sgld_diverges_or_has_not_equilibrated():
     common = dict(gamma=gamma, nbeta=nbeta, num_init_batches=1, seed=3, progress=False, num_chains=16)
     # eps * (2 nbeta s_max + gamma) / 2 = 3 > 2: every plain SGLD chain diverges.
     with pytest.warns(RuntimeWarning, match="diverged"):
-        plain = llcfast.estimate_llc(model, loader, mse, num_draws=200, epsilon=5e-6, **common)
+        plain = llcfast.estimate_llc(model, loader, mse, num_draws=200, num_burnin=0, epsilon=5e-6, **common)
     assert plain.diagnostics["diverged_chains"] == list(range(16))
     # A stable step (factor 1.8) rings in the stiff directions and overshoots.
     with warnings.catch_warnings():

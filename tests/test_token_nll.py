@@ -131,7 +131,7 @@ def test_engine_runs_the_kernel_with_the_twins_numbers(kernel_on_cpu, monkeypatc
     torch.manual_seed(0)
     model = models.AttentionOnlyLM(vocab=50, d_model=16, heads=2, context=16)
     data = [(torch.randint(0, 50, (4, 9)),) for _ in range(6)]
-    kw = dict(num_chains=3, num_draws=6, epsilon=1e-3, nbeta=50.0, gamma=100.0, seed=3, progress=False,
+    kw = dict(num_burnin=0, num_chains=3, num_draws=6, epsilon=1e-3, nbeta=50.0, gamma=100.0, seed=3, progress=False,
               backend="fast")
     calls = []
     real_apply = fused_loss._TokenNLL.apply

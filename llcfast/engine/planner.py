@@ -154,6 +154,12 @@ def measure_activation_bytes(one_chain_grad: Callable[[], object], device: torch
     return max(0, peak - base)
 
 
+def cpu_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the CPU allocator's refusal (a RuntimeError there,
+    not torch.OutOfMemoryError as on CUDA)."""
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
 def out_of_memory_message(exc: BaseException, plan: Optional[MemoryPlan], num_chains: int) -> str:
     first = first_line(exc, "out of memory")
     if plan is None:

@@ -23,14 +23,16 @@ from ..interrupt import partial_plan, raise_interrupted
 from ..loaders import check_loader, loader_batches, warn_if_cycled
 from ..result import LLCResult
 from ..samplers import Stepper
-from ..trust import STEP_CHECK_CHAINS, check_trust_checks, trust_diagnostics
+from ..auto import auto_epsilon, auto_gamma, check_auto
+from ..trust import STEP_CHECK_CHAINS, check_trust_checks, relaxation_steps, trust_diagnostics
 from .mala import ChainMala
 from .. import reference as ref_ops
 
 
-def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 4,
-                 num_draws: int = 200, num_burnin: int = 0, steps_between_draws: int = 1, epsilon: float = 1e-4,
-                 gamma: float = 100.0, nbeta: Optional[float] = None, weight_decay: float = 0.0,
+def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 8,
+                 num_draws: int = 200, num_burnin: Union[int, str] = "auto", steps_between_draws: int = 1,
+                 epsilon: Union[float, str] = "auto", gamma: Union[float, str] = 100.0,
+                 nbeta: Optional[float] = None, weight_decay: float = 0.0,
                  noise_scale: float = 1.0, init_loss: str = "auto", num_init_batches: Union[int, str, None] = None,
                  restrict=None, seed: int = 0,
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), sampler: str = "sgld",
@@ -45,19 +47,33 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     views: clone to keep). The fast engine calls the same with all chains.
     ``init_loss``, ``activation_checkpointing``, ``mala`` and ``trust_checks`` are as in
     llcfast.estimate_llc; a paired init loss evaluates an unmoved copy of
-    the model at w* on each draw's batch.
+    the model at w* on each draw's batch. ``epsilon``, ``num_burnin`` and
+    ``gamma`` take "auto" as there, through the same procedure (llcfast.auto).
     """
+    settings = {k: v for k, v in locals().items() if k not in ("model", "loader", "loss_fn")}
+    auto = {name for name, value in (("gamma", gamma), ("epsilon", epsilon), ("num_burnin", num_burnin))
+            if check_auto(name, value)}
     check_trust_checks(trust_checks)
-    check_llc_args(num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
-                   steps_between_draws=steps_between_draws, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
+    # Every argument is checked before any pilot runs: "auto" values stand in as numbers here
+    check_llc_args(num_chains=num_chains, num_draws=num_draws, num_burnin=0 if "num_burnin" in auto else num_burnin,
+                   steps_between_draws=steps_between_draws, epsilon=1.0 if "epsilon" in auto else epsilon,
+                   gamma=1.0 if "gamma" in auto else gamma, nbeta=nbeta,
                    weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
                    grad_accum_steps=grad_accum_steps)
+    if "num_burnin" in auto and "gamma" not in auto:
+        relaxation_steps(1.0, gamma)  # refuses gamma = 0, whose flat directions never relax
     sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
     check_mala(mala, sampler, box, noise_scale)
     callbacks = check_callbacks(callbacks)
     check_loader(loader)
     init_method, init_batches, init_chosen = init_loss_plan(init_loss, num_init_batches, num_chains, num_draws,
                                                             loader, grad_accum_steps)
+    if "gamma" in auto:
+        return auto_gamma(estimate_llc, model, loader, loss_fn, {k: v for k, v in settings.items() if k != "gamma"})
+    if "epsilon" in auto:
+        return auto_epsilon(estimate_llc, model, loader, loss_fn, {k: v for k, v in settings.items() if k != "epsilon"})
+    if "num_burnin" in auto:
+        num_burnin = relaxation_steps(epsilon, gamma)
     warn_if_dropout(model)
     loss_fn = loss_fn or default_loss
     device = resolve_device(device, model)
