@@ -81,6 +81,8 @@ def _bench(argv) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llcfast", description="Fast local learning coefficient estimation.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from .pipeline.commands import add_commands
     add_commands(sub)
@@ -111,31 +113,46 @@ def main(argv=None) -> int:
     warnings.formatwarning = _command_line_warning
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: say what, not where in our code
-        print(f"llcfast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the file system refused (not a directory, no permission, disk full)
-        print(f"llcfast {args.command}: error: {exc}; choose a path you can write to (or free space), then rerun: "
-              "what was finished is kept", file=sys.stderr)
-        return 1
-    except (MemoryError, FloatingPointError) as exc:  # the run cannot go on as set up: which setting to change
-        hint = MEMORY_HINTS.get(args.command, "") if isinstance(exc, MemoryError) else ""
-        print(f"llcfast {args.command}: error: {exc}{hint}", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:
-        import torch
-        from ._llc_common import first_line
-        if not isinstance(exc, torch.OutOfMemoryError):
+    except Exception:
+        if args.debug:
             raise
-        print(f"llcfast {args.command}: error: out of device memory ({first_line(exc, 'out of memory')})"
-              f"{MEMORY_HINTS.get(args.command, '')}", file=sys.stderr)
-        return 1
+        return _one_line(args.command)
     except KeyboardInterrupt:
         print(f"llcfast {args.command}: interrupted; {INTERRUPTED.get(args.command, INTERRUPTED[None])}",
               file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = shown
+
+
+def _one_line(command: str) -> int:
+    """The error being handled, said in one line with the exit status it
+    deserves; an error of llcfast's own code (a bug) keeps its traceback."""
+    from .pipeline.safety import RunLocked
+    try:
+        raise
+    except RunLocked as exc:
+        print(f"llcfast {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: say what, not where in our code
+        print(f"llcfast {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (not a directory, no permission, disk full)
+        print(f"llcfast {command}: error: {exc}; choose a path you can write to (or free space), then rerun: "
+              "what was finished is kept", file=sys.stderr)
+        return 1
+    except (MemoryError, FloatingPointError) as exc:  # the run cannot go on as set up: which setting to change
+        hint = MEMORY_HINTS.get(command, "") if isinstance(exc, MemoryError) else ""
+        print(f"llcfast {command}: error: {exc}{hint}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        import torch
+        from ._llc_common import first_line
+        if not isinstance(exc, torch.OutOfMemoryError):
+            raise
+        print(f"llcfast {command}: error: out of device memory ({first_line(exc, 'out of memory')})"
+              f"{MEMORY_HINTS.get(command, '')}", file=sys.stderr)
+        return 1
 
 
 def _command_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -3,6 +3,9 @@ LLCInterrupted, still a KeyboardInterrupt (a script stops as before), whose
 ``result`` is the estimate from those draws."""
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,3 +67,23 @@ def raise_interrupted(result, where: str):
     raise LLCInterrupted(f"{where} interrupted after {info['steps_done']} of {info['steps']} steps; "
                          f"the exception's .result holds the estimate from {info['chains']} chains x "
                          f"{info['draws']} draws (LLC {result.llc_mean:.4g})", result) from None
+
+
+@contextmanager
+def deferred_interrupts():
+    """Ctrl-C inside the block is held until the block ends, then raised:
+    a training step (the optimizer's update and the step counter) is then
+    applied whole or not at all. Outside the main thread, or where SIGINT
+    has a handler of the program's own, it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt

@@ -59,10 +59,10 @@ def test_a_bad_checkpoint_is_reported_and_the_sweep_goes_on(run_dir, tmp_path):
 
 def test_a_torn_last_line_is_skipped_and_the_next_record_starts_fresh(tmp_path):
     path = str(tmp_path / "r.jsonl")
-    append_record(path, {"step": 1})
+    append_record(path, {"step": 1, "settings": "k", "llc_mean": 1.0})
     with open(path, "a") as f:
         f.write('{"step": 2, "llc')  # killed mid-write
-    append_record(path, {"step": 3})
+    append_record(path, {"step": 3, "settings": "k", "llc_mean": 2.0})
     with pytest.warns(RuntimeWarning, match="line 2 is incomplete"):
         assert [r["step"] for r in read_results(path)] == [1, 3]
 

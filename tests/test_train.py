@@ -119,7 +119,7 @@ def test_config_errors_name_the_bad_value(tmp_path):
     cfg = load_config(str(path))
     assert cfg.train.steps == 7 and cfg.train.batch_size == preset("demo").train.batch_size
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="is not valid JSON"):
+    with pytest.raises(ValueError, match="c.json: not valid JSON"):
         load_config(str(path))
 
 

@@ -188,6 +188,9 @@ class RetainedGraph:
     def __init__(self, loss: Callable, params, batch):
         self.leaves = tuple(p.detach().clone().requires_grad_() for p in params)
         value = loss(self.leaves, batch)
+        if not torch.isfinite(value.detach()).all():  # NaN would also fail the equality check below
+            raise ValueError(f"the loss is {float(value.detach())} at these weights; its Hessian is not defined "
+                             "there (check the model and the batch for non-finite values)")
         # Where vmap's randomness="error" would say it, a second evaluation must
         # match the first; with grad on, as the first, so that modules with a
         # no-grad fast path (nn.MultiheadAttention) take the same one.

@@ -16,9 +16,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .._llc_common import progress_bar
+from ..auto import GAMMA_AGREE
 from ..llc import estimate_llc
 from ..diagnostics import TREND_T
 from ..samplers import check_sampler
+from .safety import inside, save_figure, save_text
 from .sweep import _finite, append_record, read_results
 
 RHAT_MAX = 1.1
@@ -32,6 +34,7 @@ class CalibrationResult:
     init_loss: float
     recommended: Optional[dict]
     reason: str
+    gamma_note: str = ""
 
     def to_frame(self):
         import pandas as pd
@@ -50,6 +53,8 @@ class CalibrationResult:
                          f"nbeta={rec['nbeta']:g} (LLC {rec['llc_mean']:.4g}); {self.reason}")
         else:
             lines.append(f"no setting recommended: {self.reason}")
+        if self.gamma_note:
+            lines.append(f"gamma: {self.gamma_note}")
         return "\n".join(lines)
 
     def plot(self, path: Optional[str] = None, traces_path: Optional[str] = None):
@@ -78,10 +83,10 @@ class CalibrationResult:
         ax.set(xscale="log", xlabel="epsilon", ylabel="LLC estimate", title="calibration (red x: flagged)")
         ax.legend(fontsize=7)
         if path is not None:
-            fig.savefig(path, dpi=120, bbox_inches="tight")
+            save_figure(fig, path, dpi=120, bbox_inches="tight")
         if traces_path is not None:
             tfig = self._plot_traces()
-            tfig.savefig(traces_path, dpi=100, bbox_inches="tight")
+            save_figure(tfig, traces_path, dpi=100, bbox_inches="tight")
             plt.close(tfig)
         return fig
 
@@ -149,6 +154,35 @@ def _recommend(rows: List[dict]):
                   "depends on the step size: add smaller epsilons or more draws")
 
 
+def gamma_agreement(rows: List[dict]) -> str:
+    """The recipe's gamma procedure read off the grid: for each sampler and
+    nbeta, the estimate at each gamma (its smallest healthy epsilon, the least
+    step-size bias), and the largest gamma whose estimate agrees within the
+    combined standard error with the next smaller gamma's, going down."""
+    notes = []
+    for sampler, nbeta in sorted({(r["sampler"], r["nbeta"]) for r in rows}):
+        best = {}
+        for r in rows:
+            if (r["sampler"], r["nbeta"]) == (sampler, nbeta) and not r["flags"]:
+                if r["gamma"] not in best or r["epsilon"] < best[r["gamma"]]["epsilon"]:
+                    best[r["gamma"]] = r
+        gammas = sorted(best, reverse=True)
+        where = f"{sampler}, nbeta {nbeta:.4g}: " if len({(r['sampler'], r['nbeta']) for r in rows}) > 1 else ""
+        if len(gammas) < 2:
+            notes.append(where + "needs two or more gammas with a healthy setting to compare")
+            continue
+        for big, small in zip(gammas, gammas[1:]):
+            a, b = best[big], best[small]
+            if abs(a["llc_mean"] - b["llc_mean"]) <= GAMMA_AGREE * math.hypot(a["llc_se"], b["llc_se"]):
+                notes.append(where + f"{big:g}, whose LLC {a['llc_mean']:.4g} agrees with gamma {small:g}'s "
+                             f"{b['llc_mean']:.4g} within their standard error")
+                break
+        else:
+            notes.append(where + f"no two neighbouring gammas agree (down to {gammas[-1]:g}): the estimate still "
+                         "depends on gamma; add smaller gammas, or more draws")
+    return "; ".join(notes)
+
+
 def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas: Sequence[float],
               nbetas: Sequence[Optional[float]] = (None,), samplers: Sequence = ("sgld",), num_chains: int = 4,
               num_draws: int = 200,
@@ -172,7 +206,7 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
     configs = _sampler_configs(samplers)
     settings = [(cfg, float(e), float(g), nb) for cfg in configs for nb in nbetas for g in gammas for e in epsilons]
     bar = progress_bar(progress, len(settings), "calibration grid", unit="setting", leave=True)
-    done = {r["key"]: r for r in read_results(record)} if record else {}
+    done = {r["key"]: r for r in read_results(record, _setting_problem)} if record else {}
     for (label, sampler, sampler_kwargs), eps, gamma, nbeta in settings:
         key = repr((label, eps, gamma, nbeta, num_chains, num_draws, num_burnin, seed, sorted(llc_kwargs.items())))
         if key in done:
@@ -211,7 +245,18 @@ def calibrate(model, loader, loss_fn=None, *, epsilons: Sequence[float], gammas:
         bar.update(1)
     bar.close()
     best, reason = _recommend(rows)
-    return CalibrationResult(rows, traces, init, best, reason)
+    return CalibrationResult(rows, traces, init, best, reason, gamma_agreement(rows))
+
+
+def _setting_problem(record) -> Optional[str]:
+    """Why a line of a calibration record file is not a finished setting."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if not isinstance(record.get("key"), str) or not isinstance(record.get("row"), dict):
+        return "it lacks a 'key' string or a 'row' object"
+    if not isinstance(record.get("trace"), list):
+        return "its 'trace' is not a list"
+    return None
 
 
 def _jsonable(value):
@@ -244,7 +289,7 @@ def calibrate_run(run_dir: str, *, step: Optional[int] = None, epsilons=None, ga
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = open_checkpoint(run_dir, step, device)
     step, cfg, s = ckpt.step, ckpt.config, ckpt.config.sweep
-    out = out or os.path.join(run_dir, "calibration")
+    out = out or inside(run_dir, os.path.join(run_dir, "calibration"))
     os.makedirs(out, exist_ok=True)
     result = calibrate(ckpt.model, ckpt.task.llc_batches(s.llc_sequences, s.llc_batch_size, device), cfg.loss_fn,
                        epsilons=epsilons or [s.epsilon * f for f in (0.1, 0.3, 1, 3, 10)],
@@ -258,5 +303,5 @@ def calibrate_run(run_dir: str, *, step: Optional[int] = None, epsilons=None, ga
     plt.close(fig)
     frame = result.to_frame()
     frame["flags"] = frame["flags"].map(lambda f: "; ".join(f))
-    frame.assign(step=step).to_csv(os.path.join(out, "calibration.csv"), index=False)
+    save_text(os.path.join(out, "calibration.csv"), frame.assign(step=step).to_csv(index=False))
     return result

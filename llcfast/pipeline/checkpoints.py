@@ -11,6 +11,8 @@ from typing import Callable, List, Optional, Union
 import numpy as np
 import torch
 
+from .._llc_common import first_line
+
 MANIFEST = "manifest.json"
 RESUME = "resume.pt"
 
@@ -51,13 +53,19 @@ def atomic_json(obj, path: str) -> None:
     atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
+def _is_zip(path: str) -> bool:
+    """torch.save writes a zip archive: a complete one ends in its directory."""
+    import zipfile
+    return zipfile.is_zipfile(path)
+
+
 def read_manifest(run_dir: str) -> dict:
     path = os.path.join(run_dir, MANIFEST)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir!r} is not a training run: it has no {MANIFEST} "
                                 "(create one with `llcfast train`)")
-    with open(path) as f:
-        return json.load(f)
+    from .safety import check_manifest, read_json
+    return check_manifest(read_json(path), path, run_dir)
 
 
 def _quietly(load: Callable, path: str):
@@ -104,9 +112,15 @@ def load_checkpoint(path: str, model: Optional[Union[torch.nn.Module, Callable[[
     try:
         obj = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as exc:
-        hint = (" If it holds a whole pickled module and you trust the file, pass weights_only=False."
-                if weights_only else "")
-        raise ValueError(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}.{hint}") from exc
+        # Only an intact file that unpickling refused (a whole module) can take weights_only=False; a truncated
+        # or corrupt one cannot, and a file from elsewhere must not.
+        refused = weights_only and "weights_only" in str(exc) and "Unsupported" in str(exc)
+        hint = (" It holds pickled objects beyond tensors (a whole module?): pass weights_only=False only if you "
+                "made the file yourself, since unpickling runs code." if refused else
+                " The file is truncated or corrupt: write it again (for a training run, delete it and rerun "
+                "`llcfast train`, which saves it anew)." if not _is_zip(path) else "")
+        raise ValueError(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {first_line(exc)}.{hint}") \
+            from exc
     if isinstance(obj, torch.nn.Module):
         return obj
     if isinstance(obj, dict):

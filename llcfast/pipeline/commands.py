@@ -174,7 +174,7 @@ def cmd_train(args) -> int:
 def cmd_sweep(args) -> int:
     from .checkpoints import read_manifest
     from .config import RunConfig
-    from .sweep import RESULTS, sweep
+    from .sweep import RESULTS, failed_checkpoints, settings_key, sweep
     cfg = RunConfig.from_dict(read_manifest(args.run_dir)["config"])
     rank = _join_torchrun(args.device)
     try:
@@ -185,9 +185,16 @@ def cmd_sweep(args) -> int:
         if rank is not None:
             import torch.distributed as dist
             dist.destroy_process_group()
-    if not rank:
-        print(f"{len(records)} checkpoints measured: {os.path.join(args.run_dir, RESULTS)}; "
-              f"next: llcfast report {args.run_dir}")
+    if rank:
+        return 0
+    results = os.path.join(args.run_dir, RESULTS)
+    failed = failed_checkpoints(results, settings_key(_settings(cfg.sweep, args)))
+    print(f"{len(records)} checkpoints measured: {results}; next: llcfast report {args.run_dir}")
+    if failed:
+        print(f"{len(failed)} checkpoint(s) could not be measured (a rerun retries them):", file=sys.stderr)
+        for r in failed:
+            print(f"  step {r['step']} ({r['checkpoint']}): {r['error'].splitlines()[0][:200]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 from .checkpoints import atomic_json
+from .safety import save_figure, save_text
 from .curvature import boundary_matches
 from .report import record_se, stage_fit, stage_strip
 from .sweep import RESULTS, latest_sweep
@@ -121,11 +122,11 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, *, labels: Optional[Sequ
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"compare.{k}") for k in ("png", "svg", "json", "csv")}
     fig = plot_comparison(runs, fits, labels, title=title, shared=shared)
-    fig.savefig(paths["png"], dpi=130, bbox_inches="tight")
-    fig.savefig(paths["svg"], bbox_inches="tight")
+    save_figure(fig, paths["png"], dpi=130, bbox_inches="tight")
+    save_figure(fig, paths["svg"], bbox_inches="tight")
     import matplotlib.pyplot as plt
     plt.close(fig)
-    _points(runs, labels).to_csv(paths["csv"], index=False)
+    save_text(paths["csv"], _points(runs, labels).to_csv(index=False))
     atomic_json(summary, paths["json"])
     return {"paths": paths, "summary": summary, "fits": fits}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict
 
@@ -75,11 +76,17 @@ class RunConfig:
             raise TypeError(f"a run config must be a JSON object, got {type(d).__name__}")
         d = copy.deepcopy(d)
         _check_keys("config", d, {f.name for f in fields(cls)})
-        train = d.pop("train", {}) or {}
-        sweep = d.pop("sweep", {}) or {}
+        train = d.pop("train", {})
+        sweep = d.pop("sweep", {})
+        for name, part in (("train", train), ("sweep", sweep), ("task_args", d.get("task_args", {})),
+                           ("model_args", d.get("model_args", {}))):
+            if not isinstance(part, dict):
+                raise ValueError(f"{name} must be an object, got {json.dumps(part)}")
         _check_keys("train", train, {f.name for f in fields(TrainSettings)})
         _check_keys("sweep", sweep, {f.name for f in fields(SweepSettings)})
         if "betas" in train:
+            if not isinstance(train["betas"], (list, tuple)):
+                raise ValueError(f"train.betas must be a list of two numbers, got {json.dumps(train['betas'])}")
             train["betas"] = tuple(train["betas"])
         cfg = cls(train=TrainSettings(**train), sweep=SweepSettings(**sweep), **d)
         cfg.validate()
@@ -96,19 +103,33 @@ class RunConfig:
         if self.train.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.train.schedule!r}")
         t = self.train
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         for name in ("steps", "batch_size"):
-            if not isinstance(getattr(t, name), int) or getattr(t, name) < 1:
+            if not _is_int(getattr(t, name)) or getattr(t, name) < 1:
                 raise ValueError(f"train.{name} must be an int >= 1, got {getattr(t, name)!r}")
         for name in ("log_checkpoints", "linear_checkpoints"):
-            if not isinstance(getattr(t, name), int) or getattr(t, name) < 0:
+            if not _is_int(getattr(t, name)) or getattr(t, name) < 0:
                 raise ValueError(f"train.{name} must be an int >= 0, got {getattr(t, name)!r}")
-        if not (isinstance(t.lr, (int, float)) and math.isfinite(t.lr) and t.lr > 0):
+        if not _positive(t.lr):
             raise ValueError(f"train.lr must be a finite number > 0, got {t.lr!r}")
+        if not (_is_number(t.weight_decay) and math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+            raise ValueError(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay!r}")
+        if len(t.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in t.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(t.betas)!r}")
         s = self.sweep
         for name in ("num_chains", "num_draws", "llc_sequences", "llc_batch_size", "eval_sequences",
                      "hessian_probes", "hessian_batch"):
-            if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
+            if not _is_int(getattr(s, name)) or getattr(s, name) < 1:
                 raise ValueError(f"sweep.{name} must be an int >= 1, got {getattr(s, name)!r}")
+        for name in ("num_burnin", "seed"):
+            if not _is_int(getattr(s, name)) or getattr(s, name) < 0:
+                raise ValueError(f"sweep.{name} must be an int >= 0, got {getattr(s, name)!r}")
+        for name in ("epsilon", "nbeta"):
+            if not _positive(getattr(s, name)):
+                raise ValueError(f"sweep.{name} must be a finite number > 0, got {getattr(s, name)!r}")
+        if not (_is_number(s.gamma) and math.isfinite(s.gamma) and s.gamma >= 0):
+            raise ValueError(f"sweep.gamma must be a finite number >= 0, got {s.gamma!r}")
         if s.num_init_batches not in (None, "all") and (not isinstance(s.num_init_batches, int)
                                                         or isinstance(s.num_init_batches, bool)
                                                         or s.num_init_batches < 1):
@@ -161,10 +182,25 @@ class RunConfig:
         return models.regression_loss if self.task == "regression" else models.next_token_loss
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive(v) -> bool:
+    return _is_number(v) and math.isfinite(v) and v > 0
+
+
 def _check_keys(where: str, d: dict, allowed: set) -> None:
     unknown = sorted(set(d) - allowed)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
+        import difflib
+        close = {k: difflib.get_close_matches(k, sorted(allowed), n=1) for k in unknown}
+        hints = "".join(f" ({k!r}: did you mean {c[0]!r}?)" for k, c in close.items() if c)
+        raise ValueError(f"unknown key(s) {unknown} in {where}{hints}; allowed: {sorted(allowed)}")
 
 
 PRESETS: Dict[str, dict] = {
@@ -221,14 +257,13 @@ def preset(name: str) -> RunConfig:
 
 def load_config(path: str) -> RunConfig:
     """A JSON config file; a ``"preset"`` key starts from that preset and the
-    other keys override it (nested dicts merge)."""
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"config file {path!r} is not valid JSON: {exc}") from None
+    other keys override it (nested dicts merge). A relative data path
+    (``task_args.path``) is read against the config file's folder, and kept
+    absolute, so the run reads the same file from wherever it is started."""
+    from .safety import read_json
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    d = read_json(path)
     if not isinstance(d, dict):
         raise ValueError(f"config file {path!r} must hold a JSON object")
     base = {}
@@ -237,7 +272,11 @@ def load_config(path: str) -> RunConfig:
         if name not in PRESETS:
             raise ValueError(f"config file {path!r}: unknown preset {name!r}; allowed: {sorted(PRESETS)}")
         base = copy.deepcopy(PRESETS[name])
-    return RunConfig.from_dict(merge(base, d))
+    merged = merge(base, d)
+    data = (merged.get("task_args") or {}).get("path") if isinstance(merged.get("task_args"), dict) else None
+    if isinstance(data, str) and not os.path.isabs(data):
+        merged["task_args"]["path"] = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(path)), data))
+    return RunConfig.from_dict(merged)
 
 
 def merge(base: dict, over: dict) -> dict:

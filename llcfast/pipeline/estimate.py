@@ -13,6 +13,7 @@ import torch
 from ..interrupt import LLCInterrupted
 from ..result import LLCResult
 from .checkpoints import atomic_json, load_checkpoint, read_manifest
+from .safety import inside, save_figure
 from .config import RunConfig, SweepSettings
 from .sweep import checkpoint_hessian, checkpoint_llc, settings_key
 
@@ -92,7 +93,7 @@ def estimate_checkpoint(run_dir: str, *, step: Optional[int] = None, settings: O
         except KeyboardInterrupt:
             interrupted = "hessian"
     est = CheckpointEstimate(ckpt.step, s, result, {}, interrupted, hessian)
-    est.paths = _write(est, out or os.path.join(run_dir, "estimates"))
+    est.paths = _write(est, out or inside(run_dir, os.path.join(run_dir, "estimates")))
     return est
 
 
@@ -105,6 +106,6 @@ def _write(est: CheckpointEstimate, out: str) -> dict:
                  "summary": est.summary(), **(est.hessian or {}), **result.to_dict()}, paths["json"])
     fig = result.plot()
     fig.suptitle(f"step {step}", x=0.01, ha="left")
-    fig.savefig(paths["png"], dpi=120, bbox_inches="tight")
+    save_figure(fig, paths["png"], dpi=120, bbox_inches="tight")
     plt.close(fig)
     return paths

@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 
 from .checkpoints import MANIFEST, atomic_json, read_manifest
 from .config import PRESETS, RunConfig, SweepSettings
+from .safety import data_fingerprint
 from .sweep import RESULTS
 
 # HF Trainer writes checkpoint-N; Pythia's revisions and many scripts use stepN.
@@ -114,5 +115,8 @@ def import_run(run_dir: str, tokens: str, *, context: Optional[int] = None, dtyp
                          f"a new folder, or move {RESULTS} away first")
     manifest = {"version": 1, "config": cfg.to_dict(), "complete": True, "imported": "hf",
                 "checkpoints": [{"step": step, "file": name} for step, name in ckpts]}
+    data = data_fingerprint(cfg)
+    if data:
+        manifest["data"] = data
     atomic_json(manifest, os.path.join(run_dir, MANIFEST))
     return manifest

@@ -15,6 +15,7 @@ from ..result import RHAT_OK
 from ..stages import StageFit, detect_stages
 from .behaviour import change_lines, series, stage_changes
 from .checkpoints import atomic_json
+from .safety import save_figure, save_text
 from .curvature import boundary_matches, curvature_fits, match_table
 
 STAGE_COLORS = {"A": "#4c72b0", "B": "#dd8452"}
@@ -155,11 +156,11 @@ def write_report(records: Sequence[dict], out_dir: str, *, title: str = "", extr
     paths = {k: os.path.join(out_dir, v) for k, v in
              (("png", "report.png"), ("svg", "report.svg"), ("summary", "summary.json"), ("csv", "results.csv"))}
     fig = plot_report(records, fit, title=title, curvature=curvature)
-    fig.savefig(paths["png"], dpi=130, bbox_inches="tight")
-    fig.savefig(paths["svg"], bbox_inches="tight")
+    save_figure(fig, paths["png"], dpi=130, bbox_inches="tight")
+    save_figure(fig, paths["svg"], bbox_inches="tight")
     import matplotlib.pyplot as plt
     plt.close(fig)
-    _frame(records).to_csv(paths["csv"], index=False)
+    save_text(paths["csv"], _frame(records).to_csv(index=False))
     llc = [r["llc_mean"] for r in records if r.get("llc_mean") is not None]
     summary = {"checkpoints": len(records), "steps": [records[0]["step"], records[-1]["step"]],
                "llc_range": [min(llc), max(llc)] if llc else None, **fit.to_dict(),

@@ -31,6 +31,7 @@ from ..llc import estimate_llc
 from ..samplers import check_sampler
 from .behaviour import for_task as behaviour_for_task
 from .checkpoints import load_checkpoint, read_manifest
+from .safety import RunFileError, check_same_data, data_fingerprint, inside, record_problem, run_lock
 from .config import RunConfig, SweepSettings
 
 RESULTS = "results.jsonl"
@@ -58,22 +59,33 @@ def settings_key(settings: SweepSettings) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def read_results(path: str) -> List[dict]:
-    """The records of a results file; a torn last line (a killed write) is
-    skipped with a warning."""
+def read_results(path: str, problem: Callable[[object], Optional[str]] = record_problem) -> List[dict]:
+    """The records of a results file; a torn last line (a killed write), and
+    any line ``problem`` finds is not a record, are skipped with a warning
+    that names the line."""
     if not os.path.exists(path):
         return []
     records = []
-    with open(path) as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError:
+        raise RunFileError(f"{path}: not a text file (results are JSON lines)") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             warnings.warn(f"{path}: line {i + 1} is incomplete (a write was interrupted) and is ignored",
                           RuntimeWarning, stacklevel=2)
+            continue
+        wrong = problem(record)
+        if wrong:
+            warnings.warn(f"{path}: line {i + 1} is not a record ({wrong}) and is ignored", RuntimeWarning,
+                          stacklevel=2)
+            continue
+        records.append(record)
     return records
 
 
@@ -94,15 +106,30 @@ def latest_sweep(path: str, settings: Optional[str] = None) -> Tuple[List[dict],
     return sorted(latest.values(), key=lambda r: r["step"]), chosen, keys
 
 
+def failed_checkpoints(path: str, key: str) -> List[dict]:
+    """The error records of sweep ``key`` whose checkpoint has no successful
+    record: the checkpoints that sweep could not measure, by step."""
+    records = [r for r in read_results(path) if r.get("settings") == key]
+    measured = {r.get("checkpoint") for r in records if "error" not in r}
+    failed = {r.get("checkpoint"): r for r in records if "error" in r and r.get("checkpoint") not in measured}
+    return sorted(failed.values(), key=lambda r: r["step"])
+
+
 def append_record(path: str, record: dict) -> None:
+    """One fsync'd line; never through a symbolic link (O_NOFOLLOW), so a run
+    folder from elsewhere cannot point the write at another file."""
     data = json.dumps(record, allow_nan=False) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        if os.fstat(fd).st_size:
-            with open(path, "rb") as f:  # a previous torn write left no newline: start a fresh line
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    data = "\n" + data
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise RunFileError(f"{path} is a symbolic link; llcfast does not write through links (remove it)") \
+                from None
+        raise RunFileError(f"{path}: cannot be opened for appending ({exc.strerror})") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a previous torn write left no newline: a fresh line
+            data = "\n" + data
         os.write(fd, data.encode())
         os.fsync(fd)
     finally:
@@ -195,7 +222,7 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
     check_sampler(settings.sampler, settings.sampler_kwargs, settings.bounding_box)  # before any work
     key = settings_key(settings)
     rank, world = _rank_world()
-    done = {(r["checkpoint"], r.get("settings")) for path in [out] + _parts(out, world) for r in read_results(path)
+    done = {(r.get("checkpoint"), r.get("settings")) for path in [out] + _parts(out, world) for r in read_results(path)
             if "error" not in r}
     todo = [(step, path) for step, path in checkpoints if (path, key) not in done]
     final_out = out
@@ -284,6 +311,7 @@ def sweep(run_dir: str, *, settings: Optional[SweepSettings] = None, hessian: Op
     ``run_dir/results.jsonl`` (or ``out``). ``engine``: as in sweep_checkpoints."""
     manifest = read_manifest(run_dir)
     cfg = RunConfig.from_dict(manifest["config"])
+    check_same_data(manifest, data_fingerprint(cfg), os.path.join(run_dir, "manifest.json"))
     s = settings or cfg.sweep
     if hessian is not None:
         s = replace(s, hessian=bool(hessian))
@@ -300,5 +328,10 @@ def sweep(run_dir: str, *, settings: Optional[SweepSettings] = None, hessian: Op
     ckpts = [(c["step"], c["file"]) for c in manifest["checkpoints"]]
     # The metrics read llcfast's own attention modules; an imported model has others.
     probe = behaviour_for_task(task, eval_set, llc_batches) if s.behaviour and cfg.model == "llcfast" else None
-    return sweep_checkpoints(ckpts, load, cfg.loss_fn, llc_batches, eval_set, s, out or os.path.join(run_dir, RESULTS),
-                             device=device, progress=progress, engine=engine, behaviour=probe)
+    out = out or inside(run_dir, os.path.join(run_dir, RESULTS))
+    if _rank_world()[1] > 1:  # torchrun's ranks share the folder by design; rank 0 merges their parts
+        return sweep_checkpoints(ckpts, load, cfg.loss_fn, llc_batches, eval_set, s, out, device=device,
+                                 progress=progress, engine=engine, behaviour=probe)
+    with run_lock(run_dir, "sweep"):
+        return sweep_checkpoints(ckpts, load, cfg.loss_fn, llc_batches, eval_set, s, out, device=device,
+                                 progress=progress, engine=engine, behaviour=probe)

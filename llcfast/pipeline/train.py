@@ -20,6 +20,8 @@ from .._llc_common import first_line, progress_bar
 from ..engine.planner import GiB
 from .checkpoints import MANIFEST, RESUME, atomic_json, atomic_save, checkpoint_steps, read_manifest
 from .config import RunConfig
+from .safety import RunFileError, check_same_data, data_fingerprint, run_lock
+from ..interrupt import deferred_interrupts
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
@@ -71,8 +73,12 @@ def train(cfg: RunConfig, out_dir: str, *, device="cpu", progress: bool = True,
     if cfg.model != "llcfast":
         raise ValueError(f"llcfast trains its own models only; a config with model {cfg.model!r} describes a run "
                          "trained elsewhere (`llcfast import`), which can be swept but not trained here")
-    device = torch.device(device)
     os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+    with run_lock(out_dir, "train"):
+        return _train(cfg, out_dir, torch.device(device), progress, stop_at)
+
+
+def _train(cfg: RunConfig, out_dir: str, device: torch.device, progress: bool, stop_at: Optional[int]) -> dict:
     manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_path):
         manifest = read_manifest(out_dir)
@@ -83,22 +89,31 @@ def train(cfg: RunConfig, out_dir: str, *, device="cpu", progress: bool = True,
                              "(or delete that one)")
         if manifest.get("complete"):
             return manifest
-    else:
-        manifest = {"version": 1, "config": cfg.to_dict(), "checkpoints": [], "complete": False}
-        atomic_json(manifest, manifest_path)
-
+        check_same_data(manifest, data_fingerprint(cfg), manifest_path)
+    # A config that cannot make its task or model leaves no manifest behind to block a rerun
     task = cfg.make_task()
     torch.manual_seed(cfg.seed)
     model = cfg.make_model(task).to(device)
+    if not os.path.exists(manifest_path):
+        manifest = {"version": 1, "config": cfg.to_dict(), "checkpoints": [], "complete": False}
+        data = data_fingerprint(cfg)
+        if data:
+            manifest["data"] = data
+        atomic_json(manifest, manifest_path)
     t = cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     start = 0
     resume_path = os.path.join(out_dir, RESUME)
     if os.path.exists(resume_path):
-        state = torch.load(resume_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["step"])
+        try:
+            state = torch.load(resume_path, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start = int(state["step"])
+        except Exception as exc:  # truncated, corrupt, or not a resume state
+            raise RunFileError(f"{resume_path}: cannot be resumed from ({type(exc).__name__}: {first_line(exc)}); "
+                               "delete it to train again from step 0 (training is deterministic: the same "
+                               "checkpoints result)") from None
     saves = set(checkpoint_steps(t.steps, t.log_checkpoints, t.linear_checkpoints))
     done = {c["step"] for c in manifest["checkpoints"]}
     loss_fn = cfg.loss_fn
@@ -127,17 +142,19 @@ def train(cfg: RunConfig, out_dir: str, *, device="cpu", progress: bool = True,
                 break
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            try:
-                loss = _train_step(model, opt, loss_fn, task.train_batch(step, t.batch_size, device))
-            except torch.OutOfMemoryError as exc:
-                # The state of the last checkpoint stays the resume point: an
-                # optimizer step cut short may have moved some weights.
-                raise MemoryError(_out_of_memory(exc, model, t.batch_size, device, step, saved)) from exc
+            with deferred_interrupts():  # the update and the step counter move together, or neither does
+                try:
+                    loss = _train_step(model, opt, loss_fn, task.train_batch(step, t.batch_size, device))
+                except torch.OutOfMemoryError as exc:
+                    # The state of the last checkpoint stays the resume point: an
+                    # optimizer step cut short may have moved some weights.
+                    raise MemoryError(_out_of_memory(exc, model, t.batch_size, device, step, saved)) from exc
+                if math.isfinite(loss):
+                    step += 1
             if not math.isfinite(loss):
                 save_resume(step)
                 raise FloatingPointError(f"training loss became {loss} at step {step}; lower train.lr")
             recent = (recent + [loss])[-50:]
-            step += 1
             bar.update(1)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{recent[-1]:.4g}")
