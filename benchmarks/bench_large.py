@@ -110,7 +110,8 @@ def measure(size, args, device, peak_tflops):
     model = gpt2(size, args.context, args.activation).to(device)
     params = sum(p.numel() for p in model.parameters())
     loader = batches(8, args.batch, args.context, device)
-    kw = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=0, epsilon=1e-5, gamma=100.0, nbeta=30.0, seed=0,
+    kw = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=0, draw_batches="step", epsilon=1e-5,
+              gamma=100.0, nbeta=30.0, seed=0,
               progress=False, device=device, precision=args.precision,
               activation_checkpointing=args.checkpointing, trust_checks=False)  # the sampling's speed alone
     if device.type == "cuda":

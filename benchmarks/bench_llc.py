@@ -139,7 +139,8 @@ def run_llcfast(case, steps, device, loader=None, **kw):
     r = llcfast.estimate_llc(case["model"], loader if loader is not None else case["loader"], case["loss_fn"],
                              num_chains=case["chains"],
                              num_draws=steps, epsilon=case["epsilon"], nbeta=case["nbeta"], gamma=case["gamma"],
-                             num_burnin=0, seed=0, device=device, progress=False, trust_checks=False, **kw)
+                             num_burnin=0, seed=0, device=device, progress=False, trust_checks=False,
+                             draw_batches="step", **kw)  # devinterp's draws: the same passes
     sync(device)
     return time.perf_counter() - started, r
 

@@ -236,7 +236,8 @@ def estimate_learning_coeff_with_summary(model: torch.nn.Module, loader, callbac
                 steps_between_draws=check_int("num_steps_bw_draws", num_steps_bw_draws, minimum=1),
                 grad_accum_steps=grad_accum_steps, num_init_batches=num_chains * grad_accum_steps,
                 restrict=_restrict(optimize_over_per_model_param), seed=_seed(seed, num_chains), device=device,
-                progress=bool(verbose), mala=_mala(callbacks), precision=precision, **kwargs, **llcfast_kwargs)
+                progress=bool(verbose), mala=_mala(callbacks), precision=precision,
+                **dict(dict(draw_batches="step"), **kwargs, **llcfast_kwargs))  # devinterp's draws unless asked
     was_training = model.training
     model.train()
     dropout = active_dropout(model)

@@ -14,7 +14,8 @@ from torch.func import grad
 from . import chain_fold, reference
 from ._checks import check_int
 from ._llc_common import (check_callbacks, check_differentiable, check_llc_args, check_mala, check_precision,
-                          check_sampler_args, cool_accumulation, default_loss, draw_slice, finish, first_nonfinite,
+                          check_sampler_args, cool_accumulation, default_loss, draw_slice, finish, finite_batches,
+                          first_nonfinite,
                           init_loss_diagnostics, init_loss_plan, loss_at_w_star, mala_diagnostics, paired_spread,
                           precision_context, resolve_device, resolve_nbeta, to_device, trainable, warn_if_dropout)
 from .distributed import current_split, gather_rows
@@ -25,7 +26,7 @@ from .engine.sampler import loss_context
 from .engine.planner import (cpu_out_of_memory, free_device_bytes, measure_activation_bytes, out_of_memory_message,
                              plan_memory, state_bytes)
 from .interrupt import ChainsInterrupted, LLCInterrupted, partial_plan, raise_interrupted
-from .loaders import check_loader, loader_batches, warn_if_cycled
+from .loaders import check_draw_batches, check_loader, loader_batches, warn_if_cycled
 from .result import LLCResult
 from .auto import auto_epsilon, auto_gamma, check_auto
 from .trust import check_trust_checks, relaxation_steps, trust_diagnostics
@@ -45,7 +46,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  bounding_box: Optional[float] = None, split_chains: bool = True,
                  grad_accum_steps: int = 1, chain_group: Optional[int] = None,
                  activation_checkpointing=False, mala: bool = False, compile=False,
-                 trust_checks: Union[bool, str] = "auto") -> LLCResult:
+                 trust_checks: Union[bool, str] = "auto", draw_batches: str = "independent") -> LLCResult:
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
@@ -146,6 +147,14 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         ``result.checks()``. Their seconds are in ``timings``. "auto" does
         as much of them as costs at most a tenth of the sampling's gradient
         passes; True all of them.
+    draw_batches: "independent" (default): each draw is the loss at the
+        chain's weights on a batch of its own, drawn uniformly from the data
+        apart from the batches that drive the chain, so its expected value is
+        the full-data loss there; one more forward pass per draw. "step":
+        the loss of the batch that drives the step (devinterp 1.x), which
+        within a shuffled epoch the chain has not yet fitted, so it reads
+        high, the more so the larger nbeta is against m / log m. Full-batch
+        sampling has one batch, and both are the same.
     callbacks: called after every step as ``cb(step=t, chains=range(C),
         loss=<[C] tensor>, params={name: <[C, ...] tensor>})`` (the loss that
         drove step t, the parameters after it; live tensors, clone to keep).
@@ -170,6 +179,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                 weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
                 grad_accum_steps=grad_accum_steps)
     check_llc_args(**args)
+    check_draw_batches(draw_batches)
     if "num_burnin" in auto and "gamma" not in auto:
         relaxation_steps(1.0, gamma)  # refuses gamma = 0, whose flat directions never relax
     check_trust_checks(trust_checks)
@@ -198,7 +208,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                                                 device=device, trust_checks=trust_checks,
                                                 progress=progress, callbacks=callbacks,
                                                 activation_checkpointing=activation_checkpointing, mala=mala,
-                                                **args, **sampling)
+                                                draw_batches=draw_batches, **args, **sampling)
         except LLCInterrupted as stop:
             if stop.result is not None:
                 stop.result.config["precision"] = precision
@@ -227,7 +237,9 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                         progress=progress and (split is None or split.rank == 0),
                         chain_chunk=chain_chunk, sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box,
                         grad_accum_steps=grad_accum_steps, sequential=bool(checkpointed), mala=mala,
-                        compile=compile_mode, paired=init_method == "paired")
+                        compile=compile_mode, paired=init_method == "paired",
+                        independent_draws=draw_batches == "independent" and finite_batches(loader) != 1,
+                        draw_start=num_burnin, draw_every=steps_between_draws)
     plan = None
     group = chain_group or local_chains
     if device.type == "cuda" and chain_group is None:
@@ -282,7 +294,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                   num_init_batches=len(l0_spread["init_loss_per_batch"]), device=str(device), precision=precision,
                   cuda_graphs=all(r.cuda_graphs for r in runs),
                   chain_chunk=run.pass_plan["chain_chunk"] if run.pass_plan else cfg.chain_chunk, chain_group=group,
-                  **sampling)
+                  draw_batches="independent" if cfg.independent_draws else "step", **sampling)
     if checkpointed:
         config["activation_checkpointing"] = checkpointed
     if compile_mode:  # whether every run's batched pass stayed compiled

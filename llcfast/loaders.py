@@ -57,10 +57,11 @@ def cycle_batches(loader) -> Iterator:
             raise ValueError("the loader yielded no batches; pass a non-empty loader")
 
 
-def loader_batches(loader, seed: int, chain: Optional[int] = None, *, endless: bool = True) -> Iterator:
+def loader_batches(loader, seed: int, chain: Optional[int] = None, *, endless: bool = True,
+                   stream: int = 1) -> Iterator:
     """The loader's batches (cycled when ``endless``, else one pass) fetched
-    on their own random streams, keyed by (seed, chain); chain None is the
-    stream of the init loss. Swapped in around each fetch: torch's global
+    on their own random streams, keyed by (seed, stream, chain); chain None
+    is the stream of the init loss, stream 2 that of the draws. Swapped in around each fetch: torch's global
     CPU generator and the loader's own (DataLoader(generator=...), its
     sampler's). A shuffling DataLoader, or a dataset with random transforms,
     then gives each chain the same batches for the same seed, in either
@@ -71,13 +72,51 @@ def loader_batches(loader, seed: int, chain: Optional[int] = None, *, endless: b
     batches = cycle_batches(loader) if endless else _one_pass(loader)
     if isinstance(loader, (list, tuple)):
         return batches
-    key = [seed, 0] if chain is None else [seed, 1, chain]
+    key = [seed, 0] if chain is None else [seed, stream, chain]
     owned = {id(g): g for g in (getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None),
                                                                               "generator", None))
              if isinstance(g, torch.Generator) and g.device.type == "cpu"}
     starts = np.random.SeedSequence(key).generate_state(1 + len(owned), np.uint64) >> np.uint64(1)
     states = [torch.Generator().manual_seed(int(v)).get_state() for v in starts]
     return _on_own_rng(batches, [None, *owned.values()], states)
+
+
+DRAW_BATCHES = ("independent", "step")
+
+
+def check_draw_batches(value) -> str:
+    if value not in DRAW_BATCHES:
+        raise ValueError(f"draw_batches must be one of {DRAW_BATCHES}, got {value!r}")
+    return value
+
+
+def draw_batches(loader, seed: int, chain: int) -> Iterator:
+    """Endless batches for chain ``chain``'s draws, independent of the
+    batches that drive it, so that a draw's expected loss is the full-data
+    loss at the chain's weights: a uniformly random element of a list, a
+    uniformly random set of batch_size samples of a DataLoader's map-style
+    dataset (collated as the loader does), or a stream's own pass on a
+    random stream of its own. (The batch that is about to drive a step has
+    not been fitted within the epoch, and its loss runs high.) Random numbers
+    drawn by the dataset (augmentation) come from a generator of the stream's
+    own, so the caller's are left alone."""
+    from torch.utils.data import DataLoader, IterableDataset
+    start = int(np.random.SeedSequence([seed, 2, chain]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    g = torch.Generator().manual_seed(start)
+    if isinstance(loader, (list, tuple)):
+        def picked():
+            while True:
+                yield loader[int(torch.randint(len(loader), (1,), generator=g))]
+        return picked()
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) and loader.batch_size:
+        dataset, size = loader.dataset, min(loader.batch_size, len(loader.dataset))
+
+        def sampled():
+            while True:
+                picks = torch.randperm(len(dataset), generator=g)[:size].tolist()
+                yield loader.collate_fn([dataset[i] for i in picks])
+        return _on_own_rng(sampled(), [None], [torch.Generator().manual_seed(start + 1).get_state()])
+    return loader_batches(loader, seed, chain, stream=2)
 
 
 def _own_workers(loader):

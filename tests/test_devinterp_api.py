@@ -42,7 +42,7 @@ def shim(model, loader, **kw):
 
 def direct(model, loader, **kw):
     kw = dict(dict(num_burnin=0, num_chains=CHAINS, num_draws=DRAWS, seed=3, progress=False, epsilon=1e-3, gamma=100.0,
-                   nbeta=10.0, num_init_batches=CHAINS), **kw)
+                   nbeta=10.0, num_init_batches=CHAINS, draw_batches="step"), **kw)  # the shim's draws
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return llcfast.estimate_llc(model, loader, mse, **kw)

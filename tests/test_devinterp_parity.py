@@ -100,7 +100,7 @@ def test_llc_agrees_with_devinterp_within_the_combined_standard_error(trained, n
     r = devinterp_llc(model, loader, mala=mala, **their_kw)
     theirs, their_trace = np.array([r[f"llc-chain/{c}"] for c in range(CHAINS)]), np.asarray(r["loss/trace"])
     ours = llcfast.estimate_llc(model, loader, mse, num_chains=CHAINS, num_draws=DRAWS, backend=backend, seed=3,
-                                progress=False, mala=mala, **ours_kw)
+                                progress=False, mala=mala, draw_batches="step", **ours_kw)
     assert ours.config["num_init_batches"] == len(loader) < CHAINS
     # Same loss at w* on the first batch, and the same init loss (recovered from devinterp's chain values).
     if not ours_kw.get("num_burnin"):

@@ -92,7 +92,7 @@ def test_a_draw_is_the_loss_of_the_last_step_of_each_interval(estimate):
     def record(step, chains, loss, params):
         seen.setdefault(step, []).extend(loss.tolist() if loss.dim() else [loss.item()])
     res = estimate(model, loader, mse, num_chains=2, num_draws=3, num_burnin=3, steps_between_draws=2, nbeta=2.0,
-                   progress=False, callbacks=[record], epsilon=1e-4)
+                   progress=False, callbacks=[record], epsilon=1e-4, draw_batches="step")
     assert sorted(seen) == list(range(9))
     np.testing.assert_allclose(res.loss_trace, np.array([seen[t] for t in (4, 6, 8)]).T, rtol=1e-6)
 
@@ -135,7 +135,8 @@ def test_non_float32_parameters_are_refused_by_name():
 def test_short_loader_is_cycled_with_a_warning():
     loader = regression_loader(n=48, batch_size=16)  # 3 batches, 10 steps
     with pytest.warns(UserWarning, match="holds 3 batches but each chain takes 10 steps; it is cycled"):
-        r = llcfast.estimate_llc(mlp(), loader, mse, num_chains=2, num_draws=10, nbeta=5.0, progress=False, num_burnin=0, epsilon=1e-4)
+        r = llcfast.estimate_llc(mlp(), loader, mse, num_chains=2, num_draws=10, nbeta=5.0, progress=False,
+                                 num_burnin=0, epsilon=1e-4, draw_batches="step")
     assert np.isfinite(r.loss_trace).all()
     # Batches repeat with the loader's period: the losses at steps t and t + 3
     # are of the same batch at nearby weights.
@@ -168,7 +169,8 @@ class PoisonedPassLoader:
 def test_a_diverging_chain_is_reported_and_left_out(estimate):
     with pytest.warns(RuntimeWarning, match=r"chains \[1\] diverged"):
         r = estimate(mlp(), PoisonedPassLoader(30, bad_chain=1, at=12), mse, num_chains=3, num_draws=20,
-                     num_burnin=10, nbeta=5.0, epsilon=1e-3, num_init_batches=1, progress=False)
+                     num_burnin=10, nbeta=5.0, epsilon=1e-3, num_init_batches=1, progress=False,
+                     draw_batches="step")
     assert r.diagnostics["diverged_chains"] == [1]
     assert math.isnan(r.llc_per_chain[1]) and np.isfinite(r.llc_per_chain[[0, 2]]).all()
     assert r.llc_mean == pytest.approx(np.mean(r.llc_per_chain[[0, 2]]))

@@ -123,7 +123,8 @@ class PassLoader:
 @pytest.mark.filterwarnings("ignore:the LLC estimate is negative")
 def test_unstackable_batches_fall_back_per_step():
     model = mlp()
-    kw = dict(num_burnin=0, num_chains=3, num_draws=6, epsilon=1e-3, nbeta=20.0, seed=4, num_init_batches=1)
+    kw = dict(num_burnin=0, num_chains=3, num_draws=6, epsilon=1e-3, nbeta=20.0, seed=4, num_init_batches=1,
+              draw_batches="step")
     ref, fast = {}, {}
     r = reference.estimate_llc(model, PassLoader(6), mse, progress=False, callbacks=[record_into(ref)], **kw)
     f = llcfast.estimate_llc(model, PassLoader(6), mse, progress=False, callbacks=[record_into(fast)], **kw)

@@ -61,12 +61,13 @@ def test_paired_draws_subtract_the_loss_at_w_star_on_their_own_batch(backend):
     data = TensorDataset(x, y)
     drawn = DataLoader(data, batch_size=40, sampler=RandomSampler(data, replacement=True, num_samples=400))
     r = llcfast.estimate_llc(model, drawn, mse, num_chains=2, num_draws=6, num_burnin=2, steps_between_draws=2,
-                             epsilon=1e-4, gamma=100.0, nbeta=10.0, seed=5, progress=False, backend=backend)
+                             epsilon=1e-4, gamma=100.0, nbeta=10.0, seed=5, progress=False, backend=backend,
+                             draw_batches="step")
     batches = []
     llcfast.estimate_llc(model, drawn, lambda m, b: batches.append(b) or mse(m, b), num_chains=1, num_draws=6,
                          num_burnin=2, steps_between_draws=2, epsilon=1e-4, gamma=100.0, nbeta=10.0, seed=5,
                          progress=False, backend="reference", init_loss="batches", num_init_batches=1,
-                         trust_checks=False)
+                         trust_checks=False, draw_batches="step")
     # The reference's chain 0 reads its batches in order after the init loss's one; draws are steps 3, 5, ...
     steps = batches[2:]  # the differentiability check and the init loss read the first two
     with torch.no_grad():

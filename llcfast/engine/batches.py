@@ -19,9 +19,11 @@ from ..loaders import loader_batches
 
 
 class ChainBatches:
-    def __init__(self, loader, num_chains: int, device: torch.device, seed: int = 0, chain_offset: int = 0):
-        # Keyed by the global chain index, as the reference's chains are.
-        self._iters = [loader_batches(loader, seed, chain_offset + c) for c in range(num_chains)]
+    def __init__(self, loader, num_chains: int, device: torch.device, seed: int = 0, chain_offset: int = 0,
+                 source=loader_batches):
+        # Keyed by the global chain index, as the reference's chains are; ``source`` is
+        # loaders.draw_batches for the draws' own batches.
+        self._iters = [source(loader, seed, chain_offset + c) for c in range(num_chains)]
         self._device = device
 
     def next_stacked(self):

@@ -20,6 +20,7 @@ from ..fused_loss import first_order
 from ..interrupt import ChainsInterrupted
 from ..samplers import Stepper
 from . import bf16_copies
+from ..loaders import draw_batches
 from .batches import ChainBatches
 from .compiled import GuardedCompile
 from .functional import chain_loss, sequential_grads, vmap_failure, vmapped_grads
@@ -72,6 +73,9 @@ class SamplerConfig:
     mala: bool = False  # record each step's MALA acceptance probability (engine/mala.py)
     compile: Optional[str] = None  # torch.compile mode for the batched loss-and-gradient pass; None: eager
     paired: bool = False  # also record the loss at w* on every step's batches (init_loss="paired")
+    independent_draws: bool = False  # draws on batches of their own (loaders.draw_batches), not the step's
+    draw_start: int = 0  # the first draw is step draw_start + draw_every - 1 (draw_slice)
+    draw_every: int = 1
 
 
 def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerConfig, *, restrict=None,
@@ -94,6 +98,8 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     masks = restriction_masks(named, restrict)
     loss = chain_loss(model, loss_fn, names)
     feed = ChainBatches(loader, cfg.num_chains, device, cfg.seed, cfg.chain_offset)
+    draw_feed = ChainBatches(loader, cfg.num_chains, device, cfg.seed, cfg.chain_offset, source=draw_batches) \
+        if cfg.independent_draws else None
     accum = cfg.grad_accum_steps
 
     def next_batches():
@@ -192,9 +198,28 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
                           star=star[:done].t().double().cpu().numpy() if star is not None else None,
                           final=params)
 
+    draw_pass = _AtPoints(loss, cfg.num_chains, cfg.chain_chunk, mode == "vmap") if draw_feed is not None else None
+
+    def draw_losses():
+        """The draw at the chains' current weights on the draws' own batches
+        (and w*'s on the same, when paired): [C] each."""
+        at_chains, at_star = 0.0, 0.0
+        with precision_context(cfg.precision, device), loss_context(cfg, bool(folds)):
+            for _ in range(accum):
+                b, d, per = draw_feed.next_stacked()
+                # The fp32 weights, as a run without bf16 copies takes them: a draw is the same either way
+                at_chains = at_chains + draw_pass(tuple(params), b, d, per)
+                if star is not None:
+                    at_star = at_star + star_pass(b, d, per)
+        return at_chains / accum, (at_star / accum if star is not None else None)
+
     done = 0  # steps finished, callbacks included
     try:
         for t in range(cfg.steps):
+            drawn = None
+            if draw_feed is not None and t >= cfg.draw_start and (t - cfg.draw_start) % cfg.draw_every \
+                    == cfg.draw_every - 1:
+                drawn = draw_losses()  # before the step moves the chains
             batch, dims, per_chain = first if t == 0 else next_batches()
             if use_graphs and graph is None and t >= WARMUP_STEPS and batch is not None:
                 capture_started = time.perf_counter()
@@ -209,6 +234,10 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
             for cb in callbacks:
                 cb(step=t, chains=range(cfg.chain_offset, cfg.chain_offset + cfg.num_chains), loss=trace[t],
                    params=views)
+            if drawn is not None:  # the draw replaces the step's own loss in the trace, after the callbacks saw it
+                trace[t].copy_(drawn[0].detach().to(torch.float32).reshape(-1))
+                if drawn[1] is not None:
+                    star[t].copy_(drawn[1].to(torch.float32).reshape(-1))
             bar.update(1)
             done = t + 1
     except KeyboardInterrupt:
@@ -239,6 +268,27 @@ class _AtCenter:
                 self._fns[key] = torch.func.vmap(self.loss, in_dims=(None, dims), randomness="different",
                                                  chunk_size=self.chain_chunk)
             return self._fns[key](self.centers, batch).detach()
+
+
+class _AtPoints:
+    """The loss at each chain's own weights on its batch, [C], without
+    gradients: one batched forward (vmap over chains and batches) where the
+    batches stack, else chain by chain."""
+
+    def __init__(self, loss: Callable, num_chains: int, chain_chunk: Optional[int], batched: bool):
+        self.loss, self.num_chains, self.chain_chunk, self.batched = loss, num_chains, chain_chunk, batched
+        self._fns: Dict[str, Callable] = {}
+
+    def __call__(self, params: tuple, batch, dims, per_chain) -> torch.Tensor:
+        with torch.no_grad():
+            if batch is None or not self.batched:
+                return torch.stack([self.loss(tuple(p[c] for p in params), b).detach()
+                                    for c, b in enumerate(per_chain)])
+            key = repr(dims)
+            if key not in self._fns:
+                self._fns[key] = torch.func.vmap(self.loss, in_dims=(0, dims), randomness="different",
+                                                 chunk_size=self.chain_chunk)
+            return self._fns[key](params, batch).detach()
 
 
 class BatchedPasses:

@@ -53,6 +53,7 @@ class SweepSettings:
     precision: str = "fp32"  # or "tf32", "bf16": the LLC's and the Hessian's passes (estimate_llc)
     num_init_batches: Any = None  # batches of the LLC set the loss at w* averages; None: num_chains, "all": every one
     behaviour: bool = True  # the task's behavioural metrics (pipeline/behaviour.py); not part of the settings key
+    draw_batches: str = "independent"  # or "step": the batch each draw's loss is taken on (estimate_llc)
 
 
 @dataclass
@@ -142,6 +143,9 @@ class RunConfig:
                 raise ValueError(f"sweep.{name} must be true or false, got {getattr(s, name)!r}")
         from .._llc_common import check_precision
         check_precision(s.precision, "sweep.precision")
+        from ..loaders import DRAW_BATCHES
+        if s.draw_batches not in DRAW_BATCHES:
+            raise ValueError(f"sweep.draw_batches must be one of {DRAW_BATCHES}, got {s.draw_batches!r}")
         from ..samplers import check_sampler
         try:
             check_sampler(s.sampler, s.sampler_kwargs, s.bounding_box)

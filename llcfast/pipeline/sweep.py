@@ -40,7 +40,7 @@ RESULTS = "results.jsonl"
 # Settings added after results files existed: left out of the key while at
 # their defaults, so older results keep their keys and are not re-measured.
 _LATER_DEFAULTS = {"sampler": "sgld", "sampler_kwargs": {}, "bounding_box": None, "precision": "fp32",
-                   "num_init_batches": None}
+                   "num_init_batches": None, "draw_batches": "step"}  # the draws of sweeps before the field
 
 
 # Extra measurements that change no other number: a sweep with or without
@@ -162,7 +162,7 @@ def checkpoint_llc(model, loss_fn: Callable, llc_batches: Sequence, s: SweepSett
                             num_burnin=s.num_burnin, epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta,
                             seed=s.seed, device=device, progress=progress, split_chains=False, sampler=s.sampler,
                             sampler_kwargs=s.sampler_kwargs, bounding_box=s.bounding_box, precision=s.precision,
-                            num_init_batches=s.num_init_batches, **(engine or {}))
+                            num_init_batches=s.num_init_batches, draw_batches=s.draw_batches, **(engine or {}))
 
 
 def checkpoint_hessian(model, loss_fn: Callable, eval_set, s: SweepSettings, *, progress: bool = True,

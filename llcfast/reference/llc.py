@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from .._llc_common import (check_callbacks, check_differentiable, check_llc_args, check_mala, check_sampler_args,
-                           checked_loss, default_loss, draw_slice, finish, init_loss_diagnostics,
+                           checked_loss, default_loss, draw_slice, finish, finite_batches, init_loss_diagnostics,
                            init_loss_plan, loss_at_w_star, mala_diagnostics, paired_spread, progress_bar,
                            resolve_device, resolve_nbeta, restriction_masks, to_device, trainable, warn_if_dropout)
 from ..engine import checkpointing
 from ..interrupt import partial_plan, raise_interrupted
-from ..loaders import check_loader, loader_batches, warn_if_cycled
+from ..loaders import (check_draw_batches, check_loader, draw_batches as draw_source, loader_batches,
+                       warn_if_cycled)
 from ..result import LLCResult
 from ..samplers import Stepper
 from ..auto import auto_epsilon, auto_gamma, check_auto
@@ -38,14 +39,14 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  device=None, progress: bool = True, callbacks: Sequence[Callable] = (), sampler: str = "sgld",
                  sampler_kwargs: Optional[dict] = None, bounding_box: Optional[float] = None,
                  grad_accum_steps: int = 1, activation_checkpointing=False, mala: bool = False,
-                 trust_checks="auto") -> LLCResult:
+                 trust_checks="auto", draw_batches: str = "independent") -> LLCResult:
     """The LLC of ``model`` at its current weights w*; ``model`` is not changed.
 
     After every SGLD step each callback is called as
     ``cb(step=t, chains=range(c, c + 1), loss=<[1] tensor>, params={name: <[1, ...] tensor>})``:
     the loss whose gradient drove step t and the parameters after it (live
     views: clone to keep). The fast engine calls the same with all chains.
-    ``init_loss``, ``activation_checkpointing``, ``mala`` and ``trust_checks`` are as in
+    ``init_loss``, ``activation_checkpointing``, ``mala``, ``trust_checks`` and ``draw_batches`` are as in
     llcfast.estimate_llc; a paired init loss evaluates an unmoved copy of
     the model at w* on each draw's batch. ``epsilon``, ``num_burnin`` and
     ``gamma`` take "auto" as there, through the same procedure (llcfast.auto).
@@ -54,6 +55,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     auto = {name for name, value in (("gamma", gamma), ("epsilon", epsilon), ("num_burnin", num_burnin))
             if check_auto(name, value)}
     check_trust_checks(trust_checks)
+    check_draw_batches(draw_batches)
     # Every argument is checked before any pilot runs: "auto" values stand in as numbers here
     check_llc_args(num_chains=num_chains, num_draws=num_draws, num_burnin=0 if "num_burnin" in auto else num_burnin,
                    steps_between_draws=steps_between_draws, epsilon=1.0 if "epsilon" in auto else epsilon,
@@ -91,6 +93,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     total_steps = num_burnin + num_draws * steps_between_draws
     draw_steps = range(total_steps)[draw_slice(num_burnin, steps_between_draws)]
     warn_if_cycled(loader, total_steps, grad_accum_steps)
+    # One batch is full-batch sampling: the draw's batch is the step's own, with nothing left to fit
+    independent = draw_batches == "independent" and finite_batches(loader) != 1
     trace = np.full((num_chains, num_draws), np.nan)
     stats = torch.zeros(num_chains, 3, dtype=torch.float64, device=device)
     steps_run = np.full(num_chains, total_steps)
@@ -110,6 +114,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
             stepper = Stepper(ref_ops, sampler, sampler_kwargs, box, stacked, epsilon=epsilon, seed=seed,
                               chain_offset=c)
             batches = loader_batches(loader, seed, c)
+            draws = draw_source(loader, seed, c) if independent else None
             tracker = ChainMala(centers, masks, eps=epsilon, nbeta=nbeta, gamma=gamma, weight_decay=weight_decay,
                                 noise_scale=noise_scale) if mala else None
             for t in range(total_steps):
@@ -117,17 +122,23 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                 where = f"(chain {c}, step {t})"
                 micro = [to_device(next(batches), device) for _ in range(grad_accum_steps)]
                 loss = sum(checked_loss(loss_fn(chain_model, b), where) for b in micro) / grad_accum_steps
-                if paired is not None and t in draw_steps:  # the unmoved model at w* on the same batches
+                drawn = micro
+                if independent and t in draw_steps:  # the draw's own batches, at the weights before this step
+                    drawn = [to_device(next(draws), device) for _ in range(grad_accum_steps)]
+                    with torch.no_grad():
+                        draw_value = float(sum(checked_loss(loss_fn(chain_model, b), where) for b in drawn)) \
+                            / grad_accum_steps
+                if paired is not None and t in draw_steps:  # the unmoved model at w* on the draw's batches
                     with torch.no_grad():
                         paired[c, draw_steps.index(t)] = float(sum(
-                            checked_loss(loss_fn(base, b), where) for b in micro)) / grad_accum_steps
+                            checked_loss(loss_fn(base, b), where) for b in drawn)) / grad_accum_steps
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     steps_run[c] = t
                     break
                 loss.backward()
                 if t in draw_steps:
-                    trace[c, draw_steps.index(t)] = value
+                    trace[c, draw_steps.index(t)] = draw_value if independent else value
                 with torch.no_grad():
                     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                     if tracker is not None:
@@ -160,7 +171,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                   weight_decay=weight_decay, noise_scale=noise_scale,
                   num_init_batches=len(l0_spread["init_loss_per_batch"]),
                   seed=seed, device=str(device), sampler=sampler, sampler_kwargs=sampler_kwargs,
-                  bounding_box=box or None, grad_accum_steps=grad_accum_steps)
+                  bounding_box=box or None, grad_accum_steps=grad_accum_steps,
+                  draw_batches="independent" if independent else "step")
     if checkpointed:
         config["activation_checkpointing"] = checkpointed
     chain_steps = num_chains * total_steps
