@@ -174,10 +174,15 @@ def test_ctrl_c_at_every_point_of_a_training_step_resumes_to_the_same_checkpoint
         interrupt("inside the optimizer, after its update")
         return out
 
+    # Ctrl-C as a terminal delivers it (a job started in the background inherits SIGINT ignored)
     monkeypatch.setattr(train_module, "_train_step", step)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(torch.optim.AdamW, "step", update)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, str(tmp_path / "split"), progress=False)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, str(tmp_path / "split"), progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     train(cfg, str(tmp_path / "split"), progress=False)
     whole, split = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "split")

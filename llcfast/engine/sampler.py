@@ -204,10 +204,11 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         """The draw at the chains' current weights on the draws' own batches
         (and w*'s on the same, when paired): [C] each."""
         at_chains, at_star = 0.0, 0.0
-        with precision_context(cfg.precision, device), loss_context(cfg, bool(folds)):
+        # Plain torch on the fp32 weights: a forward alone needs none of the step's first-order kernels, and a
+        # draw is then the same number whatever fast path (folds, bf16 copies) the steps took
+        with precision_context(cfg.precision, device):
             for _ in range(accum):
                 b, d, per = draw_feed.next_stacked()
-                # The fp32 weights, as a run without bf16 copies takes them: a draw is the same either way
                 at_chains = at_chains + draw_pass(tuple(params), b, d, per)
                 if star is not None:
                     at_star = at_star + star_pass(b, d, per)
