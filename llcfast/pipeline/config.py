@@ -53,7 +53,7 @@ class SweepSettings:
     precision: str = "fp32"  # or "tf32", "bf16": the LLC's and the Hessian's passes (estimate_llc)
     num_init_batches: Any = None  # batches of the LLC set the loss at w* averages; None: num_chains, "all": every one
     behaviour: bool = True  # the task's behavioural metrics (pipeline/behaviour.py); not part of the settings key
-    draw_batches: str = "independent"  # or "step": the batch each draw's loss is taken on (estimate_llc)
+    draw_batches: str = "independent"  # or "step" (devinterp's): the batch each draw's loss is taken on
 
 
 @dataclass
