@@ -121,8 +121,7 @@ near_records = st.fixed_dictionaries(
                                        "hessian_top_eigenvalue", "diverged_chains", "seconds")})
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(near_records | record_like | json_values | st.text(max_size=20), max_size=8))
 def test_no_results_line_makes_reading_or_reporting_raise_anything_but_a_clear_error(tmp_path, lines):
     path = tmp_path / "results.jsonl"
