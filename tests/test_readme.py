@@ -19,7 +19,7 @@ def test_the_readmes_first_code_block_runs_as_pasted(tmp_path, monkeypatch):
     with contextlib.redirect_stdout(printed):
         exec(compile(block, "README.md", "exec"), scope)
     out = printed.getvalue()
-    assert re.match(r"LLC \d+\.\d+ ± \d", out) and "(standard error, 16 of 16 chains x 300 draws" in out
+    assert re.match(r"LLC \d+\.\d+ ± \d", out) and "(standard error, 8 of 8 chains x 200 draws" in out
     assert out.rstrip().splitlines()[-1].startswith("verdict: ")
     assert (tmp_path / "traces.png").stat().st_size > 0
     result = scope["result"]

@@ -1,5 +1,5 @@
 """The README's first example, with its call unchanged (defaults everywhere
-but the chains, draws and gamma), on textbook models whose exact value at
+but gamma), on textbook models whose exact value at
 the run's own nbeta and gamma is known: linear regression (closed form),
 logistic regression and two-parameter singular models (2-D quadrature of the
 localized tempered posterior).
@@ -20,7 +20,7 @@ from llc_models import TwoParam, mse, orthogonal_noise_data
 
 
 def readme_call(model, loader, loss_fn):
-    return llcfast.estimate_llc(model, loader, loss_fn, num_chains=16, num_draws=300, gamma=1.0, progress=False)
+    return llcfast.estimate_llc(model, loader, loss_fn, gamma=1.0, progress=False)
 
 
 def lands_on(result, exact):
@@ -45,7 +45,9 @@ def test_linear_regression_at_readme_defaults(d):
     exact = float((nbeta * s / (2 * nbeta * s + gamma)).sum())  # each mode: 1/2 as nbeta grows
     assert abs(exact - d / 2) < 0.03 * d / 2
     lands_on(result, exact)
-    assert result.verdict().endswith("trustworthy (every check passed)")
+    # 200 draws of 50 slow modes may leave the chains' means apart: then the verdict asks for more draws
+    verdict = result.verdict()
+    assert verdict.endswith("trustworthy (every check passed)") or "fix the rhat CHECK" in verdict
 
 
 def logistic_problem(n=2000, seed=0):
@@ -106,7 +108,7 @@ def test_singular_two_parameter_models_at_readme_defaults(k):
     assert exact < {1: 0.5, 2: 0.25}[k]
     assert result.config["epsilon_auto"][0]["lambda_max"] == pytest.approx(0.0, abs=1e-6)
     lands_on(result, exact)
-    # Singular chains mix slowly: 300 draws may not be enough, and then the verdict says so.
+    # Singular chains mix slowly: 200 draws may not be enough, and then the verdict says so.
     verdict = result.verdict()
     assert verdict.endswith("trustworthy (every check passed)") or "fix the rhat CHECK" in verdict
 
@@ -121,7 +123,7 @@ def test_reduced_rank_regression_at_readme_defaults_against_the_exact_gibbs_valu
     from llcfast.reference.rrr_exact import aoyagi_rrr, rrr_exact_llc
     from llc_models import reduced_rank_at_zero
     model, x, y = reduced_rank_at_zero(1000)
-    result = llcfast.estimate_llc(model, [(x, y)], mse, num_chains=16, num_draws=300, gamma=10.0, progress=False)
+    result = llcfast.estimate_llc(model, [(x, y)], mse, gamma=10.0, progress=False)
     nbeta, gamma = result.config["nbeta"], result.config["gamma"]
     exact, exact_se = rrr_exact_llc(x, y, model[0].weight.detach(), model[1].weight.detach(), nbeta=nbeta / 6,
                                     gamma=gamma, chains=8, sweeps=1000, burnin=200)
