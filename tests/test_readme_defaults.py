@@ -107,10 +107,13 @@ def test_singular_two_parameter_models_at_readme_defaults(k):
                              stretch=8, points=3001)
     assert exact < {1: 0.5, 2: 0.25}[k]
     assert result.config["epsilon_auto"][0]["lambda_max"] == pytest.approx(0.0, abs=1e-6)
-    lands_on(result, exact)
-    # Singular chains mix slowly: 200 draws may not be enough, and then the verdict says so.
+    assert abs(result.llc_mean - exact) < 4 * result.llc_se, (result.llc_mean, exact, result.llc_se)
+    # Singular chains mix slowly, and along b the curvature grows as b^(2k): 200 draws may not be enough, and
+    # the run's chains may reach curvature its 4 pilot chains did not; then the verdict names the check.
     verdict = result.verdict()
-    assert verdict.endswith("trustworthy (every check passed)") or "fix the rhat CHECK" in verdict
+    assert verdict.endswith("trustworthy (every check passed)") or "fix the rhat CHECK" in verdict \
+        or "fix the step_size CHECK" in verdict
+    assert (result.diagnostics["step_check"]["step_rule"] <= 0.1) == ("step_size" not in verdict)
 
 
 def test_reduced_rank_regression_at_readme_defaults_against_the_exact_gibbs_value():
