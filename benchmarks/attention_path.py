@@ -2,7 +2,7 @@
 chain's loss and gradient take, under the transforms the fast engine uses:
 plain autograd, torch.func's grad, vmap(grad) over stacked chains each
 with its own batch, and that under the engine's first-order context, which
-folds the chains into one SDPA call each way (llcfast.chain_attention).
+folds the chains into one SDPA call each way (llcfast.fastpath.attention).
 
 On the H100 (2026-11-24) the planner measured 22.1 GB above the parameters
 for one chain of GPT-2 774M at 2 x 1024 tokens in bf16. Saved tensors
@@ -26,7 +26,7 @@ from torch.func import functional_call, grad, vmap
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_large import SIZES, gpt2  # noqa: E402 (it puts the repository on the path, for llcfast)
 from llcfast.engine.planner import measure_activation_bytes  # noqa: E402
-from llcfast.fused_loss import first_order  # noqa: E402
+from llcfast.fastpath.token_loss import first_order  # noqa: E402
 
 KERNEL_WORDS = ("attention", "fmha", "flash", "cudnn", "softmax", "sdpa", "dot_product")
 
@@ -73,7 +73,7 @@ def main(argv=None):
         with autocast:
             return vmap(grad(loss), in_dims=(0, 0))(stack, ids)
 
-    def engine_pass():  # as the fast engine runs it: on CUDA, SDPA folded over chains (llcfast.chain_attention)
+    def engine_pass():  # as the fast engine runs it: on CUDA, SDPA folded over chains (llcfast.fastpath.attention)
         with first_order():
             return stacked()
 

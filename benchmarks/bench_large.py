@@ -11,7 +11,7 @@ standard dense-transformer count, over the measured bf16 matmul rate) and
 the ratio to devinterp's ms per chain-step (devinterp runs fewer draws:
 its per-step time is what is compared). Both sample the same loss, the
 mean next-token cross-entropy: devinterp as the model's own ``.loss``,
-llcfast as llcfast.models.hf_next_token_loss, whose fused forms never write
+llcfast as llcfast.pipeline.models.hf_next_token_loss, whose fused forms never write
 fp32 logits (``--hf-loss`` gives llcfast the model's ``.loss`` too).
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import chain_fold  # noqa: E402
-from llcfast.engine import bf16_copies  # noqa: E402
-from llcfast.models import hf_next_token_loss  # noqa: E402
+from llcfast.fastpath import fold as chain_fold  # noqa: E402
+from llcfast.fastpath import bf16_copies, settings  # noqa: E402
+from llcfast.pipeline.models import hf_next_token_loss  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 
 SIZES = {  # GPT-2 family shapes
@@ -170,7 +170,7 @@ def main(argv=None):
     p.add_argument("--no-fold", action="store_true",
                    help="leave GPT-2's SDPA, layer-norm and Conv1D calls to torch's vmap (which runs SDPA's backward "
                         "chain by chain, a layer norm as a weightless norm, a multiply and an add, and Conv1D as a "
-                        "batched matmul and a bias add) instead of the engine's folds (llcfast.chain_fold)")
+                        "batched matmul and a bias add) instead of the engine's folds (llcfast.fastpath.fold)")
     p.add_argument("--no-norm-fold", action="store_true", help="leave out the layer-norm fold only")
     p.add_argument("--no-linear-fold", action="store_true",
                    help="leave out the linear fold only (Conv1D's bias added after a batched matmul, not inside "
@@ -179,14 +179,14 @@ def main(argv=None):
                    help="leave the unembedding and the loss unfused (the logits kept for the backward)")
     p.add_argument("--no-bf16-copies", action="store_true",
                    help="cast every weight to bf16 each step, as autocast does, instead of the bf16 copies the SGLD "
-                        "step writes (llcfast.engine.bf16_copies)")
+                        "step writes (llcfast.fastpath.bf16_copies)")
     p.add_argument("--hf-loss", action="store_true",
                    help="llcfast samples the model's own .loss (Hugging Face's cross-entropy: fp32 logits, "
-                        "log-softmax and gather) instead of llcfast.models.hf_next_token_loss, the same number")
+                        "log-softmax and gather) instead of llcfast.pipeline.models.hf_next_token_loss, the same number")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    with chain_fold.folding(set() if args.no_fold else None, layer_norm=set() if args.no_norm_fold else None,
+    with settings.using(settings.current().widened()), chain_fold.folding(set() if args.no_fold else None, layer_norm=set() if args.no_norm_fold else None,
                             linear=set() if args.no_linear_fold else None,
                             head=set() if args.no_head_fusion else None), \
             bf16_copies.left_out(args.no_bf16_copies):

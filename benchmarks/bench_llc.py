@@ -31,8 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import chain_fold, models, tasks  # noqa: E402
-from llcfast.engine import bf16_copies  # noqa: E402
+from llcfast.fastpath import fold as chain_fold
+from llcfast.pipeline import models, tasks  # noqa: E402
+from llcfast.fastpath import bf16_copies, settings  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 
 # Dense matmul peaks (TFLOP/s) of the GPUs these benchmarks run on, from the
@@ -204,7 +205,7 @@ def measure(case, device, steps, slow_steps, ref_steps, precisions, skip_devinte
         # +nonorm, +nolinear and +nohead (the LM's fused unembedding and loss) leave out one each
         off = set() if "nofold" in extras else None
         try:
-            with chain_fold.folding(off, layer_norm=set() if "nonorm" in extras else None,
+            with settings.using(settings.current().widened()), chain_fold.folding(off, layer_norm=set() if "nonorm" in extras else None,
                                     linear=set() if "nolinear" in extras else None,
                                     head=set() if "nohead" in extras else None), \
                     bf16_copies.left_out("nocopies" in extras):

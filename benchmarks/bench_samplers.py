@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
 from llcfast import ops, reference  # noqa: E402
-from llcfast.samplers import Stepper  # noqa: E402
+from llcfast.engine.samplers import Stepper  # noqa: E402
 from bench_sgld_step import copy_bandwidth, split_sizes, timer  # noqa: E402
 from results_io import device_name, save_report  # noqa: E402
 

@@ -19,7 +19,7 @@ datasheet bandwidth and its FLOPs over the datasheet peak. It leaves out
 launch gaps and kernels slower than the roofline, so measured times sit above
 it; it is a model, not a measurement. attention="sdpa" is traced as the
 engine runs it on CUDA, with the chains folded into one call each way
-(llcfast.chain_attention), through torch's CPU flash kernel: its bytes stand
+(llcfast.fastpath.attention), through torch's CPU flash kernel: its bytes stand
 in for the CUDA kernels', which likewise never write the T x T scores.
 
 compile=True's pass is counted too (``pass`` "compiled"): Inductor lowers
@@ -48,8 +48,10 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import chain_fold, fused_head, fused_loss, models, ops  # noqa: E402
-from llcfast.engine import bf16_copies  # noqa: E402
+from llcfast.fastpath import fold as chain_fold, head as fused_head, token_loss as fused_loss
+from llcfast.pipeline import models
+from llcfast import ops  # noqa: E402
+from llcfast.fastpath import bf16_copies, settings  # noqa: E402
 from llcfast.engine.functional import chain_loss, vmapped_grads  # noqa: E402
 from llcfast.engine.hvp import HVP, HVP_MODES  # noqa: E402
 from llcfast.engine.hvp import _pass as hvp_pass  # noqa: E402
@@ -167,10 +169,9 @@ def trace_step(case: dict, precision: str, fused, copies: bool = True):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     loss = chain_loss(model, case["loss_fn"], names)
     shapes = [tuple(p.shape) for p in model.parameters()]
-    saved = fused_loss.KERNEL_DEVICES
-    fused_loss.KERNEL_DEVICES = {"cpu", "cuda"} if fused else set()
     log = KernelLog()
-    try:
+    with settings.using(settings.current().replace(token_loss=("cpu", "cuda") if fused else (),
+                                                   bf16_copies=("cpu", "cuda"))):
         # SDPA, layer norm and linear layers folded over chains, as the engine runs them on CUDA
         with FakeTensorMode(), chain_fold.folding({"cpu", "cuda"}, head=None if fused == "head" else set()):
             params = [torch.empty((chains,) + s) for s in shapes]
@@ -192,14 +193,12 @@ def trace_step(case: dict, precision: str, fused, copies: bool = True):
             with log:
                 ops.sgld_step_(params, [g.contiguous() for g in grads], centers, eps=case["epsilon"],
                                nbeta=case["nbeta"], gamma=case["gamma"], seed=0, step=0, bf16_copies=bf16)
-    finally:
-        fused_loss.KERNEL_DEVICES = saved
     return log.rows
 
 
 def _bf16_copies(loss, params, batch, precision: str, copies: bool):
     """(the parameters the pass takes, the step's bf16_copies) as the engine
-    chooses them (llcfast.engine.bf16_copies), for stacked ``params``; the
+    chooses them (llcfast.fastpath.bf16_copies), for stacked ``params``; the
     choice is traced on fake tensors."""
     if precision != "bf16" or not copies:
         return tuple(params), None

@@ -1,6 +1,6 @@
 """How far the finite-n value SGLD targets sits from the asymptotic learning
 coefficient, for K(a, b) = a^2 b^(2k) at a = b = 0, by 2-D quadrature
-(llcfast.reference.quadrature). Prints the README's table.
+(llcfast.estimate.quadrature). Prints the README's table.
 
     python benchmarks/finite_n_gap.py
 """
@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from llcfast.reference.quadrature import localized_llc_2d  # noqa: E402
+from llcfast.estimate.quadrature import localized_llc_2d  # noqa: E402
 
 NBETAS = (1e2, 1e3, 1e4, 1e5, 1e6, 1e8)
 MODELS = (("a^2 b^2 (f = a b x)", 1, 0.5), ("a^2 b^4 (f = a b^2 x)", 2, 0.25))

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import llcfast  # noqa: E402
-from llcfast import models, tasks  # noqa: E402
+from llcfast.pipeline import models, tasks  # noqa: E402
 
 SIZES = {
     "paper": (dict(task_dim=4, pairs=8), dict(d_model=64, heads=4, layers=2, mlp_width=64)),

@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_large import ACTIVATIONS, gpt2  # noqa: E402 (it puts the repository on the path)
 from bench_large import SIZES as SIZES_BY_NAME  # noqa: E402
 from bench_traffic import HBM_GBPS, PEAK_TFLOPS, CudaAutocastBf16, summarize, trace_step  # noqa: E402
-from llcfast import chain_fold, fused_loss  # noqa: E402
+from llcfast.fastpath import fold as chain_fold, settings, token_loss as fused_loss  # noqa: E402
 from llcfast.engine.planner import measure_saved_tensors  # noqa: E402
-from llcfast.models import hf_next_token_loss  # noqa: E402
+from llcfast.pipeline.models import hf_next_token_loss  # noqa: E402
 from results_io import save_report  # noqa: E402
 
 MEASURED_BF16_TFLOPS = 790.0  # issue 6's figure; bench_large measured 776-786 on the H100
@@ -48,14 +48,9 @@ def saved_bytes(size: str, batch: int, context: int, activation: str) -> int:
     depth. Gradients and the bf16 copies of the weights come on top."""
     ids = torch.zeros(batch, context + 1, dtype=torch.long)
     totals = []
-    kernels = fused_loss.KERNEL_DEVICES
-    fused_loss.KERNEL_DEVICES = {"cpu", "cuda"}
-    try:
-        with chain_fold.folding(head={"cpu", "cuda"}):
-            for layers in (1, 2):
-                totals.append(_saved_by(gpt2(size, context, activation, layers=layers), ids))
-    finally:
-        fused_loss.KERNEL_DEVICES = kernels
+    with settings.using(settings.current().replace(token_loss=("cpu", "cuda"))), chain_fold.folding(head={"cpu", "cuda"}):
+        for layers in (1, 2):
+            totals.append(_saved_by(gpt2(size, context, activation, layers=layers), ids))
     per_layer = totals[1] - totals[0]
     return totals[0] - per_layer + SIZES_BY_NAME[size]["n_layer"] * per_layer
 

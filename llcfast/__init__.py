@@ -2,12 +2,12 @@
 fused C++/CUDA kernels and a pure-torch reference (llcfast.reference)."""
 from ._ext import build_info, extension_available
 from . import ops, reference
-from .result import LLCResult
-from .interrupt import LLCInterrupted
-from .llc import estimate_llc, estimate_wbic
-from .samplers import SAMPLERS
-from .stages import Stage, StageFit, detect_stages
-from .hessian import HessianEigs, HessianSpectrum, HessianTrace, hessian_eigs, hessian_spectrum, hessian_trace
+from .estimate.result import LLCResult
+from .engine.interrupt import LLCInterrupted
+from .estimate.llc import estimate_llc, estimate_wbic
+from .engine.samplers import SAMPLERS
+from .pipeline.stages import Stage, StageFit, detect_stages
+from .estimate.hessian import (HessianEigs, HessianSpectrum, HessianTrace, hessian_eigs, hessian_spectrum, hessian_trace)
 
 __version__ = "0.1.0"
 

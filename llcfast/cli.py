@@ -147,7 +147,7 @@ def _one_line(command: str) -> int:
         return 1
     except RuntimeError as exc:
         import torch
-        from ._llc_common import first_line
+        from .engine.common import first_line
         if not isinstance(exc, torch.OutOfMemoryError):
             raise
         print(f"llcfast {command}: error: out of device memory ({first_line(exc, 'out of memory')})"

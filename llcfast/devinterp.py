@@ -44,9 +44,9 @@ import numpy as np
 import torch
 
 from ._checks import check_float, check_int
-from ._llc_common import active_dropout
-from .llc import estimate_llc
-from .result import LLCResult
+from .engine.common import active_dropout
+from .estimate.llc import estimate_llc
+from .estimate.result import LLCResult
 
 _SGLD = {"lr": "epsilon", "localization": "gamma", "nbeta": "nbeta", "noise_level": "noise_scale",
          "weight_decay": "weight_decay", "bounding_box_size": "bounding_box"}

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _ext
-from . import reference
+from . import twins as reference
 from ._checks import (check_bf16_copies, check_float, check_lanczos_step_args, check_multi_dot_args, check_philox_args,
                       check_rademacher_args, check_rmsprop_step_args, check_sgld_args, check_sgnht_step_args)
 

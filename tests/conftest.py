@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, settings
 
 import llcfast
 from llcfast import _ext
+from fastpaths import set_fastpath
 
 # Deterministic example generation: a failure is reproducible from the log.
 settings.register_profile("llcfast", derandomize=True, deadline=None, max_examples=40,
@@ -35,12 +36,12 @@ def fold_as_on_cuda(monkeypatch):
     here the linear fold takes layers of any size, as it takes large ones on
     CUDA) and the chains stacked (a CPU's pass plan may run them chain by
     chain, which needs no fold)."""
-    from llcfast import chain_attention, chain_linear, chain_norm, fused_head
+    from llcfast.fastpath import (linear as chain_linear)
     from llcfast.engine import planner, sampler
-    monkeypatch.setattr(fused_head, "DEVICES", {"cpu", "cuda"})
-    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})
-    monkeypatch.setattr(chain_norm, "FOLD_DEVICES", {"cpu", "cuda"})
-    monkeypatch.setattr(chain_linear, "FOLD_DEVICES", {"cpu", "cuda"})
+    set_fastpath(monkeypatch, head={"cpu", "cuda"})
+    set_fastpath(monkeypatch, attention={"cpu", "cuda"})
+    set_fastpath(monkeypatch, layer_norm={"cpu", "cuda"})
+    set_fastpath(monkeypatch, linear={"cpu", "cuda"})
     monkeypatch.setattr(chain_linear, "MIN_OUTPUTS_PER_CHAIN", 0)
     monkeypatch.setattr(sampler, "cpu_pass_plan", lambda n, total, largest, stack=False:
                         planner.cpu_pass_plan(n, total, largest, stack=True))

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from llcfast.models import CausalSelfAttention
+from llcfast.pipeline.models import CausalSelfAttention
 
 
 def mse(model, batch):
@@ -98,7 +98,7 @@ def gpt2_chains(chains=2, n_layer=2, seed=0):
     its chain loss, its parameters stacked over chains with a little spread
     between them, and a batch of 3 x 16 tokens per chain."""
     transformers = __import__("pytest").importorskip("transformers")
-    from llcfast import models
+    from llcfast.pipeline import models
     from llcfast.engine.functional import chain_loss
     config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=n_layer, n_head=2,
                                      attn_implementation="sdpa")
@@ -115,7 +115,7 @@ def gpt2_folded_against_torch(kind):
     """gpt2_chains' batched loss and gradients with the chain fold of
     ``kind`` ("sdpa", "layer_norm", "linear") against torch's vmap of those
     calls, which must agree; returns (config, the calls folded by kind)."""
-    from llcfast import chain_fold, fused_loss
+    from llcfast.fastpath import fold as chain_fold, token_loss as fused_loss
     from llcfast.engine.functional import vmapped_grads
     config, loss, params, batch = gpt2_chains()
     with chain_fold.folding(**{kind: set()}):

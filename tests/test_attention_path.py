@@ -10,12 +10,12 @@ import pytest
 pytest.importorskip("transformers")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import attention_path  # noqa: E402
-from llcfast import chain_attention  # noqa: E402
+from fastpaths import set_fastpath
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 def test_fused_attention_under_every_transform(capsys, monkeypatch):
-    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})  # as on CUDA
+    set_fastpath(monkeypatch, attention={"cpu", "cuda"})  # as on CUDA
     attention_path.main(["--size", "tiny", "--device", "cpu", "--context", "32"])
     lines = capsys.readouterr().out.splitlines()
     assert "attention implementation 'sdpa'" in lines[0]

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llcfast.models import AttentionOnlyLM, CausalSelfAttention, InContextRegression
+from llcfast.pipeline.models import AttentionOnlyLM, CausalSelfAttention, InContextRegression
 from llcfast.pipeline import train
 from llcfast.pipeline.behaviour import (BigramTable, LanguageBehaviour, RegressionBehaviour, attention_patterns,
                                         change_lines, layer_norm_rms, prefix_matching_score, previous_token_score,
                                         series, stage_changes)
 from llcfast.pipeline.report import stage_table, write_report
 from llcfast.pipeline.sweep import read_results, settings_key, sweep
-from llcfast.tasks import RegressionTask
+from llcfast.pipeline.tasks import RegressionTask
 from pipeline_configs import tiny, tiny_language
 
 

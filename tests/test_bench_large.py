@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import bench_large  # noqa: E402
+from llcfast.fastpath import settings  # noqa: E402
 
 ARGS = ["--sizes", "tiny", "--device", "cpu", "--draws", "2", "--context", "32", "--batch", "2"]
 
@@ -44,7 +45,6 @@ def test_devinterp_out_of_memory_is_recorded(tmp_path, monkeypatch, capsys):
 
 
 def test_no_fold_is_recorded_and_undone(tmp_path, fold_as_on_cuda):
-    from llcfast import chain_attention, chain_linear, chain_norm, fused_head
     folds = []
     for extra in ([], ["--no-norm-fold"], ["--no-linear-fold"], ["--no-head-fusion"], ["--no-fold"], ["--hf-loss"]):
         out = tmp_path / "large.json"
@@ -52,8 +52,8 @@ def test_no_fold_is_recorded_and_undone(tmp_path, fold_as_on_cuda):
         row = json.loads(out.read_text())["rows"][0]
         folds.append((row["attention_fold"], row["layer_norm_fold"], row["linear_fold"], row["head_fusion"],
                       row["loss"]))
-        assert chain_attention.FOLD_DEVICES == chain_norm.FOLD_DEVICES == chain_linear.FOLD_DEVICES == {"cpu", "cuda"}
-        assert fused_head.DEVICES == {"cpu", "cuda"}
+        after = settings.current()  # the benchmark's variants are undone
+        assert after.attention == after.layer_norm == after.linear == after.head == ("cpu", "cuda")
     ours, own = "hf_next_token_loss", "model's .loss"
     assert folds == [(True, True, True, True, ours), (True, False, True, True, ours), (True, True, False, True, ours),
                      (True, True, True, False, ours), (False, False, False, False, ours),

@@ -8,6 +8,7 @@ import sys
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bench_llc  # noqa: E402
+from llcfast.fastpath import settings  # noqa: E402
 
 
 def test_each_profile_runs_its_own_variant(tmp_path):
@@ -23,7 +24,6 @@ def test_each_profile_runs_its_own_variant(tmp_path):
 
 def test_nofold_nonorm_nolinear_and_nohead_leave_folds_to_torch_for_their_run_only(tmp_path, monkeypatch,
                                                                                     fold_as_on_cuda):
-    from llcfast import chain_attention, chain_linear, chain_norm, fused_head
     assert bench_llc.variant_error("bf16+sdpa+nofold") is None and bench_llc.variant_error("bf16+nonorm") is None
     assert bench_llc.variant_error("bf16+sdpa+nonorm+nolinear+nohead") is None
     assert "drop +nonorm" in bench_llc.variant_error("bf16+nofold+nonorm")
@@ -36,8 +36,8 @@ def test_nofold_nonorm_nolinear_and_nohead_leave_folds_to_torch_for_their_run_on
                         "--steps", "3", "--ref-steps", "1", "--out", str(tmp_path / "llc.json")])
         run = json.loads((tmp_path / "llc.json").read_text())["cases"][0]["runs"][f"llcfast-{variant}"]
         folds[variant] = (run["attention_fold"], run["layer_norm_fold"], run["linear_fold"], run["head_fusion"])
-        assert chain_attention.FOLD_DEVICES == chain_norm.FOLD_DEVICES == chain_linear.FOLD_DEVICES == {"cpu", "cuda"}
-        assert fused_head.DEVICES == {"cpu", "cuda"}
+        after = settings.current()  # the benchmark's variants are undone
+        assert after.attention == after.layer_norm == after.linear == after.head == ("cpu", "cuda")
     assert folds == {"fp32+sdpa+nofold": (False, False, False, False), "fp32+sdpa+nonorm": (True, False, True, True),
                      "fp32+sdpa+nolinear": (True, True, False, True), "fp32+sdpa+nohead": (True, True, True, False),
                      "fp32+sdpa": (True, True, True, True)}

@@ -14,7 +14,7 @@ from bench_llc import lm_case  # noqa: E402
 from inductor_trace import Unavailable, inductor_rows  # noqa: E402
 
 from conftest import requires_extension  # noqa: E402
-from llcfast import fused_loss  # noqa: E402
+from llcfast.fastpath import token_loss as fused_loss  # noqa: E402
 
 
 def test_counts_bytes_and_flops_of_known_ops():

@@ -1,4 +1,4 @@
-"""bf16 working copies of the weights (llcfast.engine.bf16_copies): which
+"""bf16 working copies of the weights (llcfast.fastpath.bf16_copies): which
 weights get one, and that the engine's numbers with them are the numbers
 without them, bit for bit (CPU autocast casts matmul operands to bf16 as
 CUDA's does)."""
@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from llcfast.fastpath import settings
 import llcfast
 from conftest import requires_extension
-from llcfast import models
-from llcfast.engine import bf16_copies
+from llcfast.pipeline import models
+from llcfast.fastpath import bf16_copies
 from llcfast.engine.functional import chain_loss
-from llcfast.fused_loss import first_order
+from llcfast.fastpath.token_loss import first_order
 
 
 def tiny_gpt2():
@@ -69,14 +70,10 @@ def trajectory(model, loader, loss_fn, on, **kwargs):
     def keep(step, chains, loss, params):
         last.update({n: p.clone() for n, p in params.items()})
 
-    saved = bf16_copies.DEVICES
-    bf16_copies.DEVICES = {"cpu"} if on else set()
-    try:
+    with settings.using(settings.current().replace(bf16_copies=("cpu",) if on else ())):
         res = llcfast.estimate_llc(model, loader, loss_fn, callbacks=[keep], **dict(dict(num_burnin=0, 
             num_chains=3, num_draws=5, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3,
             precision="bf16"), **kwargs))
-    finally:
-        bf16_copies.DEVICES = saved
     return res, last
 
 

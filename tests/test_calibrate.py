@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llc_models import exact_sgld_llc, linear_problem, mse
-from llcfast.diagnostics import trend_t
+from llcfast.estimate.diagnostics import trend_t
 from llcfast.pipeline.calibrate import _recommend, calibrate, sampler_grid
 
 

@@ -1,4 +1,4 @@
-"""SDPA folded over stacked chains (llcfast.chain_attention): the same loss
+"""SDPA folded over stacked chains (llcfast.fastpath.attention): the same loss
 and gradients as torch's SDPA under the fast engine's vmap(grad), one call
 each way for all chains, and torch's own SDPA wherever the fold cannot serve
 a call exactly."""
@@ -14,9 +14,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import llcfast
 from conftest import HAS_CUDA, requires_cuda
 from llc_models import gpt2_chains
-from llcfast import chain_attention, chain_norm, fused_loss, models
+from llcfast.fastpath import attention as chain_attention, token_loss as fused_loss
+from llcfast.pipeline import models
 from llcfast.engine.functional import chain_loss, vmapped_grads
 from llcfast.engine.sampler import SamplerConfig, _choose_mode
+from fastpaths import set_fastpath
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
@@ -25,8 +27,8 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 def fold_on_cpu(monkeypatch):
     """The fold runs on CUDA only (on a CPU it costs more than it saves); the
     tests run it on the CPU too, as CUDA's semantics."""
-    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})
-    monkeypatch.setattr(chain_norm, "FOLD_DEVICES", {"cpu", "cuda"})
+    set_fastpath(monkeypatch, attention={"cpu", "cuda"})
+    set_fastpath(monkeypatch, layer_norm={"cpu", "cuda"})
 
 
 @pytest.fixture
@@ -117,7 +119,7 @@ def test_calls_the_fold_cannot_serve_exactly_go_to_torch(extra, attend_calls):
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 def test_a_cpu_is_left_to_torch_by_default(monkeypatch, attend_calls):
-    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cuda"})
+    set_fastpath(monkeypatch, attention={"cuda"})
     w, x = torch.randn(2, 24, 5), torch.randn(2, 2, 6, 5)
     with fused_loss.first_order() as mode:
         vmap(grad(lambda w, x: attention_loss(w, x, is_causal=True)))(w, x)
@@ -177,7 +179,7 @@ def test_choose_mode_keeps_the_mode_only_for_passes_that_fold_a_call(monkeypatch
     cases = [("sdpa", {"cpu"}, {"sdpa": 2, "layer_norm": 3}), ("matmul", {"cpu"}, {"layer_norm": 3}),
              ("sdpa", set(), {"sdpa": 2}), ("matmul", set(), {})]
     for attention, norm_devices, want in cases:
-        monkeypatch.setattr(chain_norm, "FOLD_DEVICES", norm_devices)
+        set_fastpath(monkeypatch, layer_norm=norm_devices)
         model = lm(attention)
         names = [n for n, _ in model.named_parameters()]
         params = [p.detach().expand((2,) + p.shape).clone() for p in model.parameters()]

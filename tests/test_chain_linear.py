@@ -1,5 +1,5 @@
 """Linear layers over stacked chains with the bias inside the matmul
-(llcfast.chain_linear): under the fast engine's vmap(grad) the fold equals
+(llcfast.fastpath.linear): under the fast engine's vmap(grad) the fold equals
 torch's own vmap of F.linear and torch.addmm, runs one addmm a chain and no
 add over the output, leaves to torch every call it cannot serve, and leaves
 estimate_llc's numbers as they were."""
@@ -12,7 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import llcfast
 from conftest import requires_cuda
 from llc_models import gpt2_folded_against_torch
-from llcfast import chain_attention, chain_fold, chain_linear, chain_norm, fused_loss, models
+from llcfast.fastpath import (fold as chain_fold, linear as chain_linear, token_loss as fused_loss)
+from llcfast.pipeline import models
+from fastpaths import set_fastpath
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +22,7 @@ def fold_on_cpu(monkeypatch):
     """The fold runs on CUDA only, for layers of at least
     MIN_OUTPUTS_PER_CHAIN outputs a chain; the tests run it on the CPU and
     for small layers too, as CUDA's semantics."""
-    monkeypatch.setattr(chain_linear, "FOLD_DEVICES", {"cpu", "cuda"})
+    set_fastpath(monkeypatch, linear={"cpu", "cuda"})
     monkeypatch.setattr(chain_linear, "MIN_OUTPUTS_PER_CHAIN", 0)
 
 
@@ -126,7 +128,7 @@ def test_calls_it_cannot_serve_go_to_torch(monkeypatch):
     assert str(folded.value) == str(plain.value) and mode.calls["linear"] == 0
     f = vmap(lambda w, b, x: F.linear(x, w, b))
     for devices, smallest in [(set(), 0), ({"cpu"}, 2 * 5 * 6 + 1)]:  # device left out; layer too small
-        monkeypatch.setattr(chain_linear, "FOLD_DEVICES", devices)
+        set_fastpath(monkeypatch, linear=devices)
         monkeypatch.setattr(chain_linear, "MIN_OUTPUTS_PER_CHAIN", smallest)
         with fused_loss.first_order() as mode:
             f(w, b, x)
@@ -181,8 +183,8 @@ def lm_batches(n):
 @pytest.mark.parametrize("extra", [{}, dict(restrict=["blocks.0.*"]), dict(grad_accum_steps=2),
                                    dict(precision="bf16")], ids=["plain", "restrict", "accum", "bf16"])
 def test_estimate_llc_with_the_fold_equals_it_without(monkeypatch, extra):
-    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})
-    monkeypatch.setattr(chain_norm, "FOLD_DEVICES", {"cpu", "cuda"})
+    set_fastpath(monkeypatch, attention={"cpu", "cuda"})
+    set_fastpath(monkeypatch, layer_norm={"cpu", "cuda"})
     kwargs = dict(dict(num_burnin=0, num_chains=3, num_draws=4, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3,
                        chain_chunk=3), **extra)
     folded = llcfast.estimate_llc(lm(), lm_batches(4), models.next_token_loss, **kwargs)

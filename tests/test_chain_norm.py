@@ -1,6 +1,6 @@
 """Layer norm with a weight and bias per chain (llcfast::chain_layer_norm and
 its backward) against its pure-torch twin and torch's own layer norm; the
-fold (llcfast.chain_norm) under the fast engine's vmap(grad), one kernel
+fold (llcfast.fastpath.norm) under the fast engine's vmap(grad), one kernel
 call each way for all chains; and torch's layer norm wherever the fold
 cannot serve a call exactly."""
 import pytest
@@ -12,7 +12,10 @@ from torch.func import grad, vmap
 import llcfast
 from conftest import HAS_CUDA, requires_cuda, requires_extension
 from llc_models import gpt2_folded_against_torch
-from llcfast import chain_attention, chain_fold, chain_norm, fused_loss, models, reference
+from llcfast.fastpath import (fold as chain_fold, token_loss as fused_loss)
+from llcfast.pipeline import models
+from llcfast import reference
+from fastpaths import set_fastpath
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 pytestmark = requires_extension
@@ -22,7 +25,7 @@ pytestmark = requires_extension
 def fold_on_cpu(monkeypatch):
     """The fold runs on CUDA only (on a CPU torch's kernels are faster); the
     tests run it on the CPU too, as CUDA's semantics."""
-    monkeypatch.setattr(chain_norm, "FOLD_DEVICES", {"cpu", "cuda"})
+    set_fastpath(monkeypatch, layer_norm={"cpu", "cuda"})
 
 
 def case(chains, rows, features, dtype, device="cpu", bias=True, seed=0):
@@ -196,7 +199,7 @@ def lm_batches(n):
 @pytest.mark.parametrize("extra", [{}, dict(chain_chunk=2), dict(restrict=["blocks.0.*"]), dict(grad_accum_steps=2),
                                    dict(precision="bf16")])
 def test_estimate_llc_with_the_fold_equals_it_without(monkeypatch, extra):
-    monkeypatch.setattr(chain_attention, "FOLD_DEVICES", {"cpu", "cuda"})
+    set_fastpath(monkeypatch, attention={"cpu", "cuda"})
     kwargs = dict(dict(num_burnin=0, num_chains=3, num_draws=4, nbeta=5.0, epsilon=1e-3, progress=False, backend="fast", seed=3,
                        chain_chunk=3), **extra)
     folded = llcfast.estimate_llc(lm(), lm_batches(4), models.next_token_loss, **kwargs)

@@ -23,7 +23,7 @@ def test_compiled_pass_walks_the_eager_trajectory():
 def test_compiled_language_model_walks_the_eager_trajectory():
     """The next-token loss takes its Inductor form under torch.compile
     (fused_loss.token_nll_for_inductor) and the twin eagerly: same numbers."""
-    from llcfast import models
+    from llcfast.pipeline import models
     torch.manual_seed(0)
     model = models.AttentionOnlyLM(vocab=40, d_model=16, heads=2, context=16)
     data = [(torch.randint(0, 40, (4, 9)),) for _ in range(6)]

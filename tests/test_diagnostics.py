@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from llcfast.diagnostics import ess, split_rhat
+from llcfast.estimate.diagnostics import ess, split_rhat
 
 
 def ar1(rho, chains, draws, seed):

@@ -137,7 +137,7 @@ def test_gathered_tensors_outlive_the_collective(tmp_path, monkeypatch):
     while destroy_process_group holds it, and the rank hangs."""
     import gc
     import weakref
-    from llcfast.distributed import ChainSplit, gather_rows
+    from llcfast.engine.distributed import ChainSplit, gather_rows
     seen = []
     real = dist.all_gather
 

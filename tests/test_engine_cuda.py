@@ -84,7 +84,7 @@ def test_low_precision_estimate_within_the_chains_error(precision):
 def test_bf16_copies_give_the_numbers_without_them(monkeypatch, cuda_graphs):
     """The weights' bf16 copies, written by the step, against autocast's casts
     (engine/bf16_copies.py): the same numbers, under graph replay too."""
-    from llcfast.engine import bf16_copies
+    from llcfast.fastpath import bf16_copies
     model = TinyTransformer().cuda()
     kw = dict(num_chains=4, num_draws=12, epsilon=1e-3, nbeta=8.0, seed=7, progress=False, backend="fast",
               precision="bf16", cuda_graphs=cuda_graphs)
@@ -141,8 +141,8 @@ def test_memory_plan_groups_chains_when_little_memory_is_free(monkeypatch):
     free = int((2.5 * S + A) / HEADROOM) + 1  # room for 2.5 chains' state and one chain's activations
     # The planner counts what torch's cache holds unused as free, and the first run left its peak cached, so
     # the fake figure replaces the planner's whole reading, not only the driver's.
-    monkeypatch.setattr(sys.modules["llcfast.llc"], "free_device_bytes", lambda device: free)
-    monkeypatch.setattr(sys.modules["llcfast.llc"], "measure_activation_bytes", lambda one_chain, device: A)
+    monkeypatch.setattr(sys.modules["llcfast.estimate.llc"], "free_device_bytes", lambda device: free)
+    monkeypatch.setattr(sys.modules["llcfast.estimate.llc"], "measure_activation_bytes", lambda one_chain, device: A)
     grouped = llcfast.estimate_llc(model, token_loader(), token_loss, **kw)
     assert grouped.config["memory_plan"]["chains_per_group"] == 2 and grouped.config["chain_group"] == 2
     np.testing.assert_allclose(grouped.loss_trace, whole.loss_trace, rtol=1e-5)

@@ -1,11 +1,11 @@
-"""llcfast.models.use_fused_gelu: Hugging Face's spelled-out tanh GELUs
+"""llcfast.pipeline.models.use_fused_gelu: Hugging Face's spelled-out tanh GELUs
 (GPT-2's gelu_new, gelu_fast) become one-kernel TanhGELU modules, in place,
 with the same outputs to rounding."""
 import pytest
 import torch
 from torch import nn
 
-from llcfast.models import TanhGELU, use_fused_gelu
+from llcfast.pipeline.models import TanhGELU, use_fused_gelu
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""The fused unembedding and mean next-token loss (llcfast.fused_head) and
+"""The fused unembedding and mean next-token loss (llcfast.fastpath.head) and
 its kernel, llcfast::token_nll_grad_, against the composed form and the
 kernel's twin, under vmap and autograd, and inside the fast engine."""
 import pytest
@@ -9,9 +9,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import llcfast
 from conftest import HAS_CUDA, requires_cuda, requires_extension
-from llcfast import chain_fold, fused_head, fused_loss, models, reference
+from llcfast.fastpath import fold as chain_fold, head as fused_head, token_loss as fused_loss
+from llcfast.pipeline import fused_losses, models
+from llcfast import reference
 from llcfast.engine.functional import chain_loss, vmapped_grads
 from sample_inputs import aligned_and_shifted_logits
+from fastpaths import set_fastpath
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 # As in test_token_nll: both sides sum exp in float32 in different orders; a
@@ -22,7 +25,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12
 
 @pytest.fixture
 def fused_on_cpu(monkeypatch):
-    monkeypatch.setattr(fused_head, "DEVICES", {"cpu", "cuda"})
+    set_fastpath(monkeypatch, head={"cpu", "cuda"})
 
 
 @requires_extension
@@ -184,14 +187,14 @@ def test_where_it_does_not_fuse(fused_on_cpu, monkeypatch):
              # fp32 without autocast, fewer rows than twice the width: the gradient scalings would cost more
              "too few rows": (True, {"cpu"}, tracked[:7])}
     for name, (inside, devices, hh) in cases.items():
-        monkeypatch.setattr(fused_head, "DEVICES", devices)
+        set_fastpath(monkeypatch, head=devices)
         with fused_loss.first_order() if inside else torch.enable_grad() as mode:
             got = _head_loss(hh, w, b, t[:hh.shape[0]])
         assert head_calls(mode) == 0, name
         want = reference.token_nll(torch.nn.functional.linear(hh, w, b), t[:hh.shape[0]]).mean()
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     # outside first_order it is twice differentiable: a Hessian-vector product through it
-    monkeypatch.setattr(fused_head, "DEVICES", {"cpu"})
+    set_fastpath(monkeypatch, head={"cpu"})
     v = torch.randn(7, 4, generator=gen, dtype=torch.float64)
     hvp = torch.func.jvp(grad(lambda w_: _head_loss(h, w_, b, t)), (w,), (v,))[1]
     want_hvp = torch.func.jvp(grad(lambda w_: reference.token_nll(h @ w_.t() + b, t).mean()), (w,), (v,))[1]
@@ -247,14 +250,14 @@ def test_under_autocast_operands_are_cast_once(fused_on_cpu, weight_dtype):
 @requires_extension
 def test_the_logits_are_not_kept_for_the_backward(fused_on_cpu, monkeypatch):
     from llcfast.engine.planner import measure_saved_tensors
-    monkeypatch.setattr(fused_loss, "KERNEL_DEVICES", {"cpu"})  # the composed form with the fused loss kernel
+    set_fastpath(monkeypatch, token_loss={"cpu"})  # the composed form with the fused loss kernel
     model = lm(vocab=2000, d_model=16, dtype=torch.float32)
     tokens = torch.randint(0, 2000, (4, 33))
     logits_bytes = 4 * 32 * 2000 * 4
 
     def saved(fused):
         with fused_loss.first_order(), chain_fold.folding(head=None if fused else set()):
-            return measure_saved_tensors(lambda: models.next_token_loss(model, tokens))
+            return measure_saved_tensors(lambda: fused_losses.next_token_loss_fast(model, tokens))
 
     (total, largest), (total_composed, largest_composed) = saved(True), saved(False)
     assert largest_composed == logits_bytes  # the loss keeps the logits

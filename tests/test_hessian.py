@@ -430,7 +430,7 @@ def test_relu_networks_pass_the_finite_difference_check(seed):
     """ReLU kinks inside the difference step once gave false alarms (relative
     gaps 0.11 to 0.5 on these models); the check now takes float64 gradients
     at steps small enough that few kinks lie within them."""
-    from llcfast.models import InContextRegression, regression_loss, sample_regression
+    from llcfast.pipeline.models import InContextRegression, regression_loss, sample_regression
     torch.manual_seed(seed)
     model = InContextRegression(task_dim=3, max_pairs=8, d_model=32, heads=2, mlp_width=32)
     with torch.no_grad():  # larger weights than at init: more units near their kinks

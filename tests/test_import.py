@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llcfast.cli import main
-from llcfast.models import hf_next_token_loss
+from llcfast.pipeline.models import hf_next_token_loss
 from llcfast.pipeline.checkpoints import load_checkpoint, read_manifest
 from llcfast.pipeline.config import RunConfig
 

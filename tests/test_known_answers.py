@@ -11,7 +11,7 @@ import math
 import pytest
 
 import llcfast
-from llcfast.reference.quadrature import localized_llc_2d
+from llcfast.estimate.quadrature import localized_llc_2d
 from llc_models import TwoParam, exact_sgld_llc, linear_problem, mse, orthogonal_noise_data
 
 
@@ -84,7 +84,7 @@ def test_the_gibbs_sampler_for_reduced_rank_regression_matches_quadrature():
     """With M = H = N = 1, RRR is f = a b x: the blocked Gibbs sampler's value
     must match 2-D quadrature of the same posterior."""
     import torch
-    from llcfast.reference.rrr_exact import rrr_exact_llc
+    from llcfast.estimate.rrr_exact import rrr_exact_llc
     x, y = orthogonal_noise_data(1000)
     sxx, syy = float((x * x).mean()), float((y * y).mean())
     nbeta, gamma = 1000 / math.log(1000), 10.0
@@ -101,5 +101,5 @@ def test_aoyagis_formula_on_known_cases(shape, rank, want):
     """(3, 4, 3) at rank 1: the deep linear network's 4.5; (1, 1, 1) at rank
     1 is regular with one effective parameter; (2, 1, 6) at rank 1 has
     H (M + N - 1) = 7 parameters, 7 / 2; (3, 5, 2) at full rank 2: M N / 2."""
-    from llcfast.reference.rrr_exact import aoyagi_rrr
+    from llcfast.estimate.rrr_exact import aoyagi_rrr
     assert aoyagi_rrr(*shape, rank) == want

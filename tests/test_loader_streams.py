@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import llcfast
-from llcfast.loaders import loader_batches
+from llcfast.engine.loaders import loader_batches
 from llc_models import mlp, mse, regression_loader
 
 KW = dict(num_chains=3, num_draws=12, num_burnin=2, epsilon=1e-3, gamma=100.0, nbeta=5.0, progress=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llcfast
-from llcfast._llc_common import mala_diagnostics
+from llcfast.estimate.checks import mala_diagnostics
 from llc_models import linear_problem, mlp, mse, regression_loader
 
 KW = dict(num_burnin=0, num_chains=3, num_draws=25, gamma=100.0, nbeta=30.0, seed=1, progress=False, mala=True)

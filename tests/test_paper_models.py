@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import llcfast
-from llcfast import models
+from llcfast.pipeline import models
 
 pytestmark = [pytest.mark.filterwarnings("ignore:There is a performance drop"),
               pytest.mark.filterwarnings("ignore:the loader holds")]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import llcfast
-import llcfast.llc as llc_module
+import llcfast.estimate.llc as llc_module
 from llcfast.engine.planner import GiB, HEADROOM, items_per_pass, plan_memory, state_bytes
 from llc_models import mlp, mse, regression_loader
 

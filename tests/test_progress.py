@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from llcfast._llc_common import progress_bar, warnings_above_bars
+from llcfast.engine.progress import progress_bar, warnings_above_bars
 
 
 def _printing_showwarning(message, category, filename, lineno, file=None, line=None):

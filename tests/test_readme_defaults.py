@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import llcfast
-from llcfast.reference.quadrature import localized_llc_2d
+from llcfast.estimate.quadrature import localized_llc_2d
 from llc_models import TwoParam, mse, orthogonal_noise_data
 
 
@@ -124,7 +124,7 @@ def test_reduced_rank_regression_at_readme_defaults_against_the_exact_gibbs_valu
     averages over the 6 outputs, so the sampler, which sums them, takes
     nbeta / 6. Aoyagi's asymptotic value is 9: at this nbeta the localised
     posterior sits far from it."""
-    from llcfast.reference.rrr_exact import aoyagi_rrr, rrr_exact_llc
+    from llcfast.estimate.rrr_exact import aoyagi_rrr, rrr_exact_llc
     from llc_models import reduced_rank_at_zero
     model, x, y = reduced_rank_at_zero(1000)
     result = llcfast.estimate_llc(model, [(x, y)], mse, gamma=10.0, progress=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llcfast.diagnostics import TREND_T
+from llcfast.estimate.diagnostics import TREND_T
 from llcfast.pipeline import train
 from llcfast.pipeline.report import check_lines, plot_report, stage_fit, write_report
 from llcfast.pipeline.sweep import sweep

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from llcfast.result import LLCResult
+from llcfast.estimate.result import LLCResult
 
 
 def quiet_verdict(flat):
@@ -61,7 +61,7 @@ def _status(result, name):
 
 
 def test_summary_passes_stationary_chains_and_flags_what_is_wrong():
-    from llcfast.result import LLCResult
+    from llcfast.estimate.result import LLCResult
     rng = np.random.default_rng(0)
     flat = 1.0 + 0.01 * rng.standard_normal((8, 400))
     good = LLCResult.from_traces(flat, 0.9, 10.0, config={"nbeta": 10.0})

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 import llcfast
-from llcfast.trust import safe_epsilon, top_eigenvalues
+from llcfast.estimate.trust import safe_epsilon, top_eigenvalues
 from llc_models import deep_linear_at_rank, mse, reduced_rank_at_zero
 
 
@@ -251,7 +251,7 @@ def test_calibrate_names_the_gamma_whose_estimate_halving_no_longer_moves():
 
 
 def test_wbic_averages_enough_micro_batches_not_to_heat_the_chains():
-    from llcfast._llc_common import HOT_NBETA, cool_accumulation
+    from llcfast.engine.common import HOT_NBETA, cool_accumulation
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4000, 3, generator=g)
     y = x.sum(1) + 0.5 * torch.randn(4000, generator=g)

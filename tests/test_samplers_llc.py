@@ -12,8 +12,8 @@ from torch import nn
 
 import llcfast
 from llcfast import reference
-from llcfast.diagnostics import TREND_T, trend_t
-from llcfast.reference.quadrature import localized_llc_2d
+from llcfast.estimate.diagnostics import TREND_T, trend_t
+from llcfast.estimate.quadrature import localized_llc_2d
 from llc_models import TwoParam, linear_problem, mlp, mse, orthogonal_noise_data, regression_loader
 from test_engine_agreement import assert_same_trajectory, run_both
 from test_known_answers import within_standard_error

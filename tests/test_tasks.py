@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from llcfast.tasks import RegressionTask, SyntheticLanguage, TokenFile
+from llcfast.pipeline.tasks import RegressionTask, SyntheticLanguage, TokenFile
 
 
 def test_regression_batches_are_keyed_by_step_and_follow_the_model():

@@ -11,8 +11,11 @@ from torch.func import grad, grad_and_value, jvp, vmap
 
 import llcfast
 from conftest import HAS_CUDA, requires_cuda, requires_extension
-from llcfast import fused_loss, models, reference
+from llcfast.fastpath import token_loss as fused_loss
+from llcfast.pipeline import models
+from llcfast import reference
 from sample_inputs import aligned_and_shifted_logits
+from fastpaths import set_fastpath
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 # Both sides sum exp in float32 (float64 for float64 logits), in different
@@ -29,7 +32,7 @@ requires_vmap_rules = pytest.mark.skipif(
 
 @pytest.fixture
 def kernel_on_cpu(monkeypatch):
-    monkeypatch.setattr(fused_loss, "KERNEL_DEVICES", {"cpu", "cuda"})
+    set_fastpath(monkeypatch, token_loss={"cpu", "cuda"})
 
 
 def kernel(logits, targets):
@@ -81,11 +84,11 @@ def test_masked_vocabulary_and_bad_targets(device):
 
 def test_bad_arguments_name_the_problem():
     with pytest.raises(TypeError, match="logits must be"):
-        llcfast.fused_loss.token_nll(torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+        llcfast.fastpath.token_loss.token_nll(torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
     with pytest.raises(TypeError, match="targets must be an integer"):
-        llcfast.fused_loss.token_nll(torch.zeros(3, 4), torch.zeros(3))
+        llcfast.fastpath.token_loss.token_nll(torch.zeros(3, 4), torch.zeros(3))
     with pytest.raises(ValueError, match=r"targets must have shape \(3,\)"):
-        llcfast.fused_loss.token_nll(torch.zeros(3, 4), torch.zeros(3, 1, dtype=torch.int64))
+        llcfast.fastpath.token_loss.token_nll(torch.zeros(3, 4), torch.zeros(3, 1, dtype=torch.int64))
 
 
 @requires_extension
@@ -138,7 +141,7 @@ def test_engine_runs_the_kernel_with_the_twins_numbers(kernel_on_cpu, monkeypatc
     monkeypatch.setattr(fused_loss._TokenNLL, "apply", lambda *a: calls.append(1) or real_apply(*a))
     fused = llcfast.estimate_llc(model, data, models.next_token_loss, **kw)
     assert calls, "the fast engine did not take the fused kernel"
-    monkeypatch.setattr(fused_loss, "KERNEL_DEVICES", set())
+    set_fastpath(monkeypatch, token_loss=set())
     twin = llcfast.estimate_llc(model, data, models.next_token_loss, **kw)
     assert fused.loss_trace.shape == twin.loss_trace.shape
     # A handful of steps from the same noise: apart by float32 rounding only.
@@ -176,7 +179,8 @@ def test_imports_and_samples_on_a_torch_without_register_vmap():
         "if hasattr(torch.library, 'register_vmap'):\n"
         "    del torch.library.register_vmap\n"
         "import llcfast\n"
-        "from llcfast import fused_loss, models\n"
+        "from llcfast.fastpath import token_loss as fused_loss\n"
+        "from llcfast.pipeline import models\n"
         "assert not fused_loss.VMAP_RULES\n"
         "torch.manual_seed(0)\n"
         "model = models.AttentionOnlyLM(vocab=30, d_model=8, heads=2, context=8)\n"

@@ -75,7 +75,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
 def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch, failure, at, raised, resume_step):
     cfg = tiny()
     train(cfg, str(tmp_path / "whole"), progress=False)
-    from llcfast import tasks
+    from llcfast.pipeline import tasks
     original = tasks.RegressionTask.train_batch
 
     def fail_at(self, step, *a, **k):

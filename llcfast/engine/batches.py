@@ -14,8 +14,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._llc_common import to_device
-from ..loaders import loader_batches
+from .common import to_device
+from .loaders import loader_batches
 
 
 class ChainBatches:

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils._pytree import tree_leaves
 
-from .._llc_common import first_line
+from .common import first_line
 
 # Modes whose compiled code the whole-step CUDA-graph capture can hold; the
 # others ("reduce-overhead", "max-autotune") bring Inductor's own CUDA graphs.

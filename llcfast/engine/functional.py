@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .._llc_common import checked_loss, first_line
+from ..fastpath import settings
+from .common import checked_loss, first_line
 
 
 class _LossOf(nn.Module):
@@ -32,7 +33,7 @@ class _LossOf(nn.Module):
 
 def chain_loss(model: nn.Module, loss_fn: Callable, names: Sequence[str]) -> Callable:
     """loss(params, batch) for one chain; ``params`` is a tuple in ``names`` order."""
-    wrapper = _LossOf(model, loss_fn)
+    wrapper = _LossOf(model, settings.substitute(loss_fn))  # the seam: a loss's fast-path form
     keys = ["model." + n for n in names]
 
     def loss(params: Tuple[torch.Tensor, ...], batch) -> torch.Tensor:

@@ -12,9 +12,8 @@ import torch
 
 from .. import ops
 from .._checks import group_offsets_for_sizes
-from .._llc_common import (check_precision, checked_loss, default_loss, resolve_device, restriction_masks, to_device,
-                           trainable)
-from ..loaders import check_loader
+from .common import (check_precision, checked_loss, default_loss, resolve_device, restriction_masks, to_device, trainable)
+from .loaders import check_loader
 from .compiled import check_compile
 from .hvp import HVP, check_hvp_mode, finite_difference_gap
 from .planner import free_device_bytes, items_per_pass, measure_activation_bytes

@@ -17,7 +17,7 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._llc_common import first_line, map_tensors, precision_context, to_device
+from .common import first_line, map_tensors, precision_context, to_device
 from .compiled import GuardedCompile
 from .functional import chain_loss
 

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops
-from .._llc_common import first_line
+from .common import first_line
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .._llc_common import first_line
+from .common import first_line
 
 GiB = 2**30
 MiB = 2**20

@@ -15,12 +15,13 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from .. import ops
-from .._llc_common import first_line, precision_context, progress_bar, restriction_masks, trainable
-from ..fused_loss import first_order
-from ..interrupt import ChainsInterrupted
-from ..samplers import Stepper
-from . import bf16_copies
-from ..loaders import draw_batches
+from .common import first_line, precision_context, restriction_masks, trainable
+from .progress import progress_bar
+from ..fastpath.token_loss import first_order
+from .interrupt import ChainsInterrupted
+from .samplers import Stepper
+from ..fastpath import bf16_copies, settings
+from .loaders import draw_batches
 from .batches import ChainBatches
 from .compiled import GuardedCompile
 from .functional import chain_loss, sequential_grads, vmap_failure, vmapped_grads
@@ -333,7 +334,7 @@ def _bf16_copies(loss: Callable, params: List[torch.Tensor], batch, cfg: Sampler
     which Inductor schedules with its other kernels, and the code measured
     with them."""
     if (cfg.precision != "bf16" or mode != "vmap" or cfg.sampler != "sgld" or cfg.grad_accum_steps != 1
-            or cfg.mala or cfg.compile is not None or device.type not in bf16_copies.DEVICES):
+            or cfg.mala or cfg.compile is not None or not settings.current().on("bf16_copies", device)):
         return None
     with precision_context(cfg.precision, device), loss_context(cfg, fold=False):
         use = bf16_copies.cast_only(loss, [p[0] for p in params], batch)

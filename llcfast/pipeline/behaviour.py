@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import CausalSelfAttention
+from .models import CausalSelfAttention
 
 SHIFTED_X_VAR = 4.0
 ICL_TOKENS = (50, 500)
@@ -211,7 +211,7 @@ class LanguageBehaviour:
 
 
 def for_task(task, eval_set, llc_batches: Sequence) -> "RegressionBehaviour | LanguageBehaviour":
-    """The metrics of ``task``'s kind (llcfast.tasks), measured on its
+    """The metrics of ``task``'s kind (llcfast.pipeline.tasks), measured on its
     evaluation set; a language's bigrams are counted on the LLC's batches."""
     if task.kind == "regression":
         return RegressionBehaviour(task, eval_set)

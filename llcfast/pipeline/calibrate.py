@@ -15,11 +15,11 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .._llc_common import progress_bar
-from ..auto import GAMMA_AGREE
-from ..llc import estimate_llc
-from ..diagnostics import TREND_T
-from ..samplers import check_sampler
+from ..engine.progress import progress_bar
+from ..estimate.auto import GAMMA_AGREE
+from ..estimate.llc import estimate_llc
+from ..estimate.diagnostics import TREND_T
+from ..engine.samplers import check_sampler
 from .safety import inside, save_figure, save_text
 from .sweep import _finite, append_record, read_results
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Callable, List, Optional, Union
 
 import numpy as np
 import torch
 
-from .._llc_common import first_line
+from ..engine.common import first_line
+from .safety import atomic_write_bytes, check_manifest, read_json
 
 MANIFEST = "manifest.json"
 RESUME = "resume.pt"
@@ -26,23 +26,6 @@ def checkpoint_steps(total: int, log_count: int, linear_count: int) -> List[int]
     if linear_count:
         steps.update(int(round(s)) for s in np.linspace(0, total, linear_count + 1))
     return sorted(s for s in steps if 0 <= s <= total)
-
-
-def atomic_write_bytes(path: str, write: Callable) -> None:
-    """``write(file)`` into a temporary file beside ``path``, then rename it
-    over ``path``: a reader never sees half a file, whatever kills us."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_save(obj, path: str) -> None:
@@ -64,7 +47,6 @@ def read_manifest(run_dir: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir!r} is not a training run: it has no {MANIFEST} "
                                 "(create one with `llcfast train`)")
-    from .safety import check_manifest, read_json
     return check_manifest(read_json(path), path, run_dir)
 
 

@@ -10,10 +10,10 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict
 
-from .. import models, tasks
+from . import models, tasks
 
 TASKS = ("regression", "language", "tokens")
-# "llcfast": the paper's models (llcfast.models), built from model_args;
+# "llcfast": the paper's models (llcfast.pipeline.models), built from model_args;
 # "hf": Hugging Face causal-LM checkpoint directories of a run trained
 # elsewhere and brought in by `llcfast import`.
 MODELS = ("llcfast", "hf")
@@ -141,12 +141,12 @@ class RunConfig:
         for name in ("hessian", "behaviour"):
             if not isinstance(getattr(s, name), bool):
                 raise ValueError(f"sweep.{name} must be true or false, got {getattr(s, name)!r}")
-        from .._llc_common import check_precision
+        from ..engine.common import check_precision
         check_precision(s.precision, "sweep.precision")
-        from ..loaders import DRAW_BATCHES
+        from ..engine.loaders import DRAW_BATCHES
         if s.draw_batches not in DRAW_BATCHES:
             raise ValueError(f"sweep.draw_batches must be one of {DRAW_BATCHES}, got {s.draw_batches!r}")
-        from ..samplers import check_sampler
+        from ..engine.samplers import check_sampler
         try:
             check_sampler(s.sampler, s.sampler_kwargs, s.bounding_box)
         except (TypeError, ValueError) as exc:

@@ -13,7 +13,7 @@ import math
 import warnings
 from typing import Dict, List, Sequence
 
-from ..stages import StageFit, detect_stages
+from .stages import StageFit, detect_stages
 
 # statistic -> the record key of its standard error (None: it has none)
 STATISTICS = {"hessian_trace": "hessian_trace_se", "hessian_top_eig": None}

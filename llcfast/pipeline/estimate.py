@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from ..interrupt import LLCInterrupted
-from ..result import LLCResult
+from ..engine.interrupt import LLCInterrupted
+from ..estimate.result import LLCResult
 from .checkpoints import atomic_json, load_checkpoint, read_manifest
 from .safety import inside, save_figure
 from .config import RunConfig, SweepSettings

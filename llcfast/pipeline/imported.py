@@ -82,7 +82,7 @@ def import_run(run_dir: str, tokens: str, *, context: Optional[int] = None, dtyp
     again after more checkpoints have been written: the list is refreshed,
     and the results already swept stay valid, so the data (token file,
     context, dtype, seed) may not change once there are results."""
-    from ..tasks import TokenFile
+    from .tasks import TokenFile
     ckpts = find_checkpoints(run_dir)
     old = previous_import(run_dir)
     if old is not None:

@@ -10,9 +10,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..diagnostics import TREND_T
-from ..result import RHAT_OK
-from ..stages import StageFit, detect_stages
+from ..estimate.diagnostics import TREND_T
+from ..estimate.result import RHAT_OK
+from .stages import StageFit, detect_stages
 from .behaviour import change_lines, series, stage_changes
 from .checkpoints import atomic_json
 from .safety import save_figure, save_text

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import tempfile
 import warnings
 from contextlib import contextmanager
 from typing import Callable
@@ -155,10 +156,26 @@ def read_json(path: str):
             from None
 
 
+def atomic_write_bytes(path: str, write: Callable) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it
+    over ``path``: a reader never sees half a file, whatever kills us."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_through(path: str, write: Callable) -> None:
     """``write(file)`` into ``path`` atomically (a temporary file renamed over
     it, which replaces a link instead of following it)."""
-    from .checkpoints import atomic_write_bytes
     if os.path.islink(path):
         raise RunFileError(f"{path} is a symbolic link; llcfast does not write through links (remove it)")
     atomic_write_bytes(path, write)

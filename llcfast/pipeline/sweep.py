@@ -26,9 +26,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._llc_common import progress_bar, warnings_above_bars
-from ..llc import estimate_llc
-from ..samplers import check_sampler
+from ..engine.progress import progress_bar, warnings_above_bars
+from ..estimate.llc import estimate_llc
+from ..engine.samplers import check_sampler
 from .behaviour import for_task as behaviour_for_task
 from .checkpoints import load_checkpoint, read_manifest
 from .safety import RunFileError, check_same_data, data_fingerprint, inside, record_problem, run_lock
@@ -169,7 +169,7 @@ def checkpoint_hessian(model, loss_fn: Callable, eval_set, s: SweepSettings, *, 
                        compiled: bool = False) -> dict:
     """Hutchinson trace (± its standard error) and top eigenvalue of the
     Hessian of the loss on the first s.hessian_batch evaluation sequences."""
-    from ..hessian import hessian_eigs, hessian_trace
+    from ..estimate.hessian import hessian_eigs, hessian_trace
     batch = [tuple(t[:s.hessian_batch] for t in eval_set)]
     tr = hessian_trace(model, loss_fn, batch, num_probes=s.hessian_probes, seed=s.seed, precision=s.precision,
                        compile=compiled, progress=progress)

@@ -16,12 +16,13 @@ from typing import Optional
 
 import torch
 
-from .._llc_common import first_line, progress_bar
+from ..engine.common import first_line
+from ..engine.progress import progress_bar
 from ..engine.planner import GiB
 from .checkpoints import MANIFEST, RESUME, atomic_json, atomic_save, checkpoint_steps, read_manifest
 from .config import RunConfig
 from .safety import RunFileError, check_same_data, data_fingerprint, run_lock
-from ..interrupt import deferred_interrupts
+from ..engine.interrupt import deferred_interrupts
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:

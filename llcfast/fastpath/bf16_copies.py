@@ -22,8 +22,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-# Devices where the engine uses the copies (the benchmarks empty it to compare).
-DEVICES = {"cpu", "cuda"}
+from . import settings
+
 _TO_COPY = torch.ops.aten._to_copy.default
 
 
@@ -58,18 +58,12 @@ class _Uses(TorchDispatchMode):
         return out
 
 
-@contextlib.contextmanager
 def left_out(off: bool = True):
     """Inside (where ``off``), the engine casts every weight each step, as
-    autocast does: the benchmarks' comparison. Process-wide, like the folds'
-    switches."""
-    global DEVICES
-    saved = DEVICES
-    DEVICES = set() if off else saved
-    try:
-        yield
-    finally:
-        DEVICES = saved
+    autocast does: the benchmarks' comparison."""
+    if not off:
+        return contextlib.nullcontext()
+    return settings.using(settings.current().replace(bf16_copies=()))
 
 
 def cast_only(loss: Callable, point: Sequence[torch.Tensor], batch) -> List[bool]:

@@ -4,29 +4,29 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch.func import grad
 
-from . import chain_fold, reference
-from ._checks import check_int
-from ._llc_common import (check_callbacks, check_differentiable, check_llc_args, check_mala, check_precision,
-                          check_sampler_args, cool_accumulation, default_loss, draw_slice, finish, finite_batches,
-                          first_nonfinite,
-                          init_loss_diagnostics, init_loss_plan, loss_at_w_star, mala_diagnostics, paired_spread,
-                          precision_context, resolve_device, resolve_nbeta, to_device, trainable, warn_if_dropout)
-from .distributed import current_split, gather_rows
-from .engine import SamplerConfig, checkpointing, run_chains
-from .engine.compiled import check_compile
-from .engine.functional import chain_loss
-from .engine.sampler import loss_context
-from .engine.planner import (cpu_out_of_memory, free_device_bytes, measure_activation_bytes, out_of_memory_message,
+from ..fastpath import fold as chain_fold, settings as fastpath_settings
+from ..fastpath.settings import FastPath
+from . import sequential
+from .._checks import check_int
+from .checks import (check_callbacks, check_llc_args, check_mala, check_sampler_args, finish, init_loss_diagnostics, init_loss_plan, mala_diagnostics, paired_spread)
+from ..engine.common import (check_differentiable, check_precision, cool_accumulation, default_loss, draw_slice, finite_batches, first_nonfinite, loss_at_w_star, precision_context, resolve_device, resolve_nbeta, to_device, trainable, warn_if_dropout)
+from ..engine.distributed import current_split, gather_rows
+from ..engine import SamplerConfig, checkpointing, run_chains
+from ..engine.compiled import check_compile
+from ..engine.functional import chain_loss
+from ..engine.sampler import loss_context
+from ..engine.planner import (cpu_out_of_memory, free_device_bytes, measure_activation_bytes, out_of_memory_message,
                              plan_memory, state_bytes)
-from .interrupt import ChainsInterrupted, LLCInterrupted, partial_plan, raise_interrupted
-from .loaders import check_draw_batches, check_loader, loader_batches, warn_if_cycled
+from ..engine.interrupt import ChainsInterrupted, LLCInterrupted, partial_plan, raise_interrupted
+from ..engine.loaders import check_draw_batches, check_loader, loader_batches, warn_if_cycled
 from .result import LLCResult
 from .auto import auto_epsilon, auto_gamma, check_auto
 from .trust import check_trust_checks, relaxation_steps, trust_diagnostics
@@ -46,7 +46,8 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
                  bounding_box: Optional[float] = None, split_chains: bool = True,
                  grad_accum_steps: int = 1, chain_group: Optional[int] = None,
                  activation_checkpointing=False, mala: bool = False, compile=False,
-                 trust_checks: Union[bool, str] = "auto", draw_batches: str = "independent") -> LLCResult:
+                 trust_checks: Union[bool, str] = "auto", draw_batches: str = "independent",
+                 fastpath=None) -> LLCResult:
     """The local learning coefficient of ``model`` at its current weights w*.
 
     Runs ``num_chains`` SGLD chains of ``num_burnin + num_draws *
@@ -155,161 +156,234 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
         within a shuffled epoch the chain has not yet fitted, so it reads
         high, the more so the larger nbeta is against m / log m. Full-batch
         sampling has one batch, and both are the same.
+    fastpath: which GPU-only rewrites of the step run (llcfast.fastpath):
+        None (the settings in force, by default the paths a GPU run has
+        measured to help), "off", "all" (every path on CUDA), a
+        ``llcfast.fastpath.FastPath``, or {path name: True/False}. Each path
+        computes what the plain path computes; ``config["fastpath"]`` records
+        the choice.
     callbacks: called after every step as ``cb(step=t, chains=range(C),
         loss=<[C] tensor>, params={name: <[C, ...] tensor>})`` (the loss that
         drove step t, the parameters after it; live tensors, clone to keep).
     """
     settings = {k: v for k, v in locals().items() if k not in ("model", "loader", "loss_fn")}
-    auto = {name for name, value in (("gamma", gamma), ("epsilon", epsilon), ("num_burnin", num_burnin))
-            if check_auto(name, value)}
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    check_precision(precision)  # fail before copying the model; precision_context shares the check
-    if not isinstance(cuda_graphs, bool):
-        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-    compile_mode = check_compile(compile)
-    if chain_chunk is not None:
-        check_int("chain_chunk", chain_chunk, minimum=1)
-    if chain_group is not None:
-        check_int("chain_group", chain_group, minimum=1)
-    # Every argument is checked before any pilot runs: "auto" values stand in as numbers here
-    args = dict(num_chains=num_chains, num_draws=num_draws, num_burnin=0 if "num_burnin" in auto else num_burnin,
-                steps_between_draws=steps_between_draws, epsilon=1.0 if "epsilon" in auto else epsilon,
-                gamma=1.0 if "gamma" in auto else gamma, nbeta=nbeta,
-                weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
-                grad_accum_steps=grad_accum_steps)
-    check_llc_args(**args)
-    check_draw_batches(draw_batches)
-    if "num_burnin" in auto and "gamma" not in auto:
-        relaxation_steps(1.0, gamma)  # refuses gamma = 0, whose flat directions never relax
-    check_trust_checks(trust_checks)
-    callbacks = check_callbacks(callbacks)
-    check_loader(loader)
-    init_method, init_batches, init_chosen = init_loss_plan(init_loss, num_init_batches, num_chains, num_draws,
-                                                            loader, grad_accum_steps)
-    sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
-    check_mala(mala, sampler, box, noise_scale)
-    sampling = dict(sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box or None)
-    if "gamma" in auto:
+    run = _validate(SimpleNamespace(**settings), loader)
+    if "gamma" in run.auto:
         return auto_gamma(estimate_llc, model, loader, loss_fn, {k: v for k, v in settings.items() if k != "gamma"})
-    if "epsilon" in auto:
+    if "epsilon" in run.auto:
         return auto_epsilon(estimate_llc, model, loader, loss_fn, {k: v for k, v in settings.items() if k != "epsilon"})
-    if "num_burnin" in auto:
-        args["num_burnin"] = num_burnin = relaxation_steps(epsilon, gamma)
+    if "num_burnin" in run.auto:
+        run.args["num_burnin"] = run.a.num_burnin = relaxation_steps(epsilon, gamma)
     device = resolve_device(device, model)
     split = current_split(num_chains) if split_chains else None
     if backend == "reference":
-        if split is not None:
-            raise ValueError("backend='reference' runs its chains in one process; inside a torch.distributed job "
-                             "use backend='auto' or 'fast', which split the chains across ranks")
-        try:
-            with precision_context(precision, device):
-                result = reference.estimate_llc(model, loader, loss_fn, init_loss=init_loss, restrict=restrict,
-                                                device=device, trust_checks=trust_checks,
-                                                progress=progress, callbacks=callbacks,
-                                                activation_checkpointing=activation_checkpointing, mala=mala,
-                                                draw_batches=draw_batches, **args, **sampling)
-        except LLCInterrupted as stop:
-            if stop.result is not None:
-                stop.result.config["precision"] = precision
-            raise
-        result.config["precision"] = precision
-        return result
+        return _run_reference(model, loader, loss_fn, run, device, split)
+    with fastpath_settings.using(run.fastpath):
+        started = time.perf_counter()
+        _prepare(run, model, loader, loss_fn or default_loss, device, split)
+        runs, steps, interrupted = _sample(run, loader)
+        return _summarise(run, loader, runs, steps, interrupted, started)
 
-    warn_if_dropout(model)
-    started = time.perf_counter()
-    loss_fn = loss_fn or default_loss
-    nbeta = resolve_nbeta(nbeta, loader, grad_accum_steps)
-    base = copy.deepcopy(model).to(device)
-    checkpointed = checkpointing.apply(base, activation_checkpointing)
-    check_differentiable(base, loss_fn, loader, device, seed=seed)
-    l0, l0_spread = math.nan, paired_spread(loader)
-    if init_method != "paired":
-        with precision_context(precision, device):
-            l0, l0_spread = loss_at_w_star(base, loader, loss_fn, init_batches, device, seed=seed,
-                                         requested=init_chosen)
-    steps = num_burnin + num_draws * steps_between_draws
-    warn_if_cycled(loader, steps, grad_accum_steps)
-    local_chains, offset = (num_chains, 0) if split is None else (split.count, split.start)
-    cfg = SamplerConfig(num_chains=local_chains, chain_offset=offset, steps=steps, epsilon=float(epsilon), nbeta=nbeta,
-                        gamma=float(gamma), weight_decay=float(weight_decay), noise_scale=float(noise_scale),
-                        seed=seed, backend=backend, precision=precision, cuda_graphs=cuda_graphs,
-                        progress=progress and (split is None or split.rank == 0),
-                        chain_chunk=chain_chunk, sampler=sampler, sampler_kwargs=sampler_kwargs, bounding_box=box,
-                        grad_accum_steps=grad_accum_steps, sequential=bool(checkpointed), mala=mala,
-                        compile=compile_mode, paired=init_method == "paired",
-                        independent_draws=draw_batches == "independent" and finite_batches(loader) != 1,
-                        draw_start=num_burnin, draw_every=steps_between_draws)
-    plan = None
-    group = chain_group or local_chains
-    if device.type == "cuda" and chain_group is None:
-        plan = _plan(base, loader, loss_fn, cfg, device)
-        group, cfg = plan.chains_per_group, replace(cfg, chain_chunk=plan.chain_chunk)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    runs = []
-    interrupted = None
+
+@dataclass
+class _Run:
+    """One estimate_llc call as it goes from validate to plan, sample and
+    summarise: the caller's arguments (``a``) and what each stage adds."""
+    a: SimpleNamespace
+    auto: set
+    args: dict  # the estimator's numeric arguments, as both backends take them
+    init_method: str
+    init_batches: Optional[int]
+    init_chosen: bool
+    sampling: dict
+    compile_mode: object
+    callbacks: tuple
+    fastpath: FastPath
+    # set by _prepare
+    device: Optional[torch.device] = None
+    split: object = None
+    base: Optional[torch.nn.Module] = None
+    loss_fn: Optional[Callable] = None
+    nbeta: float = math.nan
+    l0: float = math.nan
+    l0_spread: Optional[dict] = None
+    checkpointed: object = None
+    cfg: Optional[SamplerConfig] = None
+    plan: object = None
+    group: int = 0
+
+
+def _validate(a: SimpleNamespace, loader) -> _Run:
+    """Every argument checked before any work (the auto values' pilots
+    included): "auto" values stand in as numbers here."""
+    auto = {name for name, value in (("gamma", a.gamma), ("epsilon", a.epsilon), ("num_burnin", a.num_burnin))
+            if check_auto(name, value)}
+    if a.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {a.backend!r}")
+    check_precision(a.precision)  # fail before copying the model; precision_context shares the check
+    if not isinstance(a.cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be True or False, got {a.cuda_graphs!r}")
+    compile_mode = check_compile(a.compile)
+    if a.chain_chunk is not None:
+        check_int("chain_chunk", a.chain_chunk, minimum=1)
+    if a.chain_group is not None:
+        check_int("chain_group", a.chain_group, minimum=1)
+    fastpath = fastpath_settings.resolve(a.fastpath)
+    args = dict(num_chains=a.num_chains, num_draws=a.num_draws,
+                num_burnin=0 if "num_burnin" in auto else a.num_burnin,
+                steps_between_draws=a.steps_between_draws, epsilon=1.0 if "epsilon" in auto else a.epsilon,
+                gamma=1.0 if "gamma" in auto else a.gamma, nbeta=a.nbeta, weight_decay=a.weight_decay,
+                noise_scale=a.noise_scale, num_init_batches=a.num_init_batches, seed=a.seed,
+                grad_accum_steps=a.grad_accum_steps)
+    check_llc_args(**args)
+    check_draw_batches(a.draw_batches)
+    if "num_burnin" in auto and "gamma" not in auto:
+        relaxation_steps(1.0, a.gamma)  # refuses gamma = 0, whose flat directions never relax
+    check_trust_checks(a.trust_checks)
+    callbacks = check_callbacks(a.callbacks)
+    check_loader(loader)
+    init_method, init_batches, init_chosen = init_loss_plan(a.init_loss, a.num_init_batches, a.num_chains,
+                                                            a.num_draws, loader, a.grad_accum_steps)
+    sampler, sampler_kwargs, box = check_sampler_args(a.sampler, a.sampler_kwargs, a.bounding_box, a.noise_scale)
+    check_mala(a.mala, sampler, box, a.noise_scale)
+    a.sampler, a.sampler_kwargs, a.bounding_box = sampler, sampler_kwargs, box
+    return _Run(a=a, auto=auto, args=args, init_method=init_method, init_batches=init_batches,
+                init_chosen=init_chosen, sampling=dict(sampler=sampler, sampler_kwargs=sampler_kwargs,
+                                                       bounding_box=box or None),
+                compile_mode=compile_mode, callbacks=callbacks, fastpath=fastpath)
+
+
+def _run_reference(model, loader, loss_fn, run: _Run, device, split) -> LLCResult:
+    """backend="reference": the sequential estimator, in this process."""
+    a = run.a
+    if split is not None:
+        raise ValueError("backend='reference' runs its chains in one process; inside a torch.distributed job "
+                         "use backend='auto' or 'fast', which split the chains across ranks")
     try:
-        for first in range(0, local_chains, group):
-            part = replace(cfg, num_chains=min(group, local_chains - first), chain_offset=offset + first)
-            runs.append(run_chains(base, loader, loss_fn, part, restrict=restrict, callbacks=callbacks))
+        with precision_context(a.precision, device):
+            result = sequential.estimate_llc(model, loader, loss_fn, init_loss=a.init_loss, restrict=a.restrict,
+                                             device=device, trust_checks=a.trust_checks, progress=a.progress,
+                                             callbacks=run.callbacks,
+                                             activation_checkpointing=a.activation_checkpointing, mala=a.mala,
+                                             draw_batches=a.draw_batches, **run.args, **run.sampling)
+    except LLCInterrupted as stop:
+        if stop.result is not None:
+            stop.result.config["precision"] = a.precision
+        raise
+    result.config["precision"] = a.precision
+    return result
+
+
+def _prepare(run: _Run, model, loader, loss_fn, device, split) -> None:
+    """The model's copy on the device, the loss at w*, the sampler's
+    configuration and (on CUDA) the memory plan."""
+    a = run.a
+    warn_if_dropout(model, stacklevel=4)
+    run.device, run.split, run.loss_fn = device, split, loss_fn
+    run.nbeta = resolve_nbeta(a.nbeta, loader, a.grad_accum_steps, stacklevel=4)
+    run.base = base = copy.deepcopy(model).to(device)
+    run.checkpointed = checkpointing.apply(base, a.activation_checkpointing)
+    check_differentiable(base, loss_fn, loader, device, seed=a.seed)
+    run.l0, run.l0_spread = math.nan, paired_spread(loader)
+    if run.init_method != "paired":
+        with precision_context(a.precision, device):
+            run.l0, run.l0_spread = loss_at_w_star(base, loader, loss_fn, run.init_batches, device, seed=a.seed,
+                                                   requested=run.init_chosen)
+    steps = a.num_burnin + a.num_draws * a.steps_between_draws
+    warn_if_cycled(loader, steps, a.grad_accum_steps)
+    local_chains, offset = (a.num_chains, 0) if split is None else (split.count, split.start)
+    cfg = SamplerConfig(num_chains=local_chains, chain_offset=offset, steps=steps, epsilon=float(a.epsilon),
+                        nbeta=run.nbeta, gamma=float(a.gamma), weight_decay=float(a.weight_decay),
+                        noise_scale=float(a.noise_scale), seed=a.seed, backend=a.backend, precision=a.precision,
+                        cuda_graphs=a.cuda_graphs, progress=a.progress and (split is None or split.rank == 0),
+                        chain_chunk=a.chain_chunk, sampler=a.sampler, sampler_kwargs=a.sampler_kwargs,
+                        bounding_box=a.bounding_box, grad_accum_steps=a.grad_accum_steps,
+                        sequential=bool(run.checkpointed), mala=a.mala, compile=run.compile_mode,
+                        paired=run.init_method == "paired",
+                        independent_draws=a.draw_batches == "independent" and finite_batches(loader) != 1,
+                        draw_start=a.num_burnin, draw_every=a.steps_between_draws)
+    run.group = a.chain_group or local_chains
+    if device.type == "cuda" and a.chain_group is None:
+        run.plan = _plan(base, loader, loss_fn, cfg, device)
+        run.group, cfg = run.plan.chains_per_group, replace(cfg, chain_chunk=run.plan.chain_chunk)
+    run.cfg = cfg
+
+
+def _sample(run: _Run, loader):
+    """The chains, group by group: (the runs, the steps kept, the
+    interrupted run's config or None)."""
+    a, cfg = run.a, run.cfg
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    runs, interrupted, steps = [], None, cfg.steps
+    try:
+        for first in range(0, cfg.num_chains, run.group):
+            part = replace(cfg, num_chains=min(run.group, cfg.num_chains - first), chain_offset=cfg.chain_offset + first)
+            runs.append(run_chains(run.base, loader, run.loss_fn, part, restrict=a.restrict, callbacks=run.callbacks))
     except torch.OutOfMemoryError as exc:
-        raise MemoryError(out_of_memory_message(exc, plan, num_chains)) from exc
+        raise MemoryError(out_of_memory_message(exc, run.plan, a.num_chains)) from exc
     except RuntimeError as exc:
         if not cpu_out_of_memory(exc):
             raise
-        raise MemoryError(out_of_memory_message(exc, plan, num_chains)) from exc
+        raise MemoryError(out_of_memory_message(exc, run.plan, a.num_chains)) from exc
     except ChainsInterrupted as stop:
-        if split is not None:  # the other ranks cannot be gathered from: stop plainly
+        if run.split is not None:  # the other ranks cannot be gathered from: stop plainly
             raise KeyboardInterrupt from None
         finished = sum(len(r.losses) for r in runs)
-        keep = partial_plan(finished, finished + len(stop.run.losses), stop.steps_done, num_burnin,
-                            steps_between_draws, num_draws)
+        keep = partial_plan(finished, finished + len(stop.run.losses), stop.steps_done, a.num_burnin,
+                            a.steps_between_draws, a.num_draws)
         if keep is None:
             raise_interrupted(None, "estimate_llc")
         if keep.chains > finished:  # every started chain, cut to the draws it reached
             runs = runs + [stop.run]
         steps, interrupted = keep.steps, keep.config
-    run = runs[-1]
+    return runs, steps, interrupted
 
+
+def _summarise(run: _Run, loader, runs, steps: int, interrupted, started: float) -> LLCResult:
+    """The draws, config, timings and trust checks of the runs, as one result."""
+    a, cfg, split, device = run.a, run.cfg, run.split, run.device
+    last = runs[-1]
     losses = np.concatenate([r.losses[:, :steps] for r in runs])
-    stars = np.concatenate([r.star[:, :steps] for r in runs]) if init_method == "paired" else None
+    stars = np.concatenate([r.star[:, :steps] for r in runs]) if run.init_method == "paired" else None
     stats = np.concatenate([r.stats for r in runs])
-    accept = np.concatenate([r.mala[:, :max(steps - 1, 0)] for r in runs]) if mala else None
+    accept = np.concatenate([r.mala[:, :max(steps - 1, 0)] for r in runs]) if a.mala else None
     if split is not None:  # every rank gets all chains, in global order
         losses, stats = gather_rows(split, losses), gather_rows(split, stats)
-        accept = gather_rows(split, accept) if mala else None
+        accept = gather_rows(split, accept) if a.mala else None
         stars = gather_rows(split, stars) if stars is not None else None
     diverged_at = first_nonfinite(losses)
     # The steps each chain ran (its stats sum over them); more than `steps` for
     # chains that finished when an interrupted estimate keeps fewer.
-    steps_run = np.full(num_chains, steps) if split is not None else \
+    steps_run = np.full(a.num_chains, steps) if split is not None else \
         np.concatenate([np.full(len(r.losses), r.losses.shape[1]) for r in runs])
     for c, t in diverged_at.items():
         losses[c, t:] = np.nan  # a diverged chain stops counting where its loss first went non-finite
         steps_run[c] = t
-    draws = losses[:, draw_slice(num_burnin, steps_between_draws)][:, :num_draws]
-    init_trace = stars[:, draw_slice(num_burnin, steps_between_draws)][:, :num_draws] if stars is not None else None
-    config = dict(args, init_loss=init_method, backend="fast" if run.mode == "vmap" else "fast-sequential", nbeta=nbeta,
-                  num_init_batches=len(l0_spread["init_loss_per_batch"]), device=str(device), precision=precision,
-                  cuda_graphs=all(r.cuda_graphs for r in runs),
-                  chain_chunk=run.pass_plan["chain_chunk"] if run.pass_plan else cfg.chain_chunk, chain_group=group,
-                  draw_batches="independent" if cfg.independent_draws else "step", **sampling)
-    if checkpointed:
-        config["activation_checkpointing"] = checkpointed
-    if compile_mode:  # whether every run's batched pass stayed compiled
+    kept = draw_slice(a.num_burnin, a.steps_between_draws)
+    draws = losses[:, kept][:, :a.num_draws]
+    init_trace = stars[:, kept][:, :a.num_draws] if stars is not None else None
+    config = dict(run.args, init_loss=run.init_method, backend="fast" if last.mode == "vmap" else "fast-sequential",
+                  nbeta=run.nbeta, num_init_batches=len(run.l0_spread["init_loss_per_batch"]), device=str(device),
+                  precision=a.precision, cuda_graphs=all(r.cuda_graphs for r in runs),
+                  chain_chunk=last.pass_plan["chain_chunk"] if last.pass_plan else cfg.chain_chunk,
+                  chain_group=run.group, draw_batches="independent" if cfg.independent_draws else "step",
+                  fastpath=run.fastpath.as_config(), **run.sampling)
+    if run.checkpointed:
+        config["activation_checkpointing"] = run.checkpointed
+    if run.compile_mode:  # whether every run's batched pass stayed compiled
         config["compile"] = all(r.compiled for r in runs)
-    if plan is not None:
-        config["memory_plan"] = plan.to_dict()
-    if run.pass_plan is not None:
-        config["pass_plan"] = run.pass_plan
-    # SDPA, layer norm and linear layers folded over chains (llcfast.chain_fold)
+    if run.plan is not None:
+        config["memory_plan"] = run.plan.to_dict()
+    if last.pass_plan is not None:
+        config["pass_plan"] = last.pass_plan
+    # SDPA, layer norm and linear layers folded over chains (llcfast.fastpath.fold)
     for kind, key in chain_fold.CONFIG_KEYS.items():
         if any(r.folds.get(kind) for r in runs):
             config[key] = all(r.folds.get(kind) for r in runs)
-    if run.bf16_copies is not None:  # weights the pass took as bf16 copies (the same in every chain group)
-        config["bf16_copies"] = run.bf16_copies
-    timings = dict(run.timings, total_s=time.perf_counter() - started)
+    if last.bf16_copies is not None:  # weights the pass took as bf16 copies (the same in every chain group)
+        config["bf16_copies"] = last.bf16_copies
+    timings = dict(last.timings, total_s=time.perf_counter() - started)
     for key in ("capture_s", "sampling_s"):
         timings[key] = sum(r.timings.get(key, 0.0) for r in runs)
     timings["ms_per_chain_step"] = 1e3 * timings["sampling_s"] / max(sum(r.losses.size for r in runs), 1)
@@ -320,17 +394,17 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     if interrupted is not None:
         config["interrupted"] = interrupted
     trust = {}
-    if trust_checks and interrupted is None:
-        trust = trust_diagnostics(base, loss_fn, loader, run.final if split is None else None, epsilon=epsilon,
-                                  nbeta=nbeta, gamma=gamma, restrict=restrict, precision=precision, device=device,
-                                  seed=seed, sampler=sampler, mode=trust_checks,
-                                  chain_steps=num_chains * steps * grad_accum_steps)
+    if a.trust_checks and interrupted is None:
+        trust = trust_diagnostics(run.base, run.loss_fn, loader, last.final if split is None else None,
+                                  epsilon=a.epsilon, nbeta=run.nbeta, gamma=a.gamma, restrict=a.restrict,
+                                  precision=a.precision, device=device, seed=a.seed, sampler=a.sampler,
+                                  mode=a.trust_checks, chain_steps=a.num_chains * steps * a.grad_accum_steps)
         timings["trust_checks_s"] = trust["gradient_check_s"] + trust["step_check"].get("seconds", 0.0)
         timings["total_s"] = time.perf_counter() - started
-    result = finish(draws, l0, nbeta, stats, steps_run, config=config, timings=timings,
-                    diagnostics={**init_loss_diagnostics(l0_spread, nbeta, init_method),
+    result = finish(draws, run.l0, run.nbeta, stats, steps_run, config=config, timings=timings,
+                    diagnostics={**init_loss_diagnostics(run.l0_spread, run.nbeta, run.init_method),
                                  **mala_diagnostics(accept, diverged_at), **trust},
-                    stacklevel=3, init_trace=init_trace)
+                    stacklevel=4, init_trace=init_trace)
     if interrupted is not None:
         raise_interrupted(result, "estimate_llc")
     return result

@@ -135,7 +135,7 @@ class LLCResult:
 
     def _trust_checks(self) -> list:
         """The step-size rule where the chains went, and the slope at w*
-        (llcfast.trust), where they were measured."""
+        (llcfast.estimate.trust), where they were measured."""
         d, out = self.diagnostics, []
         step = d.get("step_check")
         if step and "skipped" in step:

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_head import linear_token_nll_mean
-from .fused_loss import token_nll
+from ..twins.losses import token_nll
 from .tasks import sample_regression
 
 __all__ = ["AttentionOnlyLM", "Block", "CausalSelfAttention", "InContextRegression", "TanhGELU", "count_parameters",
@@ -30,7 +29,7 @@ class CausalSelfAttention(nn.Module):
     scaled_dot_product_attention, whose fused kernels never write the T x T
     scores. torch's vmap batches their forward over chains (on CUDA) but runs
     their backward chain by chain; the fast engine's pass folds the chains
-    into one call each way instead (llcfast.chain_attention). The Hessian
+    into one call each way instead (llcfast.fastpath.attention). The Hessian
     passes run SDPA on its math backend (engine/hvp.py)."""
 
     def __init__(self, d_model: int, heads: int, attention: str = "matmul"):
@@ -169,14 +168,9 @@ class AttentionOnlyLM(nn.Module):
 
 def next_token_loss(model: nn.Module, batch) -> torch.Tensor:
     """Mean cross-entropy of each next token (F.cross_entropy's numbers).
-    Inside the fast engine's batched pass the LM's unembedding and loss are
-    one fused function whose logits, the LM's largest tensors, are never
-    kept (llcfast.fused_head), and another model's loss is one fused kernel
-    per direction over its logits; elsewhere log_softmax and gather
-    (llcfast.fused_loss)."""
+    The fast engine runs it as pipeline/fused_losses.py writes it, which
+    the fast paths can serve."""
     inputs, targets = _inputs_and_targets(batch)
-    if isinstance(model, AttentionOnlyLM):
-        return linear_token_nll_mean(model.hidden(inputs), model.unembed.weight, model.unembed.bias, targets)
     return token_nll(model(inputs), targets).mean()
 
 
@@ -186,22 +180,10 @@ def hf_next_token_loss(model: nn.Module, batch) -> torch.Tensor:
     ``.loss`` gives with those labels. The batch is the token ids [B, T]
     (alone, first of a tuple, or a dict's "input_ids" with optional
     "labels": -100 masks and attention masks need the model's own
-    ``.loss``). GPT-2's unembedding and loss run as one fused
-    function (llcfast.fused_head), other models' loss as one fused kernel
-    over their logits."""
+    ``.loss``). The fast engine runs it as pipeline/fused_losses.py writes
+    it, which the fast paths can serve."""
     inputs, targets = _inputs_and_targets(batch)
-    if _plain_gpt2_head(model):
-        hidden = model.transformer(input_ids=inputs).last_hidden_state
-        return linear_token_nll_mean(hidden, model.lm_head.weight, model.lm_head.bias, targets)
     return token_nll(model(input_ids=inputs).logits, targets).mean()
-
-
-def _plain_gpt2_head(model: nn.Module) -> bool:
-    """Whether ``model`` is Hugging Face's GPT2LMHeadModel, whose logits are
-    lm_head (a bias-free linear layer) of its transformer's last hidden
-    state and nothing more."""
-    return (type(model).__name__ == "GPT2LMHeadModel" and isinstance(getattr(model, "lm_head", None), nn.Linear)
-            and hasattr(model, "transformer"))
 
 
 HF_BATCH_KEYS = ("input_ids", "labels")

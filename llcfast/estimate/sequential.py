@@ -14,20 +14,18 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .._llc_common import (check_callbacks, check_differentiable, check_llc_args, check_mala, check_sampler_args,
-                           checked_loss, default_loss, draw_slice, finish, finite_batches, init_loss_diagnostics,
-                           init_loss_plan, loss_at_w_star, mala_diagnostics, paired_spread, progress_bar,
-                           resolve_device, resolve_nbeta, restriction_masks, to_device, trainable, warn_if_dropout)
+from .checks import (check_callbacks, check_llc_args, check_mala, check_sampler_args, finish, init_loss_diagnostics, init_loss_plan, mala_diagnostics, paired_spread)
+from ..engine.common import (check_differentiable, checked_loss, default_loss, draw_slice, finite_batches, loss_at_w_star, resolve_device, resolve_nbeta, restriction_masks, to_device, trainable, warn_if_dropout)
+from ..engine.progress import progress_bar
 from ..engine import checkpointing
-from ..interrupt import partial_plan, raise_interrupted
-from ..loaders import (check_draw_batches, check_loader, draw_batches as draw_source, loader_batches,
-                       warn_if_cycled)
-from ..result import LLCResult
-from ..samplers import Stepper
-from ..auto import auto_epsilon, auto_gamma, check_auto
-from ..trust import STEP_CHECK_CHAINS, check_trust_checks, relaxation_steps, trust_diagnostics
-from .mala import ChainMala
-from .. import reference as ref_ops
+from ..engine.interrupt import partial_plan, raise_interrupted
+from ..engine.loaders import (check_draw_batches, check_loader, draw_batches as draw_source, loader_batches, warn_if_cycled)
+from .result import LLCResult
+from ..engine.samplers import Stepper
+from .auto import auto_epsilon, auto_gamma, check_auto
+from .trust import STEP_CHECK_CHAINS, check_trust_checks, relaxation_steps, trust_diagnostics
+from ..twins.mala import ChainMala
+from .. import twins as ref_ops
 
 
 def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 8,
@@ -49,7 +47,7 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     ``init_loss``, ``activation_checkpointing``, ``mala``, ``trust_checks`` and ``draw_batches`` are as in
     llcfast.estimate_llc; a paired init loss evaluates an unmoved copy of
     the model at w* on each draw's batch. ``epsilon``, ``num_burnin`` and
-    ``gamma`` take "auto" as there, through the same procedure (llcfast.auto).
+    ``gamma`` take "auto" as there, through the same procedure (llcfast.estimate.auto).
     """
     settings = {k: v for k, v in locals().items() if k not in ("model", "loader", "loss_fn")}
     auto = {name for name, value in (("gamma", gamma), ("epsilon", epsilon), ("num_burnin", num_burnin))

@@ -26,14 +26,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import settings
+
 SDPA = F.scaled_dot_product_attention
 
-# Devices whose calls are folded. On a CPU, torch's chain-by-chain path gains
-# nothing from batching and the fold's recomputation costs more than the loop
-# saves: the paper's LM pass (2 chains, 16 x 257 tokens, 2 cores) took 2-5%
-# longer folded in fp32 and 3-7% in bf16. There the fold serves the tests, which add
-# "cpu" here, as the CUDA path's semantics on every machine.
-FOLD_DEVICES = {"cuda"}
+# Off on CPU by default (fastpath.settings): there the chain-by-chain path
+# gains nothing from batching and the fold's recomputation costs more than the
+# loop saves; the tests turn it on to hold the CUDA path's semantics.
 _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -72,7 +71,7 @@ class FirstOrderBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError("llcfast: a chain fold's backward (SDPA or layer norm) has no derivative of its own; the "
-                           "folds run only inside llcfast.fused_loss.first_order()")
+                           "folds run only inside llcfast.fastpath.token_loss.first_order()")
 
 
 class _Attention(torch.autograd.Function):
@@ -139,7 +138,7 @@ def one_float_dtype(*tensors) -> bool:
 
 def _foldable(call: dict) -> bool:
     q, k, v = call["query"], call["key"], call["value"]
-    return (all(isinstance(x, torch.Tensor) and x.dim() >= 3 for x in (q, k, v)) and q.device.type in FOLD_DEVICES
+    return (all(isinstance(x, torch.Tensor) and x.dim() >= 3 for x in (q, k, v)) and settings.current().on("attention", q.device)
             and call["attn_mask"] is None and call["dropout_p"] == 0 and not call["enable_gqa"]
             and isinstance(call["is_causal"], bool)
             and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and q.dtype == k.dtype == v.dtype)

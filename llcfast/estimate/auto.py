@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from ._llc_common import check_differentiable, default_loss, default_nbeta, loss_at_w_star, resolve_device
-from .loaders import check_loader
+from ..engine.common import check_differentiable, default_loss, default_nbeta, loss_at_w_star, resolve_device
+from ..engine.loaders import check_loader
 from .trust import first_batches, relaxation_steps, safe_epsilon, top_eigenvalues
 
 # epsilon="auto": pilot chains, rounds at most, and the share of the last epsilon a new one may fall to and stop

@@ -13,11 +13,11 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from . import ops
-from ._checks import check_int
-from ._llc_common import progress_bar
-from .engine.hessian_problem import Problem, compiled_config, plan_probes
-from .engine.lanczos import lanczos, ritz
+from .. import ops
+from .._checks import check_int
+from ..engine.progress import progress_bar
+from ..engine.hessian_problem import Problem, compiled_config, plan_probes
+from ..engine.lanczos import lanczos, ritz
 from .hessian_results import HessianEigs, HessianSpectrum, HessianTrace
 
 __all__ = ["HessianEigs", "HessianSpectrum", "HessianTrace", "hessian_eigs", "hessian_spectrum", "hessian_trace"]

@@ -29,11 +29,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _ext, chain_linear, fused_loss
-from .chain_attention import AUTOCAST_CASTS, autocast_dtype, fold_batch, one_float_dtype, unfold_batch
+from .. import _ext
+from . import linear as chain_linear, settings, token_loss as fused_loss
+from .attention import AUTOCAST_CASTS, autocast_dtype, fold_batch, one_float_dtype, unfold_batch
 
-# Devices where the fusion runs (tests add "cpu", as for the other kernels).
-DEVICES = {"cuda"}
 
 
 def linear_token_nll_mean(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
@@ -56,7 +55,7 @@ def _fused(hidden, weight, bias, targets):
             and (bias is None or isinstance(bias, torch.Tensor))):
         return None
     device = hidden.device
-    if device.type not in DEVICES or not _ext.kernels_for(device):
+    if not settings.current().on("head", device) or not _ext.kernels_for(device):
         return None
     vocab = weight.shape[0] if weight.dim() == 2 else -1
     if (hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or hidden.numel() == 0

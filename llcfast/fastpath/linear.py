@@ -24,12 +24,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .chain_attention import AUTOCAST_CASTS, autocast_dtype, chain_first, fold_batch, one_float_dtype, unfold_batch
+from . import settings
+from .attention import AUTOCAST_CASTS, autocast_dtype, chain_first, fold_batch, one_float_dtype, unfold_batch
 
-# Devices whose calls are folded (chain_fold.folding sets them). On a CPU
-# addmm copies the bias into the output before the product, the same bytes
-# as the add it replaces, in one call per chain instead of one for all.
-FOLD_DEVICES = {"cuda"}
+# Off on CPU (fastpath.settings): there addmm copies the bias into the
+# output before the product, the same bytes as the add it replaces.
 # 2^21 outputs a chain: 128 tiles of 128 x 128, about one wave on 132 SMs.
 MIN_OUTPUTS_PER_CHAIN = 1 << 21
 
@@ -97,7 +96,7 @@ def _fold(x, m, bias, m_is_weight_t):
     NotImplemented."""
     if not all(isinstance(t, torch.Tensor) for t in (x, m, bias)):
         return NotImplemented
-    if (x.device.type not in FOLD_DEVICES or x.dim() < 1 or m.dim() != 2 or bias.shape != (m.shape[1],)
+    if (not settings.current().on("linear", x.device) or x.dim() < 1 or m.dim() != 2 or bias.shape != (m.shape[1],)
             or x.shape[-1] != m.shape[0] or x.numel() // max(x.shape[-1], 1) * m.shape[1] < MIN_OUTPUTS_PER_CHAIN):
         return NotImplemented
     dtype = autocast_dtype(x.device.type)

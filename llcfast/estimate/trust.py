@@ -20,9 +20,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ._llc_common import first_line, precision_context, restriction_masks, to_device, trainable
+from ..engine.common import first_line, precision_context, restriction_masks, to_device, trainable
 from .hessian import hessian_eigs
-from .loaders import loader_batches
+from ..engine.loaders import loader_batches
 
 STEP_RULE = 0.1  # epsilon * (nbeta * lambda_max + gamma) / 2 at the chains' end points
 STEP_CHECK_CHAINS = 4  # end points whose top eigenvalue is measured (the cost grows with them)

@@ -21,16 +21,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _ext
-from .chain_attention import FirstOrderBackward, autocast_dtype, fold_batch, one_float_dtype, unfold_batch
+from .. import _ext
+from . import settings
+from .attention import FirstOrderBackward, autocast_dtype, fold_batch, one_float_dtype, unfold_batch
 
-# Devices whose calls are folded (chain_fold.folding sets them). On a CPU
-# torch's vectorised kernels beat the scalar loops here: forward and backward
-# of 2 chains' norms over 16 x 257 rows of 256 (the paper's LM) took about
-# 12.5 ms folded against 8 ms through torch's vmap (2 cores). There the fold
-# serves the tests, which add "cpu", as the CUDA path's semantics on every
-# machine.
-FOLD_DEVICES = {"cuda"}
+# Off on CPU (fastpath.settings): torch's vectorised kernels beat the scalar
+# loops there; the tests turn it on to hold the CUDA path's semantics.
 _LOWER = (torch.float16, torch.bfloat16)
 
 
@@ -104,7 +100,7 @@ def try_fold(args, kwargs):
         return NotImplemented
     if isinstance(shape, int):
         shape = (shape,)
-    if (x.device.type not in FOLD_DEVICES or x.dim() < 1 or x.numel() == 0 or tuple(shape) != (x.shape[-1],)
+    if (not settings.current().on("layer_norm", x.device) or x.dim() < 1 or x.numel() == 0 or tuple(shape) != (x.shape[-1],)
             or weight.shape != tuple(shape) or (bias is not None and bias.shape != tuple(shape))
             or not _ext.kernels_for(x.device)):
         return NotImplemented

@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ._checks import check_float, check_int
+from .._checks import check_float, check_int
 
 # Offsets that keep the streams of one seed apart.
 _TRAIN, _EVAL, _LLC, _GRAMMAR, _SHIFTED = 0, 1 << 40, 2 << 40, 3 << 40, 4 << 40

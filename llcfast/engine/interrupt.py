@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
-from ._llc_common import draw_slice
+from .common import draw_slice
 
 
 class LLCInterrupted(KeyboardInterrupt):

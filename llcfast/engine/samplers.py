@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ._checks import check_float, check_rmsprop_hyper, check_sgnht_hyper, noise_group_offsets
+from .._checks import check_float, check_rmsprop_hyper, check_sgnht_hyper, noise_group_offsets
 
 SAMPLERS = ("sgld", "rmsprop_sgld", "sgnht")
 # Hyperparameters beyond SGLD's, with their defaults (those of devinterp's

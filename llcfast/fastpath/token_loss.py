@@ -22,20 +22,18 @@ import contextlib
 
 import torch
 
-from . import _ext
-from . import reference
-from .chain_attention import chain_first
-from .chain_fold import ChainFold
-from ._checks import check_token_nll_args
+from .. import _ext
+from .. import twins as reference
+from . import settings
+from .attention import chain_first
+from .fold import ChainFold
+from .._checks import check_token_nll_args
 
 _first_order_depth = 0
 _fold_modes = []  # the ChainFold modes of the first_order() contexts entered, innermost last
 
-# Devices whose tensors take the kernel. On CPU torch's vectorised
-# log_softmax beats the scalar kernel (4 x 2048 rows of 2000, forward and
-# backward: 0.066 s vs 0.159 s on 2 cores), so there the kernel serves the
-# tests, which add "cpu" here, as the CUDA kernel's semantics on every machine.
-KERNEL_DEVICES = {"cuda"}
+# Off on CPU (fastpath.settings): torch's vectorised log_softmax beats the
+# scalar kernel there; the tests turn it on to hold the CUDA kernel's semantics.
 
 # The fast engine calls the loss under vmap, where the kernel needs the
 # batching rules below; torch.library.register_vmap arrived in torch 2.5.
@@ -85,7 +83,7 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return token_nll_for_inductor(logits, targets)
     if (VMAP_RULES and _first_order_depth and isinstance(logits, torch.Tensor)
-            and logits.device.type in KERNEL_DEVICES and _ext.kernels_for(logits.device)):
+            and settings.current().on("token_loss", logits.device) and _ext.kernels_for(logits.device)):
         targets = check_token_nll_args(logits, targets)
         return _TokenNLL.apply(logits.contiguous(), targets.contiguous())
     return reference.token_nll(logits, targets)  # which checks its arguments itself

@@ -6,12 +6,11 @@ the calls can be taken over without touching the model."""
 from __future__ import annotations
 
 import collections
-import contextlib
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import chain_attention, chain_linear, chain_norm
+from . import attention as chain_attention, linear as chain_linear, norm as chain_norm, settings
 
 # estimate_llc's config key for each kind of fold: whether every run's batched pass folded such calls
 # (and "head": fused_head's unembedding-and-loss, which the models call themselves)
@@ -49,25 +48,14 @@ class ChainFold(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
+
 def folding(devices=None, *, sdpa=None, layer_norm=None, linear=None, head=None):
-    """Inside: the SDPA fold serves calls on the devices ``sdpa`` names, the
-    layer-norm fold on those ``layer_norm`` names, the linear fold on those
-    ``linear`` names and fused_head's fusion on those ``head`` names, each
-    by default ``devices``; None leaves a fold's own devices (FOLD_DEVICES,
-    fused_head.DEVICES), an empty set turns it off. As when a benchmark or
-    a test sets them."""
-    from . import fused_head  # which imports this module, through fused_loss
-    wanted = [(chain_attention, "FOLD_DEVICES", devices if sdpa is None else sdpa),
-              (chain_norm, "FOLD_DEVICES", devices if layer_norm is None else layer_norm),
-              (chain_linear, "FOLD_DEVICES", devices if linear is None else linear),
-              (fused_head, "DEVICES", devices if head is None else head)]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in wanted]
-    try:
-        for module, name, chosen in wanted:
-            if chosen is not None:
-                setattr(module, name, set(chosen))
-        yield
-    finally:
-        for module, name, devices_before in saved:
-            setattr(module, name, devices_before)
+    """Settings in force with the SDPA fold on the device types ``sdpa``
+    names, the layer-norm fold on ``layer_norm``'s, the linear fold on
+    ``linear``'s and the fused head on ``head``'s, each by default
+    ``devices``; None leaves a path as it is, an empty set turns it off. For
+    benchmarks and tests that compare the folds."""
+    chosen = {"attention": sdpa, "layer_norm": layer_norm, "linear": linear, "head": head}
+    changes = {path: tuple(devices if value is None else value) for path, value in chosen.items()
+               if (devices if value is None else value) is not None}
+    return settings.using(settings.current().replace(**changes))
