@@ -1,15 +1,38 @@
 """llcfast: local learning coefficient estimation by multi-chain SGLD, with
-fused C++/CUDA kernels and a pure-torch reference (llcfast.reference)."""
-from ._ext import build_info, extension_available
-from . import ops, reference
-from .estimate.result import LLCResult
-from .engine.interrupt import LLCInterrupted
-from .estimate.llc import estimate_llc, estimate_wbic
-from .engine.samplers import SAMPLERS
-from .pipeline.stages import Stage, StageFit, detect_stages
-from .estimate.hessian import (HessianEigs, HessianSpectrum, HessianTrace, hessian_eigs, hessian_spectrum, hessian_trace)
+fused C++/CUDA kernels and a pure-torch reference (llcfast.reference).
+
+The public names load on first use, so that ``llcfast --help`` answers
+without importing torch; ``import llcfast.ops`` (which every estimator
+does) registers the kernels as ``torch.ops.llcfast.*``."""
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["Stage", "StageFit", "detect_stages", "HessianEigs", "HessianSpectrum", "HessianTrace", "LLCInterrupted", "LLCResult", "SAMPLERS", "estimate_llc", "estimate_wbic", "hessian_eigs",
-           "hessian_spectrum", "hessian_trace", "build_info", "extension_available", "ops", "reference", "__version__"]
+# public name -> the module that defines it (tests/test_import_graph.py reads this table)
+_LAZY = {
+    "build_info": "llcfast._ext", "extension_available": "llcfast._ext",
+    "LLCResult": "llcfast.estimate.result", "LLCInterrupted": "llcfast.engine.interrupt",
+    "estimate_llc": "llcfast.estimate.llc", "estimate_wbic": "llcfast.estimate.llc",
+    "SAMPLERS": "llcfast.engine.samplers", "FastPath": "llcfast.fastpath.settings",
+    "Stage": "llcfast.pipeline.stages", "StageFit": "llcfast.pipeline.stages",
+    "detect_stages": "llcfast.pipeline.stages",
+    "HessianEigs": "llcfast.estimate.hessian", "HessianSpectrum": "llcfast.estimate.hessian",
+    "HessianTrace": "llcfast.estimate.hessian", "hessian_eigs": "llcfast.estimate.hessian",
+    "hessian_spectrum": "llcfast.estimate.hessian", "hessian_trace": "llcfast.estimate.hessian",
+    "ops": "llcfast.ops", "reference": "llcfast.reference",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'llcfast' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if module.__name__ == f"llcfast.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

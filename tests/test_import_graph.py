@@ -39,7 +39,9 @@ def imports(name: str, path: pathlib.Path, known) -> set:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["_LAZY"]:
+            targets = [v.value for v in node.value.values]  # a package's names loaded on first use
+        elif isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -128,6 +130,8 @@ def test_the_graph_sees_relative_and_function_local_imports(tmp_path):
     assert imports("llcfast.sub.a", pkg / "sub" / "a.py", known) == {"llcfast.ops"}
     assert imports("llcfast.ops", pkg / "ops.py", known) == {"llcfast.sub.a"}
     assert imports("llcfast.sub", pkg / "sub" / "__init__.py", known) == {"llcfast.sub.a"}
+    (pkg / "__init__.py").write_text('_LAZY = {"f": "llcfast.sub.a", "ops": "llcfast.ops"}\n')
+    assert imports("llcfast", pkg / "__init__.py", known) == {"llcfast.sub.a", "llcfast.ops"}
 
 
 FRESH_IMPORTS = """

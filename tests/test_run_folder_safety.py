@@ -146,7 +146,7 @@ def test_ctrl_c_at_every_point_of_a_training_step_resumes_to_the_same_checkpoint
     cfg = tiny()
     train(cfg, str(tmp_path / "whole"), progress=False)
     import importlib
-    train_module = importlib.import_module("llcfast.pipeline.train")
+    train_module = importlib.import_module("llcfast.pipeline.training")
     real_step, real_update = train_module._train_step, torch.optim.AdamW.step
     state = {"armed": False}
 

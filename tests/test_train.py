@@ -8,7 +8,7 @@ import torch
 
 from llcfast.pipeline import checkpoint_steps, preset, train
 from llcfast.pipeline.config import RunConfig, load_config
-from llcfast.pipeline.train import learning_rate
+from llcfast.pipeline.training import learning_rate
 from pipeline_configs import tiny
 
 

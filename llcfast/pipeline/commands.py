@@ -160,7 +160,7 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     from .config import load_config, preset
-    from .train import train
+    from .training import train
     cfg = load_config(args.config) if args.config else preset(args.preset)
     if args.steps is not None:
         cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
@@ -303,7 +303,7 @@ def cmd_calibrate(args) -> int:
 
 
 def add_commands(sub) -> None:
-    from .config import PRESETS
+    from .presets import PRESETS
     p = sub.add_parser("demo", help="the whole pipeline on a small model it trains itself", formatter_class=F,
                        epilog=DEMO_EPILOG, description="Train a small in-context regression transformer (or, "
                        "with --language, a small attention-only language model), sweep the LLC, behavioural metrics "

@@ -14,7 +14,7 @@ import torch
 from .config import preset
 from .report import check_lines, stage_table, write_report
 from .sweep import sweep
-from .train import train
+from .training import train
 
 # (language, full) -> the preset run
 PRESET = {(False, False): "demo", (False, True): "regression", (True, False): "language-demo", (True, True): "language"}

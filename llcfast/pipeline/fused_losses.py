@@ -1,6 +1,8 @@
-"""The models' next-token losses written for the fast paths, and declared to
-the fast-path seam as the same losses (llcfast.fastpath.settings), so that
-the fast engine calls these where a caller passes the plain ones.
+"""The models' next-token losses written for the fast paths. models.py
+declares them to the fast-path seam as its plain losses' fast forms
+(llcfast.fastpath.settings), so the fast engine calls these where a caller
+passes the plain ones. A model whose logits are ``unembed(hidden(x))`` says
+so with ``logits_are_unembedded_hidden = True``.
 
 Where the fast paths are off, or outside the engine's first-order pass,
 each is the plain loss: the fused head falls back to the composed form and
@@ -11,10 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..fastpath import settings
 from ..fastpath.head import linear_token_nll_mean
 from ..fastpath.token_loss import token_nll
-from .models import AttentionOnlyLM, _inputs_and_targets, hf_next_token_loss, next_token_loss
+from .token_batches import inputs_and_targets
 
 
 def next_token_loss_fast(model: nn.Module, batch) -> torch.Tensor:
@@ -22,8 +23,8 @@ def next_token_loss_fast(model: nn.Module, batch) -> torch.Tensor:
     function whose logits, the LM's largest tensors, are never kept
     (fastpath.head), and another model's loss as one kernel each way over
     its logits (fastpath.token_loss)."""
-    inputs, targets = _inputs_and_targets(batch)
-    if isinstance(model, AttentionOnlyLM):
+    inputs, targets = inputs_and_targets(batch)
+    if getattr(model, "logits_are_unembedded_hidden", False):
         return linear_token_nll_mean(model.hidden(inputs), model.unembed.weight, model.unembed.bias, targets)
     return token_nll(model(inputs), targets).mean()
 
@@ -31,7 +32,7 @@ def next_token_loss_fast(model: nn.Module, batch) -> torch.Tensor:
 def hf_next_token_loss_fast(model: nn.Module, batch) -> torch.Tensor:
     """hf_next_token_loss, with GPT-2's unembedding and loss as one fused
     function and other models' loss as one kernel each way."""
-    inputs, targets = _inputs_and_targets(batch)
+    inputs, targets = inputs_and_targets(batch)
     if _plain_gpt2_head(model):
         hidden = model.transformer(input_ids=inputs).last_hidden_state
         return linear_token_nll_mean(hidden, model.lm_head.weight, model.lm_head.bias, targets)
@@ -44,7 +45,3 @@ def _plain_gpt2_head(model: nn.Module) -> bool:
     state and nothing more."""
     return (type(model).__name__ == "GPT2LMHeadModel" and isinstance(getattr(model, "lm_head", None), nn.Linear)
             and hasattr(model, "transformer"))
-
-
-settings.register_substitute(next_token_loss, next_token_loss_fast)
-settings.register_substitute(hf_next_token_loss, hf_next_token_loss_fast)

@@ -7,13 +7,15 @@ CausalSelfAttention).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fastpath import settings
 from ..twins.losses import token_nll
+from .fused_losses import hf_next_token_loss_fast, next_token_loss_fast
+from .token_batches import inputs_and_targets
 from .tasks import sample_regression
 
 __all__ = ["AttentionOnlyLM", "Block", "CausalSelfAttention", "InContextRegression", "TanhGELU", "count_parameters",
@@ -144,6 +146,7 @@ def regression_loss(model: nn.Module, batch) -> torch.Tensor:
 class AttentionOnlyLM(nn.Module):
     """The LM model: attention-only transformer with LayerNorm and a learned
     positional embedding added to the residual stream."""
+    logits_are_unembedded_hidden = True  # forward is unembed(hidden(x)): the fused head may serve it
 
     def __init__(self, vocab: int = 5000, d_model: int = 256, heads: int = 8, layers: int = 2, context: int = 1024,
                  attention: str = "matmul"):
@@ -170,7 +173,7 @@ def next_token_loss(model: nn.Module, batch) -> torch.Tensor:
     """Mean cross-entropy of each next token (F.cross_entropy's numbers).
     The fast engine runs it as pipeline/fused_losses.py writes it, which
     the fast paths can serve."""
-    inputs, targets = _inputs_and_targets(batch)
+    inputs, targets = inputs_and_targets(batch)
     return token_nll(model(inputs), targets).mean()
 
 
@@ -182,38 +185,8 @@ def hf_next_token_loss(model: nn.Module, batch) -> torch.Tensor:
     "labels": -100 masks and attention masks need the model's own
     ``.loss``). The fast engine runs it as pipeline/fused_losses.py writes
     it, which the fast paths can serve."""
-    inputs, targets = _inputs_and_targets(batch)
+    inputs, targets = inputs_and_targets(batch)
     return token_nll(model(input_ids=inputs).logits, targets).mean()
-
-
-HF_BATCH_KEYS = ("input_ids", "labels")
-
-
-def _inputs_and_targets(batch):
-    """A batch of token sequences (alone, first of a tuple, or a dict's
-    "input_ids", with "labels" as the tokens to predict where given) split
-    into the model's inputs and the next tokens it predicts."""
-    if isinstance(batch, Mapping):
-        extra = sorted(set(batch) - set(HF_BATCH_KEYS))
-        if "input_ids" not in batch or extra:
-            raise ValueError(f"a dict batch for the next-token loss holds 'input_ids' and optionally 'labels', got "
-                             f"keys {sorted(batch)}; for attention masks pass loss_fn=None, which takes the "
-                             "model's own .loss")
-        labels = batch.get("labels", batch["input_ids"])
-        if _inspectable(labels) and bool((labels < 0).any()):
-            raise ValueError("the batch's 'labels' hold negative ids (-100 masks?); the next-token loss scores every "
-                             "position: for masked labels pass loss_fn=None, which takes the model's own .loss")
-        return batch["input_ids"][:, :-1], labels[:, 1:]
-    tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return tokens[:, :-1], tokens[:, 1:]
-
-
-def _inspectable(t: torch.Tensor) -> bool:
-    """Whether reading ``t``'s values is allowed here: not under a torch.func
-    transform, a CUDA graph capture or torch.compile."""
-    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return not ((wrapped is not None and wrapped(t)) or torch.compiler.is_compiling()
-                or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -246,3 +219,8 @@ def use_fused_gelu(model: nn.Module) -> int:
     for parent, name in swaps:
         setattr(parent, name, TanhGELU())
     return len(swaps)
+
+
+# The fast engine calls these losses in the forms the fast paths can serve (fastpath/settings.py's seam)
+settings.register_substitute(next_token_loss, next_token_loss_fast)
+settings.register_substitute(hf_next_token_loss, hf_next_token_loss_fast)
