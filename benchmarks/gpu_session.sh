@@ -87,10 +87,8 @@ for s in "${steps[@]}"; do
         python3 -m pip install -q --no-build-isolation --no-deps -e .
       python3 -c "import llcfast, json; print(json.dumps(llcfast.build_info()))" | tee "$OUT/build_info.json" ;;
     tests)
-      step tests 300 python3 -m pytest -q -p no:cacheprovider --timeout 240 \
-        tests/test_cuda.py tests/test_engine_cuda.py tests/test_hessian.py tests/test_sampler_kernels.py tests/test_opcheck.py tests/test_lanczos_step.py \
-        tests/test_planner.py tests/test_distributed.py tests/test_token_nll.py tests/test_paper_models.py tests/test_compile.py \
-        tests/test_chain_attention.py tests/test_chain_norm.py tests/test_chain_linear.py tests/test_fused_head.py ;;
+      # every test that needs the GPU carries the cuda marker (tests/conftest.py)
+      step tests 300 python3 -m pytest -q -p no:cacheprovider --timeout 240 -m cuda tests ;;
     fold)  # the chains folded into one SDPA and one layer-norm call each way, the bias adds into their
            # matmuls and the unembedding and loss fused, against torch's vmap of each
       step fold_llc 240 python3 benchmarks/bench_llc.py --cases lm-8 --skip-devinterp --ref-steps 1 --steps 200 \

@@ -45,3 +45,14 @@ def fold_as_on_cuda(monkeypatch):
     monkeypatch.setattr(chain_linear, "MIN_OUTPUTS_PER_CHAIN", 0)
     monkeypatch.setattr(sampler, "cpu_pass_plan", lambda n, total, largest, stack=False:
                         planner.cpu_pass_plan(n, total, largest, stack=True))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs a CUDA GPU carries the ``cuda`` marker, so that
+    ``pytest -m cuda`` is a GPU run's whole list: those under requires_cuda
+    and those whose ``device`` parameter is "cuda" (tests that skip on their
+    own terms carry the marker themselves)."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("device") == "cuda" or any(m == requires_cuda.mark for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)

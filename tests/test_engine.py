@@ -114,8 +114,8 @@ def test_active_dropout_is_named_in_a_warning_and_eval_mode_is_quiet(estimate, r
     ("gpu", r"device='gpu' is not a device torch knows"),
     pytest.param("cuda", r"device='cuda', but torch sees no CUDA GPU", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="a CUDA GPU is visible")),
-    pytest.param("cuda:64", r"device='cuda:64', but torch sees \d+ CUDA GPU", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a visible CUDA GPU")),
+    pytest.param("cuda:64", r"device='cuda:64', but torch sees \d+ CUDA GPU", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a visible CUDA GPU")]),
 ])
 def test_unusable_devices_are_named(device, match):
     model, loader, _ = linear_problem(2)

@@ -586,6 +586,7 @@ def test_multi_dot_rejects_bad_input():
         ops.multi_dot_(torch.zeros(2, dtype=torch.float64), [torch.ones(2, 3)], [torch.ones(2, 4)])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_statistics_match_cpu():
     model, loss_fn, batches = small_cases()["mlp"]
@@ -597,6 +598,7 @@ def test_cuda_statistics_match_cpu():
     np.testing.assert_allclose(t_gpu.per_probe, t_cpu.per_probe, rtol=1e-4, atol=1e-5)  # same probe bits
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_trace_plan_measures_real_memory_and_keeps_the_values(monkeypatch):
     """On a GPU the two measuring passes see real allocations: a probe of the
@@ -618,6 +620,7 @@ def test_cuda_trace_plan_measures_real_memory_and_keeps_the_values(monkeypatch):
     np.testing.assert_allclose(few.per_probe, whole.per_probe, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_cuda_low_precision_trace_within_the_probes_spread(precision):
