@@ -8,7 +8,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it (tests/test_import_graph.py reads this table)
+# public name -> the module that defines it (tests/package/test_import_graph.py reads this table)
 _LAZY = {
     "build_info": "llcfast._ext", "extension_available": "llcfast._ext",
     "LLCResult": "llcfast.estimate.result", "LLCInterrupted": "llcfast.engine.interrupt",

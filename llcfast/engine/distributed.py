@@ -53,7 +53,7 @@ def gather_rows(split: ChainSplit, local: np.ndarray) -> np.ndarray:
     # collective has returned here. Were that the last reference, it would
     # take the GIL to free them; older torch joins that thread holding the
     # GIL in destroy_process_group (released since pytorch/pytorch#154976),
-    # and the rank hangs there (2 runs in 19 of tests/test_distributed.py on
+    # and the rank hangs there (2 runs in 19 of tests/engine/test_distributed.py on
     # torch 2.4.1). Held here until the next gather, they are freed by Python
     # instead.
     _LAST_GATHER[:] = [padded, parts]

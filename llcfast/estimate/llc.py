@@ -16,7 +16,7 @@ from ..fastpath import fold as chain_fold, settings as fastpath_settings
 from ..fastpath.settings import FastPath
 from . import sequential
 from .._checks import check_int
-from .checks import (check_callbacks, check_llc_args, check_mala, check_sampler_args, finish, init_loss_diagnostics, init_loss_plan, mala_diagnostics, paired_spread)
+from .checks import (finish, init_loss_diagnostics, mala_diagnostics, paired_spread)
 from ..engine.common import (check_differentiable, check_precision, cool_accumulation, default_loss, draw_slice, finite_batches, first_nonfinite, loss_at_w_star, precision_context, resolve_device, resolve_nbeta, to_device, trainable, warn_if_dropout)
 from ..engine.distributed import current_split, gather_rows
 from ..engine import SamplerConfig, checkpointing, run_chains
@@ -26,10 +26,11 @@ from ..engine.sampler import loss_context
 from ..engine.planner import (cpu_out_of_memory, free_device_bytes, measure_activation_bytes, out_of_memory_message,
                              plan_memory, state_bytes)
 from ..engine.interrupt import ChainsInterrupted, LLCInterrupted, partial_plan, raise_interrupted
-from ..engine.loaders import check_draw_batches, check_loader, loader_batches, warn_if_cycled
+from ..engine.loaders import loader_batches, warn_if_cycled
 from .result import LLCResult
-from .auto import auto_epsilon, auto_gamma, check_auto
-from .trust import check_trust_checks, relaxation_steps, trust_diagnostics
+from .auto import auto_epsilon, auto_gamma
+from .arguments import check_arguments
+from .trust import relaxation_steps, trust_diagnostics
 
 BACKENDS = ("auto", "fast", "reference")
 
@@ -215,9 +216,7 @@ class _Run:
 
 def _validate(a: SimpleNamespace, loader) -> _Run:
     """Every argument checked before any work (the auto values' pilots
-    included): "auto" values stand in as numbers here."""
-    auto = {name for name, value in (("gamma", a.gamma), ("epsilon", a.epsilon), ("num_burnin", a.num_burnin))
-            if check_auto(name, value)}
+    included): the fast engine's own, then those both backends share."""
     if a.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {a.backend!r}")
     check_precision(a.precision)  # fail before copying the model; precision_context shares the check
@@ -229,28 +228,11 @@ def _validate(a: SimpleNamespace, loader) -> _Run:
     if a.chain_group is not None:
         check_int("chain_group", a.chain_group, minimum=1)
     fastpath = fastpath_settings.resolve(a.fastpath)
-    args = dict(num_chains=a.num_chains, num_draws=a.num_draws,
-                num_burnin=0 if "num_burnin" in auto else a.num_burnin,
-                steps_between_draws=a.steps_between_draws, epsilon=1.0 if "epsilon" in auto else a.epsilon,
-                gamma=1.0 if "gamma" in auto else a.gamma, nbeta=a.nbeta, weight_decay=a.weight_decay,
-                noise_scale=a.noise_scale, num_init_batches=a.num_init_batches, seed=a.seed,
-                grad_accum_steps=a.grad_accum_steps)
-    check_llc_args(**args)
-    check_draw_batches(a.draw_batches)
-    if "num_burnin" in auto and "gamma" not in auto:
-        relaxation_steps(1.0, a.gamma)  # refuses gamma = 0, whose flat directions never relax
-    check_trust_checks(a.trust_checks)
-    callbacks = check_callbacks(a.callbacks)
-    check_loader(loader)
-    init_method, init_batches, init_chosen = init_loss_plan(a.init_loss, a.num_init_batches, a.num_chains,
-                                                            a.num_draws, loader, a.grad_accum_steps)
-    sampler, sampler_kwargs, box = check_sampler_args(a.sampler, a.sampler_kwargs, a.bounding_box, a.noise_scale)
-    check_mala(a.mala, sampler, box, a.noise_scale)
-    a.sampler, a.sampler_kwargs, a.bounding_box = sampler, sampler_kwargs, box
-    return _Run(a=a, auto=auto, args=args, init_method=init_method, init_batches=init_batches,
-                init_chosen=init_chosen, sampling=dict(sampler=sampler, sampler_kwargs=sampler_kwargs,
-                                                       bounding_box=box or None),
-                compile_mode=compile_mode, callbacks=callbacks, fastpath=fastpath)
+    shared = check_arguments(a, loader)
+    a.sampler, a.sampler_kwargs, a.bounding_box = shared.sampler, shared.sampler_kwargs, shared.bounding_box
+    return _Run(a=a, auto=shared.auto, args=shared.args, init_method=shared.init_method,
+                init_batches=shared.init_batches, init_chosen=shared.init_chosen, sampling=shared.sampling,
+                compile_mode=compile_mode, callbacks=shared.callbacks, fastpath=fastpath)
 
 
 def _run_reference(model, loader, loss_fn, run: _Run, device, split) -> LLCResult:

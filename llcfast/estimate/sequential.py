@@ -9,21 +9,23 @@ from __future__ import annotations
 import copy
 import math
 import time
+from types import SimpleNamespace
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .checks import (check_callbacks, check_llc_args, check_mala, check_sampler_args, finish, init_loss_diagnostics, init_loss_plan, mala_diagnostics, paired_spread)
+from .checks import (finish, init_loss_diagnostics, mala_diagnostics, paired_spread)
 from ..engine.common import (check_differentiable, checked_loss, default_loss, draw_slice, finite_batches, loss_at_w_star, resolve_device, resolve_nbeta, restriction_masks, to_device, trainable, warn_if_dropout)
 from ..engine.progress import progress_bar
 from ..engine import checkpointing
 from ..engine.interrupt import partial_plan, raise_interrupted
-from ..engine.loaders import (check_draw_batches, check_loader, draw_batches as draw_source, loader_batches, warn_if_cycled)
+from ..engine.loaders import (draw_batches as draw_source, loader_batches, warn_if_cycled)
 from .result import LLCResult
 from ..engine.samplers import Stepper
-from .auto import auto_epsilon, auto_gamma, check_auto
-from .trust import STEP_CHECK_CHAINS, check_trust_checks, relaxation_steps, trust_diagnostics
+from .arguments import check_arguments
+from .auto import auto_epsilon, auto_gamma
+from .trust import STEP_CHECK_CHAINS, relaxation_steps, trust_diagnostics
 from ..twins.mala import ChainMala
 from .. import twins as ref_ops
 
@@ -50,24 +52,10 @@ def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = N
     ``gamma`` take "auto" as there, through the same procedure (llcfast.estimate.auto).
     """
     settings = {k: v for k, v in locals().items() if k not in ("model", "loader", "loss_fn")}
-    auto = {name for name, value in (("gamma", gamma), ("epsilon", epsilon), ("num_burnin", num_burnin))
-            if check_auto(name, value)}
-    check_trust_checks(trust_checks)
-    check_draw_batches(draw_batches)
-    # Every argument is checked before any pilot runs: "auto" values stand in as numbers here
-    check_llc_args(num_chains=num_chains, num_draws=num_draws, num_burnin=0 if "num_burnin" in auto else num_burnin,
-                   steps_between_draws=steps_between_draws, epsilon=1.0 if "epsilon" in auto else epsilon,
-                   gamma=1.0 if "gamma" in auto else gamma, nbeta=nbeta,
-                   weight_decay=weight_decay, noise_scale=noise_scale, num_init_batches=num_init_batches, seed=seed,
-                   grad_accum_steps=grad_accum_steps)
-    if "num_burnin" in auto and "gamma" not in auto:
-        relaxation_steps(1.0, gamma)  # refuses gamma = 0, whose flat directions never relax
-    sampler, sampler_kwargs, box = check_sampler_args(sampler, sampler_kwargs, bounding_box, noise_scale)
-    check_mala(mala, sampler, box, noise_scale)
-    callbacks = check_callbacks(callbacks)
-    check_loader(loader)
-    init_method, init_batches, init_chosen = init_loss_plan(init_loss, num_init_batches, num_chains, num_draws,
-                                                            loader, grad_accum_steps)
+    shared = check_arguments(SimpleNamespace(**settings), loader)
+    auto, callbacks = shared.auto, shared.callbacks
+    sampler, sampler_kwargs, box = shared.sampler, shared.sampler_kwargs, shared.bounding_box
+    init_method, init_batches, init_chosen = shared.init_method, shared.init_batches, shared.init_chosen
     if "gamma" in auto:
         return auto_gamma(estimate_llc, model, loader, loss_fn, {k: v for k, v in settings.items() if k != "gamma"})
     if "epsilon" in auto:

@@ -3,7 +3,7 @@ statistics) over them, detect stages, calibrate, report. Its public names
 load on first use (see llcfast/__init__.py)."""
 import importlib
 
-# public name -> the module that defines it (tests/test_import_graph.py reads this table)
+# public name -> the module that defines it (tests/package/test_import_graph.py reads this table)
 _LAZY = {"PRESETS": "llcfast.pipeline.presets", "RunConfig": "llcfast.pipeline.config",
          "SweepSettings": "llcfast.pipeline.config", "TrainSettings": "llcfast.pipeline.config",
          "load_config": "llcfast.pipeline.config", "preset": "llcfast.pipeline.config",

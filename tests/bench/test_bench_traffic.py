@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import bench_traffic  # noqa: E402
 from bench_llc import lm_case  # noqa: E402
 from inductor_trace import Unavailable, inductor_rows  # noqa: E402

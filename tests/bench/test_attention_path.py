@@ -8,7 +8,7 @@ import sys
 import pytest
 
 pytest.importorskip("transformers")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import attention_path  # noqa: E402
 from fastpaths import set_fastpath
 

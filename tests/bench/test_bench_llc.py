@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bench_llc  # noqa: E402
 from llcfast.fastpath import settings  # noqa: E402

@@ -7,7 +7,7 @@ import re
 
 import torch
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def test_the_readmes_first_code_block_runs_as_pasted(tmp_path, monkeypatch):
