@@ -147,6 +147,7 @@ def _one_line(command: str) -> int:
         return 1
     except RuntimeError as exc:
         import torch
+
         from .engine.common import first_line
         if not isinstance(exc, torch.OutOfMemoryError):
             raise

@@ -12,12 +12,11 @@ import torch
 
 from .. import ops
 from .._checks import group_offsets_for_sizes
-from .common import (check_precision, checked_loss, default_loss, resolve_device, restriction_masks, to_device, trainable)
-from .loaders import check_loader
+from .common import check_precision, checked_loss, default_loss, resolve_device, restriction_masks, to_device, trainable
 from .compiled import check_compile
 from .hvp import HVP, check_hvp_mode, finite_difference_gap
+from .loaders import check_loader
 from .planner import free_device_bytes, items_per_pass, measure_activation_bytes
-
 
 # A central difference in float32 agrees with H v to ~1e-3 on smooth losses;
 # a wrong second derivative is off by order one.

@@ -21,7 +21,6 @@ from .common import first_line, map_tensors, precision_context, to_device
 from .compiled import GuardedCompile
 from .functional import chain_loss
 
-
 # Under vmap over vectors, the primal forward and backward run once per pass
 # in either mode, and per vector either a backward through the gradient's
 # graph (reverse-over-reverse) or a tangent forward-and-backward (forward-

@@ -5,7 +5,6 @@ import contextlib
 import warnings
 
 
-
 class _NoBar:
     def update(self, n=1):
         pass

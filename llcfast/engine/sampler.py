@@ -15,19 +15,19 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from .. import ops
-from .common import first_line, precision_context, restriction_masks, trainable
-from .progress import progress_bar
-from ..fastpath.token_loss import first_order
-from .interrupt import ChainsInterrupted
-from .samplers import Stepper
 from ..fastpath import bf16_copies, settings
-from .loaders import draw_batches
+from ..fastpath.token_loss import first_order
 from .batches import ChainBatches
+from .common import first_line, precision_context, restriction_masks, trainable
 from .compiled import GuardedCompile
 from .functional import chain_loss, sequential_grads, vmap_failure, vmapped_grads
 from .graphs import GraphStep, side_stream
+from .interrupt import ChainsInterrupted
+from .loaders import draw_batches
 from .mala import MalaTracker
 from .planner import cpu_pass_plan, measure_saved_tensors
+from .progress import progress_bar
+from .samplers import Stepper
 
 # Eager steps before capture: the first allocates and sets up the libraries,
 # the second checks the steady state; both are real steps of the chains.

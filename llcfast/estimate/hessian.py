@@ -15,9 +15,9 @@ import torch
 
 from .. import ops
 from .._checks import check_int
-from ..engine.progress import progress_bar
 from ..engine.hessian_problem import Problem, compiled_config, plan_probes
 from ..engine.lanczos import lanczos, ritz
+from ..engine.progress import progress_bar
 from .hessian_results import HessianEigs, HessianSpectrum, HessianTrace
 
 __all__ = ["HessianEigs", "HessianSpectrum", "HessianTrace", "hessian_eigs", "hessian_spectrum", "hessian_trace"]

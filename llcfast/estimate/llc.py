@@ -12,24 +12,27 @@ import numpy as np
 import torch
 from torch.func import grad
 
-from ..fastpath import fold as chain_fold, settings as fastpath_settings
-from ..fastpath.settings import FastPath
-from . import sequential
 from .._checks import check_int
-from .checks import (finish, init_loss_diagnostics, mala_diagnostics, paired_spread)
-from ..engine.common import (check_differentiable, check_precision, cool_accumulation, default_loss, draw_slice, finite_batches, first_nonfinite, loss_at_w_star, precision_context, resolve_device, resolve_nbeta, to_device, trainable, warn_if_dropout)
-from ..engine.distributed import current_split, gather_rows
 from ..engine import SamplerConfig, checkpointing, run_chains
+from ..engine.common import (check_differentiable, check_precision, cool_accumulation, default_loss, draw_slice,
+                             finite_batches, first_nonfinite, loss_at_w_star, precision_context, resolve_device,
+                             resolve_nbeta, to_device, trainable, warn_if_dropout)
 from ..engine.compiled import check_compile
+from ..engine.distributed import current_split, gather_rows
 from ..engine.functional import chain_loss
-from ..engine.sampler import loss_context
-from ..engine.planner import (cpu_out_of_memory, free_device_bytes, measure_activation_bytes, out_of_memory_message,
-                             plan_memory, state_bytes)
 from ..engine.interrupt import ChainsInterrupted, LLCInterrupted, partial_plan, raise_interrupted
 from ..engine.loaders import loader_batches, warn_if_cycled
-from .result import LLCResult
-from .auto import auto_epsilon, auto_gamma
+from ..engine.planner import (cpu_out_of_memory, free_device_bytes, measure_activation_bytes, out_of_memory_message,
+                              plan_memory, state_bytes)
+from ..engine.sampler import loss_context
+from ..fastpath import fold as chain_fold
+from ..fastpath import settings as fastpath_settings
+from ..fastpath.settings import FastPath
+from . import sequential
 from .arguments import check_arguments
+from .auto import auto_epsilon, auto_gamma
+from .checks import finish, init_loss_diagnostics, mala_diagnostics, paired_spread
+from .result import LLCResult
 from .trust import relaxation_steps, trust_diagnostics
 
 BACKENDS = ("auto", "fast", "reference")

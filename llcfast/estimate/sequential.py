@@ -15,19 +15,22 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .checks import (finish, init_loss_diagnostics, mala_diagnostics, paired_spread)
-from ..engine.common import (check_differentiable, checked_loss, default_loss, draw_slice, finite_batches, loss_at_w_star, resolve_device, resolve_nbeta, restriction_masks, to_device, trainable, warn_if_dropout)
-from ..engine.progress import progress_bar
+from .. import twins as ref_ops
 from ..engine import checkpointing
+from ..engine.common import (check_differentiable, checked_loss, default_loss, draw_slice, finite_batches,
+                             loss_at_w_star, resolve_device, resolve_nbeta, restriction_masks, to_device, trainable,
+                             warn_if_dropout)
 from ..engine.interrupt import partial_plan, raise_interrupted
-from ..engine.loaders import (draw_batches as draw_source, loader_batches, warn_if_cycled)
-from .result import LLCResult
+from ..engine.loaders import draw_batches as draw_source
+from ..engine.loaders import loader_batches, warn_if_cycled
+from ..engine.progress import progress_bar
 from ..engine.samplers import Stepper
+from ..twins.mala import ChainMala
 from .arguments import check_arguments
 from .auto import auto_epsilon, auto_gamma
+from .checks import finish, init_loss_diagnostics, mala_diagnostics, paired_spread
+from .result import LLCResult
 from .trust import STEP_CHECK_CHAINS, relaxation_steps, trust_diagnostics
-from ..twins.mala import ChainMala
-from .. import twins as ref_ops
 
 
 def estimate_llc(model: torch.nn.Module, loader, loss_fn: Optional[Callable] = None, *, num_chains: int = 8,

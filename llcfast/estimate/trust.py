@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ..engine.common import first_line, precision_context, restriction_masks, to_device, trainable
-from .hessian import hessian_eigs
 from ..engine.loaders import loader_batches
+from .hessian import hessian_eigs
 
 STEP_RULE = 0.1  # epsilon * (nbeta * lambda_max + gamma) / 2 at the chains' end points
 STEP_CHECK_CHAINS = 4  # end points whose top eigenvalue is measured (the cost grows with them)

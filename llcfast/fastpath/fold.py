@@ -10,7 +10,10 @@ import collections
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import attention as chain_attention, linear as chain_linear, norm as chain_norm, settings
+from . import attention as chain_attention
+from . import linear as chain_linear
+from . import norm as chain_norm
+from . import settings
 
 # estimate_llc's config key for each kind of fold: whether every run's batched pass folded such calls
 # (and "head": fused_head's unembedding-and-loss, which the models call themselves)

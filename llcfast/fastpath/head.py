@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from . import linear as chain_linear, settings, token_loss as fused_loss
+from . import linear as chain_linear
+from . import settings
+from . import token_loss as fused_loss
 from .attention import AUTOCAST_CASTS, autocast_dtype, fold_batch, one_float_dtype, unfold_batch
-
 
 
 def linear_token_nll_mean(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:

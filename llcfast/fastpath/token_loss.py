@@ -24,10 +24,10 @@ import torch
 
 from .. import _ext
 from .. import twins as reference
+from .._checks import check_token_nll_args
 from . import settings
 from .attention import chain_first
 from .fold import ChainFold
-from .._checks import check_token_nll_args
 
 _first_order_depth = 0
 _fold_modes = []  # the ChainFold modes of the first_order() contexts entered, innermost last

@@ -16,10 +16,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..engine.progress import progress_bar
-from ..estimate.auto import GAMMA_AGREE
-from ..estimate.llc import estimate_llc
-from ..estimate.diagnostics import TREND_T
 from ..engine.samplers import check_sampler
+from ..estimate.auto import GAMMA_AGREE
+from ..estimate.diagnostics import TREND_T
+from ..estimate.llc import estimate_llc
 from .safety import inside, save_figure, save_text
 from .sweep import _finite, append_record, read_results
 
@@ -285,6 +285,7 @@ def calibrate_run(run_dir: str, *, step: Optional[int] = None, epsilons=None, ga
     and each finished setting into settings_stepN.jsonl there, so that an
     interrupted calibration resumes where it stopped."""
     import torch
+
     from .estimate import open_checkpoint
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = open_checkpoint(run_dir, step, device)

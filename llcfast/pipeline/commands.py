@@ -213,8 +213,8 @@ def _join_torchrun(device) -> "int | None":
 
 
 def cmd_estimate(args) -> int:
-    from .config import RunConfig
     from .checkpoints import read_manifest
+    from .config import RunConfig
     from .estimate import estimate_checkpoint
     cfg = RunConfig.from_dict(read_manifest(args.run_dir)["config"])
     engine = {k: True for k in ("compile", "mala") if getattr(args, k, False)}

@@ -16,9 +16,9 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 from .checkpoints import atomic_json
-from .safety import save_figure, save_text
 from .curvature import boundary_matches
 from .report import record_se, stage_fit, stage_strip
+from .safety import save_figure, save_text
 from .sweep import RESULTS, latest_sweep
 
 

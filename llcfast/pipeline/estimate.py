@@ -13,8 +13,8 @@ import torch
 from ..engine.interrupt import LLCInterrupted
 from ..estimate.result import LLCResult
 from .checkpoints import atomic_json, load_checkpoint, read_manifest
-from .safety import inside, save_figure
 from .config import RunConfig, SweepSettings
+from .safety import inside, save_figure
 from .sweep import checkpoint_hessian, checkpoint_llc, settings_key
 
 

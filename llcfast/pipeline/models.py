@@ -15,8 +15,8 @@ from torch import nn
 from ..fastpath import settings
 from ..twins.losses import token_nll
 from .fused_losses import hf_next_token_loss_fast, next_token_loss_fast
-from .token_batches import inputs_and_targets
 from .tasks import sample_regression
+from .token_batches import inputs_and_targets
 
 __all__ = ["AttentionOnlyLM", "Block", "CausalSelfAttention", "InContextRegression", "TanhGELU", "count_parameters",
            "next_token_loss", "regression_loss", "sample_regression", "set_attention", "use_fused_gelu"]

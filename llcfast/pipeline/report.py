@@ -12,11 +12,11 @@ import numpy as np
 
 from ..estimate.diagnostics import TREND_T
 from ..estimate.result import RHAT_OK
-from .stages import StageFit, detect_stages
 from .behaviour import change_lines, series, stage_changes
 from .checkpoints import atomic_json
-from .safety import save_figure, save_text
 from .curvature import boundary_matches, curvature_fits, match_table
+from .safety import save_figure, save_text
+from .stages import StageFit, detect_stages
 
 STAGE_COLORS = {"A": "#4c72b0", "B": "#dd8452"}
 
@@ -48,6 +48,7 @@ def llc_se(record: dict) -> Optional[float]:
 
 def _frame(records: Sequence[dict]):
     import pandas as pd
+
     # llc_se is derived below; naming it here keeps its column beside llc_mean
     cols = ["step", "llc_mean", "llc_se", "llc_std", "test_loss", "init_loss", "rhat", "ess", "trend_t",
             "hessian_trace", "hessian_trace_se", "hessian_top_eig", "seconds", "checkpoint"]

@@ -27,12 +27,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from ..engine.progress import progress_bar, warnings_above_bars
-from ..estimate.llc import estimate_llc
 from ..engine.samplers import check_sampler
+from ..estimate.llc import estimate_llc
 from .behaviour import for_task as behaviour_for_task
 from .checkpoints import load_checkpoint, read_manifest
-from .safety import RunFileError, check_same_data, data_fingerprint, inside, record_problem, run_lock
 from .config import RunConfig, SweepSettings
+from .safety import RunFileError, check_same_data, data_fingerprint, inside, record_problem, run_lock
 
 RESULTS = "results.jsonl"
 

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 
 import torch
 
-
 HF_BATCH_KEYS = ("input_ids", "labels")
 
 

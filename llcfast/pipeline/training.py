@@ -17,12 +17,12 @@ from typing import Optional
 import torch
 
 from ..engine.common import first_line
-from ..engine.progress import progress_bar
+from ..engine.interrupt import deferred_interrupts
 from ..engine.planner import GiB
+from ..engine.progress import progress_bar
 from .checkpoints import MANIFEST, RESUME, atomic_json, atomic_save, checkpoint_steps, read_manifest
 from .config import RunConfig
 from .safety import RunFileError, check_same_data, data_fingerprint, run_lock
-from ..engine.interrupt import deferred_interrupts
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
