@@ -19,6 +19,7 @@ _LAZY = {
     "HessianEigs": "llcfast.estimate.hessian", "HessianSpectrum": "llcfast.estimate.hessian",
     "HessianTrace": "llcfast.estimate.hessian", "hessian_eigs": "llcfast.estimate.hessian",
     "hessian_spectrum": "llcfast.estimate.hessian", "hessian_trace": "llcfast.estimate.hessian",
+    "estimate_bif": "llcfast.estimate.bif", "BIFResult": "llcfast.estimate.bif",
     "ops": "llcfast.ops", "reference": "llcfast.reference",
 }
 

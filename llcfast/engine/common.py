@@ -138,7 +138,7 @@ def draw_slice(num_burnin: int, steps_between_draws: int) -> slice:
 
 
 def loss_at_w_star(model, loader, loss_fn: Callable, num_batches: int, device, *, seed: int = 0,
-              requested: bool = False) -> Tuple[float, dict]:
+                   requested: bool = False, stacklevel: int = 3) -> Tuple[float, dict]:
     """Mean minibatch loss at w* over the loader's first ``num_batches``
     batches (fetched on the init stream of loader_batches), each once: a
     loader with fewer gives all it holds, as in devinterp 1.x (repeating a
@@ -161,7 +161,7 @@ def loss_at_w_star(model, loader, loss_fn: Callable, num_batches: int, device, *
     n = len(values)
     if requested and n < num_batches:
         warnings.warn(f"num_init_batches={num_batches}, but the loader holds {n} batches; the init loss averages "
-                      f"those {n}", UserWarning, stacklevel=3)
+                      f"those {n}", UserWarning, stacklevel=stacklevel)
     mean = sum(values) / n
     se = (float(np.std(values, ddof=1)) / math.sqrt(n)) if n > 1 else math.nan
     return mean, {"init_loss_per_batch": values, "init_loss_se": se, "loader_batches": finite_batches(loader)}

@@ -22,18 +22,22 @@ class _LossOf(nn.Module):
     """Holds the model as a submodule so functional_call can swap its
     parameters while loss_fn calls it."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable):
+    def __init__(self, model: nn.Module, loss_fn: Callable, scalar: bool = True):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.scalar = scalar
 
     def forward(self, batch):
-        return checked_loss(self.loss_fn(self.model, batch), "during sampling")
+        out = self.loss_fn(self.model, batch)
+        return checked_loss(out, "during sampling") if self.scalar else out
 
 
-def chain_loss(model: nn.Module, loss_fn: Callable, names: Sequence[str]) -> Callable:
-    """loss(params, batch) for one chain; ``params`` is a tuple in ``names`` order."""
-    wrapper = _LossOf(model, settings.substitute(loss_fn))  # the seam: a loss's fast-path form
+def chain_loss(model: nn.Module, loss_fn: Callable, names: Sequence[str], scalar: bool = True) -> Callable:
+    """loss(params, batch) for one chain; ``params`` is a tuple in ``names``
+    order. ``scalar`` False lets the function return any tensor (per-sample
+    losses)."""
+    wrapper = _LossOf(model, settings.substitute(loss_fn), scalar)  # the seam: a loss's fast-path form
     keys = ["model." + n for n in names]
 
     def loss(params: Tuple[torch.Tensor, ...], batch) -> torch.Tensor:

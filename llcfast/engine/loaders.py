@@ -179,7 +179,7 @@ def batch_size_of(loader) -> int:
 FEW_BATCHES = 8  # a loader this short, cycled, repeats the same handful of minibatches
 
 
-def warn_if_cycled(loader, steps: int, per_step: int = 1) -> None:
+def warn_if_cycled(loader, steps: int, per_step: int = 1, stacklevel: int = 3) -> None:
     """A chain that needs more batches than the loader holds passes over it
     again, as training does in epochs; users should know only where the
     loader is a handful of batches, so the same few minibatches drive every
@@ -195,4 +195,4 @@ def warn_if_cycled(loader, steps: int, per_step: int = 1) -> None:
         warnings.warn(f"the loader holds {n} batches but each chain takes {took}; it is cycled, so every "
                       f"batch is used about {need / n:.1f} times per chain and the same few minibatches drive "
                       "every step (pass one full batch, [(x, y)], for full-batch sampling)",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=stacklevel)

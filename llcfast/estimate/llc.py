@@ -273,9 +273,9 @@ def _prepare(run: _Run, model, loader, loss_fn, device, split) -> None:
     if run.init_method != "paired":
         with precision_context(a.precision, device):
             run.l0, run.l0_spread = loss_at_w_star(base, loader, loss_fn, run.init_batches, device, seed=a.seed,
-                                                   requested=run.init_chosen)
+                                                   requested=run.init_chosen, stacklevel=4)
     steps = a.num_burnin + a.num_draws * a.steps_between_draws
-    warn_if_cycled(loader, steps, a.grad_accum_steps)
+    warn_if_cycled(loader, steps, a.grad_accum_steps, stacklevel=4)
     local_chains, offset = (a.num_chains, 0) if split is None else (split.count, split.start)
     cfg = SamplerConfig(num_chains=local_chains, chain_offset=offset, steps=steps, epsilon=float(a.epsilon),
                         nbeta=run.nbeta, gamma=float(a.gamma), weight_decay=float(a.weight_decay),
