@@ -20,6 +20,8 @@ _LAZY = {
     "HessianTrace": "llcfast.estimate.hessian", "hessian_eigs": "llcfast.estimate.hessian",
     "hessian_spectrum": "llcfast.estimate.hessian", "hessian_trace": "llcfast.estimate.hessian",
     "estimate_bif": "llcfast.estimate.bif", "BIFResult": "llcfast.estimate.bif",
+    "estimate_susceptibilities": "llcfast.estimate.susceptibilities",
+    "SusceptibilityResult": "llcfast.estimate.susceptibilities",
     "ops": "llcfast.ops", "reference": "llcfast.reference",
 }
 

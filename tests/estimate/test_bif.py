@@ -158,3 +158,19 @@ def test_a_plot_is_written(tmp_path):
                              trust_checks=False)
     r.plot(str(tmp_path / "bif.png"), order=[3, 2, 1, 0])
     assert (tmp_path / "bif.png").stat().st_size > 1000
+
+
+@pytest.mark.filterwarnings("ignore:the LLC estimate is negative")
+def test_samples_unlike_the_training_data_have_the_largest_self_influence():
+    """Per-sample loss variance grows with x' Sigma x: inputs five times
+    larger than any the model was fitted on vary most across draws."""
+    model, x, y = problem()
+    gen = torch.Generator().manual_seed(3)
+    far = 5 * torch.randn(3, D, generator=gen)
+    near = x[:5]
+    obs = {"near": [(near, near @ torch.tensor([1.0, -2.0]))], "far": [(far, far @ torch.tensor([1.0, -2.0]))]}
+    r = llcfast.estimate_bif(model, [(x, y)], obs, per_sample_loss_fn=per_sample, loss_fn=mse,
+                             statistic="covariance", gamma=1.0, epsilon=2e-3, num_chains=4, num_draws=200,
+                             num_burnin=100, progress=False, trust_checks=False)
+    self_influence = np.diag(r.influence)
+    assert self_influence[5:].min() > self_influence[:5].max()
