@@ -51,6 +51,64 @@ if _ext.extension_available():
     def _lanczos_step_fake(basis, w, j, out):
         return None
 
+# The fast engine calls the loss under vmap, where the kernel needs the
+# batching rules below; torch.library.register_vmap arrived in torch 2.5.
+# Without it vmap would run the kernel once per chain, behind a warning at
+# every call, so older torch takes the twin.
+VMAP_RULES = hasattr(torch.library, "register_vmap")
+
+
+def chain_first(x: torch.Tensor, dim, size: int) -> torch.Tensor:
+    """A vmap rule's operand with the mapped dimension first; an unbatched
+    operand (``dim`` None) is shared by all ``size`` chains."""
+    return x.movedim(dim, 0) if dim is not None else x.expand((size,) + tuple(x.shape))
+
+
+if _ext.extension_available():
+
+    @torch.library.register_fake("llcfast::chain_layer_norm")
+    def _chain_layer_norm_fake(x, weight, bias, eps):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stat = x.new_empty(x.shape[:2], dtype=acc)
+        return torch.empty_like(x), stat, torch.empty_like(stat)
+
+    @torch.library.register_fake("llcfast::chain_layer_norm_backward")
+    def _chain_layer_norm_backward_fake(grad, x, mean, rstd, weight):
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+if _ext.extension_available():
+
+    @torch.library.register_fake("llcfast::token_nll")
+    def _token_nll_fake(logits, targets):
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return targets.new_empty(targets.shape, dtype=acc), targets.new_empty(targets.shape, dtype=acc)
+
+    @torch.library.register_fake("llcfast::token_nll_backward")
+    def _token_nll_backward_fake(grad, logits, lse, targets):
+        return torch.empty_like(logits)
+
+    @torch.library.register_fake("llcfast::token_nll_grad_")
+    def _token_nll_grad_fake(logits, targets, scale):
+        return _token_nll_fake(logits, targets)
+
+
+if _ext.extension_available() and VMAP_RULES:
+
+    # Under vmap (one batched pass over chains) the chain dimension becomes
+    # leading rows of the same kernel call.
+    @torch.library.register_vmap("llcfast::token_nll")
+    def _token_nll_vmap(info, in_dims, logits, targets):
+        logits = chain_first(logits, in_dims[0], info.batch_size).contiguous()
+        targets = chain_first(targets, in_dims[1], info.batch_size).contiguous()
+        return torch.ops.llcfast.token_nll(logits, targets), (0, 0)
+
+    @torch.library.register_vmap("llcfast::token_nll_backward")
+    def _token_nll_backward_vmap(info, in_dims, grad, logits, lse, targets):
+        args = [chain_first(x, d, info.batch_size).contiguous() for x, d in zip((grad, logits, lse, targets), in_dims)]
+        return torch.ops.llcfast.token_nll_backward(*args), 0
+
+
 # The kernels keep two float64 coefficient vectors of length j + 1 in CUDA
 # shared memory; longer Lanczos runs take the twin (csrc/lanczos.h).
 LANCZOS_KERNEL_MAX_STEPS = 2048

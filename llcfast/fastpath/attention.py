@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops import chain_first
 from . import settings
 
 SDPA = F.scaled_dot_product_attention
@@ -41,12 +42,6 @@ _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": N
 
 def _attend(q, k, v, is_causal, scale):
     return SDPA(q, k, v, is_causal=is_causal, scale=scale)
-
-
-def chain_first(x: torch.Tensor, dim, size: int) -> torch.Tensor:
-    """A vmap rule's operand with the mapped dimension first; an unbatched
-    operand (``dim`` None) is shared by all ``size`` chains."""
-    return x.movedim(dim, 0) if dim is not None else x.expand((size,) + tuple(x.shape))
 
 
 def fold_batch(x: torch.Tensor, dim, size: int) -> torch.Tensor:

@@ -112,16 +112,3 @@ def try_fold(args, kwargs):
 
 
 LAYER_NORM = F.layer_norm
-
-
-if _ext.extension_available():
-
-    @torch.library.register_fake("llcfast::chain_layer_norm")
-    def _chain_layer_norm_fake(x, weight, bias, eps):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        stat = x.new_empty(x.shape[:2], dtype=acc)
-        return torch.empty_like(x), stat, torch.empty_like(stat)
-
-    @torch.library.register_fake("llcfast::chain_layer_norm_backward")
-    def _chain_layer_norm_backward_fake(grad, x, mean, rstd, weight):
-        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)

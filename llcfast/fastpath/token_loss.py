@@ -25,8 +25,8 @@ import torch
 from .. import _ext
 from .. import twins as reference
 from .._checks import check_token_nll_args
+from ..ops import VMAP_RULES
 from . import settings
-from .attention import chain_first
 from .fold import ChainFold
 
 _first_order_depth = 0
@@ -35,11 +35,6 @@ _fold_modes = []  # the ChainFold modes of the first_order() contexts entered, i
 # Off on CPU (fastpath.settings): torch's vectorised log_softmax beats the
 # scalar kernel there; the tests turn it on to hold the CUDA kernel's semantics.
 
-# The fast engine calls the loss under vmap, where the kernel needs the
-# batching rules below; torch.library.register_vmap arrived in torch 2.5.
-# Without it vmap would run the kernel once per chain, behind a warning at
-# every call, so older torch takes the twin.
-VMAP_RULES = hasattr(torch.library, "register_vmap")
 
 
 @contextlib.contextmanager
@@ -137,35 +132,3 @@ class _TokenNLL(torch.autograd.Function):
     @classmethod
     def apply(cls, logits, targets):
         return super().apply(logits, targets)[0]
-
-
-if _ext.extension_available():
-
-    @torch.library.register_fake("llcfast::token_nll")
-    def _token_nll_fake(logits, targets):
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        return targets.new_empty(targets.shape, dtype=acc), targets.new_empty(targets.shape, dtype=acc)
-
-    @torch.library.register_fake("llcfast::token_nll_backward")
-    def _token_nll_backward_fake(grad, logits, lse, targets):
-        return torch.empty_like(logits)
-
-    @torch.library.register_fake("llcfast::token_nll_grad_")
-    def _token_nll_grad_fake(logits, targets, scale):
-        return _token_nll_fake(logits, targets)
-
-
-if _ext.extension_available() and VMAP_RULES:
-
-    # Under vmap (one batched pass over chains) the chain dimension becomes
-    # leading rows of the same kernel call.
-    @torch.library.register_vmap("llcfast::token_nll")
-    def _token_nll_vmap(info, in_dims, logits, targets):
-        logits = chain_first(logits, in_dims[0], info.batch_size).contiguous()
-        targets = chain_first(targets, in_dims[1], info.batch_size).contiguous()
-        return torch.ops.llcfast.token_nll(logits, targets), (0, 0)
-
-    @torch.library.register_vmap("llcfast::token_nll_backward")
-    def _token_nll_backward_vmap(info, in_dims, grad, logits, lse, targets):
-        args = [chain_first(x, d, info.batch_size).contiguous() for x, d in zip((grad, logits, lse, targets), in_dims)]
-        return torch.ops.llcfast.token_nll_backward(*args), 0
