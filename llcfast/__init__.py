@@ -2,8 +2,8 @@
 fused C++/CUDA kernels and a pure-torch reference (llcfast.reference).
 
 The public names load on first use, so that ``llcfast --help`` answers
-without importing torch; ``import llcfast.ops`` (which every estimator
-does) registers the kernels as ``torch.ops.llcfast.*``."""
+without importing torch. The first public name used loads the kernels
+(``torch.ops.llcfast.*``) with their fake kernels and vmap rules."""
 import importlib
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ __all__ = sorted(_LAZY) + ["__version__"]
 def __getattr__(name):
     if name not in _LAZY:
         raise AttributeError(f"module 'llcfast' has no attribute {name!r}")
+    importlib.import_module("llcfast.ops")  # registers the kernels' fakes and vmap rules with torch
     module = importlib.import_module(_LAZY[name])
     value = module if module.__name__ == f"llcfast.{name}" else getattr(module, name)
     globals()[name] = value

@@ -148,3 +148,20 @@ def test_every_registered_op_has_an_opcheck():
     assert {"sgld_step_", "philox_rademacher_", "multi_dot_"} <= declared
     checked = set(re.findall(r"torch\.ops\.llcfast\.(\w+)\.default", pathlib.Path(__file__).read_text()))
     assert declared - checked == set()
+
+
+@requires_extension
+def test_the_first_public_name_used_registers_the_fake_kernels():
+    """A fresh process that touches only llcfast.extension_available() can
+    trace the ops on fake tensors (their fakes live in llcfast.ops)."""
+    import subprocess
+    import sys
+    code = ("import torch, llcfast\n"
+            "assert llcfast.extension_available()\n"
+            "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+            "with FakeTensorMode():\n"
+            "    nll, lse = torch.ops.llcfast.token_nll(torch.empty(2, 3, 5), torch.zeros(2, 3, dtype=torch.long))\n"
+            "    out = torch.ops.llcfast.chain_layer_norm(torch.empty(2, 3, 4), torch.empty(2, 4), None, 1e-5)\n"
+            "assert nll.shape == (2, 3) and out[0].shape == (2, 3, 4)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
