@@ -137,6 +137,11 @@ def draw_slice(num_burnin: int, steps_between_draws: int) -> slice:
     return slice(num_burnin + steps_between_draws - 1, None, steps_between_draws)
 
 
+def is_draw_step(step: int, num_burnin: int, steps_between_draws: int) -> bool:
+    """Whether ``step`` is one of draw_slice's steps."""
+    return step >= num_burnin and (step - num_burnin) % steps_between_draws == steps_between_draws - 1
+
+
 def loss_at_w_star(model, loader, loss_fn: Callable, num_batches: int, device, *, seed: int = 0,
                    requested: bool = False, stacklevel: int = 3) -> Tuple[float, dict]:
     """Mean minibatch loss at w* over the loader's first ``num_batches``

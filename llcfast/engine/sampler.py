@@ -18,7 +18,7 @@ from .. import ops
 from ..fastpath import bf16_copies, settings
 from ..fastpath.token_loss import first_order
 from .batches import ChainBatches
-from .common import first_line, precision_context, restriction_masks, trainable
+from .common import first_line, is_draw_step, precision_context, restriction_masks, trainable
 from .compiled import GuardedCompile
 from .functional import chain_loss, sequential_grads, vmap_failure, vmapped_grads
 from .graphs import GraphStep, side_stream
@@ -219,8 +219,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     try:
         for t in range(cfg.steps):
             drawn = None
-            if draw_feed is not None and t >= cfg.draw_start and (t - cfg.draw_start) % cfg.draw_every \
-                    == cfg.draw_every - 1:
+            if draw_feed is not None and is_draw_step(t, cfg.draw_start, cfg.draw_every):
                 drawn = draw_losses()  # before the step moves the chains
             batch, dims, per_chain = first if t == 0 else next_batches()
             if use_graphs and graph is None and t >= WARMUP_STEPS and batch is not None:

@@ -13,7 +13,7 @@ import torch
 from torch.func import vmap
 
 from .._checks import check_int
-from ..engine.common import resolve_device
+from ..engine.common import is_draw_step, resolve_device
 from ..engine.distributed import current_split
 from ..engine.functional import chain_loss
 from .auto import auto_epsilon, check_auto
@@ -50,7 +50,7 @@ class Observer:
     def schedule(self, num_burnin: int, num_draws: int, steps_between_draws: int) -> None:
         """The steps whose end are draws, as estimate_llc takes them."""
         self.planned_draws = num_draws
-        self.is_draw = lambda t: (t >= num_burnin and (t - num_burnin) % steps_between_draws == steps_between_draws - 1
+        self.is_draw = lambda t: (is_draw_step(t, num_burnin, steps_between_draws)
                                   and (t - num_burnin) // steps_between_draws < num_draws)
 
     def __call__(self, step, chains, loss, params):
