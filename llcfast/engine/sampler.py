@@ -128,7 +128,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     grad_buf: List[torch.Tensor] = []  # filled on first use: steps whose batches cannot be stacked need it too
     trace = torch.full((cfg.steps, cfg.num_chains), float("nan"), dtype=torch.float32, device=device)
     star = torch.full_like(trace, float("nan")) if cfg.paired else None
-    star_pass = _AtCenter(loss, tuple(centers), cfg.num_chains, cfg.chain_chunk, mode == "vmap") \
+    star_pass = _Losses(loss, cfg.num_chains, cfg.chain_chunk, mode == "vmap", at=tuple(centers)) \
         if cfg.paired else None
     stats = torch.zeros(cfg.num_chains, 3, dtype=torch.float64, device=device)
     step_tensor = torch.zeros(1, dtype=torch.int64, device=device)
@@ -199,7 +199,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
                           star=star[:done].t().double().cpu().numpy() if star is not None else None,
                           final=params)
 
-    draw_pass = _AtPoints(loss, cfg.num_chains, cfg.chain_chunk, mode == "vmap") if draw_feed is not None else None
+    draw_pass = _Losses(loss, cfg.num_chains, cfg.chain_chunk, mode == "vmap") if draw_feed is not None else None
 
     def draw_losses():
         """The draw at the chains' current weights on the draws' own batches
@@ -210,7 +210,7 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
         with precision_context(cfg.precision, device):
             for _ in range(accum):
                 b, d, per = draw_feed.next_stacked()
-                at_chains = at_chains + draw_pass(tuple(params), b, d, per)
+                at_chains = at_chains + draw_pass(b, d, per, params=tuple(params))
                 if star is not None:
                     at_star = at_star + star_pass(b, d, per)
         return at_chains / accum, (at_star / accum if star is not None else None)
@@ -247,49 +247,33 @@ def run_chains(model: torch.nn.Module, loader, loss_fn: Callable, cfg: SamplerCo
     return result(cfg.steps)
 
 
-class _AtCenter:
-    """The loss at w* on each chain's batch of a step, [C], without
-    gradients: one batched forward (vmap over the batches only) where the
-    batches stack, one shared forward where all chains got the same batch,
-    else chain by chain."""
+class _Losses:
+    """The loss on each chain's batch, [C], without gradients: at one shared
+    point (``at``, w*) or at each chain's own weights (``params`` of a
+    call). One batched forward (vmap) where the batches stack, one shared
+    forward where every chain got the same batch at the shared point, else
+    chain by chain."""
 
-    def __init__(self, loss: Callable, centers: tuple, num_chains: int, chain_chunk: Optional[int], batched: bool):
-        self.loss, self.centers, self.num_chains, self.chain_chunk = loss, centers, num_chains, chain_chunk
+    def __init__(self, loss: Callable, num_chains: int, chain_chunk: Optional[int], batched: bool,
+                 at: Optional[tuple] = None):
+        self.loss, self.num_chains, self.chain_chunk, self.at = loss, num_chains, chain_chunk, at
         self.batched = batched  # False where vmap cannot run the model: chain by chain, as the steps run
-        self._fns: Dict[str, Callable] = {}
+        self._fns: Dict[tuple, Callable] = {}
 
-    def __call__(self, batch, dims, per_chain) -> torch.Tensor:
+    def __call__(self, batch, dims, per_chain, params: Optional[tuple] = None) -> torch.Tensor:
+        shared = params is None
+        point = self.at if shared else params
         with torch.no_grad():
             if batch is None or not self.batched:
-                return torch.stack([self.loss(self.centers, b).detach() for b in per_chain])
-            if all(d is None for d in tree_flatten(dims)[0]):
-                return self.loss(self.centers, batch).detach().expand(self.num_chains)
-            key = repr(dims)
-            if key not in self._fns:
-                self._fns[key] = torch.func.vmap(self.loss, in_dims=(None, dims), randomness="different",
-                                                 chunk_size=self.chain_chunk)
-            return self._fns[key](self.centers, batch).detach()
-
-
-class _AtPoints:
-    """The loss at each chain's own weights on its batch, [C], without
-    gradients: one batched forward (vmap over chains and batches) where the
-    batches stack, else chain by chain."""
-
-    def __init__(self, loss: Callable, num_chains: int, chain_chunk: Optional[int], batched: bool):
-        self.loss, self.num_chains, self.chain_chunk, self.batched = loss, num_chains, chain_chunk, batched
-        self._fns: Dict[str, Callable] = {}
-
-    def __call__(self, params: tuple, batch, dims, per_chain) -> torch.Tensor:
-        with torch.no_grad():
-            if batch is None or not self.batched:
-                return torch.stack([self.loss(tuple(p[c] for p in params), b).detach()
+                return torch.stack([self.loss(point if shared else tuple(p[c] for p in point), b).detach()
                                     for c, b in enumerate(per_chain)])
-            key = repr(dims)
+            if shared and all(d is None for d in tree_flatten(dims)[0]):
+                return self.loss(point, batch).detach().expand(self.num_chains)
+            key = (shared, repr(dims))
             if key not in self._fns:
-                self._fns[key] = torch.func.vmap(self.loss, in_dims=(0, dims), randomness="different",
-                                                 chunk_size=self.chain_chunk)
-            return self._fns[key](params, batch).detach()
+                self._fns[key] = torch.func.vmap(self.loss, in_dims=(None if shared else 0, dims),
+                                                 randomness="different", chunk_size=self.chain_chunk)
+            return self._fns[key](point, batch).detach()
 
 
 class BatchedPasses:
