@@ -5,6 +5,8 @@ Hessian-vector products (llcfast.engine.hvp) and the loss conventions of
 estimate_llc: ``loss_fn(model, batch)``, or the output's ``.loss``."""
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import time
 import warnings
@@ -18,11 +20,33 @@ from .._checks import check_int
 from ..engine.hessian_problem import Problem, compiled_config, plan_probes
 from ..engine.lanczos import lanczos, ritz
 from ..engine.progress import progress_bar
+from ..fastpath import settings as fastpath_settings
 from .hessian_results import HessianEigs, HessianSpectrum, HessianTrace
 
 __all__ = ["HessianEigs", "HessianSpectrum", "HessianTrace", "hessian_eigs", "hessian_spectrum", "hessian_trace"]
 
 
+def _with_fastpath(fn):
+    """Adds estimate_llc's ``fastpath`` argument: the settings the passes run
+    under, recorded in the result's ``config["fastpath"]``. The Hessian's
+    passes are second order, which none of today's fast paths serves, so
+    the choice is recorded for the run's record and changes no pass."""
+    @functools.wraps(fn)
+    def wrapped(*args, fastpath=None, **kwargs):
+        chosen = fastpath_settings.resolve(fastpath)
+        with fastpath_settings.using(chosen):
+            result = fn(*args, **kwargs)
+        result.config["fastpath"] = chosen.as_config()
+        return result
+
+    signature = inspect.signature(fn)
+    extra = inspect.Parameter("fastpath", inspect.Parameter.KEYWORD_ONLY, default=None)
+    wrapped.__signature__ = signature.replace(parameters=list(signature.parameters.values()) + [extra])
+    wrapped.__doc__ = (fn.__doc__ or "") + "\n\n    fastpath: as in estimate_llc (recorded in config[\"fastpath\"]).\n"
+    return wrapped
+
+
+@_with_fastpath
 def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, num_probes: int = 100,
                   probes_per_pass: Optional[int] = None, points: Optional[Dict[str, torch.Tensor]] = None,
                   restrict=None, seed: int = 0, device=None, precision: str = "fp32",
@@ -91,6 +115,7 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Optional[Callable], batches, 
                         timings={"total_s": time.perf_counter() - started})
 
 
+@_with_fastpath
 def hessian_eigs(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, k: int = 1,
                  which: str = "largest", method: str = "lanczos", tol: float = 1e-6, max_iter: int = 100,
                  return_vectors: bool = False, points: Optional[Dict[str, torch.Tensor]] = None, restrict=None,
@@ -198,6 +223,7 @@ def _power(prob, start, k, which, tol, max_iter, return_vectors, bar):
                                    parameters=prob.free, precision=prob.hvp.precision, **compiled_config(prob)))
 
 
+@_with_fastpath
 def hessian_spectrum(model: torch.nn.Module, loss_fn: Optional[Callable], batches, *, num_runs: int = 4,
                      num_steps: int = 80, points: Optional[Dict[str, torch.Tensor]] = None, restrict=None,
                      seed: int = 0, device=None, precision: str = "fp32", compile=False,

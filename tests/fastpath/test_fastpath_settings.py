@@ -93,3 +93,18 @@ def test_the_command_line_answers_help_and_argument_errors_without_torch():
     assert "usage: llcfast" in done.stdout and "unrecognized arguments: --bogus" in done.stderr
     loaded = done.stdout.rsplit("LOADED", 1)[1]
     assert "'torch'" not in loaded, loaded
+
+
+def test_the_hessian_functions_take_and_record_the_settings():
+    model = torch.nn.Linear(3, 1)
+    batches = [(torch.randn(8, 3), torch.randn(8, 1))]
+
+    def mse(m, b):
+        return ((m(b[0]) - b[1]) ** 2).mean()
+
+    trace = llcfast.hessian_trace(model, mse, batches, num_probes=4, progress=False, fastpath={"linear": True})
+    assert trace.config["fastpath"]["linear"] == ["cuda"] and trace.config["fastpath"]["head"] == []
+    eigs = llcfast.hessian_eigs(model, mse, batches, k=1, progress=False)
+    assert eigs.config["fastpath"] == {path: [] for path in PATHS}
+    with pytest.raises(ValueError, match="unknown paths"):
+        llcfast.hessian_spectrum(model, mse, batches, progress=False, fastpath={"fold": True})
