@@ -124,10 +124,34 @@ class Observer:
         return torch.stack([self.loss(tuple(p[c] for p in params), batch).detach()
                             for c in range(params[0].shape[0])])
 
+    def all_reduce(self) -> None:
+        """The sums over every rank's chains, on every rank (a chain's rows
+        are zero on the ranks that did not run it)."""
+        if self.store:
+            raise ValueError("keep_traces keeps each rank's own draws; inside a torch.distributed job pass "
+                             "keep_traces=False (the statistics are gathered either way)")
+        counts = torch.from_numpy(self.counts).to(self.s1.device)
+        for t in [self.s1, self.by_draw, counts] + ([self.s2] if self.outer else []):
+            reduce_sum(t)
+        self.counts = counts.cpu().numpy()
+        if hasattr(self.on_draw, "all_reduce"):
+            self.on_draw.all_reduce()
+
     def result_arrays(self):
         """(s1 [C, N], s2 [C, N, N], counts [C], chain means by draw [T, N])."""
         return (self.s1.cpu().numpy(), self.s2.cpu().numpy() if self.outer else None, self.counts.copy(),
                 self.by_draw.cpu().numpy() / self.num_chains)
+
+
+def reduce_sum(t: torch.Tensor) -> None:
+    """``t`` summed over the ranks, in place, through the collective's own
+    device (CUDA for nccl, the CPU for gloo)."""
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    moved = t.to(device)
+    dist.all_reduce(moved)
+    t.copy_(moved)
 
 
 def _to(batch, device):
@@ -161,9 +185,9 @@ def check_observed(observables, per_sample_loss_fn, unit: str, backend: str, sam
     num_chains = check_int("num_chains", sampling.get("num_chains", 8), minimum=1)
     if backend not in ("auto", "fast", "reference"):
         raise ValueError(f"backend must be 'auto', 'fast' or 'reference', got {backend!r}")
-    if current_split(num_chains) is not None and sampling.get("split_chains", True):
-        raise ValueError(f"{name} runs its chains in one process; inside a torch.distributed job pass "
-                         "split_chains=False")
+    if current_split(num_chains) is not None and sampling.get("split_chains", True) and backend == "reference":
+        raise ValueError(f"{name}: backend='reference' runs its chains in one process; inside a torch.distributed "
+                         "job use backend='auto' or 'fast', which split the chains across ranks")
     return num_chains
 
 
@@ -196,6 +220,8 @@ def sample_observed(model, loader, loss_fn, observer: Observer, backend: str, sa
         llc = run(model, loader, loss_fn, epsilon=epsilon, **settings)
     if observer.s1 is None:
         raise RuntimeError("the run made no draws to observe")
+    if current_split(observer.num_chains) is not None and sampling.get("split_chains", True):
+        observer.all_reduce()  # each rank summed its own chains: every rank gets the job's sums
     return llc
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .observed import Observer, check_observed, sample_observed
+from .observed import Observer, check_observed, reduce_sum, sample_observed
 from .result import LLCResult
 
 
@@ -84,6 +84,13 @@ class _PhiSums:
         self.phi_pt += float((phi * pt).sum())
         term = (phi[:, None] * x).sum(0)
         self.phi_x = term if self.phi_x is None else self.phi_x + term
+
+    def all_reduce(self) -> None:
+        """The sums over every rank's chains, on every rank."""
+        scalars = torch.tensor([self.count, self.phi, self.phi_pt], dtype=torch.float64)
+        reduce_sum(scalars)
+        reduce_sum(self.phi_x)
+        self.count, self.phi, self.phi_pt = int(scalars[0]), float(scalars[1]), float(scalars[2])
 
 
 def susceptibilities_from_traces(full: np.ndarray, restricted: np.ndarray, task: slice,
