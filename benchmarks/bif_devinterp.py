@@ -139,12 +139,25 @@ def run(args) -> dict:
                                 batch_size=args.batch, device="cpu")
     rows["devinterp_susceptibilities_s"] = time.perf_counter() - started
     sus = tree["susceptibilities"].dataset
-    their = {wr: np.asarray(sus["sus"].sel(wr=wr).values, dtype=np.float64) for wr in ("attention", "unembed")}
+    context = tree["context"].dataset
+    # devinterp's rows are (batch, target position) of its own shuffle of the probe: match them by content
+    their_batches = np.asarray(context["batch"].values)
+    their_tokens = np.asarray(context["input_ids"].values)
+    sequences = {int(b): their_tokens[their_batches == b] for b in np.unique(their_batches)}
     ours_frame = ours_sus.to_frame()
-    rows["susceptibilities"] = {
-        wr: {"mean_llcfast": float(ours_frame[wr].mean()), "mean_devinterp": float(their[wr].mean()),
-             "sd_llcfast": float(ours_frame[wr].std()), "sd_devinterp": float(their[wr].std())}
-        for wr in ("attention", "unembed")}
+    rows["susceptibilities"] = {}
+    for wr in ("attention", "unembed"):
+        theirs_by = {}
+        for b, t, value in zip(sus["batch"].values, sus["target_position"].values, sus["sus"].sel(wr=wr).values):
+            ours_index = next(i for i, seq in enumerate(probe.numpy()) if np.array_equal(seq, sequences[int(b)]))
+            theirs_by[(ours_index, int(t) - 1)] = float(value)
+        mine = ours_frame[wr].to_numpy()
+        paired = np.array([theirs_by[(int(sample), int(pos))] for sample, pos in
+                           zip(ours_frame["sample"], ours_frame["position"])])
+        rows["susceptibilities"][wr] = {
+            "tokens": int(len(mine)), "mean_llcfast": float(mine.mean()), "mean_devinterp": float(paired.mean()),
+            "sd_llcfast": float(mine.std()), "sd_devinterp": float(paired.std()),
+            "correlation_token_by_token": float(np.corrcoef(mine, paired)[0, 1])}
     return rows
 
 
