@@ -22,6 +22,8 @@ _LAZY = {
     "estimate_bif": "llcfast.estimate.bif", "BIFResult": "llcfast.estimate.bif",
     "estimate_susceptibilities": "llcfast.estimate.susceptibilities",
     "SusceptibilityResult": "llcfast.estimate.susceptibilities",
+    "loss_along_path": "llcfast.landscape.paths", "PathResult": "llcfast.landscape.paths",
+    "align_permutation": "llcfast.landscape.permutation",
     "ops": "llcfast.ops", "reference": "llcfast.reference",
 }
 

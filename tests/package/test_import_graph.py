@@ -18,6 +18,7 @@ LAYERS = [("base", ["llcfast._ext", "llcfast._build_choice", "llcfast._checks", 
           ("fastpath", ["llcfast.fastpath", "llcfast.fastpath.*"]),
           ("engine", ["llcfast.engine", "llcfast.engine.*"]),
           ("estimate", ["llcfast.estimate", "llcfast.estimate.*"]),
+          ("landscape", ["llcfast.landscape", "llcfast.landscape.*"]),
           ("pipeline", ["llcfast.pipeline", "llcfast.pipeline.*"]),
           ("public", ["llcfast", "llcfast.reference", "llcfast.devinterp", "llcfast.cli"])]
 
