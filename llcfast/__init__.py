@@ -24,6 +24,7 @@ _LAZY = {
     "SusceptibilityResult": "llcfast.estimate.susceptibilities",
     "loss_along_path": "llcfast.landscape.paths", "PathResult": "llcfast.landscape.paths",
     "align_permutation": "llcfast.landscape.permutation",
+    "layer_ablation": "llcfast.landscape.ablation", "AblationResult": "llcfast.landscape.ablation",
     "ops": "llcfast.ops", "reference": "llcfast.reference",
 }
 
