@@ -92,6 +92,9 @@ def _sweep_overrides(parser) -> None:
     e = _llc_overrides(parser)
     e.add_argument("--no-behaviour", dest="behaviour", action="store_false", default=None,
                    help="skip the task's behavioural metrics (ICL score, head scores, ...; on by default)")
+    e.add_argument("--landscape", action="store_true", default=None,
+                   help="also the loss barrier on the straight path to the previous and to the final checkpoint "
+                        "(added to checkpoints measured before without re-measuring their LLC)")
     _hessian_switch(parser)
 
 
@@ -137,6 +140,7 @@ def _setting_changes(args) -> dict:
     fields = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=args.burnin, epsilon=args.epsilon,
                   gamma=args.gamma, nbeta=args.nbeta, hessian=getattr(args, "hessian", None),
                   bounding_box=args.bounding_box, precision=args.precision, behaviour=getattr(args, "behaviour", None),
+                  landscape=getattr(args, "landscape", None),
                   num_init_batches=args.num_init_batches)
     if args.sampler:
         (fields["sampler"], fields["sampler_kwargs"]), = _parse_samplers([args.sampler], "--sampler")

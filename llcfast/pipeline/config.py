@@ -55,6 +55,8 @@ class SweepSettings:
     num_init_batches: Any = None  # batches of the LLC set the loss at w* averages; None: num_chains, "all": every one
     behaviour: bool = True  # the task's behavioural metrics (pipeline/behaviour.py); not part of the settings key
     draw_batches: str = "independent"  # or "step" (devinterp's): the batch each draw's loss is taken on
+    landscape: bool = False  # loss barriers to the previous and the final checkpoint; not part of the settings key
+    landscape_points: int = 9  # points on each path (evaluated on the first hessian_batch evaluation sequences)
 
 
 @dataclass
@@ -139,7 +141,9 @@ class RunConfig:
         if s.llc_batch_size > s.llc_sequences:
             raise ValueError(f"sweep.llc_batch_size ({s.llc_batch_size}) must be <= sweep.llc_sequences "
                              f"({s.llc_sequences})")
-        for name in ("hessian", "behaviour"):
+        if not _is_int(s.landscape_points) or s.landscape_points < 2:
+            raise ValueError(f"sweep.landscape_points must be an int >= 2, got {s.landscape_points!r}")
+        for name in ("hessian", "behaviour", "landscape"):
             if not isinstance(getattr(s, name), bool):
                 raise ValueError(f"sweep.{name} must be true or false, got {getattr(s, name)!r}")
         from ..engine.common import check_precision

@@ -51,7 +51,8 @@ def _frame(records: Sequence[dict]):
 
     # llc_se is derived below; naming it here keeps its column beside llc_mean
     cols = ["step", "llc_mean", "llc_se", "llc_std", "test_loss", "init_loss", "rhat", "ess", "trend_t",
-            "hessian_trace", "hessian_trace_se", "hessian_top_eig", "seconds", "checkpoint"]
+            "hessian_trace", "hessian_trace_se", "hessian_top_eig", "barrier_prev", "barrier_final", "seconds",
+            "checkpoint"]
     rows = [{c: r.get(c) for c in cols} | {"llc_se": llc_se(r), "diverged_chains": len(r.get("diverged_chains") or []),
                                             "failed_checks": ", ".join(r.get("failed_checks") or []),
                                             "warnings": " | ".join(r.get("warnings") or [])}
@@ -70,8 +71,9 @@ def plot_report(records: Sequence[dict], fit: StageFit, path: Optional[str] = No
     records = sorted(records, key=lambda r: r["step"])
     steps = np.array([r["step"] for r in records], dtype=float)
     has_hessian = any(r.get("hessian_trace") is not None for r in records)
+    has_landscape = any(r.get("barrier_final") is not None for r in records)
     behaviour = series(records)
-    heights = [2, 3] + ([2] if has_hessian else []) + [1.3] * len(behaviour) + [0.6]
+    heights = [2, 3] + ([2] if has_hessian else []) + ([1.5] if has_landscape else []) + [1.3] * len(behaviour) + [0.6]
     fig, axes = plt.subplots(len(heights), 1, figsize=(8, 2.0 * sum(heights) / 1.6), sharex=True,
                              gridspec_kw={"height_ratios": heights, "hspace": 0.08})
     ax_loss, ax_llc, ax_stage = axes[0], axes[1], axes[-1]
@@ -107,7 +109,13 @@ def plot_report(records: Sequence[dict], fit: StageFit, path: Optional[str] = No
         if curvature:
             ax_h.text(0.01, 0.95, "dashed: boundaries of the trace's and the top eigenvalue's own stage fits",
                       transform=ax_h.transAxes, fontsize=6, va="top", color="0.3")
-    for ax, (panel, lines) in zip(axes[2 + int(has_hessian):-1], behaviour.items()):
+    if has_landscape:
+        ax_b = axes[2 + int(has_hessian)]
+        ax_b.plot(steps, col("barrier_prev"), "o-", ms=3, lw=1, color="C8", label="to the previous checkpoint")
+        ax_b.plot(steps, col("barrier_final"), "s--", ms=3, lw=1, color="C9", label="to the final checkpoint")
+        ax_b.set_ylabel("loss barrier", fontsize=7)
+        ax_b.legend(fontsize=6, loc="best")
+    for ax, (panel, lines) in zip(axes[2 + int(has_hessian) + int(has_landscape):-1], behaviour.items()):
         for i, (line, values) in enumerate(lines.items()):
             ax.plot(steps, values, ".-", ms=3, lw=1, color=f"C{(i + 5) % 10}", label=line if len(lines) > 1 else None)
         ax.set_ylabel(panel, fontsize=7)

@@ -29,6 +29,7 @@ import torch
 from ..engine.progress import progress_bar, warnings_above_bars
 from ..engine.samplers import check_sampler
 from ..estimate.llc import estimate_llc
+from ..landscape.paths import loss_along_path
 from .behaviour import for_task as behaviour_for_task
 from .checkpoints import load_checkpoint, read_manifest
 from .config import RunConfig, SweepSettings
@@ -45,7 +46,7 @@ _LATER_DEFAULTS = {"sampler": "sgld", "sampler_kwargs": {}, "bounding_box": None
 
 # Extra measurements that change no other number: a sweep with or without
 # them is the same sweep.
-_NOT_IN_KEY = ("behaviour",)
+_NOT_IN_KEY = ("behaviour", "landscape", "landscape_points")
 
 
 def settings_key(settings: SweepSettings) -> str:
@@ -209,6 +210,38 @@ def measure(model, loss_fn: Callable, llc_batches: Sequence, eval_set, s: SweepS
     return rec
 
 
+def checkpoint_landscape(model, load: Callable[[str], torch.nn.Module], previous: Optional[str], final: str,
+                         path: str, loss_fn: Callable, eval_set, s: SweepSettings, *, device) -> dict:
+    """The loss barriers on the straight paths to the previous checkpoint
+    and to the final one, on the first s.hessian_batch evaluation
+    sequences (landscape/paths.py)."""
+    batch = [tuple(t[:s.hessian_batch] for t in eval_set)]
+
+    def barrier_to(other: Optional[str]):
+        if other is None:
+            return None
+        if other == path:  # the path to itself: a constant loss
+            return 0.0
+        return _finite(loss_along_path(model, load(other), batch, loss_fn, points=s.landscape_points,
+                                       device=device, progress=False).barrier)
+
+    return {"barrier_prev": barrier_to(previous), "barrier_final": barrier_to(final)}
+
+
+def _add_landscape(records: List[dict], ordered: List[Tuple[int, str]], load, loss_fn, eval_set,
+                   s: SweepSettings, out: str, device) -> None:
+    """Records of this sweep measured without the barriers get them, appended
+    as the records' newer versions (the LLC is not measured again)."""
+    previous = {path: (ordered[i - 1][1] if i else None) for i, (_, path) in enumerate(ordered)}
+    for record in records:
+        if "barrier_final" in record or record["checkpoint"] not in previous:
+            continue
+        model = load(record["checkpoint"]).to(device)
+        record.update(checkpoint_landscape(model, load, previous[record["checkpoint"]], ordered[-1][1],
+                                           record["checkpoint"], loss_fn, eval_set, s, device=device))
+        append_record(out, record)
+
+
 def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[str], torch.nn.Module],
                       loss_fn: Callable, llc_batches: Sequence, eval_set, settings: SweepSettings, out: str, *,
                       device="cpu", progress: bool = True, engine: Optional[dict] = None,
@@ -220,6 +253,7 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
     a function of the model whose dict of numbers each record keeps
     (pipeline/behaviour.py has the paper tasks')."""
     check_sampler(settings.sampler, settings.sampler_kwargs, settings.bounding_box)  # before any work
+    checkpoints = sorted(checkpoints, key=lambda c: c[0])
     key = settings_key(settings)
     rank, world = _rank_world()
     done = {(r.get("checkpoint"), r.get("settings")) for path in [out] + _parts(out, world) for r in read_results(path)
@@ -270,6 +304,9 @@ def sweep_checkpoints(checkpoints: Iterable[Tuple[int, str]], load: Callable[[st
         torch.distributed.barrier()
     records = [r for r in read_results(out) if r.get("settings") == key and "error" not in r]
     latest: Dict[str, dict] = {r["checkpoint"]: r for r in records}
+    if settings.landscape and rank == 0 and checkpoints:
+        _add_landscape(sorted(latest.values(), key=lambda r: r["step"]), checkpoints, load, loss_fn, eval_set,
+                       settings, out, device)
     return sorted(latest.values(), key=lambda r: r["step"])
 
 

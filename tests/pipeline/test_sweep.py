@@ -170,3 +170,30 @@ def test_sweep_compile_reaches_the_hessian_passes_and_changes_no_number(run_dir,
     for a, b in zip(plain, compiled):
         assert a["llc_mean"] == b["llc_mean"] and a["hessian_top_eig"] == pytest.approx(b["hessian_top_eig"])
         assert a["hessian_trace"] == pytest.approx(b["hessian_trace"])
+
+
+def test_landscape_barriers_are_added_without_measuring_the_llc_again(tmp_path):
+    from dataclasses import replace
+
+    from llcfast.pipeline import RunConfig
+    path = str(tmp_path / "run")
+    train(tiny(), path, progress=False)
+    first = sweep(path, progress=False)
+    assert all("barrier_final" not in r for r in first)
+    cfg = RunConfig.from_dict(json.load(open(os.path.join(path, "manifest.json")))["config"])
+    results = os.path.join(path, "results.jsonl")
+    lines = len(_lines(results))
+    records = sweep(path, progress=False, settings=replace(cfg.sweep, landscape=True, landscape_points=5))
+    assert len(_lines(results)) == lines + len(records)  # one newer version of each record, no new estimate
+    assert [r["llc_mean"] for r in records] == [r["llc_mean"] for r in first]
+    assert records[0]["barrier_prev"] is None and records[-1]["barrier_final"] == 0.0
+    assert all(np.isfinite(r["barrier_final"]) and r["barrier_final"] >= 0 for r in records)
+    assert all(np.isfinite(r["barrier_prev"]) for r in records[1:])
+    again = sweep(path, progress=False, settings=replace(cfg.sweep, landscape=True, landscape_points=5))
+    assert len(_lines(results)) == lines + len(records)  # nothing added twice
+    assert [r["barrier_prev"] for r in again] == [r["barrier_prev"] for r in records]
+    os.makedirs(tmp_path / "report")
+    files = write_report(again, str(tmp_path / "report"), title="landscape")
+    assert os.path.getsize(files["png"]) > 1000
+    header = open(files["csv"]).readline().strip().split(",")
+    assert {"barrier_prev", "barrier_final"} <= set(header)
