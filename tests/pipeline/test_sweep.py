@@ -134,7 +134,8 @@ def test_sweeps_take_a_sampler_and_keep_older_keys(run_dir, tmp_path):
     from llcfast.pipeline.sweep import settings_key
     # Default sampler settings leave the key as it was before the sampler fields existed.
     s = SweepSettings()
-    later = ("sampler", "sampler_kwargs", "bounding_box", "precision", "num_init_batches", "behaviour")
+    later = ("sampler", "sampler_kwargs", "bounding_box", "precision", "num_init_batches", "behaviour", "landscape",
+             "landscape_points")
     old = {k: v for k, v in asdict(s).items() if k not in later}
     assert settings_key(s) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
     assert settings_key(replace(s, sampler="sgnht")) != settings_key(s)
