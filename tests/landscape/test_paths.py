@@ -159,3 +159,55 @@ def test_the_batched_points_equal_one_model_at_a_time():
                 p.copy_((1 - t) * pa + t * pb)
             want.append(np.mean([float(mse(one, batch)) for batch in loader]))
     np.testing.assert_allclose(r.loss, want, rtol=1e-5, atol=1e-7)
+
+
+def shuffled_transformer(model, seed):
+    """A copy with each block's heads and MLP units in a random order."""
+    import copy
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in out.blocks:
+            attn = block.attn
+            h, d = attn.heads, attn.out.in_features
+            e = d // h
+            order = torch.randperm(h, generator=gen)
+            rows = torch.cat([s * d + (order.view(-1, 1) * e + torch.arange(e)).reshape(-1) for s in range(3)])
+            attn.qkv.weight.copy_(attn.qkv.weight[rows])
+            attn.qkv.bias.copy_(attn.qkv.bias[rows])
+            attn.out.weight.copy_(attn.out.weight[:, (order.view(-1, 1) * e + torch.arange(e)).reshape(-1)])
+            if block.mlp is not None:
+                first, last = block.mlp[0], block.mlp[2]
+                units = torch.randperm(first.out_features, generator=gen)
+                first.weight.copy_(first.weight[units])
+                first.bias.copy_(first.bias[units])
+                last.weight.copy_(last.weight[:, units])
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:the LLC estimate is negative")
+def test_a_transformers_heads_and_mlp_units_are_aligned_exactly():
+    from llcfast.pipeline import models
+    torch.manual_seed(0)
+    model = models.InContextRegression(task_dim=3, max_pairs=4, d_model=16, heads=4, layers=2, mlp_width=12)
+    gen = torch.Generator().manual_seed(1)
+    batch = models.sample_regression(32, pairs=4, task_dim=3, generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):  # away from the initialisation's symmetric start
+        loss = models.regression_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    shuffled = shuffled_transformer(model, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(shuffled(*batch), model(*batch), rtol=1e-5, atol=1e-5)
+        aligned = llcfast.align_permutation(model, shuffled)
+        torch.testing.assert_close(aligned(*batch), model(*batch), rtol=1e-5, atol=1e-5)
+    for p, q in zip(model.parameters(), aligned.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    assert len(aligned.aligned_permutations) == 2 and set(aligned.aligned_permutations[0]) == {"heads", "mlp_units"}
+    before = llcfast.loss_along_path(model, shuffled, [batch], models.regression_loss, points=9, progress=False)
+    after = llcfast.loss_along_path(model, aligned, [batch], models.regression_loss, points=9, progress=False)
+    assert before.barrier > 1e-4 and abs(after.barrier) < 1e-6
+    with pytest.raises(ValueError, match="activation matching"):
+        llcfast.align_permutation(model, shuffled, [batch])
