@@ -1,4 +1,5 @@
 """Small models, data and exact answers shared by the estimate_llc tests."""
+import socket
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -196,3 +197,10 @@ def reduced_rank_at_zero(n, m=5, h=4, out=6, seed=0):
         for p in model.parameters():
             p.zero_()
     return model, x.float(), y.float()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's torch.distributed group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

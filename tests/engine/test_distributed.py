@@ -4,7 +4,6 @@ same seed, every sampler and a shuffling loader too, since noise and each
 chain's batch stream are keyed by the global chain index."""
 import os
 import pickle
-import socket
 
 import numpy as np
 import pytest
@@ -13,18 +12,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import llcfast
-from llc_models import mlp, mse, regression_loader
+from llc_models import free_port, mlp, mse, regression_loader
 
 KW = dict(num_chains=5, num_draws=12, num_burnin=4, epsilon=1e-3, nbeta=20.0, gamma=50.0, seed=11, progress=False,
           backend="fast")
 SAMPLERS = [("sgld", {}, False), ("rmsprop_sgld", {"alpha": 0.9}, False), ("sgnht", {}, False),
             ("sgld", {}, True)]  # (sampler, its kwargs, shuffling loader)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, out_dir):
@@ -53,7 +46,7 @@ def test_two_gloo_ranks_give_the_one_process_numbers(tmp_path):
                   for s, k, shuffle in SAMPLERS]
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
             ranked = pickle.load(f)
@@ -87,7 +80,7 @@ def _too_few_chains(rank, world, port, out_dir):
 
 
 def test_bad_distributed_use_is_explained(tmp_path):
-    mp.spawn(_too_few_chains, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_too_few_chains, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     assert "num_chains=1 is fewer than the 2 ranks" in (tmp_path / "fast0.txt").read_text()
     assert "backend='reference' runs its chains in one process" in (tmp_path / "reference1.txt").read_text()
 
@@ -118,7 +111,7 @@ def test_two_gloo_ranks_sweep_into_one_results_file(tmp_path):
         single = sweep(one, device="cpu", progress=False)
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_sweep_worker, args=(2, _free_port(), two), nprocs=2, join=True)
+    mp.spawn(_sweep_worker, args=(2, free_port(), two), nprocs=2, join=True)
     assert not [f for f in os.listdir(two) if ".rank" in f]  # parts merged and removed
     merged = read_results(os.path.join(two, "results.jsonl"))
     assert [r["step"] for r in merged] == [r["step"] for r in single]  # each checkpoint once, in step order

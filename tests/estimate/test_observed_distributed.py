@@ -3,7 +3,6 @@ processes on gloo split the chains (2 + 1 of 3), and every rank gets the
 numbers of one process with the same seed."""
 import os
 import pickle
-import socket
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import llcfast
+from llc_models import free_port
 
 KW = dict(gamma=20.0, epsilon=2e-3, num_chains=3, num_draws=12, num_burnin=4, progress=False, trust_checks=False,
           seed=5)
@@ -49,12 +49,6 @@ def _both():
     return bif.influence, bif.se, sus.values, bif.llc.config.get("world_size", 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -75,7 +69,7 @@ def test_two_gloo_ranks_give_the_one_process_numbers(tmp_path):
         single = _both()
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
             ranked = pickle.load(f)
