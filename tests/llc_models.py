@@ -1,5 +1,6 @@
 """Small models, data and exact answers shared by the estimate_llc tests."""
 import socket
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
