@@ -183,14 +183,13 @@ def estimate_bif(model: torch.nn.Module, loader, observables: Dict[str, Sequence
     llc = sample_observed(model, loader, loss_fn, observer, backend, sampling)
     s1, s2, counts, by_draw = observer.result_arrays()
     if reference:
-        traces = torch.stack([torch.stack(observer.traces[c]) for c in sorted(observer.traces)])
-        influence = bif_from_traces(traces, statistic, pooling).numpy()
+        influence = bif_from_traces(observer.stacked_traces(), statistic, pooling).numpy()
     else:
         influence = as_statistic(pooled_covariance(s1, s2, counts, by_draw, pooling), statistic)
     config = {"unit": unit, "statistic": statistic, "pooling": pooling, "observables": list(observables),
               "backend": "reference" if reference else "fast"}
     if keep_traces:
-        config["traces"] = torch.stack([torch.stack(observer.traces[c]) for c in sorted(observer.traces)]).numpy()
+        config["traces"] = observer.stacked_traces().numpy()
     se = chain_bootstrap_se(s1, s2, counts, statistic, pooling, seed=sampling.get("seed", 0))
     return BIFResult(influence=influence, se=se, labels=observer.labels, statistic=statistic, pooling=pooling,
                      unit=unit, draws=int(counts.min()), llc=llc, config=config)

@@ -6,6 +6,7 @@ are read from these sums."""
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from torch.func import vmap
 
 from .._checks import check_int
-from ..engine.common import is_draw_step, resolve_device
+from ..engine.common import is_draw_step, resolve_device, to_device
 from ..engine.distributed import current_split
 from ..engine.functional import chain_loss
 from .auto import auto_epsilon, check_auto
@@ -95,7 +96,7 @@ class Observer:
         for name, batches in self.observables.items():
             offset = 0
             for batch in batches:
-                out = self._per_chain(params, _to(batch, device))  # [c, B] or [c, B, T]
+                out = self._per_chain(params, to_device(batch, device))  # [c, B] or [c, B, T]
                 if out.dim() not in (2, 3):
                     raise ValueError(f"per_sample_loss_fn returned shape {tuple(out.shape[1:])} for observable "
                                      f"{name!r}; expected [batch] (per sample) or [batch, positions] (per token)")
@@ -123,6 +124,10 @@ class Observer:
                 self.vmapped = False
         return torch.stack([self.loss(tuple(p[c] for p in params), batch).detach()
                             for c in range(params[0].shape[0])])
+
+    def stacked_traces(self) -> torch.Tensor:
+        """The kept draws, [chains, draws, N]."""
+        return torch.stack([torch.stack(self.traces[c]) for c in sorted(self.traces)])
 
     def all_reduce(self) -> None:
         """The sums over every rank's chains, on every rank (a chain's rows
@@ -152,16 +157,6 @@ def reduce_sum(t: torch.Tensor) -> None:
     moved = t.to(device)
     dist.all_reduce(moved)
     t.copy_(moved)
-
-
-def _to(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
 
 
 def check_observed(observables, per_sample_loss_fn, unit: str, backend: str, sampling: dict, name: str) -> int:
@@ -213,7 +208,10 @@ def sample_observed(model, loader, loss_fn, observer: Observer, backend: str, sa
         settings["backend"] = backend
     epsilon = settings.pop("epsilon", "auto")
     if check_auto("epsilon", epsilon):
-        full = dict(_DEFAULTS, **settings)
+        # auto_epsilon reads the whole settings dict: the estimator's own defaults under the caller's choices
+        defaults = {k: p.default for k, p in inspect.signature(estimate).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "epsilon"}
+        full = dict(defaults, **settings)
         full["device"] = resolve_device(full.get("device"), model)
         llc = auto_epsilon(run, model, loader, loss_fn, full)
     else:
@@ -228,11 +226,3 @@ def sample_observed(model, loader, loss_fn, observer: Observer, backend: str, sa
 # estimate_llc's arguments the sequential estimator does not take
 _FAST_ONLY = ("backend", "precision", "cuda_graphs", "chain_chunk", "split_chains", "chain_group", "compile",
               "fastpath")
-
-
-# the defaults auto_epsilon reads from a full settings dict (estimate_llc's own)
-_DEFAULTS = dict(num_chains=8, num_draws=200, num_burnin="auto", steps_between_draws=1, gamma=100.0, nbeta=None,
-                 weight_decay=0.0, noise_scale=1.0, init_loss="auto", num_init_batches=None, restrict=None, seed=0,
-                 device=None, progress=True, grad_accum_steps=1, mala=False, trust_checks="auto",
-                 draw_batches="independent", sampler="sgld", sampler_kwargs=None, bounding_box=None,
-                 activation_checkpointing=False)

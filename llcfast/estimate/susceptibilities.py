@@ -150,7 +150,7 @@ def estimate_susceptibilities(model: torch.nn.Module, loader, observables: Dict[
             task = slice(0, sum(1 for label in observer.labels if label[0] == sampling_task))
         runs[name] = observer
         if keep_traces:
-            traces[name] = torch.stack([torch.stack(observer.traces[c]) for c in sorted(observer.traces)]).numpy()
+            traces[name] = observer.stacked_traces().numpy()
     s1, _, counts, _ = full.result_arrays()
     full_mean = s1.sum(0) / counts.sum()
     gap = full_mean[task].mean() - full_mean
