@@ -69,7 +69,8 @@ def loader_batches(loader, seed: int, chain: Optional[int] = None, *, endless: b
     left as they were. Lists and tuples draw no random numbers and are
     passed over directly."""
     loader = _own_workers(loader)
-    batches = cycle_batches(loader) if endless else _one_pass(loader)
+    passes = TensorPasses(loader) if TensorPasses.applies(loader) else loader
+    batches = cycle_batches(passes) if endless else _one_pass(passes)
     if isinstance(loader, (list, tuple)):
         return batches
     key = [seed, 0] if chain is None else [seed, stream, chain]
@@ -111,12 +112,47 @@ def draw_batches(loader, seed: int, chain: int) -> Iterator:
     if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) and loader.batch_size:
         dataset, size = loader.dataset, min(loader.batch_size, len(loader.dataset))
 
+        fetch = TensorPasses.fetch if TensorPasses.applies(loader) else \
+            (lambda loader, picks: loader.collate_fn([dataset[i] for i in picks]))
+
         def sampled():
             while True:
-                picks = torch.randperm(len(dataset), generator=g)[:size].tolist()
-                yield loader.collate_fn([dataset[i] for i in picks])
+                yield fetch(loader, torch.randperm(len(dataset), generator=g)[:size].tolist())
         return _on_own_rng(sampled(), [None], [torch.Generator().manual_seed(start + 1).get_state()])
     return loader_batches(loader, seed, chain, stream=2)
+
+
+class TensorPasses:
+    """Passes over a DataLoader of a TensorDataset that index the tensors
+    with each batch's indices instead of fetching and collating sample by
+    sample, which costs more than a small model's whole step. The batches
+    are the loader's own, value for value (collated as a list, as
+    default_collate collates a TensorDataset's tuples), and each pass draws
+    the same random numbers as the loader's iterator: its base seed, then
+    the sampler's."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    @staticmethod
+    def applies(loader) -> bool:
+        from torch.utils.data import DataLoader, TensorDataset
+        from torch.utils.data._utils.collate import default_collate
+        return (type(loader) is DataLoader and type(loader.dataset) is TensorDataset
+                and loader.batch_sampler is not None and loader.collate_fn is default_collate
+                and loader.num_workers == 0 and not loader.pin_memory)
+
+    @staticmethod
+    def fetch(loader, indices) -> list:
+        return [t[indices] for t in loader.dataset.tensors]
+
+    def __iter__(self):
+        iter(self.loader)  # the iterator's start draws the pass's base seed; its sampler has drawn nothing yet
+        for indices in self.loader.batch_sampler:
+            yield self.fetch(self.loader, indices)
+
+    def __len__(self):
+        return len(self.loader)
 
 
 def _own_workers(loader):

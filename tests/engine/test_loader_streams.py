@@ -68,3 +68,42 @@ def test_persistent_workers_give_each_chain_its_own_pass():
     np.testing.assert_array_equal(first.loss_trace, again.loss_trace)
     np.testing.assert_allclose(first.loss_trace, ref.loss_trace, rtol=1e-5)
     assert loader._iterator is None  # the caller's loader started no workers
+
+
+@pytest.mark.parametrize("kwargs", [dict(shuffle=True), dict(shuffle=True, drop_last=True), dict(shuffle=False),
+                                    dict(shuffle=True, generator="own")], ids=["shuffle", "drop-last", "in-order",
+                                                                               "loader-generator"])
+def test_a_tensor_datasets_batches_are_indexed_value_for_value_with_the_loaders_random_numbers(kwargs):
+    from torch.utils.data import DataLoader, TensorDataset
+    from llcfast.engine.loaders import TensorPasses, draw_batches
+    g = torch.Generator()
+    kwargs = {**kwargs, "generator": g} if kwargs.get("generator") else kwargs
+    data = TensorDataset(torch.randn(50, 3), torch.randn(50), torch.arange(50))
+    loader = DataLoader(data, batch_size=8, **kwargs)
+    assert TensorPasses.applies(loader)
+    passes = []
+    for source in (loader, TensorPasses(loader)):
+        torch.manual_seed(7)
+        g.manual_seed(9)
+        passes.append([list(source) for _ in range(2)] + [torch.rand(1), g.initial_seed(), torch.rand(1, generator=g)])
+    (own, own_next, *after), (indexed, indexed_next, *after_indexed) = passes
+    assert len(own) == len(indexed) == len(loader)
+    assert torch.equal(own[0][2], own_next[0][2]) != kwargs["shuffle"]  # a shuffling loader's second pass differs
+    for a, b in zip(own + own_next, indexed + indexed_next):
+        assert type(a) is type(b) is list
+        for x, y in zip(a, b):
+            assert torch.equal(x, y) and x.dtype == y.dtype
+    assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(after, after_indexed))
+    # the draws' random samples of the dataset are indexed the same way: each names rows of the dataset
+    drawn = next(draw_batches(loader, 0, 0))
+    assert len(drawn) == 3 and torch.equal(drawn[0], data.tensors[0][drawn[2]])
+
+
+def test_loaders_the_tensor_pass_cannot_reproduce_are_fetched_sample_by_sample():
+    from torch.utils.data import DataLoader, TensorDataset
+    from llcfast.engine.loaders import TensorPasses
+    data = TensorDataset(torch.randn(10, 2))
+    assert not TensorPasses.applies(DataLoader(data, batch_size=2, collate_fn=lambda b: b))
+    assert not TensorPasses.applies(DataLoader(data, batch_size=None))
+    assert not TensorPasses.applies(DataLoader(data, batch_size=2, num_workers=1))
+    assert not TensorPasses.applies(DataLoader(torch.utils.data.Subset(data, range(4)), batch_size=2))
