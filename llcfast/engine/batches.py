@@ -34,8 +34,10 @@ class ChainBatches:
         (shapes differ between chains)."""
         raw = [next(it) for it in self._iters]
         leaves0, spec = tree_flatten(raw[0])
-        rest = [tree_flatten(b) for b in raw[1:]]
-        if all(s == spec and all(a is b for a, b in zip(leaves0, ls)) for ls, s in rest):
+        # one object for every chain (a list's batch) is shared without flattening each chain's
+        same = all(b is raw[0] for b in raw[1:]) or all(
+            s == spec and all(a is b for a, b in zip(leaves0, ls)) for ls, s in map(tree_flatten, raw[1:]))
+        if same:
             shared = to_device(raw[0], self._device)
             return shared, tree_unflatten([None] * len(leaves0), spec), [shared] * len(raw)
         per_chain = [to_device(b, self._device) for b in raw]
