@@ -161,8 +161,9 @@ def test_the_batched_points_equal_one_model_at_a_time():
     np.testing.assert_allclose(r.loss, want, rtol=1e-5, atol=1e-7)
 
 
-def shuffled_transformer(model, seed):
-    """A copy with each block's heads and MLP units in a random order."""
+def shuffled_transformer(model, seed, residual=True):
+    """A copy with each block's heads and MLP units, and (``residual``) the
+    residual stream's coordinates, in a random order."""
     import copy
     out = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
@@ -182,11 +183,24 @@ def shuffled_transformer(model, seed):
                 first.weight.copy_(first.weight[units])
                 first.bias.copy_(first.bias[units])
                 last.weight.copy_(last.weight[:, units])
+        if residual:  # every read of the stream permuted on its columns, every write on its rows
+            order = torch.randperm(out.ln_out.weight.shape[0], generator=gen)
+            rows = [out.embed.weight, out.embed.bias, out.ln_out.weight, out.ln_out.bias]
+            cols = [out.pos.weight, out.unembed.weight]
+            for block in out.blocks:
+                rows += [block.ln_attn.weight, block.ln_attn.bias, block.attn.out.weight, block.attn.out.bias,
+                         block.ln_mlp.weight, block.ln_mlp.bias, block.mlp[2].weight, block.mlp[2].bias]
+                cols += [block.attn.qkv.weight, block.mlp[0].weight]
+            for t in rows:
+                t.copy_(t[order])
+            for t in cols:
+                t.copy_(t[:, order])
     return out
 
 
 @pytest.mark.filterwarnings("ignore:the LLC estimate is negative")
-def test_a_transformers_heads_and_mlp_units_are_aligned_exactly():
+@pytest.mark.parametrize("matching", ["weights", "activations"])
+def test_a_transformers_residual_stream_heads_and_mlp_units_are_aligned_exactly(matching):
     from llcfast.pipeline import models
     torch.manual_seed(0)
     model = models.InContextRegression(task_dim=3, max_pairs=4, d_model=16, heads=4, layers=2, mlp_width=12)
@@ -199,15 +213,28 @@ def test_a_transformers_heads_and_mlp_units_are_aligned_exactly():
         loss.backward()
         opt.step()
     shuffled = shuffled_transformer(model, seed=3)
+    loader = None if matching == "weights" else [batch, models.sample_regression(32, 4, 3, generator=gen)]
     with torch.no_grad():
         torch.testing.assert_close(shuffled(*batch), model(*batch), rtol=1e-5, atol=1e-5)
-        aligned = llcfast.align_permutation(model, shuffled)
+        aligned = llcfast.align_permutation(model, shuffled, loader)
         torch.testing.assert_close(aligned(*batch), model(*batch), rtol=1e-5, atol=1e-5)
     for p, q in zip(model.parameters(), aligned.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
-    assert len(aligned.aligned_permutations) == 2 and set(aligned.aligned_permutations[0]) == {"heads", "mlp_units"}
+    found = aligned.aligned_permutations
+    assert len(found["blocks"]) == 2 and set(found["blocks"][0]) == {"heads", "mlp_units"} and len(found["residual"]) == 16
     before = llcfast.loss_along_path(model, shuffled, [batch], models.regression_loss, points=9, progress=False)
     after = llcfast.loss_along_path(model, aligned, [batch], models.regression_loss, points=9, progress=False)
     assert before.barrier > 1e-4 and abs(after.barrier) < 1e-6
-    with pytest.raises(ValueError, match="activation matching"):
-        llcfast.align_permutation(model, shuffled, [batch])
+    if loader is not None:  # the loss drives the forward as well as the batch's parts do
+        by_loss = llcfast.align_permutation(model, shuffled, loader, models.regression_loss)
+        assert by_loss.aligned_permutations == aligned.aligned_permutations
+    # the blocks alone recover a copy whose stream was left in place, and residual=False leaves it so
+    blocks_only = shuffled_transformer(model, seed=4, residual=False)
+    kept = llcfast.align_permutation(model, blocks_only, loader, residual=False)
+    assert kept.aligned_permutations["residual"] is None
+    for p, q in zip(model.parameters(), kept.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    blocks_alone = type("BlocksOnly", (torch.nn.Module,), {})()
+    blocks_alone.blocks = model.blocks
+    with pytest.raises(ValueError, match="BlocksOnly lacks them: pass residual=False"):
+        llcfast.align_permutation(blocks_alone, blocks_alone)
