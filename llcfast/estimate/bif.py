@@ -108,11 +108,12 @@ def pooled_covariance(s1: np.ndarray, s2: np.ndarray, counts: np.ndarray, by_dra
 
 
 def as_statistic(cov: np.ndarray, statistic: str) -> np.ndarray:
+    """The statistic from covariances [..., N, N]."""
     if statistic == "covariance":
         return cov
-    scale = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    scale = np.sqrt(np.clip(np.diagonal(cov, axis1=-2, axis2=-1), 0.0, None))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return cov / np.outer(scale, scale)
+        return cov / (scale[..., :, None] * scale[..., None, :])
 
 
 def bif_from_traces(traces: torch.Tensor, statistic: str = "correlation", pooling: str = "stack") -> torch.Tensor:
@@ -133,18 +134,39 @@ def bif_from_traces(traces: torch.Tensor, statistic: str = "correlation", poolin
     return cov / torch.outer(scale, scale)
 
 
-def chain_bootstrap_se(s1, s2, counts, statistic: str, pooling: str, seed: int) -> Optional[np.ndarray]:
+def chain_bootstrap_se(s1, s2, counts, statistic: str, pooling: str, seed: int,
+                       per_pass: int = 16) -> Optional[np.ndarray]:
     """The standard error of the statistic over resamples of whole chains;
     None where chains cannot be resampled on their own (pooling "mean", one
-    chain)."""
+    chain). A resample's running sums are its chains' sums weighted by how
+    often each was drawn, so ``per_pass`` resamples are one matrix product,
+    and their spread is merged pass by pass, never holding every resample's
+    N x N statistic at once."""
     if pooling == "mean" or len(counts) < 2:
         return None
     gen = np.random.default_rng(seed)
-    samples = []
-    for _ in range(BOOTSTRAP_SAMPLES):
-        pick = gen.integers(0, len(counts), len(counts))
-        samples.append(as_statistic(pooled_covariance(s1[pick], s2[pick], counts[pick], None, pooling), statistic))
-    return np.std(np.stack(samples), axis=0, ddof=1)
+    c, n = s1.shape
+    weights = np.stack([np.bincount(gen.integers(0, c, c), minlength=c)
+                        for _ in range(BOOTSTRAP_SAMPLES)]).astype(np.float64)
+    second = s2 if pooling == "stack" else s2 - np.einsum("ci,cj,c->cij", s1, s1, 1.0 / counts)
+    second = second.reshape(c, n * n)
+    seen, mean, m2 = 0, 0.0, 0.0
+    for start in range(0, BOOTSTRAP_SAMPLES, per_pass):
+        w = weights[start:start + per_pass]
+        summed = (w @ second).reshape(-1, n, n)
+        if pooling == "stack":
+            draws, total = w @ counts, w @ s1
+            cov = (summed - total[:, :, None] * total[:, None, :] / draws[:, None, None]) / (draws - 1)[:, None, None]
+        else:
+            cov = summed / (w @ (counts - 1))[:, None, None]
+        stat = as_statistic(cov, statistic)
+        # Chan et al.'s merge of two groups' means and sums of squared deviations
+        k, group_mean = len(stat), stat.mean(0)
+        delta = group_mean - mean
+        m2 = m2 + ((stat - group_mean) ** 2).sum(0) + delta ** 2 * seen * k / (seen + k)
+        mean = mean + delta * k / (seen + k)
+        seen += k
+    return np.sqrt(m2 / (seen - 1))
 
 
 def estimate_bif(model: torch.nn.Module, loader, observables: Dict[str, Sequence], *,

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import llcfast
-from llcfast.estimate.bif import CHAIN_POOLING, bif_from_traces, pooled_covariance
+from llcfast.estimate.bif import (BOOTSTRAP_SAMPLES, CHAIN_POOLING, as_statistic, bif_from_traces,
+                                  chain_bootstrap_se, pooled_covariance)
 
 N, D, SIGMA = 200, 2, 0.5
 
@@ -75,6 +76,29 @@ def test_streamed_sums_equal_the_twin_on_stored_traces(pooling, statistic):
     assert r.labels == [("a", 0), ("a", 1), ("a", 2), ("a", 3), ("a", 4), ("b", 0), ("b", 1)]
     np.testing.assert_allclose(r.influence, bif_from_traces(traces, statistic, pooling).numpy(), rtol=1e-8,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("pooling", ["stack", "centred"])
+@pytest.mark.parametrize("statistic", ["correlation", "covariance"])
+def test_the_weighted_bootstrap_equals_resampling_the_chains_one_resample_at_a_time(pooling, statistic):
+    rng = np.random.default_rng(0)
+    traces = rng.normal(size=(5, 30, 6)) + rng.normal(size=(5, 1, 6))  # chains with means of their own
+    traces[:, :, 1] += 0.8 * traces[:, :, 0]
+    traces[3, 25:] = np.nan  # a chain that kept fewer draws
+    counts = np.isfinite(traces[:, :, 0]).sum(1).astype(float)
+    kept = np.nan_to_num(traces)
+    s1, s2 = kept.sum(1), np.einsum("cti,ctj->cij", kept, kept)
+    gen, samples = np.random.default_rng(4), []
+    for _ in range(BOOTSTRAP_SAMPLES):
+        pick = gen.integers(0, 5, 5)
+        samples.append(as_statistic(pooled_covariance(s1[pick], s2[pick], counts[pick], None, pooling), statistic))
+    want = np.std(np.stack(samples), axis=0, ddof=1)
+    got = chain_bootstrap_se(s1, s2, counts, statistic, pooling, seed=4, per_pass=7)
+    off = ~np.eye(6, dtype=bool)
+    assert want[off].min() > 1e-3
+    np.testing.assert_allclose(got[off], want[off], rtol=1e-9)
+    np.testing.assert_allclose(np.diag(got), np.diag(want), atol=1e-9 * np.abs(np.diag(want)).max() + 1e-12)
+    assert chain_bootstrap_se(s1, s2, counts, statistic, "mean", seed=4) is None
 
 
 def test_pooling_differs_where_the_chains_means_differ():
