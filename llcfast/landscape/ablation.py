@@ -9,9 +9,11 @@ exchanges two blocks' parameters and buffers; a silenced head is its
 columns of the attention's output projection set to zero) and some blocks
 passed over (a hook returns a dropped block's input as its output), so the
 variants are stacked like chains and vmap evaluates a group of them on each
-batch in one pass. ``batched=False`` is the plain twin: one variant at a
-time, built by editing the model (an nn.Identity in the dropped block's
-place, the block list reordered, the head's columns zeroed in place).
+batch in one pass (on a CPU, one at a time where one variant's activations
+are large: landscape/passes.py).
+``batched=False`` is the plain twin: one variant at a time, built by
+editing the model (an nn.Identity in the dropped block's place, the block
+list reordered, the head's columns zeroed in place).
 """
 from __future__ import annotations
 
@@ -22,13 +24,15 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.func import vmap
 
 from .._checks import check_int
 from ..engine.common import default_loss, resolve_device, to_device
 from ..engine.functional import chain_loss
 from ..engine.loaders import check_loader, loader_batches
 from ..engine.progress import progress_bar
+from .passes import mean_over_loader, points_per_pass
+
+GROUP = 16  # variants whose replaced tensors are stacked at once, bounding their memory
 
 
 @dataclass
@@ -138,22 +142,27 @@ def variants_of(name: str, target: nn.ModuleList, swaps: bool, heads: bool) -> L
 
 
 def layer_ablation(model: nn.Module, loader, loss_fn: Optional[Callable] = None, *, blocks: Optional[str] = None,
-                   swaps: bool = True, heads: bool = False, batched: bool = True, variants_per_pass: int = 16,
-                   device=None, seed: int = 0, progress: bool = True) -> AblationResult:
+                   swaps: bool = True, heads: bool = False, batched: bool = True,
+                   variants_per_pass: Optional[int] = None, device=None, seed: int = 0,
+                   progress: bool = True) -> AblationResult:
     """The mean loss over one pass of ``loader`` of ``model`` with each
     residual block removed in turn, (``swaps``) each adjacent pair swapped,
     and (``heads``) each attention head silenced. ``blocks``: the name of
     the model's nn.ModuleList of residual blocks (each called with the
     residual stream as its first argument and returning it, updated); by
     default the one called "blocks", "layers" or "h". ``variants_per_pass``
-    variants share each batched pass; ``batched=False`` builds one variant
-    at a time. The model is left as it was."""
+    variants share each batched pass (by default 16 on a GPU; on a CPU one
+    at a time where one variant's activations are large, as the sampler's
+    CPU planner runs chains); groups of at least 16 share each pass over
+    the loader; ``batched=False`` builds one variant at a time by editing the
+    model. The model is left as it was."""
     check_loader(loader)
-    check_int("variants_per_pass", variants_per_pass, minimum=1)
     name, target = residual_blocks(model, blocks)
     device = resolve_device(device, model)
     loss_fn = loss_fn or default_loss
     variants = variants_of(name, target, swaps, heads)
+    if variants_per_pass is not None:
+        check_int("variants_per_pass", variants_per_pass, minimum=1)
     was_training = model.training
     model.eval()
     bar = progress_bar(progress, len(variants), "ablations", unit="variant")
@@ -196,8 +205,9 @@ def _batched(model, target, loss_fn, variants, loader, device, seed, per_pass, b
     own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     losses = {}
     try:
-        for start in range(0, len(variants), per_pass):
-            group = variants[start:start + per_pass]
+        size = max(per_pass or 1, GROUP)  # a group's variants share one pass over the loader
+        for start in range(0, len(variants), size):
+            group = variants[start:start + size]
             names = sorted({k for v in group for k in v.tensors})
             stacked = tuple(torch.stack([v.tensors.get(k, own[k]) for v in group]).to(device) for k in names)
             keep = torch.ones(len(group), len(target), dtype=torch.bool, device=device)
@@ -206,12 +216,13 @@ def _batched(model, target, loss_fn, variants, loader, device, seed, per_pass, b
                     keep[row, v.dropped] = False
             loss = chain_loss(model, loss_fn, names)
 
-            def one(tensors, kept, batch):
-                state.keep = kept
-                return loss(tensors, batch)
+            def one(point, batch):  # the point: the replaced tensors, then which blocks are kept
+                state.keep = point[-1]
+                return loss(point[:-1], batch)
 
-            evaluate = vmap(one, in_dims=(0, 0, None), randomness="different")
-            means = _mean_over(loader, seed, device, lambda batch: evaluate(stacked, keep, batch))
+            point = stacked + (keep,)
+            chosen = points_per_pass(per_pass, one, point, loader, device, seed, "variants_per_pass")
+            means = mean_over_loader(one, point, loader, device, seed, chosen)
             losses.update({v.name: float(m) for v, m in zip(group, means)})
             bar.update(len(group))
     finally:

@@ -1,7 +1,7 @@
 """The loss along a path between two weight sets (two checkpoints of a run,
-or two seeds), every point of the path in one batched pass: the points are
-stacked as the sampler stacks chains, and vmap evaluates them together on
-each batch.
+or two seeds). The points are stacked as the sampler stacks chains, and
+vmap evaluates them together on each batch (on a CPU, one at a time where
+one point's activations are large: landscape/passes.py).
 
 Paths: "linear", w(t) = (1 - t) a + t b; "bezier", the quadratic Bezier
 curve (1 - t)^2 a + 2 t (1 - t) theta + t^2 b whose midpoint theta is
@@ -17,13 +17,13 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from torch.func import vmap
 
 from .._checks import check_int
 from ..engine.common import default_loss, resolve_device, to_device, trainable
 from ..engine.functional import chain_loss
 from ..engine.loaders import check_loader, loader_batches
 from ..engine.progress import progress_bar
+from . import passes
 
 PATHS = ("linear", "bezier")
 
@@ -95,29 +95,18 @@ def points_on(path: str, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, thet
     return (1 - t) ** 2 * a + 2 * t * (1 - t) * theta + t ** 2 * b
 
 
-def mean_losses(loss, stacked: tuple, loader, device, seed: int) -> np.ndarray:
-    """[P]: the mean over one pass of the loader of each stacked point's
-    loss, all points in one batched pass per batch."""
-    total, count = None, 0
-    batched = vmap(loss, in_dims=(0, None), randomness="different")
-    with torch.no_grad():
-        for batch in loader_batches(loader, seed, endless=False):
-            values = batched(stacked, to_device(batch, device)).double()
-            total = values if total is None else total + values
-            count += 1
-    if count == 0:
-        raise ValueError("the loader yielded no batches; pass a non-empty loader")
-    return (total / count).cpu().numpy()
-
-
 def loss_along_path(model_a: torch.nn.Module, model_b: torch.nn.Module, loader, loss_fn: Optional[Callable] = None,
                     *, points: int = 33, path: str = "linear", test_loader=None, bend_steps: int = 200,
-                    bend_lr: float = 1e-2, seed: int = 0, device=None, progress: bool = True) -> PathResult:
+                    bend_lr: float = 1e-2, seed: int = 0, device=None, points_per_pass: Optional[int] = None,
+                    progress: bool = True) -> PathResult:
     """The loss at ``points`` evenly spaced points of the path from model_a's
     weights (t = 0) to model_b's (t = 1), averaged over one pass of
     ``loader`` (and of ``test_loader`` where given); buffers are model_a's.
     ``path="bezier"`` first trains the curve's midpoint for ``bend_steps``
-    Adam steps of rate ``bend_lr`` on the loader's batches."""
+    Adam steps of rate ``bend_lr`` on the loader's batches.
+    ``points_per_pass``: points to a batched pass; by default all of them on
+    a GPU, and on a CPU one at a time where one point's activations are
+    large (landscape/passes.py)."""
     points = check_int("points", points, minimum=2)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -137,12 +126,14 @@ def loss_along_path(model_a: torch.nn.Module, model_b: torch.nn.Module, loader, 
     t = torch.linspace(0, 1, points, dtype=torch.float64)
     stacked = tuple(points_on(path, t, pa, pb, None if theta is None else theta[i]).to(pa.dtype)
                     for i, (pa, pb) in enumerate(zip(a, b)))
-    train = mean_losses(loss, stacked, loader, device, seed)
+    per_pass = passes.points_per_pass(points_per_pass, loss, stacked, loader, device, seed, "points_per_pass")
+    train = passes.mean_over_loader(loss, stacked, loader, device, seed, per_pass)
     found, at = barrier(t.numpy(), train)
     result = PathResult(t=t.numpy(), loss=train, barrier=found, barrier_t=at, path=path,
-                        config={"points": points, "path": path, "device": str(device), "seed": seed})
+                        config={"points": points, "path": path, "device": str(device), "seed": seed,
+                                "points_per_pass": per_pass})
     if test_loader is not None:
-        result.test_loss = mean_losses(loss, stacked, test_loader, device, seed)
+        result.test_loss = passes.mean_over_loader(loss, stacked, test_loader, device, seed, per_pass)
         result.test_barrier = barrier(result.t, result.test_loss)[0]
     if theta is not None:
         result.config.update(bend_steps=bend_steps, bend_lr=bend_lr)

@@ -144,13 +144,15 @@ def test_bad_input_is_named(call, message):
         call(x, y)
 
 
-def test_the_batched_points_equal_one_model_at_a_time():
+@pytest.mark.parametrize("per_pass", [None, 1, 3, 7])
+def test_the_batched_points_equal_one_model_at_a_time(per_pass):
     """The twin of the stacked pass: each point's weights loaded into a copy
     of the model, its loss computed alone."""
     a, b = trained(1, steps=30), trained(2, steps=30)
     x, y = task()
     loader = [(x[:100], y[:100]), (x[100:], y[100:])]
-    r = llcfast.loss_along_path(a, b, loader, mse, points=7, progress=False)
+    r = llcfast.loss_along_path(a, b, loader, mse, points=7, points_per_pass=per_pass, progress=False)
+    assert r.config["points_per_pass"] == (7 if per_pass is None else per_pass)  # small activations: all at once
     one = mlp(0)
     want = []
     for t in r.t:
@@ -159,6 +161,18 @@ def test_the_batched_points_equal_one_model_at_a_time():
                 p.copy_((1 - t) * pa + t * pb)
             want.append(np.mean([float(mse(one, batch)) for batch in loader]))
     np.testing.assert_allclose(r.loss, want, rtol=1e-5, atol=1e-7)
+
+
+def test_on_a_cpu_points_with_large_activations_go_one_at_a_time():
+    """As the sampler's CPU planner runs chains: one point whose largest
+    activation passes planner.CPU_SEQUENTIAL_BYTES runs alone."""
+    from llcfast.engine.planner import CPU_SEQUENTIAL_BYTES
+    wide = torch.nn.Sequential(torch.nn.Linear(2, 256), torch.nn.Tanh(), torch.nn.Linear(256, 1))
+    rows = CPU_SEQUENTIAL_BYTES // (4 * 256) + 1
+    x = torch.randn(rows, 2)
+    small = llcfast.loss_along_path(wide, wide, [(x[:8], x[:8, :1])], mse, points=5, progress=False)
+    large = llcfast.loss_along_path(wide, wide, [(x, x[:, :1])], mse, points=5, progress=False)
+    assert small.config["points_per_pass"] == 5 and large.config["points_per_pass"] == 1
 
 
 def shuffled_transformer(model, seed, residual=True):
