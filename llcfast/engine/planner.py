@@ -20,19 +20,15 @@ HEADROOM = 0.85  # of the free memory: allocator fragmentation, library workspac
 
 # On CPUs the size of a batched pass matters for speed, not memory: glibc
 # serves blocks over 32 MiB from fresh pages, so a pass whose tensors grow
-# past that faults every activation in again at every step. On 2 cores, 32
-# chains of the LR transformer in one pass page-faulted 25-35 GiB in 3 steps
-# and took 147-226 ms per chain-step; in passes of 4, 1.5-3 GiB and 54-68 ms.
-# Passes keep their largest saved activation at half that size, since the
-# passing tensors (stacked gradients of a fused projection) run larger.
+# past that faults every activation in again at every step (docs/estimating.md
+# gives the measurements). Passes keep their largest saved activation at half
+# that size, since the passing tensors (stacked gradients of a fused
+# projection) run larger.
 CPU_TENSOR_BYTES = 16 * MiB
 # A chain whose activations reach 1 MiB (256k floats, eight of torch's 32k-element
 # grains) spreads over the cores alone, and stacking chains adds only vmap's
-# costs (batched matmuls for plain ones, bias adds, gradient copies): on 2
-# cores plain autograd chain by chain ran 36-39 against 47-58 ms per
-# chain-step (LR transformer, 8 chains) and 638-693 against 902-1004 ms (the
-# LM). Smaller models tied on 2 cores and stay stacked, for CPUs with more
-# cores than one chain's ops can use.
+# costs (batched matmuls for plain ones, bias adds, gradient copies). Smaller
+# models stay stacked, for CPUs with more cores than one chain's ops can use.
 CPU_SEQUENTIAL_BYTES = MiB
 
 
