@@ -108,7 +108,8 @@ def normal_groups(seed: int, step: int, chains: torch.Tensor, groups: torch.Tens
     pair, chains [C, 1] and groups [G] int64 -> [C, G, 4] float32."""
     words = philox4x32_10((groups, chains, step & _MASK32, (step >> 32) & _MASK32),
                           (seed & _MASK32, (seed >> 32) & _MASK32))
-    shape = (chains.shape[0], groups.shape[0])  # cheaper than torch.broadcast_shapes, which this hot path would call every step
+    # spelled out: torch.broadcast_shapes would cost more on this per-step path
+    shape = (chains.shape[0], groups.shape[0])
     c0, c1, c2, c3 = (torch.broadcast_to(w, shape) for w in words)
     n0, n1 = _box_muller(c0, c1)
     n2, n3 = _box_muller(c2, c3)
