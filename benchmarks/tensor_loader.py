@@ -34,14 +34,14 @@ def mse(model, batch):
     return torch.nn.functional.mse_loss(model(batch[0]).squeeze(-1), batch[1])
 
 
-def case(d: int, width: int, n: int, batch_size: int, device: torch.device, kw: dict) -> dict:
+def case(d: int, width: int, n: int, batch_size: int, device: torch.device, kw: dict, train_steps: int) -> dict:
     g = torch.Generator().manual_seed(d)
     x = torch.randn(n, d, generator=g)
     y = torch.sin(x.sum(1)) + 0.1 * torch.randn(n, generator=g)
     model = torch.nn.Sequential(torch.nn.Linear(d, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)).to(device)
     data = TensorDataset(x.to(device), y.to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(500):  # near a minimum, as an LLC's w* should be
+    for _ in range(train_steps):  # near a minimum, as an LLC's w* should be
         optimizer.zero_grad()
         mse(model, data.tensors).backward()
         optimizer.step()
@@ -70,8 +70,8 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     steps = 20 if args.quick else 300
     kw = dict(epsilon=1e-4, gamma=100.0, num_chains=8, num_burnin=steps, num_draws=steps, seed=0, progress=False)
-    cases = [(2, 16, 2000, 200), (20, 64, 10000, 500)]
-    rows = [case(*c, device, kw) for c in cases]
+    cases = [(2, 16, 400, 100), (5, 16, 400, 100)] if args.quick else [(2, 16, 2000, 200), (20, 64, 10000, 500)]
+    rows = [case(*c, device, kw, 20 if args.quick else 500) for c in cases]
     for row in rows:
         print(f"{row['model']:>14} batch {row['batch_size']:>4}: per sample {row['per_sample_s']:.2f} s, "
               f"indexed {row['indexed_s']:.2f} s, x{row['speedup']:.1f}, equal estimates: {row['equal_estimates']}")
