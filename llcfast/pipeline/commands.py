@@ -1,4 +1,4 @@
-"""The pipeline's subcommands: demo, train, import, sweep, estimate, report, compare, calibrate."""
+"""The pipeline's subcommands: demo, train, import, sweep, estimate, landscape, report, compare, calibrate."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,14 @@ settings the LLC is the one `llcfast sweep` records for that checkpoint. Ctrl-C 
 REPORT_EPILOG = """examples:
   llcfast report runs/demo                 report.png/.svg, summary.json, results.csv into runs/demo
   llcfast report runs/demo --plateau 0.3   a looser near-zero slope for stage boundaries"""
+
+LANDSCAPE_EPILOG = """examples:
+  llcfast landscape runs/demo --step 605 --to-step 750       the loss between two checkpoints of a run
+  llcfast landscape runs/seed0 --to runs/seed1 --align activations   two seeds' last checkpoints, aligned
+  llcfast landscape runs/demo --ablate --heads               the last checkpoint with blocks and heads removed
+On the run's evaluation sequences that the sweep's barriers use (its first sweep.hessian_batch), so a
+straight path between consecutive checkpoints gives the barrier `llcfast sweep --landscape` records.
+Writes path_*.json/png and ablation_stepN.json/png into RUN_DIR/landscape/."""
 
 COMPARE_EPILOG = """examples:
   llcfast compare runs/lr-seed0 runs/lr-seed1 runs/lr-seed2 --out runs/lr-seeds
@@ -235,6 +243,20 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def cmd_landscape(args) -> int:
+    from .landscape import landscape_of
+    if args.to is None and args.to_step is None and not args.ablate:
+        raise ValueError("nothing to measure: give a checkpoint to end in (--to-step, or --to RUN_DIR) or --ablate")
+    view = landscape_of(args.run_dir, step=args.step, to_run=args.to, to_step=args.to_step, align=args.align,
+                        points=args.points, path="bezier" if args.bezier else "linear", ablate=args.ablate,
+                        heads=args.heads, device=args.device and _device(args.device), out=args.out,
+                        progress=not args.quiet)
+    print(view.summary())
+    for kind, files in view.files.items():
+        print(f"{kind}: {os.path.abspath(files['png'])}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import check_lines, stage_table, write_report
     from .sweep import RESULTS, latest_sweep
@@ -373,6 +395,24 @@ def add_commands(sub) -> None:
     _hessian_switch(p)
     _llc_overrides(p)
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("landscape", help="the loss between two checkpoints (or two runs), and ablations",
+                       formatter_class=F, epilog=LANDSCAPE_EPILOG)
+    p.add_argument("run_dir", help="a run folder (from llcfast train or llcfast import)")
+    p.add_argument("--step", type=int, help="the checkpoint to start from (default: the last)")
+    p.add_argument("--to", metavar="RUN_DIR", help="another run to end in, such as a second seed (default: the same)")
+    p.add_argument("--to-step", type=int, help="the checkpoint to end in (default with --to: that run's last)")
+    p.add_argument("--align", choices=["none", "weights", "activations"], default="none",
+                   help="permute the far end's heads, MLP units and residual stream to match the near one first "
+                        "(default: none; two seeds want weights or activations)")
+    p.add_argument("--points", type=_positive(int), default=33, help="points on the path (default 33)")
+    p.add_argument("--bezier", action="store_true", help="a quadratic Bezier path with a trained midpoint")
+    p.add_argument("--ablate", action="store_true", help="also the loss with each block removed or swapped")
+    p.add_argument("--heads", action="store_true", help="with --ablate, each attention head silenced too")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if visible")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/landscape)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_landscape)
 
     p = sub.add_parser("report", help="detect stages and draw the report of a sweep", formatter_class=F,
                        epilog=REPORT_EPILOG)
