@@ -29,6 +29,10 @@
 #                    2026-11-24 runs, which used GPT-2's own GELU)
 #   4. llc compiled  (540 + 480: the speed tables; 232 s and 461 s on the
 #                    H100, 2026-11-24)
+#   5. landscape     (200 + 200: loss_along_path and layer_ablation stacked
+#                    against one point at a time, whose GPU default is all
+#                    points a pass; the indexed TensorDataset loader against
+#                    the loader's own fetch; never measured on a GPU)
 #
 # The machine goes back 30 s after a call ends: make the next call at once, or
 # its fresh machine builds again (the built .so is over the 16 MiB that comes
@@ -120,6 +124,9 @@ for s in "${steps[@]}"; do
       step large 540 python3 benchmarks/bench_large.py ${LARGE_ARGS:-} --out "$OUT/large.json" ;;
     hessian)
       step hessian 540 python3 benchmarks/bench_hessian.py ${HESSIAN_ARGS:-} --out "$OUT/hessian.json" ;;
+    landscape)  # the landscape's stacked points and the indexed TensorDataset loader, each against its plain way
+      step landscape 200 python3 benchmarks/landscape_passes.py --device cuda --out "$OUT/landscape_passes.json"
+      step tensor_loader 200 python3 benchmarks/tensor_loader.py --device cuda --out "$OUT/tensor_loader.json" ;;
     demo)
       step demo 240 python3 -m llcfast.cli demo --device cuda --quiet --out /tmp/demo-cuda
       cp /tmp/demo-cuda/report.png "$OUT/demo_cuda_report.png" 2>/dev/null ;;
