@@ -127,17 +127,25 @@ def loss_along_path(model_a: torch.nn.Module, model_b: torch.nn.Module, loader, 
     stacked = tuple(points_on(path, t, pa, pb, None if theta is None else theta[i]).to(pa.dtype)
                     for i, (pa, pb) in enumerate(zip(a, b)))
     per_pass = passes.points_per_pass(points_per_pass, loss, stacked, loader, device, seed, "points_per_pass")
-    train = passes.mean_over_loader(loss, stacked, loader, device, seed, per_pass)
+    train = _evaluated(loss, stacked, loader, device, seed, per_pass, progress, "the path")
     found, at = barrier(t.numpy(), train)
     result = PathResult(t=t.numpy(), loss=train, barrier=found, barrier_t=at, path=path,
                         config={"points": points, "path": path, "device": str(device), "seed": seed,
                                 "points_per_pass": per_pass})
     if test_loader is not None:
-        result.test_loss = passes.mean_over_loader(loss, stacked, test_loader, device, seed, per_pass)
+        result.test_loss = _evaluated(loss, stacked, test_loader, device, seed, per_pass, progress, "the path (test)")
         result.test_barrier = barrier(result.t, result.test_loss)[0]
     if theta is not None:
         result.config.update(bend_steps=bend_steps, bend_lr=bend_lr)
     return result
+
+
+def _evaluated(loss, stacked, loader, device, seed: int, per_pass: int, progress: bool, what: str) -> np.ndarray:
+    bar = progress_bar(progress, len(loader) if hasattr(loader, "__len__") else None, what, unit="batch")
+    try:
+        return passes.mean_over_loader(loss, stacked, loader, device, seed, per_pass, on_batch=lambda: bar.update(1))
+    finally:
+        bar.close()
 
 
 def _bend(loss, a, b, loader, device, steps: int, lr: float, seed: int, progress: bool) -> List[torch.Tensor]:
