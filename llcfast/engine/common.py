@@ -17,13 +17,20 @@ import torch
 from .loaders import batch_size_of, loader_batches
 
 
+def call_model(model: torch.nn.Module, batch):
+    """The model called on the batch's parts: ``model(**batch)`` for a
+    mapping, ``model(*batch)`` for a tuple or list, else ``model(batch)``."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+
+
 def default_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     """Hugging Face convention: the model's output carries ``.loss``."""
     call = "model(**batch)" if isinstance(batch, Mapping) else \
         "model(*batch)" if isinstance(batch, (tuple, list)) else "model(batch)"
     try:
-        out = model(**batch) if isinstance(batch, Mapping) else \
-            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+        out = call_model(model, batch)
     except TypeError as exc:
         raise TypeError(f"no loss_fn was given, so the loss is taken from {call}.loss (the Hugging Face "
                         f"convention), but that call failed: {exc}; pass loss_fn=lambda model, batch: "

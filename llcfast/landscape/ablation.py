@@ -222,6 +222,7 @@ def _batched(model, target, loss_fn, variants, loader, device, seed, per_pass, b
 
             point = stacked + (keep,)
             chosen = points_per_pass(per_pass, one, point, loader, device, seed, "variants_per_pass")
+            per_pass = per_pass or chosen  # measured once: every group runs the same model on the same batches
             means = mean_over_loader(one, point, loader, device, seed, chosen)
             losses.update({v.name: float(m) for v, m in zip(group, means)})
             bar.update(len(group))

@@ -3,11 +3,13 @@ units can be permuted, one linear assignment, and the correlation of two
 networks' units over data, accumulated batch by batch."""
 from __future__ import annotations
 
-from typing import List, Mapping
+from typing import List
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+
+from ..engine.common import call_model
 
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Identity,
                nn.Dropout)
@@ -72,8 +74,4 @@ class Correlation:
 def run_forward(model: nn.Module, batch, loss_fn=None):
     """One forward pass on ``batch`` for the hooks to see: ``loss_fn(model,
     batch)`` where given, else the model called on the batch's parts."""
-    if loss_fn is not None:
-        return loss_fn(model, batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    return call_model(model, batch) if loss_fn is None else loss_fn(model, batch)
