@@ -3,7 +3,6 @@ chains (3 + 2 of 5) and must give exactly the numbers of one process with the
 same seed, every sampler and a shuffling loader too, since noise and each
 chain's batch stream are keyed by the global chain index."""
 import os
-import pickle
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 
 import llcfast
 from llc_models import free_port, mlp, mse, regression_loader
+from two_ranks import on_two_ranks, single_threaded
 
 KW = dict(num_chains=5, num_draws=12, num_burnin=4, epsilon=1e-3, nbeta=20.0, gamma=50.0, seed=11, progress=False,
           backend="fast")
@@ -20,36 +20,15 @@ SAMPLERS = [("sgld", {}, False), ("rmsprop_sgld", {"alpha": 0.9}, False), ("sgnh
             ("sgld", {}, True)]  # (sampler, its kwargs, shuffling loader)
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = [llcfast.estimate_llc(mlp(), regression_loader(shuffle=shuffle), mse, sampler=s, sampler_kwargs=k, **KW)
-                   for s, k, shuffle in SAMPLERS]
-        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump([r.to_dict() for r in results], f)
-        # both ranks done before either tears gloo down, as llcfast sweep does: a rank that destroyed
-        # its group while the other was still finishing aborted once ("terminate called without an
-        # active exception", CI on a clean clone, 2026-11-24)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _estimates():
+    return [llcfast.estimate_llc(mlp(), regression_loader(shuffle=shuffle), mse, sampler=s, sampler_kwargs=k,
+                                 **KW).to_dict() for s, k, shuffle in SAMPLERS]
 
 
 @pytest.mark.filterwarnings("ignore:the LLC estimate is negative")
 def test_two_gloo_ranks_give_the_one_process_numbers(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks run single-threaded too: same CPU kernels, same summation order
-    try:
-        single = [llcfast.estimate_llc(mlp(), regression_loader(shuffle=shuffle), mse, sampler=s, sampler_kwargs=k, **KW).to_dict()
-                  for s, k, shuffle in SAMPLERS]
-    finally:
-        torch.set_num_threads(threads)
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
-        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
-            ranked = pickle.load(f)
+    single = single_threaded(_estimates)
+    for rank, ranked in enumerate(on_two_ranks(_estimates, tmp_path)):
         for one, two, (sampler, _, shuffle) in zip(single, ranked, SAMPLERS):
             sampler += " shuffled" if shuffle else ""
             assert two["config"]["world_size"] == 2

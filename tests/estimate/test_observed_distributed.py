@@ -1,17 +1,13 @@
 """estimate_bif and estimate_susceptibilities under torch.distributed: 2 CPU
 processes on gloo split the chains (2 + 1 of 3), and every rank gets the
 numbers of one process with the same seed."""
-import os
-import pickle
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import llcfast
-from llc_models import free_port
+from two_ranks import on_two_ranks, single_threaded
 
 KW = dict(gamma=20.0, epsilon=2e-3, num_chains=3, num_draws=12, num_burnin=4, progress=False, trust_checks=False,
           seed=5)
@@ -49,30 +45,10 @@ def _both():
     return bif.influence, bif.se, sus.values, bif.llc.config.get("world_size", 1)
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(_both(), f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.filterwarnings("ignore:the LLC estimate is negative", "ignore:the loader holds")
 def test_two_gloo_ranks_give_the_one_process_numbers(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = _both()
-    finally:
-        torch.set_num_threads(threads)
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
-        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
-            ranked = pickle.load(f)
+    single = single_threaded(_both)
+    for ranked in on_two_ranks(_both, tmp_path):
         assert single[-1] == 1 and ranked[-1] == 2  # the ranks did split the chains
         for one, two in zip(single[:-1], ranked[:-1]):
             np.testing.assert_allclose(two, one, rtol=1e-9, atol=1e-12)
