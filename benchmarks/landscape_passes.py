@@ -10,9 +10,7 @@ the model one variant at a time) is timed beside them.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 import time
 
@@ -22,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import llcfast  # noqa: E402
-from benchmarks.results_io import device_name, save_report  # noqa: E402
+from benchmarks.results_io import report_header, save_report  # noqa: E402
 from llcfast.pipeline import models  # noqa: E402
 
 SHAPE = dict(task_dim=4, max_pairs=16, d_model=64, heads=4, layers=4, mlp_width=256)
@@ -77,9 +75,7 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['call']:>20} {r['points']:>3} points, {r['per_pass']!s:>2} per pass, {r['sequences']:>3} sequences: "
               f"{r['seconds']:6.2f} s (largest relative difference {r['max_relative_difference']:.1e})")
-    report = {"benchmark": "landscape_passes", "device": device_name(device),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-              "python": platform.python_version(), "model": {"InContextRegression": SHAPE},
+    report = {**report_header("landscape_passes", device), "model": {"InContextRegression": SHAPE},
               "batches": 1 if args.quick else 8, "rows": rows}
     save_report(report, args.out, "landscape_passes")
     return report

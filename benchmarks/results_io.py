@@ -2,8 +2,10 @@
 named by benchmark, device and date unless the caller names the file."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
 import re
 from typing import Optional
 
@@ -28,6 +30,14 @@ def file_tag(device: str) -> str:
     """A device name as part of a file name: "NVIDIA H100 80GB HBM3" ->
     "NVIDIA_H100_80GB_HBM3", "AMD EPYC, 2 threads" -> "AMD_EPYC_2_threads"."""
     return re.sub(r"[^A-Za-z0-9.-]+", "_", str(device)).strip("_")
+
+
+def report_header(benchmark: str, device: torch.device) -> dict:
+    """What every report starts with: which benchmark, on what, when, under
+    which torch and Python."""
+    return {"benchmark": benchmark, "device": device_name(device),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def save_report(report: dict, out: Optional[str], stem: str) -> str:

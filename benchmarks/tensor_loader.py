@@ -10,9 +10,7 @@ each, side by side in one process, and their ratio.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 import time
 
@@ -23,7 +21,7 @@ from torch.utils.data._utils.collate import default_collate
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import llcfast  # noqa: E402
-from benchmarks.results_io import device_name, save_report  # noqa: E402
+from benchmarks.results_io import report_header, save_report  # noqa: E402
 
 
 def sample_by_sample(batch):
@@ -75,9 +73,7 @@ def main(argv=None) -> dict:
     for row in rows:
         print(f"{row['model']:>14} batch {row['batch_size']:>4}: per sample {row['per_sample_s']:.2f} s, "
               f"indexed {row['indexed_s']:.2f} s, x{row['speedup']:.1f}, equal estimates: {row['equal_estimates']}")
-    report = {"benchmark": "tensor_loader", "device": device_name(device),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-              "python": platform.python_version(), "settings": {k: v for k, v in kw.items() if k != "progress"},
+    report = {**report_header("tensor_loader", device), "settings": {k: v for k, v in kw.items() if k != "progress"},
               "rows": rows}
     save_report(report, args.out, "tensor_loader")
     return report

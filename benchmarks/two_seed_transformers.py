@@ -7,9 +7,7 @@ matching, with and without the residual stream's permutation.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 
 import torch
@@ -17,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import llcfast  # noqa: E402
-from benchmarks.results_io import device_name, save_report  # noqa: E402
+from benchmarks.results_io import report_header, save_report  # noqa: E402
 from llcfast.pipeline import models  # noqa: E402
 
 SHAPE = dict(task_dim=2, max_pairs=8, d_model=32, heads=4, layers=2, mlp_width=32)
@@ -57,9 +55,7 @@ def main(argv=None) -> dict:
         rows.append({"alignment": name, "barrier": r.barrier, "barrier_t": r.barrier_t,
                      "loss_a": float(r.loss[0]), "loss_b": float(r.loss[-1]), "loss_midpoint": float(r.loss[8])})
         print(f"{name:>38}: barrier {r.barrier:.4f} (ends {r.loss[0]:.4f}, {r.loss[-1]:.4f}; midpoint {r.loss[8]:.4f})")
-    report = {"benchmark": "two_seed_transformers", "device": device_name(torch.device("cpu")),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-              "python": platform.python_version(), "model": {"InContextRegression": SHAPE},
+    report = {**report_header("two_seed_transformers", torch.device("cpu")), "model": {"InContextRegression": SHAPE},
               "training": {"adam_steps": steps, "lr": 3e-3, "sequences_per_step": 64},
               "evaluation": {"batches": 4, "sequences_per_batch": 128, "points": 17}, "rows": rows}
     save_report(report, args.out, "two_seed_transformers")
